@@ -1,0 +1,30 @@
+# GenLoc tasks. `make train` and `make test` create .venv on first use.
+PY := .venv/bin/python
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: venv test test-fast train bench clean
+
+venv: .venv/.installed
+
+.venv/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip 2>/dev/null || true
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
+train: venv
+	$(PY) scripts/toy_recipe.py
+
+bench: venv
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf runs data/toy
