@@ -1,0 +1,51 @@
+"""Log sampled boxes drawn on validation backgrounds to TensorBoard (green: ground truth, red: samples)."""
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchvision.utils import draw_bounding_boxes, make_grid
+
+
+def draw_boxes(image: torch.Tensor, positives: torch.Tensor, samples: torch.Tensor, size: int = 128) -> torch.Tensor:
+    """uint8 [3,size,size] picture of one image ([3,H,W] in [0,1]) with normalised boxes drawn on it."""
+    picture = F.interpolate(image[None].float().cpu(), size=(size, size), mode="bilinear", align_corners=False)[0]
+    picture = (picture.clamp(0, 1) * 255).to(torch.uint8)
+    if len(positives):
+        picture = draw_bounding_boxes(picture, (positives.cpu() * size).round(), colors="lime", width=1)
+    if len(samples):
+        picture = draw_bounding_boxes(picture, (samples.cpu() * size).round(), colors="red", width=1)
+    return picture
+
+
+class SampleImagesCallback(L.Callback):
+    """Every `every_n_val_epochs` validation runs, draws `boxes_per_image` samples on `num_images` images."""
+
+    def __init__(self, every_n_val_epochs: int = 1, num_images: int = 8, boxes_per_image: int = 8, seed: int = 0):
+        self.every_n_val_epochs = every_n_val_epochs
+        self.num_images = num_images
+        self.boxes_per_image = boxes_per_image
+        self.seed = seed
+        self._batch = None
+        self._val_runs = 0
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == 0 and trainer.is_global_zero:
+            self._batch = {k: batch[k][: self.num_images] for k in ("image", "category", "positives")}
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._val_runs += 1
+        if (not self.every_n_val_epochs or self._val_runs % self.every_n_val_epochs or self._batch is None
+                or trainer.sanity_checking or not trainer.is_global_zero or trainer.logger is None):
+            return
+        batch, self._batch = self._batch, None
+        generator = torch.Generator(device=batch["image"].device).manual_seed(self.seed)
+        out = pl_module.model.sample(batch["image"], batch["category"], n=self.boxes_per_image, generator=generator)
+        pictures = [draw_boxes(img, pos, boxes) for img, pos, boxes in
+                    zip(batch["image"], batch["positives"], out.boxes_norm)]
+        grid = make_grid(torch.stack(pictures), nrow=4, padding=2)
+        experiment = trainer.logger.experiment
+        if hasattr(experiment, "add_image"):
+            experiment.add_image("val/samples", grid, global_step=trainer.global_step)
+            experiment.add_text("val/sample_categories", ", ".join(batch["category"]), global_step=trainer.global_step)

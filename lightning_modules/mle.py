@@ -1,0 +1,105 @@
+"""MLE stage (PIPE pre-training, OPA fine-tuning): teacher-forced NLL of every positive box."""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+
+from models import LocationModel, LocationModelConfig
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay to `min_ratio` at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / max(1, warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def flatten_boxes(box_lists: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate per-sample box lists; returns (boxes [M,4], index of the owning sample [M])."""
+    counts = torch.tensor([len(b) for b in box_lists])
+    owner = torch.repeat_interleave(torch.arange(len(box_lists)), counts)
+    boxes = torch.cat([b.reshape(-1, 4) for b in box_lists]) if len(box_lists) else torch.zeros(0, 4)
+    return boxes, owner
+
+
+class LocationLightningModule(L.LightningModule):
+    """Shared by the MLE and DPO modules: the model, the optimiser and the LR schedule."""
+
+    def __init__(self, model_config: dict, optim: dict):
+        super().__init__()
+        self.model = LocationModel(LocationModelConfig.from_dict(model_config))
+
+    def prefix(self, batch: dict) -> torch.Tensor:
+        images = self.model.encode_images(batch["image"])
+        texts = self.model.encode_texts(batch["category"])
+        return self.model.build_prefix(images, texts)
+
+    def configure_optimizers(self):
+        opt = self.hparams.optim
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim < 2 or "ln" in name or "norm" in name else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": opt["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=opt["lr"],
+            betas=tuple(opt["betas"]),
+        )
+        total = max(1, int(self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, opt["warmup_steps"], total, opt["min_lr_ratio"])
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class MLEModule(LocationLightningModule):
+    """Maximum likelihood on positive boxes; all positives of a sample count, one box = one sequence."""
+
+    def __init__(self, model_config: dict, optim: dict):
+        super().__init__(model_config, optim)
+        self.save_hyperparameters()
+
+    def box_nll(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Mean per-token NLL over all positive boxes, token accuracy, and the number of boxes."""
+        boxes, owner = flatten_boxes(batch["positives"])
+        if len(boxes) == 0:
+            raise ValueError(f"batch of keys {batch['key'][:4]}... has no positive box to train on")
+        prefix = self.prefix(batch)
+        tokens = self.model.tokenizer.encode(boxes.to(prefix.device))
+        log_probs, logits = self.model.box_log_probs(prefix[owner.to(prefix.device)], tokens, return_logits=True)
+        accuracy = (logits.argmax(-1) == tokens).float().mean()
+        return -log_probs.mean(), accuracy, len(boxes)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, accuracy, n_boxes = self.box_nll(batch)
+        batch_size = len(batch["key"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/token_acc", accuracy, batch_size=batch_size)
+        self.log("train/boxes_per_batch", float(n_boxes), batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        keep = [i for i, p in enumerate(batch["positives"]) if len(p)]
+        if not keep:
+            return
+        loss, accuracy, n_boxes = self.box_nll(_select(batch, keep))
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=n_boxes)
+        self.log("val/token_acc", accuracy, sync_dist=True, batch_size=n_boxes)
+
+
+def _select(batch: dict, index: list[int]) -> dict:
+    """The sub-batch of the given sample indices (tensors, lists and per-sample lists alike)."""
+    if len(index) == len(batch["key"]):
+        return batch
+    out = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value) and value.ndim > 0 and len(value) == len(batch["key"]):
+            out[key] = value[torch.tensor(index, device=value.device)]
+        elif isinstance(value, (list, tuple)) and len(value) == len(batch["key"]):
+            out[key] = [value[i] for i in index]
+        else:
+            out[key] = value
+    return out
