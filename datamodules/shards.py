@@ -1,0 +1,297 @@
+"""The one shard format (SPEC §2): atomic writer, validation, split info and annotation-only reader.
+
+Layout of a split folder: ``{split}-000000.tar ...`` plus ``{split}.json`` holding
+``num_samples, num_shards, source, categories`` (and, ours, ``shard_sizes`` and
+``num_pair_samples`` so loaders know exact per-shard counts without reading the tars).
+The json is written last and shards are renamed from temporary names only when complete, so an
+interrupted conversion never looks complete.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["ShardWriter", "SplitInfo", "read_split_info", "shard_paths", "iter_annotations",
+           "validate_boxes", "ShardFormatError", "decode_image"]
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+class ShardFormatError(RuntimeError):
+    """A split folder that cannot be read; the message names the path and the fix."""
+
+
+def validate_boxes(boxes, width: int, height: int, clip_tolerance: float = 2.0):
+    """Return (valid boxes, Counter of problems). Boxes outside by <= clip_tolerance px are clipped.
+
+    A box is valid when it has 4 finite numbers, x1 < x2, y1 < y2 and lies inside the image.
+    """
+    good, problems = [], Counter()
+    for b in boxes:
+        try:
+            x1, y1, x2, y2 = (float(v) for v in b)
+        except (TypeError, ValueError):
+            problems["box: not 4 numbers"] += 1
+            continue
+        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+            problems["box: not finite"] += 1
+            continue
+        if not (x1 < x2 and y1 < y2):
+            problems["box: empty (x1>=x2 or y1>=y2)"] += 1
+            continue
+        t = clip_tolerance
+        if x1 < -t or y1 < -t or x2 > width + t or y2 > height + t:
+            problems["box: outside image"] += 1
+            continue
+        c = [max(0.0, x1), max(0.0, y1), min(float(width), x2), min(float(height), y2)]
+        if c != [x1, y1, x2, y2]:
+            problems["box: clipped to image (kept)"] += 1
+        if not (c[0] < c[2] and c[1] < c[3]):
+            problems["box: empty after clipping"] += 1
+            continue
+        good.append(c)
+    return good, problems
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode fully (PIL is lazy) so a truncated file fails here, not later in a worker."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img.convert("RGB")
+
+
+def _encode(image, fmt: str, quality: int) -> bytes:
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buf = io.BytesIO()
+    if fmt == "jpg":
+        image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    else:
+        image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class ShardWriter:
+    """Writes validated samples into ``{split}-NNNNNN.tar`` shards atomically.
+
+    ``num_shards`` given: samples go round robin into exactly that many shards (balanced shards
+    make DDP splits even; all tars stay open). Otherwise a new shard starts every
+    ``max_per_shard`` samples (streaming, unknown total). ``write`` returns None when the sample
+    was written, else the reason it was dropped; ``dropped`` / ``box_problems`` count reasons.
+    """
+
+    def __init__(self, out_dir, split: str, source: str, num_shards: int | None = None,
+                 max_per_shard: int = 1000, image_format: str = "jpg", jpeg_quality: int = 95,
+                 clip_tolerance: float = 2.0):
+        if image_format not in ("jpg", "png"):
+            raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.split, self.source = split, source
+        self.num_shards, self.max_per_shard = num_shards, max_per_shard
+        self.image_format, self.jpeg_quality, self.clip_tolerance = image_format, jpeg_quality, clip_tolerance
+        self.written = 0
+        self.dropped: Counter = Counter()
+        self.box_problems: Counter = Counter()
+        self.categories: set[str] = set()
+        self.num_pair_samples = 0
+        self._keys: set[str] = set()
+        self._tars: list[tarfile.TarFile | None] = []
+        self._sizes: list[int] = []
+        self._closed = False
+        # A stale json would make a half-written split look complete: remove it first.
+        (self.dir / f"{split}.json").unlink(missing_ok=True)
+        for old in self.dir.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar*"):
+            old.unlink()
+        if num_shards is not None:
+            if num_shards < 1:
+                raise ValueError("num_shards must be >= 1")
+            for _ in range(num_shards):
+                self._open_new()
+
+    def _tmp(self, i: int) -> Path:
+        return self.dir / f"{self.split}-{i:06d}.tar.tmp"
+
+    def _open_new(self):
+        i = len(self._tars)
+        self._tars.append(tarfile.open(self._tmp(i), "w"))
+        self._sizes.append(0)
+
+    def _target(self) -> int:
+        if self.num_shards is not None:
+            return self.written % self.num_shards
+        if not self._tars or self._sizes[-1] >= self.max_per_shard:
+            if self._tars:  # finished shard: close now so few files stay open
+                self._tars[-1].close()
+                self._tars[-1] = None
+            self._open_new()
+        return len(self._tars) - 1
+
+    @staticmethod
+    def _add(tar, name: str, data: bytes, mtime: float):
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), mtime, 0o644
+        tar.addfile(info, io.BytesIO(data))
+
+    def drop(self, reason: str) -> str:
+        """Count a sample the converter itself rejected (e.g. unreadable source row)."""
+        self.dropped[reason] += 1
+        return reason
+
+    def write(self, key: str, ann: dict, image=None, image_bytes: bytes | None = None,
+              image_ext: str | None = None, extra: dict[str, bytes] | None = None) -> str | None:
+        """Validate and write one sample. ``image`` is a PIL image / HxWx3 uint8 array (encoded
+        here), or pass already-encoded ``image_bytes`` with ``image_ext`` ('jpg'/'png'), stored
+        verbatim after a full decode check. ``extra`` holds optional members (``target.jpg``, ``mask.png``)."""
+        if not _KEY_RE.match(key or ""):
+            return self.drop("bad key (allowed: letters, digits, '-', '_'; no dots)")
+        if key in self._keys:
+            return self.drop("duplicate key")
+        try:
+            if image_bytes is not None:
+                img = decode_image(image_bytes)
+                ext = {"jpeg": "jpg"}.get((image_ext or "jpg").lower().lstrip("."), (image_ext or "jpg").lower().lstrip("."))
+                if ext not in ("jpg", "png"):
+                    return self.drop(f"unsupported image type {ext}")
+                data = image_bytes
+            elif image is not None:
+                img = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+                img = img.convert("RGB")
+                ext, data = self.image_format, _encode(img, self.image_format, self.jpeg_quality)
+            else:
+                return self.drop("no image")
+        except Exception as e:  # any decode failure means the sample is unusable
+            return self.drop(f"unreadable image ({type(e).__name__})")
+        width, height = img.size
+        if ann.get("width") not in (None, width) or ann.get("height") not in (None, height):
+            return self.drop("image size differs from annotation size")
+        pos, p1 = validate_boxes(ann.get("positives", []), width, height, self.clip_tolerance)
+        neg, p2 = validate_boxes(ann.get("negatives", []), width, height, self.clip_tolerance)
+        self.box_problems.update(p1)
+        self.box_problems.update(p2)
+        if not pos and not neg:
+            return self.drop("no valid box")
+        category = str(ann.get("category", ""))
+        record = {"category": category, "width": width, "height": height, "positives": pos,
+                  "negatives": neg, "source": ann.get("source", self.source), "meta": ann.get("meta", {})}
+        payload = json.dumps(record, separators=(",", ":")).encode()
+        i = self._target()
+        tar, now = self._tars[i], time.time()
+        self._add(tar, f"{key}.{ext}", data, now)
+        self._add(tar, f"{key}.json", payload, now)
+        for name, blob in (extra or {}).items():
+            self._add(tar, f"{key}.{name}", blob, now)
+        self._sizes[i] += 1
+        self._keys.add(key)
+        self.written += 1
+        self.categories.add(category)
+        self.num_pair_samples += bool(pos and neg)
+        return None
+
+    def close(self) -> dict:
+        """Finish: rename complete shards, then write ``{split}.json`` last. Returns the info dict."""
+        if self._closed:
+            raise RuntimeError("ShardWriter already closed")
+        self._closed = True
+        for t in self._tars:
+            if t is not None:
+                t.close()
+        if self.written == 0:
+            self.abort()
+            raise ShardFormatError(f"no valid sample written for split '{self.split}' in {self.dir} "
+                                   f"(dropped: {dict(self.dropped)}); check the converter inputs")
+        for i in range(len(self._tars)):
+            os.replace(self._tmp(i), self.dir / f"{self.split}-{i:06d}.tar")
+        info = {"num_samples": self.written, "num_shards": len(self._tars), "source": self.source,
+                "categories": sorted(self.categories), "shard_sizes": self._sizes,
+                "num_pair_samples": self.num_pair_samples}
+        tmp = self.dir / f"{self.split}.json.tmp"
+        tmp.write_text(json.dumps(info, indent=1))
+        os.replace(tmp, self.dir / f"{self.split}.json")
+        return info
+
+    def abort(self):
+        """Remove temporary shards (the split then has no json, so it never looks complete)."""
+        self._closed = True
+        for i, t in enumerate(self._tars):
+            if t is not None:
+                t.close()
+            self._tmp(i).unlink(missing_ok=True)
+
+    def summary(self) -> str:
+        lines = [f"{self.split}: written {self.written}, dropped {sum(self.dropped.values())}"]
+        lines += [f"  dropped ({n}): {r}" for r, n in self.dropped.most_common()]
+        lines += [f"  boxes ({n}): {r}" for r, n in self.box_problems.most_common()]
+        return "\n".join(lines)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+
+class SplitInfo(dict):
+    """The parsed ``{split}.json`` plus ``paths`` (the shard files, in index order)."""
+
+    @property
+    def paths(self) -> list[str]:
+        return self["paths"]
+
+
+def read_split_info(data_dir, split: str) -> SplitInfo:
+    """Read and check ``{split}.json``; errors name the path and how to fix it."""
+    data_dir = Path(data_dir)
+    path = data_dir / f"{split}.json"
+    if not path.is_file():
+        hint = "" if data_dir.is_dir() else f" (the folder {data_dir} does not exist)"
+        raise ShardFormatError(
+            f"missing split file {path}{hint}: the split '{split}' was never converted or its conversion "
+            f"did not finish. Run a converter (e.g. `python scripts/make_toy_data.py --out data/toy` or "
+            f"scripts/convert_opa.py) or point data_dir at the folder holding {split}.json.")
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardFormatError(f"{path} is not valid json ({e}); re-run the conversion") from e
+    n, s = int(info.get("num_samples", 0)), int(info.get("num_shards", 0))
+    if n <= 0 or s <= 0:
+        raise ShardFormatError(f"empty split: {path} says num_samples={n}, num_shards={s}; "
+                               f"re-run the conversion or pick another split")
+    paths = [str(data_dir / f"{split}-{i:06d}.tar") for i in range(s)]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise ShardFormatError(f"{path} lists {s} shards but {len(missing)} are missing, e.g. {missing[0]}; "
+                               f"re-run the conversion")
+    if "shard_sizes" in info and (len(info["shard_sizes"]) != s or sum(info["shard_sizes"]) != n):
+        raise ShardFormatError(f"{path}: shard_sizes do not add up to num_samples/num_shards; re-run the conversion")
+    info["paths"] = paths
+    return SplitInfo(info)
+
+
+def shard_paths(data_dir, split: str) -> list[str]:
+    return read_split_info(data_dir, split).paths
+
+
+def iter_annotations(data_dir, split: str):
+    """Yield annotation-only samples (json; no image decode): dicts with ``key`` plus the json
+    fields (category, width, height, positives, negatives, source, meta) in pixel xyxy."""
+    for p in read_split_info(data_dir, split).paths:
+        with tarfile.open(p, "r") as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(".json"):
+                    key = os.path.basename(member.name).split(".", 1)[0]
+                    yield {"key": key, **json.loads(tar.extractfile(member).read())}
