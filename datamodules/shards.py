@@ -1,8 +1,8 @@
 """The one shard format (SPEC §2): atomic writer, validation, split info and annotation-only reader.
 
 Layout of a split folder: ``{split}-000000.tar ...`` plus ``{split}.json`` holding
-``num_samples, num_shards, source, categories`` (and, ours, ``shard_sizes`` and
-``num_pair_samples`` so loaders know exact per-shard counts without reading the tars).
+``num_samples, num_shards, source, categories`` (and, ours, ``shard_sizes``, ``num_pair_samples``
+and ``pair_shard_sizes`` (samples with >=1 positive and >=1 negative) so loaders know exact per-shard counts without reading the tars).
 The json is written last and shards are renamed from temporary names only when complete, so an
 interrupted conversion never looks complete.
 """
@@ -108,6 +108,7 @@ class ShardWriter:
         self._keys: set[str] = set()
         self._tars: list[tarfile.TarFile | None] = []
         self._sizes: list[int] = []
+        self._pair_sizes: list[int] = []
         self._closed = False
         # A stale json would make a half-written split look complete: remove it first.
         (self.dir / f"{split}.json").unlink(missing_ok=True)
@@ -126,6 +127,7 @@ class ShardWriter:
         i = len(self._tars)
         self._tars.append(tarfile.open(self._tmp(i), "w"))
         self._sizes.append(0)
+        self._pair_sizes.append(0)
 
     def _target(self) -> int:
         if self.num_shards is not None:
@@ -196,6 +198,7 @@ class ShardWriter:
         self.written += 1
         self.categories.add(category)
         self.num_pair_samples += bool(pos and neg)
+        self._pair_sizes[i] += bool(pos and neg)
         return None
 
     def close(self) -> dict:
@@ -214,7 +217,7 @@ class ShardWriter:
             os.replace(self._tmp(i), self.dir / f"{self.split}-{i:06d}.tar")
         info = {"num_samples": self.written, "num_shards": len(self._tars), "source": self.source,
                 "categories": sorted(self.categories), "shard_sizes": self._sizes,
-                "num_pair_samples": self.num_pair_samples}
+                "num_pair_samples": self.num_pair_samples, "pair_shard_sizes": self._pair_sizes}
         tmp = self.dir / f"{self.split}.json.tmp"
         tmp.write_text(json.dumps(info, indent=1))
         os.replace(tmp, self.dir / f"{self.split}.json")

@@ -1,0 +1,104 @@
+"""LightningDataModules over the shared shard pipeline (one class, thin named subclasses).
+
+Rank and world size come from ``self.trainer`` in ``setup`` (0/1 without a trainer). The
+epoch reaches the workers through `EpochLoader`: it reads ``trainer.current_epoch`` (or the value
+given to `set_epoch` when no trainer is attached) at the start of every epoch's iteration.
+"""
+from __future__ import annotations
+
+import lightning as L
+
+from .pipeline import EpochLoader, ShardStream
+from .shards import read_split_info
+
+__all__ = ["ShardDataModule", "ToyDataModule", "OPADataModule", "PIPEDataModule"]
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Train/val/test loaders over ``{split}-*.tar`` + ``{split}.json`` in ``data_dir``.
+
+    A split set to None is skipped (e.g. ``val_split=None`` for data without a validation split).
+    ``pairs=True`` keeps samples with >=1 positive and >=1 negative and adds ``chosen`` /
+    ``rejected`` (one pair per sample, re-drawn each epoch from seed+epoch+key) to every batch.
+    ``resampled=True`` draws training shards with replacement (no per-epoch coverage guarantee).
+    """
+
+    def __init__(self, data_dir: str, image_size: int = 64, batch_size: int = 32, num_workers: int = 0,
+                 seed: int = 0, shuffle_buffer: int = 1000, flip_prob: float = 0.5, train_split: str | None = "train",
+                 val_split: str | None = "val", test_split: str | None = "test", pairs: bool = False,
+                 resampled: bool = False, eval_batch_size: int | None = None, persistent_workers: bool = False,
+                 pin_memory: bool = False):
+        super().__init__()
+        self.save_hyperparameters()
+        self.data_dir = str(data_dir)
+        self.rank, self.world_size = 0, 1
+        self._epoch = 0
+        self._streams: dict[str, ShardStream] = {}
+
+    def _rank_world(self) -> tuple[int, int]:
+        t = self.trainer
+        return (int(t.global_rank), int(t.world_size)) if t is not None else (0, 1)
+
+    def setup(self, stage: str | None = None):
+        self.rank, self.world_size = self._rank_world()
+        hp = self.hparams
+        wanted = {"fit": [hp.train_split, hp.val_split], "validate": [hp.val_split], "test": [hp.test_split],
+                  "predict": [hp.test_split]}.get(stage, [hp.train_split, hp.val_split, hp.test_split])
+        for split in wanted:
+            if split is not None:
+                read_split_info(self.data_dir, split)  # fail early with a clear message
+
+    def stream(self, split: str, train: bool) -> ShardStream:
+        hp = self.hparams
+        return ShardStream(self.data_dir, split, image_size=hp.image_size,
+                           batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
+                           train=train, rank=self.rank, world_size=self.world_size, num_workers=hp.num_workers,
+                           seed=hp.seed, shuffle_buffer=hp.shuffle_buffer, flip_prob=hp.flip_prob, pairs=hp.pairs,
+                           resampled=hp.resampled and train)
+
+    def current_epoch(self) -> int:
+        return int(self.trainer.current_epoch) if self.trainer is not None else self._epoch
+
+    def set_epoch(self, epoch: int):
+        """Set the epoch by hand (without a trainer); pushed to workers at the next iteration."""
+        self._epoch = int(epoch)
+        for s in self._streams.values():
+            s.set_epoch(epoch)
+
+    @property
+    def num_skipped(self) -> dict[str, int]:
+        """Corrupt samples skipped so far per split (all workers of this process)."""
+        return {k: s.num_skipped for k, s in self._streams.items()}
+
+    def _loader(self, split: str | None, train: bool):
+        if split is None:
+            return []
+        s = self.stream(split, train)
+        self._streams[split] = s
+        hp = self.hparams
+        return EpochLoader(s, epoch_fn=self.current_epoch, num_workers=hp.num_workers,
+                           persistent_workers=hp.persistent_workers and hp.num_workers > 0, pin_memory=hp.pin_memory)
+
+    def train_dataloader(self):
+        return self._loader(self.hparams.train_split, train=True)
+
+    def val_dataloader(self):
+        return self._loader(self.hparams.val_split, train=False)
+
+    def test_dataloader(self):
+        return self._loader(self.hparams.test_split, train=False)
+
+
+class ToyDataModule(ShardDataModule):
+    """Toy scenes (``scripts/make_toy_data.py``); ``data_dir`` = ``data/toy/toy-pipe`` or ``.../toy-opa``."""
+
+    def __init__(self, data_dir: str = "data/toy/toy-pipe", **kwargs):
+        super().__init__(data_dir, **kwargs)
+
+
+class OPADataModule(ShardDataModule):
+    """OPA shards (``scripts/convert_opa.py`` / ``convert_fopa.py``); ``pairs=True`` for DPO."""
+
+
+class PIPEDataModule(ShardDataModule):
+    """PIPE shards (``scripts/convert_pipe.py``): one positive per sample."""

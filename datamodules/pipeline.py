@@ -1,0 +1,285 @@
+"""The one WebDataset pipeline shared by PIPE, OPA and toy data.
+
+Per rank and worker: shard list -> tar samples -> (train) seeded sample shuffle buffer -> decode,
+validate, resize (stretch to ``image_size``; normalised boxes unchanged), (train) horizontal flip
+with box flipping, (pairs) one (positive, negative) pair per sample -> batches collated into the
+batch dict of docs/ARCHITECTURE.md.
+
+DDP safety:
+- Train shards are shuffled with ``Random(seed, epoch, pass)`` BEFORE the rank split, the same on
+  every rank; then ``order[rank::world_size]`` and ``[worker::num_workers]``. Rank and world size
+  come from the caller (the datamodule reads them from the trainer), never from the environment.
+  ``resampled=True`` instead draws shards with replacement from a (seed, epoch, rank, worker) rng.
+- Every rank yields exactly ``max(1, num_samples // (world_size * batch_size))`` batches per
+  epoch: each worker has a fixed quota and walks its shards again (next pass) if they run out.
+- The epoch lives in a shared-memory tensor read by each worker when it starts an epoch's
+  iteration. `EpochLoader.__iter__` writes it right before the workers start, which happens at
+  every epoch for both persistent and non-persistent workers.
+- Eval loaders read each sample exactly once over all ranks (shards split by rank then worker),
+  in order, without flip; the last batch of a worker may be short.
+- A corrupt sample (unreadable image/json, size mismatch, invalid box) or tar is skipped, logged
+  with its key and reason, and counted in shared memory (`ShardStream.num_skipped`).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import random
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .shards import ShardFormatError, read_split_info
+
+log = logging.getLogger("datamodules")
+
+__all__ = ["ShardStream", "EpochLoader", "collate", "decode_sample", "flip_boxes"]
+
+_MAX_SLOTS = 256  # shared skip counters: one per worker (slot 0 = main process)
+
+
+def flip_boxes(boxes: torch.Tensor) -> torch.Tensor:
+    """Horizontal flip of normalised xyxy boxes: x1' = 1 - x2, x2' = 1 - x1."""
+    return torch.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], 1) if len(boxes) else boxes
+
+
+class CorruptSample(ValueError):
+    pass
+
+
+def _boxes(raw, w: int, h: int, what: str) -> torch.Tensor:
+    b = torch.tensor(raw, dtype=torch.float64).reshape(-1, 4)
+    if len(b) and not torch.isfinite(b).all():
+        raise CorruptSample(f"non-finite {what} box")
+    if len(b) and ((b[:, 0] >= b[:, 2]).any() or (b[:, 1] >= b[:, 3]).any()):
+        raise CorruptSample(f"empty {what} box (x1>=x2 or y1>=y2)")
+    tol = 0.5
+    if len(b) and ((b[:, :2] < -tol).any() or (b[:, 2] > w + tol).any() or (b[:, 3] > h + tol).any()):
+        raise CorruptSample(f"{what} box outside the {w}x{h} image")
+    return (b / torch.tensor([w, h, w, h], dtype=torch.float64)).clamp(0, 1).float()
+
+
+def decode_sample(sample: dict, image_size: int) -> dict:
+    """Tar sample -> dict(image, category, size, positives, negatives, key, meta); raises
+    CorruptSample with a readable reason."""
+    key = sample.get("__key__", "?")
+    try:
+        ann = json.loads(sample["json"])
+    except KeyError:
+        raise CorruptSample("no json member") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptSample(f"bad json ({e})") from None
+    data = sample.get("jpg", sample.get("png"))
+    if data is None:
+        raise CorruptSample("no jpg/png member")
+    try:
+        w, h = int(ann["width"]), int(ann["height"])
+        pos = _boxes(ann.get("positives", []), w, h, "positive")
+        neg = _boxes(ann.get("negatives", []), w, h, "negative")
+        category = str(ann["category"])
+    except CorruptSample:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CorruptSample(f"bad annotation ({type(e).__name__}: {e})") from None
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.size != (w, h):
+            raise CorruptSample(f"image is {img.size[0]}x{img.size[1]} but json says {w}x{h}")
+        img.draft("RGB", (image_size, image_size))  # JPEG: decode at a reduced scale when much larger
+        img = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+    except CorruptSample:
+        raise
+    except Exception as e:  # PIL raises many types for broken files
+        raise CorruptSample(f"unreadable image ({type(e).__name__}: {e})") from None
+    image = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div_(255)
+    return {"image": image, "category": category, "size": (w, h), "positives": pos, "negatives": neg,
+            "key": key, "meta": dict(ann.get("meta") or {})}
+
+
+def _hflip(s: dict) -> dict:
+    s["image"] = s["image"].flip(-1)
+    s["positives"], s["negatives"] = flip_boxes(s["positives"]), flip_boxes(s["negatives"])
+    if isinstance(s["meta"].get("scene"), dict):  # scene descriptions carry their own flip flag
+        s["meta"]["scene"] = {**s["meta"]["scene"], "hflip": not s["meta"]["scene"].get("hflip", False)}
+    return s
+
+
+def collate(samples: list[dict], pairs: bool = False) -> dict:
+    """Samples -> the batch dict of docs/ARCHITECTURE.md (+ chosen/rejected for DPO pairs)."""
+    batch = {
+        "image": torch.stack([s["image"] for s in samples]),
+        "category": [s["category"] for s in samples],
+        "size": torch.tensor([s["size"] for s in samples], dtype=torch.long),
+        "positives": [s["positives"] for s in samples],
+        "negatives": [s["negatives"] for s in samples],
+        "key": [s["key"] for s in samples],
+        "meta": [s["meta"] for s in samples],
+    }
+    if pairs:
+        batch["chosen"] = torch.stack([s["chosen"] for s in samples])
+        batch["rejected"] = torch.stack([s["rejected"] for s in samples])
+    return batch
+
+
+class ShardStream(IterableDataset):
+    """Iterable of ready batches for one rank (use with ``batch_size=None`` loaders)."""
+
+    def __init__(self, data_dir, split: str, *, image_size: int, batch_size: int, train: bool, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle_buffer: int = 1000,
+                 flip_prob: float = 0.5, pairs: bool = False, resampled: bool = False):
+        super().__init__()
+        info = read_split_info(data_dir, split)
+        self.info, self.paths, self.split, self.data_dir = info, info.paths, split, str(data_dir)
+        self.image_size, self.batch_size, self.train = int(image_size), int(batch_size), bool(train)
+        self.rank, self.world_size, self.num_workers = int(rank), int(world_size), int(num_workers)
+        self.seed, self.shuffle_buffer, self.pairs, self.resampled = int(seed), int(shuffle_buffer), pairs, resampled
+        self.flip_prob = float(flip_prob) if train else 0.0
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        consumers = self.world_size * max(1, self.num_workers)
+        if len(self.paths) < consumers and not (train and resampled):
+            raise ShardFormatError(
+                f"{data_dir}/{split}: {len(self.paths)} shards for {self.world_size} rank(s) x "
+                f"{max(1, self.num_workers)} worker(s) = {consumers} readers; some would get no data. "
+                f"Re-convert with more shards (e.g. --num-shards {consumers}), or lower num_workers.")
+        sizes = info.get("pair_shard_sizes" if pairs else "shard_sizes")
+        self.num_samples = int(info.get("num_pair_samples", 0) if pairs else info["num_samples"])
+        if pairs and self.num_samples == 0:
+            raise ShardFormatError(f"{data_dir}/{split}: no sample has both a positive and a negative box, "
+                                   f"so pairs=True has nothing to read; use pairs=False or an OPA-style split")
+        self.shard_sizes = sizes
+        self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
+        self._skipped = torch.zeros(_MAX_SLOTS, dtype=torch.long).share_memory_()
+
+    # -- epoch and counters ------------------------------------------------------------
+    def set_epoch(self, epoch: int):
+        self._epoch[0] = int(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
+    @property
+    def num_skipped(self) -> int:
+        """Corrupt samples/tars skipped so far, summed over all workers of this loader."""
+        return int(self._skipped.sum())
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Train: the fixed per-rank count. Eval: exact when shard sizes are known."""
+        if self.train:
+            return max(1, self.num_samples // (self.world_size * self.batch_size))
+        nw = max(1, self.num_workers)
+        mine = list(range(len(self.paths)))[self.rank::self.world_size]
+        if self.shard_sizes is None:
+            return math.ceil(self.num_samples / (self.world_size * self.batch_size))
+        return sum(math.ceil(sum(self.shard_sizes[i] for i in mine[w::nw]) / self.batch_size) for w in range(nw))
+
+    def __len__(self):
+        return self.batches_per_epoch
+
+    # -- pipeline ------------------------------------------------------------------------
+    def _worker(self):
+        wi = get_worker_info()
+        return (0, 1) if wi is None else (wi.id, wi.num_workers)
+
+    def _shards(self, epoch: int, worker: int, nworkers: int):
+        """Shard urls of this rank/worker: eval once in order; train forever (passes)."""
+        if not self.train:
+            for p in self.paths[self.rank::self.world_size][worker::nworkers]:
+                yield {"url": p}
+            return
+        if self.resampled:
+            rng = random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}-resample")
+            while True:
+                yield {"url": rng.choice(self.paths)}
+        pass_ = 0
+        while True:
+            order = list(self.paths)
+            random.Random(f"{self.seed}-{epoch}-{pass_}").shuffle(order)  # identical on every rank
+            mine = order[self.rank::self.world_size][worker::nworkers]
+            if not mine:
+                return
+            for p in mine:
+                yield {"url": p}
+            pass_ += 1
+
+    def _tar_error(self, exn) -> bool:
+        slot = self._worker()[0] + 1
+        self._skipped[slot % _MAX_SLOTS] += 1
+        log.warning("skipping unreadable tar data in %s/%s: %s", self.data_dir, self.split, exn)
+        return True
+
+    def _samples(self, src, epoch: int, worker: int):
+        """Decode, flip, pair; skip (count + log) corrupt samples."""
+        slot = (worker + 1) % _MAX_SLOTS
+        bad_in_row = 0
+        for raw in src:
+            key = raw.get("__key__", "?")
+            try:
+                s = decode_sample(raw, self.image_size)
+            except CorruptSample as e:
+                self._skipped[slot] += 1
+                bad_in_row += 1
+                log.warning("skipping corrupt sample %s (%s) in %s: %s [%d skipped so far]", key,
+                            raw.get("__url__", "?"), self.split, e, self.num_skipped)
+                if bad_in_row > max(1000, 2 * self.info["num_samples"]):
+                    raise RuntimeError(f"{self.data_dir}/{self.split}: no readable sample in "
+                                       f"{bad_in_row} tries; the split looks corrupt, re-run the conversion")
+                continue
+            bad_in_row = 0
+            if self.pairs and (len(s["positives"]) == 0 or len(s["negatives"]) == 0):
+                continue
+            rng = random.Random(f"{self.seed}-{epoch}-{key}")  # deterministic per sample, not per worker
+            flipped = self.flip_prob > 0 and rng.random() < self.flip_prob
+            if flipped:
+                s = _hflip(s)
+            s["meta"]["hflip"] = flipped
+            if self.pairs:
+                s["chosen"] = s["positives"][rng.randrange(len(s["positives"]))]
+                s["rejected"] = s["negatives"][rng.randrange(len(s["negatives"]))]
+            yield s
+
+    def __iter__(self):
+        epoch = self.epoch
+        worker, nworkers = self._worker()
+        if self.num_workers and nworkers != self.num_workers:
+            raise RuntimeError(f"ShardStream built for {self.num_workers} workers runs in {nworkers}")
+        stages = [lambda: self._shards(epoch, worker, nworkers), wds.tarfile_to_samples(handler=self._tar_error)]
+        if self.train and self.shuffle_buffer > 1:
+            rng = random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}-buffer")
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng))
+        stages.append(lambda src: self._samples(src, epoch, worker))
+        samples = iter(wds.DataPipeline(*stages))
+        if not self.train:
+            while chunk := [s for _, s in zip(range(self.batch_size), samples)]:
+                yield collate(chunk, self.pairs)
+            return
+        total = self.batches_per_epoch
+        quota = total // nworkers + (worker < total % nworkers)
+        for _ in range(quota):
+            chunk = [s for _, s in zip(range(self.batch_size), samples)]
+            if len(chunk) < self.batch_size:
+                raise RuntimeError(f"{self.data_dir}/{self.split}: rank {self.rank} worker {worker} ran out of "
+                                   f"samples (every shard of this reader is empty or corrupt)")
+            yield collate(chunk, self.pairs)
+
+
+class EpochLoader(DataLoader):
+    """DataLoader that pushes the current epoch into its `ShardStream` right before each epoch's
+    iteration starts (workers read it when they begin iterating, persistent or not)."""
+
+    def __init__(self, dataset: ShardStream, epoch_fn=None, **kwargs):
+        kwargs.setdefault("batch_size", None)
+        super().__init__(dataset, **kwargs)
+        self.epoch_fn = epoch_fn
+
+    def __iter__(self):
+        if self.epoch_fn is not None:
+            self.dataset.set_epoch(self.epoch_fn())
+        return super().__iter__()
