@@ -1,0 +1,314 @@
+"""The GenLoc location model and its KV-cached sampler, in one file (pure PyTorch, no Lightning).
+
+    image --timm ViT--> patch tokens --Linear--> \
+                                                  prefix [B, 1 + patches, D] --GPT-2--> x1 y1 x2 y2
+    "a photo of a {category}" --open_clip text--> --Linear--> (text token first)
+
+The decoder reads ``inputs_embeds = prefix ++ wte(BOS, x1, y1, x2)`` and predicts ``x1, y1, x2, y2``;
+the loss covers the four box tokens only.
+
+Validity masks are part of the model's distribution. At every step the logits of tokens that
+cannot start or complete a valid box are set to -inf before the softmax: BOS/EOS never; ``x1``/``y1``
+not the last bin (room for ``x2``/``y2``); ``x2 > x1``; ``y2 > y1``. With a region, bins whose centre
+lies outside the region are also masked, and ``x1``/``y1`` must leave a bin for ``x2``/``y2`` inside
+it. `box_log_probs` (training, scoring) and the sampler apply the same masks through
+`LocationModel.allowed_tokens`, so with temperature 1, no top-k/top-p and no region the sampler's
+log-probability of a box equals ``box_log_probs(...).sum(-1)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .box_tokenizer import BoxTokenizer
+from .config import LocationModelConfig
+from .pretrained import build_clip_text, build_gpt2, build_vit
+
+
+@dataclass
+class SampleOutput:
+    """``n`` boxes per image from `LocationModel.sample`.
+
+    ``log_probs`` is the log-probability of each token box under the distribution it was actually
+    drawn from: at each of the 4 steps the model's logits, masked (validity and region), divided by
+    the temperature, then restricted by top-k and top-p and renormalised; summed over the steps.
+    With temperature 1, no top-k/top-p and no region it is the model's log-likelihood
+    (``box_log_probs(...).sum(-1)``); with a region it is conditional on the region.
+    """
+
+    boxes: Tensor       # FloatTensor[B, n, 4]: pixels when image_sizes was given, else normalised
+    boxes_norm: Tensor  # FloatTensor[B, n, 4]: normalised bin centres
+    tokens: Tensor      # LongTensor[B, n, 4]: coordinate ids
+    log_probs: Tensor   # FloatTensor[B, n]
+
+
+class LocationModel(nn.Module):
+    """ViT + CLIP-text conditioned GPT-2 over quantised boxes (see module docstring)."""
+
+    def __init__(self, cfg: LocationModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = BoxTokenizer(cfg.num_bins)
+        self.image_encoder = build_vit(cfg.vit, cfg.image_size, cfg.vit_kwargs, cfg.vit_weights)
+        self.text_encoder, self._tokenize = build_clip_text(cfg.clip_model, cfg.clip_weights)
+        mean, std = self.image_encoder.pretrained_cfg["mean"], self.image_encoder.pretrained_cfg["std"]
+        self.register_buffer("image_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.num_image_tokens = self.image_encoder.patch_embed.num_patches
+        self.prefix_len = 1 + self.num_image_tokens
+        # positions: prefix + BOS + 4 box tokens (EOS is never fed)
+        self.decoder = build_gpt2(cfg.gpt2_n_layer, cfg.gpt2_n_embd, cfg.gpt2_n_head, cfg.gpt2_dropout,
+                                  self.tokenizer.vocab_size, self.prefix_len + 5, cfg.gpt2_weights)
+        self.image_proj = nn.Linear(self.image_encoder.num_features, cfg.gpt2_n_embd)
+        self.text_proj = nn.Linear(self.text_encoder.output_dim, cfg.gpt2_n_embd)
+        self.image_encoder.requires_grad_(not cfg.freeze_image_encoder)
+        self.text_encoder.requires_grad_(not cfg.freeze_text_encoder)
+        self._text_cache: dict[str, Tensor] = {}
+        # cached text features would be stale after new weights are loaded
+        self.register_load_state_dict_post_hook(lambda module, keys: module._text_cache.clear())
+        self.train()
+
+    # ------------------------------------------------------------------ module plumbing
+    def train(self, mode: bool = True) -> "LocationModel":
+        """Frozen encoders stay in eval mode even when the model trains."""
+        super().train(mode)
+        if self.cfg.freeze_image_encoder:
+            self.image_encoder.eval()
+        if self.cfg.freeze_text_encoder:
+            self.text_encoder.eval()
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        self._text_cache.clear()  # device/dtype moves invalidate cached text features
+        return super()._apply(fn, *args, **kwargs)
+
+    # ------------------------------------------------------------------ conditioning
+    def encode_images(self, images: Tensor) -> Tensor:
+        """``FloatTensor[B,3,S,S]`` in [0,1] -> ViT patch tokens ``[B, patches, C]`` (no grad when frozen).
+
+        Images of another size are resized (bilinear) to ``cfg.image_size``.
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+        size = self.cfg.image_size
+        images = images.to(self.image_mean.device, self.image_mean.dtype)
+        if images.shape[-2:] != (size, size):
+            images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = (images - self.image_mean) / self.image_std
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_image_encoder):
+            tokens = self.image_encoder.forward_features(x)
+        return tokens[:, self.image_encoder.num_prefix_tokens:]
+
+    def encode_texts(self, categories: Sequence[str]) -> Tensor:
+        """Category names -> open_clip text features ``[B, C]`` of the prompt.
+
+        With a frozen text tower each category is encoded once and kept in a dict cache.
+        """
+        if isinstance(categories, str):
+            raise TypeError("categories must be a sequence of names, not a single string")
+        device = self.text_encoder.token_embedding.weight.device
+        if not self.cfg.freeze_text_encoder:
+            return self.text_encoder(self._prompt_ids(categories).to(device))
+        missing = [c for c in dict.fromkeys(categories) if c not in self._text_cache]
+        if missing:
+            with torch.no_grad():
+                feats = self.text_encoder(self._prompt_ids(missing).to(device))
+            self._text_cache.update(zip(missing, feats))
+        return torch.stack([self._text_cache[c] for c in categories])
+
+    def _prompt_ids(self, categories: Sequence[str]) -> Tensor:
+        return self._tokenize([self.cfg.prompt_template.format(category=c) for c in categories])
+
+    def build_prefix(self, img_feats: Tensor, txt_feats: Tensor) -> Tensor:
+        """Projected text token followed by projected image tokens: ``[B, 1 + patches, D]``."""
+        dtype = self.image_proj.weight.dtype
+        txt = self.text_proj(txt_feats.to(dtype)).unsqueeze(1)
+        return torch.cat([txt, self.image_proj(img_feats.to(dtype))], dim=1)
+
+    # ------------------------------------------------------------------ masks
+    def region_bounds(self, region: Optional[Tensor], batch: int, device: torch.device) -> Tensor:
+        """Allowed bin range per image, ``LongTensor[batch, 4]`` = (lo_x, lo_y, hi_x, hi_y) inclusive.
+
+        Without a region every bin; with a normalised region ``x1,y1,x2,y2`` the bins whose centre
+        ``(k + 0.5) / num_bins`` lies inside it.
+        """
+        nb = self.cfg.num_bins
+        if region is None:
+            return torch.tensor([0, 0, nb - 1, nb - 1], device=device).expand(batch, 4)
+        region = torch.as_tensor(region, dtype=torch.float64, device=device)
+        if region.shape == (4,):
+            region = region.expand(batch, 4)
+        if region.shape != (batch, 4):
+            raise ValueError(f"region must have shape (4,) or ({batch}, 4), got {tuple(region.shape)}")
+        if not torch.isfinite(region).all() or (region < 0).any() or (region > 1).any():
+            raise ValueError(f"region must be normalised x1,y1,x2,y2 in [0, 1], got {region.tolist()}")
+        lo = torch.ceil(region[:, :2] * nb - 0.5).clamp(0, nb - 1)
+        hi = torch.floor(region[:, 2:] * nb - 0.5).clamp(0, nb - 1)
+        too_small = (hi - lo < 1).any(-1)
+        if too_small.any():
+            i = int(too_small.nonzero()[0])
+            raise ValueError(
+                f"region {region[i].tolist()} holds fewer than 2 bin centres per axis at num_bins={nb}, "
+                f"so no valid box fits inside it")
+        return torch.cat([lo, hi], dim=-1).long()
+
+    def allowed_tokens(self, step: int, prev: Tensor, bounds: Tensor) -> Tensor:
+        """``BoolTensor[M, vocab]``: tokens allowed at ``step`` (0..3 = x1,y1,x2,y2).
+
+        ``prev`` holds the ``step`` tokens already chosen ``[M, step]``; ``bounds`` is
+        `region_bounds` per sequence ``[M, 4]``.
+        """
+        axis = step % 2
+        if step < 2:  # x1 / y1: leave at least one bin for x2 / y2
+            low, high = bounds[:, axis], bounds[:, 2 + axis] - 1
+        else:         # x2 / y2: strictly after x1 / y1, inside the bounds
+            low, high = prev[:, axis] + 1, bounds[:, 2 + axis]
+        k = torch.arange(self.tokenizer.vocab_size, device=bounds.device)
+        return (k >= low[:, None]) & (k <= high[:, None])
+
+    # ------------------------------------------------------------------ likelihood
+    def box_log_probs(self, prefix: Tensor, tokens: Tensor) -> Tensor:
+        """Per-token log-probs ``[B, 4]`` of box ``tokens`` ``[B, 4]`` under the validity-masked model.
+
+        Raises ValueError for token boxes the masks exclude (their probability is 0); boxes from
+        ``tokenizer.encode`` are always allowed.
+        """
+        if tokens.ndim != 2 or tokens.shape[1] != 4 or tokens.shape[0] != prefix.shape[0]:
+            raise ValueError(f"tokens must be [B, 4] with B = {prefix.shape[0]}, got {tuple(tokens.shape)}")
+        tokens = tokens.to(prefix.device)
+        batch, plen = prefix.shape[:2]
+        bos = torch.full((batch, 1), self.tokenizer.bos, device=prefix.device, dtype=torch.long)
+        embeds = self.decoder.get_input_embeddings()(torch.cat([bos, tokens[:, :3]], dim=1))
+        logits = self.decoder(inputs_embeds=torch.cat([prefix, embeds], dim=1), use_cache=False).logits
+        logits = logits[:, plen:plen + 4].float()
+        bounds = self.region_bounds(None, batch, prefix.device)
+        allowed = torch.stack([self.allowed_tokens(j, tokens[:, :j], bounds) for j in range(4)], dim=1)
+        ok = allowed.gather(-1, tokens.clamp(0, self.tokenizer.vocab_size - 1)[..., None]).squeeze(-1).all(-1)
+        if not ok.all():
+            i = int((~ok).nonzero()[0])
+            raise ValueError(f"token box {tokens[i].tolist()} (row {i}) is not a valid box: "
+                             f"needs coordinate ids with x2 > x1 and y2 > y1")
+        logp = logits.masked_fill(~allowed, float("-inf")).log_softmax(-1)
+        return logp.gather(-1, tokens[..., None]).squeeze(-1)
+
+    def forward(self, images: Tensor, categories: Sequence[str], tokens: Tensor) -> Tensor:
+        """End-to-end per-token log-probs ``[B, 4]`` of ``tokens`` for (image, category) pairs."""
+        prefix = self.build_prefix(self.encode_images(images), self.encode_texts(categories))
+        return self.box_log_probs(prefix, tokens)
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(self, images: Tensor, categories: Sequence[str], n: int = 100, temperature: float = 1.0,
+               top_k: Optional[int] = None, top_p: Optional[float] = None, region: Optional[Tensor] = None,
+               generator: Optional[torch.Generator] = None, image_sizes: Optional[Tensor] = None) -> SampleOutput:
+        """Draw ``n`` valid boxes per (image, category) in one batched, KV-cached decode.
+
+        The prefix of each image (plus BOS) goes through GPT-2 once; its KV cache is then repeated
+        for the ``n`` samples, which decode the remaining steps together, one token per step.
+        Runs in eval mode (restored afterwards). See `SampleOutput` for what ``log_probs`` means.
+        """
+        if len(categories) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {len(categories)} categories")
+        _check_sampling_args(n, temperature, top_k, top_p)
+        was_training = self.training
+        self.eval()
+        try:
+            prefix = self.build_prefix(self.encode_images(images), self.encode_texts(categories))
+            bounds = self.region_bounds(region, prefix.shape[0], prefix.device)
+            tokens, log_probs = self._decode_cached(prefix, n, bounds, temperature, top_k, top_p, generator)
+        finally:
+            self.train(was_training)
+        return self._sample_output(tokens, log_probs, image_sizes)
+
+    def _decode_cached(self, prefix: Tensor, n: int, bounds: Tensor, temperature: float, top_k: Optional[int],
+                       top_p: Optional[float], generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
+        """Tokens ``[B, n, 4]`` and summed log-probs ``[B, n]``; prefix shared through the KV cache."""
+        batch = prefix.shape[0]
+        wte = self.decoder.get_input_embeddings()
+        bos = torch.full((batch, 1), self.tokenizer.bos, device=prefix.device, dtype=torch.long)
+        out = self.decoder(inputs_embeds=torch.cat([prefix, wte(bos)], dim=1), use_cache=True, logits_to_keep=1)
+        cache = out.cache
+        cache.batch_repeat_interleave(n)
+        logits = out.logits[:, -1].repeat_interleave(n, dim=0)
+        bounds = bounds.repeat_interleave(n, dim=0)
+        tokens = torch.empty(batch * n, 0, dtype=torch.long, device=prefix.device)
+        total = torch.zeros(batch * n, device=prefix.device)
+        for step in range(4):
+            token, logp = self._sample_step(logits, step, tokens, bounds, temperature, top_k, top_p, generator)
+            tokens = torch.cat([tokens, token[:, None]], dim=1)
+            total += logp
+            if step < 3:
+                out = self.decoder(inputs_embeds=wte(token[:, None]), cache=cache, use_cache=True)
+                logits = out.logits[:, -1]
+        return tokens.view(batch, n, 4), total.view(batch, n)
+
+    def _sample_step(self, logits: Tensor, step: int, prev: Tensor, bounds: Tensor, temperature: float,
+                     top_k: Optional[int], top_p: Optional[float],
+                     generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
+        """One token per sequence: mask, temperature, top-k, top-p, then draw; returns (ids, log-probs)."""
+        logits = logits.float().masked_fill(~self.allowed_tokens(step, prev, bounds), float("-inf"))
+        logits = logits / temperature
+        if top_k is not None:
+            kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p is not None and top_p < 1.0:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            probs = sorted_logits.softmax(-1)
+            drop_sorted = (probs.cumsum(-1) - probs) >= top_p  # mass before the token already reaches top_p
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+        logp = logits.log_softmax(-1)
+        token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+        return token, logp.gather(-1, token[:, None]).squeeze(-1)
+
+    def _sample_output(self, tokens: Tensor, log_probs: Tensor, image_sizes: Optional[Tensor]) -> SampleOutput:
+        boxes_norm = self.tokenizer.decode(tokens)
+        boxes = boxes_norm
+        if image_sizes is not None:
+            sizes = torch.as_tensor(image_sizes, device=tokens.device)
+            if sizes.shape != (tokens.shape[0], 2):
+                raise ValueError(f"image_sizes must be [B, 2] of (w, h) with B = {tokens.shape[0]}, "
+                                 f"got {tuple(sizes.shape)}")
+            boxes = self.tokenizer.decode_pixels(tokens, sizes[:, None, :])
+        return SampleOutput(boxes=boxes, boxes_norm=boxes_norm, tokens=tokens, log_probs=log_probs)
+
+
+def _check_sampling_args(n: int, temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+
+
+@torch.no_grad()
+def naive_reference_decode(model: LocationModel, prefix: Tensor, n: int, temperature: float = 1.0,
+                           top_k: Optional[int] = None, top_p: Optional[float] = None,
+                           region: Optional[Tensor] = None,
+                           generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+    """Slow reference for tests and benchmarks: no KV cache, no prefix sharing.
+
+    Every step re-runs GPT-2 over the whole sequence (prefix + BOS + tokens so far) for each of the
+    ``B * n`` samples. Same masks, same draws from ``generator`` as `LocationModel.sample`, so for a
+    given seed both must return the same tokens ``[B, n, 4]`` and log-probs ``[B, n]``.
+    Call with the model in eval mode.
+    """
+    batch = prefix.shape[0]
+    wte = model.decoder.get_input_embeddings()
+    bounds = model.region_bounds(region, batch, prefix.device).repeat_interleave(n, dim=0)
+    prefix = prefix.repeat_interleave(n, dim=0)
+    seq = torch.full((batch * n, 1), model.tokenizer.bos, device=prefix.device, dtype=torch.long)
+    total = torch.zeros(batch * n, device=prefix.device)
+    for step in range(4):
+        logits = model.decoder(inputs_embeds=torch.cat([prefix, wte(seq)], dim=1), use_cache=False).logits[:, -1]
+        token, logp = model._sample_step(logits, step, seq[:, 1:], bounds, temperature, top_k, top_p, generator)
+        seq = torch.cat([seq, token[:, None]], dim=1)
+        total += logp
+    return seq[:, 1:].view(batch, n, 4), total.view(batch, n)
