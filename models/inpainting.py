@@ -108,7 +108,7 @@ def load_inpainter(path: str | Path, backend: str = "sd", device: str | torch.de
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if dtype is None:
         dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
-    pipe = cls.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+    pipe = cls.from_pretrained(path, dtype=dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
