@@ -166,3 +166,124 @@ def test_plot_curves_writes_png(tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 1000
     image = figure_to_array(fig)
     assert image.ndim == 3 and image.shape[2] == 3 and image.dtype.name == "uint8"
+
+
+# ----------------------------------------------------------------------------- callback
+def _loader(batches):
+    from torch.utils.data import DataLoader
+
+    return DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
+
+
+def _toy_batches(num=6, batch_size=3):
+    """Batch dicts of ARCHITECTURE.md built from real toy scenes (no datamodule needed)."""
+    import numpy as np
+
+    from datamodules.toy import make_sample
+
+    def norm(boxes, w, h):
+        return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) / torch.tensor([w, h, w, h])
+
+    samples = [make_sample(0, i, "toy-opa", split_id=1) for i in range(num)]
+    batches = []
+    for i in range(0, num, batch_size):
+        part = samples[i:i + batch_size]
+        batches.append({
+            "image": torch.stack([torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255
+                                  for _, img, _ in part]),
+            "category": [a["category"] for _, _, a in part],
+            "size": torch.tensor([[a["width"], a["height"]] for _, _, a in part]),
+            "positives": [norm(a["positives"], a["width"], a["height"]) for _, _, a in part],
+            "negatives": [norm(a["negatives"], a["width"], a["height"]) for _, _, a in part],
+            "key": [k for k, _, _ in part],
+            "meta": [a["meta"] for _, _, a in part],
+        })
+    return batches
+
+
+def _tiny_module():
+    import lightning as L
+
+    from models import LocationModel, LocationModelConfig
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.model = LocationModel(LocationModelConfig.preset("tiny", num_bins=32))
+
+        def training_step(self, batch, batch_idx):
+            tokens = self.model.tokenizer.encode(torch.stack([p[0] for p in batch["positives"]]))
+            return -self.model(batch["image"], batch["category"], tokens).sum(-1).mean()
+
+        def validation_step(self, batch, batch_idx):
+            return None
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+    return Tiny()
+
+
+def _trainer(tmp_path, callback, **kw):
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return L.Trainer(accelerator="cpu", devices=1, logger=TensorBoardLogger(tmp_path, name="tb"),
+                     callbacks=[callback], enable_progress_bar=False, enable_model_summary=False,
+                     enable_checkpointing=False, **kw)
+
+
+def test_callback_logs_seeded_metrics_equal_to_direct_scoring(tmp_path):
+    from callbacks.tpr_fpr import TprFprCallback
+    from datamodules.toy import is_plausible
+
+    batches = _toy_batches()
+    module = _tiny_module()
+    cb = TprFprCallback(num_samples=20, seed=3)
+    first = _trainer(tmp_path, cb).validate(module, dataloaders=_loader(batches), verbose=False)[0]
+    again = _trainer(tmp_path, cb).validate(module, dataloaders=_loader(batches), verbose=False)[0]
+    assert first == again                                             # seeded: same weights -> same numbers
+    assert {"val/tpr@10", "val/fpr@20", "val/tpr_shared@20", "val/precision@10", "val/plausible_rate"} <= set(first)
+
+    # The same sampler calls scored directly give the logged numbers.
+    g = torch.Generator().manual_seed(3)
+    metric, ok, total = TPRFPR(ns=(10, 20)), 0, 0
+    for b in batches:
+        boxes = module.model.sample(b["image"], b["category"], n=20, generator=g).boxes_norm
+        metric.update(boxes, b["positives"], b["negatives"])
+        for m, c, bx in zip(b["meta"], b["category"], boxes):
+            v = is_plausible(m["scene"], c, bx.double().numpy())
+            ok, total = ok + int(v.sum()), total + len(v)
+    ref = metric.compute()
+    for k in ("tpr@10", "fpr@20", "tpr_shared@20", "fpr_shared@10", "precision@20"):
+        assert first[f"val/{k}"] == pytest.approx(float(ref[k]), abs=1e-6)
+    assert first["val/plausible_rate"] == pytest.approx(ok / total)
+    assert first["val/tpr_fpr_num_samples"] == 6
+
+
+def test_callback_scores_at_fit_end_and_respects_sample_cap(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from callbacks.tpr_fpr import TprFprCallback
+
+    batches = _toy_batches()
+    cb = TprFprCallback(every_n_val_epochs=2, num_samples=10, max_eval_samples=4, seed=0)
+    trainer = _trainer(tmp_path, cb, max_steps=2, val_check_interval=1, check_val_every_n_epoch=None,
+                       limit_val_batches=2, num_sanity_val_steps=1, log_every_n_steps=1)
+    trainer.fit(_tiny_module(), train_dataloaders=_loader(batches[:1]), val_dataloaders=_loader(batches))
+    # validation ran twice (steps 1, 2): the 2nd run is scored, so fit end adds nothing
+    events = EventAccumulator(str(tmp_path / "tb" / "version_0")).Reload()
+    assert len(events.Scalars("val/tpr@10")) == 1 and cb._val_runs == 2
+    assert [e.value for e in events.Scalars("val/tpr_fpr_num_samples")] == [4]   # capped at 4 of 6
+    assert "val/tpr_fpr" in events.Tags()["images"]
+
+    # every 3rd run: never reached in 2 runs -> fit end scores the final weights
+    cb3 = TprFprCallback(every_n_val_epochs=3, num_samples=10, seed=0)
+    trainer = _trainer(tmp_path / "b", cb3, max_steps=2, val_check_interval=1, check_val_every_n_epoch=None,
+                       num_sanity_val_steps=0, log_every_n_steps=1)
+    trainer.fit(_tiny_module(), train_dataloaders=_loader(batches[:1]), val_dataloaders=_loader(batches))
+    events = EventAccumulator(str(tmp_path / "b" / "tb" / "version_0")).Reload()
+    assert cb3._val_runs == 2
+    assert [(e.step, e.value) for e in events.Scalars("val/tpr_fpr_num_samples")] == [(2, 6)]
+    assert len(events.Scalars("val/plausible_rate")) == 1

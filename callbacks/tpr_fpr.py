@@ -1,0 +1,184 @@
+"""TPR-FPR of the model's own samples on the validation set, logged during training (SPEC §4).
+
+Every ``every_n_val_epochs`` validation runs (sanity checks excluded) the callback draws
+``num_samples`` boxes per validation sample with the model's batched sampler, on the batches the
+validation loop already loads (``on_validation_batch_end``), so each DDP rank scores exactly its
+own samples. The metrics hold sum states and sync at ``compute()``, so the logged numbers are those
+of the whole validation set whatever the per-rank counts. When fit ends after an unscored
+validation run (or with none), the validation loader is iterated once more so the final weights
+are always scored. Sampling uses a generator re-seeded at every evaluation: the same weights and
+the same data order give the same numbers.
+"""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import numpy as np
+import torch
+from torchmetrics import Metric
+
+from metrics.tpr_fpr import DEFAULT_NS, TPRFPR, result_curves
+
+__all__ = ["TprFprCallback"]
+
+
+class _PlausibleCount(Metric):
+    """Oracle-plausible sampled boxes and all boxes scored by the oracle (sum states)."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("plausible", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, plausible: int, total: int) -> None:
+        self.plausible += plausible
+        self.total += total
+
+    def compute(self):
+        return self.plausible, self.total
+
+
+class TprFprCallback(L.Callback):
+    """Logs ``val/tpr@n``, ``val/fpr@n``, ``val/tpr_shared@n``, ``val/fpr_shared@n``,
+    ``val/precision@n``, ``val/plausible_rate`` (toy data) and the curve image ``val/tpr_fpr``.
+
+    Args:
+        every_n_val_epochs: score every k-th validation run (0 disables, fit end included).
+        num_samples: N boxes per validation sample; the curve uses the first n in ``ns``.
+        ns: curve points (default 10, 20, ..., N).
+        iou_threshold: tau of the hit test.
+        max_eval_samples: score at most this many validation samples in total (split evenly over
+            ranks, each rank takes its first ones); None scores all.
+        temperature, top_k, top_p: sampler settings.
+        seed: sampling seed (offset by the global rank so ranks draw independent boxes).
+        log_curve: also log the curve image.
+    """
+
+    def __init__(self, every_n_val_epochs: int = 1, num_samples: int = 100, ns=None, iou_threshold: float = 0.5,
+                 max_eval_samples: int | None = None, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int = 0, log_curve: bool = True):
+        self.every_n_val_epochs = every_n_val_epochs
+        self.num_samples = num_samples
+        self.ns = list(ns) if ns else ([n for n in DEFAULT_NS if n <= num_samples] or [num_samples])
+        if max(self.ns) > num_samples:
+            raise ValueError(f"ns go up to {max(self.ns)} but num_samples is {num_samples}")
+        self.iou_threshold = iou_threshold
+        self.max_eval_samples = max_eval_samples
+        self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        self.seed = seed
+        self.log_curve = log_curve
+        self._val_runs = 0
+        self._active = False
+        self._scored_step = None
+        self._metric = self._plausible = None
+        self._generator = None
+        self._seen = 0
+
+    # ------------------------------------------------------------------ evaluation state
+    def _start(self, trainer, pl_module) -> None:
+        device = pl_module.device
+        self._metric = TPRFPR(ns=self.ns, iou_threshold=self.iou_threshold).to(device)
+        self._plausible = _PlausibleCount().to(device)
+        self._generator = torch.Generator(device=device).manual_seed(self.seed + trainer.global_rank)
+        self._seen = 0
+
+    def _rank_quota(self, trainer) -> float:
+        if self.max_eval_samples is None:
+            return math.inf
+        return math.ceil(self.max_eval_samples / trainer.world_size)
+
+    @torch.no_grad()
+    def _score_batch(self, trainer, pl_module, batch) -> None:
+        take = int(min(len(batch["category"]), self._rank_quota(trainer) - self._seen))
+        if take <= 0:
+            return
+        device = pl_module.device
+        images = batch["image"][:take].to(device)
+        categories = list(batch["category"][:take])
+        out = pl_module.model.sample(images, categories, n=self.num_samples, generator=self._generator,
+                                     **self.sampling)
+        boxes = out.boxes_norm
+        self._metric.update(boxes, [p.to(device) for p in batch["positives"][:take]],
+                            [q.to(device) for q in batch["negatives"][:take]])
+        metas = batch.get("meta") or [{}] * take
+        toy = [i for i in range(take) if isinstance(metas[i], dict) and "scene" in metas[i]]
+        if toy:
+            from datamodules.toy import is_plausible
+
+            ok = sum(int(np.sum(is_plausible(metas[i]["scene"], categories[i], boxes[i].double().cpu().numpy())))
+                     for i in toy)
+            self._plausible.update(ok, len(toy) * boxes.shape[1])
+        self._seen += take
+
+    def _finish(self, trainer, pl_module, log_with_module: bool) -> dict:
+        """Sync and log; collective, so every rank calls it."""
+        result = self._metric.compute()
+        plausible, total = self._plausible.compute()
+        metrics = {f"val/{k}": v.double() for k, v in result.items()
+                   if k.split("@")[0] in ("tpr", "fpr", "tpr_shared", "fpr_shared", "precision")}
+        if int(total) > 0:
+            metrics["val/plausible_rate"] = plausible.double() / total.double()
+        metrics["val/tpr_fpr_num_samples"] = result["num_samples"].double()
+        if log_with_module:
+            pl_module.log_dict({k: v.float() for k, v in metrics.items()}, sync_dist=True)
+        elif trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=trainer.global_step)
+        if self.log_curve and trainer.is_global_zero:
+            self._log_curve(trainer, {k: v.cpu() for k, v in result.items()})
+        self._scored_step = trainer.global_step
+        self._metric = self._plausible = self._generator = None
+        return metrics
+
+    def _log_curve(self, trainer, result) -> None:
+        from metrics.plots import figure_to_array, plot_curves
+
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_image"):
+                fig = plot_curves({f"step {trainer.global_step}": result_curves(result, self.ns)},
+                                  title=f"TPR-FPR (N={self.num_samples}, IoU>={self.iou_threshold})")
+                experiment.add_image("val/tpr_fpr", figure_to_array(fig), global_step=trainer.global_step,
+                                     dataformats="HWC")
+
+    # ------------------------------------------------------------------ hooks
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not self.every_n_val_epochs:
+            return
+        self._val_runs += 1
+        self._active = self._val_runs % self.every_n_val_epochs == 0
+        if self._active:
+            self._start(trainer, pl_module)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._active:
+            self._score_batch(trainer, pl_module, batch)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self._active:
+            self._active = False
+            self._finish(trainer, pl_module, log_with_module=True)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not self.every_n_val_epochs or self._scored_step == trainer.global_step:
+            return
+        loaders = trainer.val_dataloaders
+        if loaders is None and trainer.datamodule is not None and hasattr(trainer.datamodule, "val_dataloader"):
+            loaders = trainer.datamodule.val_dataloader()
+        if loaders is None:
+            return
+        self._start(trainer, pl_module)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+                for batch in loader:
+                    if self._seen >= self._rank_quota(trainer):
+                        break
+                    self._score_batch(trainer, pl_module, batch)
+        finally:
+            pl_module.train(was_training)
+        self._finish(trainer, pl_module, log_with_module=False)
