@@ -1,0 +1,195 @@
+"""DPO stage: preference optimisation of the location model on (chosen, rejected) box pairs
+against a frozen reference (the MLE model it starts from).
+
+Design (see docs/ARCHITECTURE.md for the batch and checkpoint contracts):
+- The reference checkpoint defines the architecture (`model_config`) and initialises the policy.
+  The reference itself is a frozen copy held *outside* the module's registered children, so it is
+  never in the optimiser, never wrapped by DDP and never written to DPO checkpoints; on resume it
+  is rebuilt from `reference` (the path is in the hyper-parameters) and the policy weights come
+  from the DPO checkpoint.
+- One decoder forward per model scores chosen and rejected boxes together (tokens concatenated,
+  prefix repeated). Frozen encoder features are computed once (by the policy) and fed to both
+  models' `build_prefix`; a tower the config leaves trainable is run separately for the reference.
+- `precompute_reference`: reference log-probs are memoised per (sample key, category, image
+  content, box tokens), so each one is computed once per dataset even though pairs are re-drawn
+  every epoch; the image fingerprint keeps a flipped sample apart from the unflipped one.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightning_modules.checkpoint import model_state_dict, read_checkpoint
+from lightning_modules.dpo_loss import check_dpo_args, dpo_loss
+from lightning_modules.mle import LocationLightningModule
+from models import LocationModel
+
+METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+           "logps/chosen", "logps/rejected")
+
+
+class FrozenReference(nn.Module):
+    """A LocationModel that stays in eval mode with no trainable parameter, whatever is asked of it."""
+
+    def __init__(self, model: LocationModel):
+        super().__init__()
+        self.model = model.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "FrozenReference":
+        return super().train(False)
+
+
+class DPOModule(LocationLightningModule):
+    """DPO on `chosen`/`rejected` boxes of pair batches; `reference` is an MLE checkpoint path.
+
+    `disable_dropout` (default) switches the policy's dropout off, as the reference runs in eval
+    mode: otherwise policy == reference would not give zero rewards and the log-ratios are noisy.
+    `model_config` is taken from the reference checkpoint; it is an argument only so that the
+    saved hyper-parameters round-trip, and must match the reference when given.
+    """
+
+    def __init__(self, optim: dict, beta: float, reference: str, loss_type: str = "sigmoid",
+                 label_smoothing: float = 0.0, precompute_reference: bool = False,
+                 disable_dropout: bool = True, model_config: Optional[dict] = None):
+        check_dpo_args(beta, loss_type, label_smoothing)
+        ckpt = read_checkpoint(reference)
+        ref_config = dict(ckpt["hyper_parameters"]["model_config"])
+        if model_config is not None and dict(model_config) != ref_config:
+            raise ValueError(f"DPOModule: model_config differs from the reference checkpoint {reference}'s; "
+                             "the policy must have the reference's architecture")
+        model_config = ref_config
+        super().__init__(model_config, optim)
+        self.save_hyperparameters()
+        self.model.load_state_dict(model_state_dict(ckpt))
+        del ckpt
+        # Plain attribute, not a registered child: no state_dict entry, no optimiser, no DDP.
+        self.__dict__["reference"] = FrozenReference(copy.deepcopy(self.model))
+        if disable_dropout:
+            for module in self.model.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = 0.0
+        self._ref_cache: dict[tuple, float] = {}
+        cfg = self.model.cfg
+        gen = torch.Generator().manual_seed(0)
+        self.register_buffer("_fingerprint_weights", torch.randint(1, 2**20, (3 * cfg.image_size ** 2,),
+                                                                   generator=gen), persistent=False)
+
+    # ------------------------------------------------------------------ reference placement
+    def _reference(self) -> LocationModel:
+        """The frozen reference, on the policy's device and dtype (it is not moved with the module)."""
+        param = self.model.image_proj.weight
+        ref_param = self.reference.model.image_proj.weight
+        if ref_param.device != param.device or ref_param.dtype != param.dtype:
+            self.reference.to(device=param.device, dtype=param.dtype)
+        return self.reference.model
+
+    def on_fit_start(self) -> None:
+        self._reference()
+
+    # ------------------------------------------------------------------ scoring
+    def pair_log_probs(self, batch: dict) -> dict[str, Tensor]:
+        """Summed box log-probs of chosen and rejected under policy and reference, each `[B]`."""
+        policy, ref = self.model, self._reference()
+        cfg = policy.cfg
+        images, categories = batch["image"], batch["category"]
+        img = policy.encode_images(images)
+        txt = policy.encode_texts(categories)
+        prefix = policy.build_prefix(img, txt)
+        chosen = policy.tokenizer.encode(batch["chosen"].to(prefix.device))
+        rejected = policy.tokenizer.encode(batch["rejected"].to(prefix.device))
+        tokens = torch.cat([chosen, rejected])
+        size = len(chosen)
+        both = torch.arange(size, device=prefix.device).repeat(2)
+        logps = policy.box_log_probs(prefix[both], tokens).sum(-1)
+        out = {"policy_chosen": logps[:size], "policy_rejected": logps[size:]}
+
+        cache_keys = self._cache_keys(batch, images, chosen, rejected) if self.hparams.precompute_reference else None
+        if cache_keys is None:
+            todo = torch.ones(size, dtype=torch.bool, device=prefix.device)
+        else:
+            todo = torch.tensor([kc not in self._ref_cache or kr not in self._ref_cache
+                                 for kc, kr in zip(*cache_keys)], dtype=torch.bool, device=prefix.device)
+        ref_logps = torch.zeros(2 * size, device=prefix.device)
+        rows = todo.nonzero().squeeze(-1)
+        if len(rows):
+            with torch.no_grad():
+                sub = rows.tolist()
+                ref_img = img[rows] if cfg.freeze_image_encoder else ref.encode_images(images[rows.to(images.device)])
+                ref_txt = (txt[rows] if cfg.freeze_text_encoder
+                           else ref.encode_texts([categories[i] for i in sub]))
+                ref_prefix = ref.build_prefix(ref_img, ref_txt)
+                pick = torch.arange(len(rows), device=prefix.device).repeat(2)
+                scored = ref.box_log_probs(ref_prefix[pick], torch.cat([chosen[rows], rejected[rows]])).sum(-1)
+            ref_logps[rows] = scored[:len(rows)].to(ref_logps.dtype)
+            ref_logps[rows + size] = scored[len(rows):].to(ref_logps.dtype)
+        if cache_keys is not None:
+            self._memoise(cache_keys, ref_logps, todo)
+        out["ref_chosen"], out["ref_rejected"] = ref_logps[:size], ref_logps[size:]
+        return out
+
+    def _cache_keys(self, batch: dict, images: Tensor, chosen: Tensor, rejected: Tensor) -> tuple[list, list]:
+        """Per-row memo keys of the chosen and the rejected box (exact integer image fingerprint)."""
+        bits = images.detach().float().reshape(len(images), -1).contiguous().view(torch.int32).long() & 0xFFFFFFFF
+        weights = self._fingerprint_weights.to(bits.device)
+        if bits.shape[1] != weights.numel():
+            weights = weights.repeat(bits.shape[1] // weights.numel() + 1)[:bits.shape[1]]
+        # 16-bit halves times 20-bit weights: integer sums that cannot overflow, so exact on any device
+        low = ((bits & 0xFFFF) * weights).sum(-1).tolist()
+        high = ((bits >> 16) * weights).sum(-1).tolist()
+        rows = zip(batch["key"], batch["category"], zip(low, high), chosen.tolist(), rejected.tolist())
+        keys = [((k, c, p, tuple(ch)), (k, c, p, tuple(rj))) for k, c, p, ch, rj in rows]
+        return [k[0] for k in keys], [k[1] for k in keys]
+
+    def _memoise(self, cache_keys: tuple[list, list], ref_logps: Tensor, todo: Tensor) -> None:
+        """Store freshly computed reference log-probs; fill the rest from the memo."""
+        size = len(cache_keys[0])
+        computed = ref_logps.tolist()
+        for i, (kc, kr) in enumerate(zip(*cache_keys)):
+            if bool(todo[i]):
+                self._ref_cache[kc], self._ref_cache[kr] = computed[i], computed[i + size]
+        missing = [i for i in range(size) if not bool(todo[i])]
+        if missing:
+            values = [self._ref_cache[cache_keys[0][i]] for i in missing] + \
+                     [self._ref_cache[cache_keys[1][i]] for i in missing]
+            idx = torch.tensor(missing + [i + size for i in missing], device=ref_logps.device)
+            ref_logps[idx] = torch.tensor(values, device=ref_logps.device, dtype=ref_logps.dtype)
+
+    # ------------------------------------------------------------------ steps
+    def dpo_metrics(self, batch: dict) -> dict[str, Tensor]:
+        """Loss (mean over pairs) and the per-pair statistics named in `METRICS`, each a scalar."""
+        for name in ("chosen", "rejected"):
+            if name not in batch:
+                raise KeyError(f"DPO batches need '{name}' boxes; build the datamodule with pairs=True")
+        lp = self.pair_log_probs(batch)
+        losses, chosen_r, rejected_r = dpo_loss(lp["policy_chosen"], lp["policy_rejected"], lp["ref_chosen"],
+                                                lp["ref_rejected"], self.hparams.beta, self.hparams.loss_type,
+                                                self.hparams.label_smoothing)
+        return {
+            "loss": losses.mean(),
+            "rewards/chosen": chosen_r.mean(),
+            "rewards/rejected": rejected_r.mean(),
+            "rewards/accuracies": (chosen_r > rejected_r).float().mean(),
+            "rewards/margins": (chosen_r - rejected_r).mean(),
+            "logps/chosen": lp["policy_chosen"].detach().mean(),
+            "logps/rejected": lp["policy_rejected"].detach().mean(),
+        }
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        stats = self.dpo_metrics(batch)
+        size = len(batch["key"])
+        # one all-reduce for all statistics: pair-weighted means over every rank's batch
+        local = torch.stack([stats[m].detach().float() * size for m in METRICS] + [stats["loss"].new_tensor(size)])
+        total = self.trainer.strategy.reduce(local, reduce_op="sum") if self.trainer.world_size > 1 else local
+        for i, name in enumerate(METRICS):
+            self.log("train/loss" if name == "loss" else name, total[i] / total[-1],
+                     prog_bar=name in ("loss", "rewards/accuracies"), batch_size=size)
+        return stats["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        stats = self.dpo_metrics(batch)
+        for name in METRICS:
+            self.log(f"val/{name}", stats[name], prog_bar=name == "loss", sync_dist=True, batch_size=len(batch["key"]))

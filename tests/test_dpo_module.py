@@ -1,0 +1,188 @@
+"""DPOModule with a tiny model: frozen reference, shared features, memo, checkpoints and resume."""
+import math
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from lightning_modules.checkpoint import load_location_model, model_state_dict, read_checkpoint
+from lightning_modules.dpo import DPOModule
+from lightning_modules.mle import MLEModule
+from models import LocationModelConfig
+
+OPTIM = dict(lr=1e-3, weight_decay=0.01, betas=[0.9, 0.95], warmup_steps=1, min_lr_ratio=0.1)
+
+
+def _save_mle(path, **overrides):
+    torch.manual_seed(0)
+    module = MLEModule(model_config=LocationModelConfig.preset("tiny", **overrides).to_dict(), optim=OPTIM)
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mle_ckpt(tmp_path_factory):
+    return str(_save_mle(tmp_path_factory.mktemp("mle") / "mle.ckpt"))
+
+
+def pair_batch(seed, size=4):
+    """A pair batch in the ARCHITECTURE.md format, boxes chosen by hand (chosen != rejected)."""
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.tensor([[0.1, 0.5, 0.4, 0.8], [0.5, 0.6, 0.9, 0.9], [0.2, 0.1, 0.3, 0.2], [0.6, 0.3, 0.7, 0.5]])
+    rejected = torch.tensor([[0.1, 0.3, 0.4, 0.6], [0.5, 0.2, 0.9, 0.5], [0.2, 0.6, 0.3, 0.7], [0.1, 0.3, 0.2, 0.5]])
+    return {
+        "image": torch.rand(size, 3, 64, 64, generator=g),
+        "category": ["car", "bird", "bird", "lamp"][:size],
+        "size": torch.tensor([[64, 64]] * size),
+        "positives": [c[None] for c in chosen[:size]],
+        "negatives": [r[None] for r in rejected[:size]],
+        "key": [f"toy-{seed}-{i}" for i in range(size)],
+        "meta": [{} for _ in range(size)],
+        "chosen": chosen[:size],
+        "rejected": rejected[:size],
+    }
+
+
+def loader(n_batches):
+    return DataLoader([pair_batch(i) for i in range(n_batches)], batch_size=None, collate_fn=lambda b: b)
+
+
+def trainer(max_steps, **kwargs):
+    kwargs = {"logger": False, "enable_checkpointing": False, **kwargs}
+    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, enable_progress_bar=False,
+                     enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, **kwargs)
+
+
+def reference_params(module):
+    return {n: p.detach().clone() for n, p in module.reference.model.named_parameters()}
+
+
+def test_policy_equal_reference_gives_log2_and_zero_rewards(mle_ckpt):
+    module = DPOModule(optim=OPTIM, beta=0.3, reference=mle_ckpt).train()  # dropout off in the policy
+    stats = module.dpo_metrics(pair_batch(0))
+    assert stats["loss"].item() == pytest.approx(math.log(2), abs=1e-5)
+    assert stats["rewards/chosen"].item() == pytest.approx(0, abs=1e-6)
+    assert stats["rewards/margins"].item() == pytest.approx(0, abs=1e-6)
+    # the reference log-probs from shared features equal an end-to-end pass of the reference
+    batch = pair_batch(1)
+    lp = module.pair_log_probs(batch)
+    ref = module.reference.model
+    tok = ref.tokenizer.encode(batch["rejected"])
+    direct = ref(batch["image"], batch["category"], tok).sum(-1)
+    assert torch.allclose(lp["ref_rejected"], direct, atol=1e-5)
+
+
+def test_steps_train_every_policy_parameter_and_never_the_reference(mle_ckpt):
+    module = DPOModule(optim=OPTIM, beta=0.5, reference=mle_ckpt)
+    policy_before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    ref_before = reference_params(module)
+    trainable = [n for n, p in module.model.named_parameters() if p.requires_grad]
+    assert trainable and not any(p.requires_grad for p in module.reference.parameters())
+
+    # one step by hand: every trainable parameter gets a gradient (DDP needs no find_unused_parameters)
+    module.dpo_metrics(pair_batch(0))["loss"].backward()
+    no_grad = [n for n, p in module.model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad
+    module.zero_grad(set_to_none=True)
+
+    fit = trainer(3)
+    fit.fit(module, train_dataloaders=loader(3))
+    assert fit.global_step == 3
+    optimised = {id(p) for group in fit.optimizers[0].param_groups for p in group["params"]}
+    assert not optimised & {id(p) for p in module.reference.parameters()}
+    unchanged = [n for n in trainable if torch.equal(policy_before[n], dict(module.model.named_parameters())[n])]
+    assert not unchanged
+    for name, param in module.reference.model.named_parameters():
+        assert torch.equal(param, ref_before[name]), name
+    assert not module.reference.training and not module.reference.model.decoder.training
+    module.reference.train()
+    assert not module.reference.training
+
+
+def test_checkpoint_has_no_reference_and_resume_rebuilds_it(mle_ckpt, tmp_path):
+    module = DPOModule(optim=OPTIM, beta=0.5, reference=mle_ckpt)
+    n_model = len(module.model.state_dict())
+    assert len(module.state_dict()) == n_model  # the reference is not a registered child
+    ckpt_dir = tmp_path / "ckpt"
+    fit = trainer(2, enable_checkpointing=True,
+                  callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=1)])
+    fit.fit(module, train_dataloaders=loader(2))
+    last = ckpt_dir / "last.ckpt"
+    ckpt = read_checkpoint(last)
+    assert len(ckpt["state_dict"]) == n_model and all(k.startswith("model.") for k in ckpt["state_dict"])
+    assert ckpt["hyper_parameters"]["model_config"] == read_checkpoint(mle_ckpt)["hyper_parameters"]["model_config"]
+    trained = {k: v.clone() for k, v in module.model.state_dict().items()}
+    assert torch.equal(load_location_model(last).state_dict()["image_proj.weight"], trained["image_proj.weight"])
+
+    # load_from_checkpoint: policy from the DPO checkpoint, reference rebuilt from its MLE path
+    restored = DPOModule.load_from_checkpoint(last)
+    mle_weights = model_state_dict(read_checkpoint(mle_ckpt))
+    assert torch.equal(restored.model.state_dict()["image_proj.weight"], trained["image_proj.weight"])
+    assert torch.equal(restored.reference.model.state_dict()["image_proj.weight"], mle_weights["image_proj.weight"])
+    assert not torch.equal(trained["image_proj.weight"], mle_weights["image_proj.weight"])
+
+    # resume as train.py does: a fresh module from the config, fit(ckpt_path=last) continues the run
+    resumed = DPOModule(optim=OPTIM, beta=0.5, reference=mle_ckpt)
+    ref_before = reference_params(resumed)
+    fit2 = trainer(3)
+    fit2.fit(resumed, train_dataloaders=loader(3), ckpt_path=str(last))
+    assert fit2.global_step == 3
+    assert all(torch.equal(p, ref_before[n]) for n, p in resumed.reference.model.named_parameters())
+    assert torch.equal(resumed.reference.model.state_dict()["image_proj.weight"], mle_weights["image_proj.weight"])
+
+
+def test_precomputed_reference_is_exact_and_keeps_flips_apart(mle_ckpt, monkeypatch):
+    module = DPOModule(optim=OPTIM, beta=0.5, reference=mle_ckpt, precompute_reference=True)
+    plain = DPOModule(optim=OPTIM, beta=0.5, reference=mle_ckpt)
+    batch = pair_batch(0)
+    first = module.pair_log_probs(batch)
+    assert len(module._ref_cache) == 8
+    for name in ("ref_chosen", "ref_rejected"):
+        assert torch.allclose(first[name], plain.pair_log_probs(batch)[name], atol=1e-6)
+
+    calls = []
+    original = module.reference.model.box_log_probs
+    monkeypatch.setattr(module.reference.model, "box_log_probs", lambda *a: calls.append(len(a[1])) or original(*a))
+    again = module.pair_log_probs(batch)
+    assert calls == []  # all from the memo
+    assert torch.equal(again["ref_chosen"], first["ref_chosen"])
+
+    # a flipped image under the same key and boxes is another input; a re-drawn pair mixes hits and misses
+    flipped = dict(batch, image=batch["image"].flip(-1))
+    redrawn = dict(batch, rejected=batch["rejected"].roll(1, 0))
+    for new in (flipped, redrawn):
+        out = module.pair_log_probs(new)
+        expected = plain.pair_log_probs(new)
+        for name in ("ref_chosen", "ref_rejected"):
+            assert torch.allclose(out[name], expected[name], atol=1e-6)
+    assert calls == [8, 8]
+    assert not torch.allclose(module.pair_log_probs(flipped)["ref_chosen"], first["ref_chosen"])
+
+
+def test_trainable_encoders_get_their_own_reference_pass(tmp_path):
+    ckpt = str(_save_mle(tmp_path / "mle_unfrozen.ckpt", freeze_image_encoder=False))
+    module = DPOModule(optim=OPTIM, beta=0.5, reference=ckpt)
+    batch = pair_batch(0)
+    optimiser = torch.optim.SGD([p for p in module.model.image_encoder.parameters()], lr=1.0)
+    module.dpo_metrics(batch)["loss"].backward()
+    assert module.model.image_encoder.patch_embed.proj.weight.grad is not None
+    optimiser.step()  # the policy's image encoder now differs from the reference's
+    lp = module.pair_log_probs(batch)
+    ref = module.reference.model
+    direct = ref(batch["image"], batch["category"], ref.tokenizer.encode(batch["chosen"])).sum(-1)
+    assert torch.allclose(lp["ref_chosen"], direct, atol=1e-5)
+    assert not torch.allclose(lp["policy_chosen"], direct, atol=1e-3)
+
+
+def test_missing_pairs_and_bad_settings_raise(mle_ckpt, tmp_path):
+    module = DPOModule(optim=OPTIM, beta=0.5, reference=mle_ckpt)
+    batch = pair_batch(0)
+    del batch["rejected"]
+    with pytest.raises(KeyError, match="pairs=True"):
+        module.dpo_metrics(batch)
+    with pytest.raises(ValueError, match="loss_type"):
+        DPOModule(optim=OPTIM, beta=0.5, reference=mle_ckpt, loss_type="kto")
+    with pytest.raises(RuntimeError, match="does not exist"):
+        DPOModule(optim=OPTIM, beta=0.5, reference=str(tmp_path / "missing.ckpt"))
