@@ -2,7 +2,8 @@
 
 Layout of a split folder: ``{split}-000000.tar ...`` plus ``{split}.json`` holding
 ``num_samples, num_shards, source, categories`` (and, ours, ``shard_sizes``, ``num_pair_samples``
-and ``pair_shard_sizes`` (samples with >=1 positive and >=1 negative) so loaders know exact per-shard counts without reading the tars).
+and ``pair_shard_sizes`` (samples with >=1 positive and >=1 negative) so loaders know exact
+per-shard counts without reading the tars).
 The json is written last and shards are renamed from temporary names only when complete, so an
 interrupted conversion never looks complete.
 """
@@ -87,7 +88,8 @@ class ShardWriter:
     ``num_shards`` given: samples go round robin into exactly that many shards (balanced shards
     make DDP splits even; all tars stay open). Otherwise a new shard starts every
     ``max_per_shard`` samples (streaming, unknown total). ``write`` returns None when the sample
-    was written, else the reason it was dropped; ``dropped`` / ``box_problems`` count reasons.
+    was written, else the reason it was dropped; ``dropped`` counts dropped samples by reason,
+    ``notes`` the dropped/clipped boxes and re-encoded images of kept samples.
     """
 
     def __init__(self, out_dir, split: str, source: str, num_shards: int | None = None,
@@ -102,7 +104,7 @@ class ShardWriter:
         self.image_format, self.jpeg_quality, self.clip_tolerance = image_format, jpeg_quality, clip_tolerance
         self.written = 0
         self.dropped: Counter = Counter()
-        self.box_problems: Counter = Counter()
+        self.notes: Counter = Counter()
         self.categories: set[str] = set()
         self.num_pair_samples = 0
         self._keys: set[str] = set()
@@ -162,10 +164,13 @@ class ShardWriter:
         try:
             if image_bytes is not None:
                 img = decode_image(image_bytes)
-                ext = {"jpeg": "jpg"}.get((image_ext or "jpg").lower().lstrip("."), (image_ext or "jpg").lower().lstrip("."))
-                if ext not in ("jpg", "png"):
-                    return self.drop(f"unsupported image type {ext}")
-                data = image_bytes
+                ext = (image_ext or "jpg").lower().lstrip(".")
+                ext = "jpg" if ext == "jpeg" else ext
+                if ext in ("jpg", "png"):
+                    data = image_bytes
+                else:  # e.g. webp: store re-encoded so every reader can decode it
+                    self.notes[f"image: re-encoded from {ext}"] += 1
+                    ext, data = self.image_format, _encode(img, self.image_format, self.jpeg_quality)
             elif image is not None:
                 img = Image.fromarray(image) if isinstance(image, np.ndarray) else image
                 img = img.convert("RGB")
@@ -179,8 +184,8 @@ class ShardWriter:
             return self.drop("image size differs from annotation size")
         pos, p1 = validate_boxes(ann.get("positives", []), width, height, self.clip_tolerance)
         neg, p2 = validate_boxes(ann.get("negatives", []), width, height, self.clip_tolerance)
-        self.box_problems.update(p1)
-        self.box_problems.update(p2)
+        self.notes.update(p1)
+        self.notes.update(p2)
         if not pos and not neg:
             return self.drop("no valid box")
         category = str(ann.get("category", ""))
@@ -234,7 +239,7 @@ class ShardWriter:
     def summary(self) -> str:
         lines = [f"{self.split}: written {self.written}, dropped {sum(self.dropped.values())}"]
         lines += [f"  dropped ({n}): {r}" for r, n in self.dropped.most_common()]
-        lines += [f"  boxes ({n}): {r}" for r, n in self.box_problems.most_common()]
+        lines += [f"  note ({n}): {r}" for r, n in self.notes.most_common()]
         return "\n".join(lines)
 
     def __enter__(self):

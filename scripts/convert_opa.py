@@ -1,0 +1,36 @@
+#!/usr/bin/env python
+"""Convert the OPA release (train_set.csv / test_set.csv, background/, foreground/) into shards.
+
+One sample per (background, category) with every labelled box pooled; category = the folder name
+of foreground/<category>/<fg_id>.jpg. Example:
+  python scripts/convert_opa.py --opa-root /data/OPA --out data/opa --val-fraction 0.05
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from datamodules.convert import convert_opa  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--opa-root", required=True, help="folder with {train,test}_set.csv, background/, foreground/")
+    ap.add_argument("--out", required=True, help="output folder for {split}-*.tar + {split}.json")
+    ap.add_argument("--splits", default="train,test", help="comma list of csv prefixes (default: train,test)")
+    ap.add_argument("--num-shards", type=int, default=16, help="shards per split (>= ranks x workers; default 16)")
+    ap.add_argument("--val-fraction", type=float, default=0.0,
+                    help="hold out this fraction of training backgrounds as split 'val' (default 0)")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    writers = convert_opa(a.opa_root, a.out, [s for s in a.splits.split(",") if s], a.num_shards, a.val_fraction,
+                          progress=not a.no_progress)
+    for w in writers:
+        print(w.summary())
+
+
+if __name__ == "__main__":
+    main()
