@@ -1,0 +1,343 @@
+"""TPR-FPR evaluation (SPEC §4) of a checkpoint, of any method's predictions file, or of a baseline.
+
+    python evaluate.py --checkpoint runs/x/checkpoints/last.ckpt --data data/toy/toy-opa --split test
+    python evaluate.py --predictions preds.jsonl --annotations fopa_test_data_pair.csv
+    python evaluate.py --baseline random_gt_size --annotations data/opa --split test
+    python evaluate.py --plot ours/metrics.json random/metrics.json --out fig.png
+
+Evaluation modes write ``predictions.jsonl`` (not in predictions mode), ``metrics.json`` and
+``tpr_fpr.png`` into ``--out``. Predictions and annotations are pixel ``x1,y1,x2,y2`` boxes; keys
+must match the annotation keys (shard ``__key__``, or ``opa-{bg}-{category}`` /
+``opa-{bg}-fg{fg_id}`` for raw OPA / FOPA label files, see ``datamodules.opa_labels``).
+Checkpoint mode scores the boxes it just wrote exactly as predictions mode would re-score them.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from metrics.tpr_fpr import DEFAULT_NS, TPRFPR, result_curves
+
+BASELINES = ("random", "random_gt_size")
+
+
+class EvaluationError(RuntimeError):
+    """Bad inputs; the message says what is wrong and how to fix it."""
+
+
+# ----------------------------------------------------------------------------- annotations
+def load_annotations(path, split: str = "test") -> list[dict]:
+    """Annotation dicts ``{key, category, positives, negatives, width, height, meta}`` (pixel xyxy)
+    from a shard folder (json only, no image decode), a raw OPA csv, or a FOPA pair csv/json."""
+    from datamodules import opa_labels
+    from datamodules.shards import iter_annotations
+
+    path = Path(path)
+    if path.is_dir():
+        return list(iter_annotations(path, split))
+    if not path.is_file():
+        raise EvaluationError(f"annotations {path} not found (give a shard folder, an OPA csv or a FOPA label file)")
+    if path.suffix.lower() == ".json":
+        samples = opa_labels.read_fopa_pairs(path)
+    elif path.suffix.lower() == ".csv":
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if "pos_label" in header:
+            samples = opa_labels.read_fopa_pairs(path)
+        elif "position" in header:
+            samples = opa_labels.read_opa_csv(path)
+        else:
+            raise EvaluationError(f"{path}: unknown csv columns {header[:8]}; expected a FOPA pair csv "
+                                  "(pos_label, neg_label) or a raw OPA csv (position, label)")
+    else:
+        raise EvaluationError(f"{path}: unsupported annotation file (use a shard folder, .csv or FOPA .json)")
+    return [asdict(s) for s in samples]
+
+
+def image_size_of(sample: dict) -> tuple[float, float, bool]:
+    """(width, height, known). FOPA files carry no image size: fall back to the extent of the
+    labelled boxes (a lower bound of the image), flagged as unknown."""
+    if sample.get("width") and sample.get("height"):
+        return float(sample["width"]), float(sample["height"]), True
+    boxes = np.asarray(sample["positives"] + sample["negatives"], np.float64).reshape(-1, 4)
+    return float(boxes[:, 2].max()), float(boxes[:, 3].max()), False
+
+
+# ----------------------------------------------------------------------------- predictions
+def read_predictions(path) -> dict[str, np.ndarray]:
+    """``{"key", "boxes"}`` per JSONL line -> key -> float64 ``[N, 4]``; errors name the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f"predictions file {path} not found")
+    preds: dict[str, np.ndarray] = {}
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                key = str(rec["key"])
+                boxes = np.asarray(rec["boxes"], np.float64).reshape(-1, 4)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise EvaluationError(f"{path}:{lineno}: expected {{\"key\": str, \"boxes\": [[x1,y1,x2,y2], ...]}} "
+                                      f"({type(e).__name__}: {e})") from None
+            if not np.isfinite(boxes).all():
+                raise EvaluationError(f"{path}:{lineno}: non-finite box coordinates for key {key!r}")
+            if key in preds:
+                raise EvaluationError(f"{path}:{lineno}: duplicate key {key!r}")
+            preds[key] = boxes
+    if not preds:
+        raise EvaluationError(f"predictions file {path} holds no predictions")
+    return preds
+
+
+def write_predictions(path, preds: dict[str, np.ndarray]) -> None:
+    with open(path, "w") as f:
+        for key, boxes in preds.items():
+            f.write(json.dumps({"key": key, "boxes": np.asarray(boxes, np.float64).tolist()}) + "\n")
+
+
+def match_keys(preds: dict, samples: list[dict], allow_missing: bool) -> dict:
+    """Check prediction keys against annotation keys; returns the key report for metrics.json."""
+    ann_keys = {s["key"] for s in samples}
+    missing = sorted(ann_keys - preds.keys())
+    extra = sorted(preds.keys() - ann_keys)
+    if missing and not allow_missing:
+        raise EvaluationError(
+            f"{len(missing)} of {len(ann_keys)} annotated samples have no predictions, e.g. {missing[:5]}; "
+            f"{len(extra)} prediction keys match no annotation, e.g. {extra[:5]}. Fix the keys, or pass "
+            "--allow-missing to score missing samples as empty predictions")
+    if extra:
+        print(f"warning: ignoring {len(extra)} prediction keys without annotations, e.g. {extra[:5]}", file=sys.stderr)
+    if missing:
+        print(f"warning: {len(missing)} annotated samples have no predictions (scored as empty), "
+              f"e.g. {missing[:5]}", file=sys.stderr)
+    return {"missing_keys": len(missing), "extra_keys": len(extra),
+            "missing_examples": missing[:10], "extra_examples": extra[:10]}
+
+
+# ----------------------------------------------------------------------------- baselines
+def baseline_predictions(samples: list[dict], kind: str, n: int, seed: int) -> dict[str, np.ndarray]:
+    """Seeded baseline boxes in pixels: ``random`` = corners uniform in the image (sorted so
+    x1<x2, y1<y2); ``random_gt_size`` = the size of a random labelled box of the sample (OPA's
+    foreground size) at a uniformly random position inside the image."""
+    if kind not in BASELINES:
+        raise EvaluationError(f"unknown baseline {kind!r}; choose one of {BASELINES}")
+    rng = np.random.default_rng(seed)
+    unknown = 0
+    out = {}
+    for s in samples:
+        w, h, known = image_size_of(s)
+        unknown += not known
+        if kind == "random":
+            xs = np.sort(rng.uniform(0, w, size=(n, 2)), axis=1)
+            ys = np.sort(rng.uniform(0, h, size=(n, 2)), axis=1)
+            boxes = np.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], 1)
+        else:
+            gt = np.asarray(s["positives"] + s["negatives"], np.float64).reshape(-1, 4)
+            size = (gt[:, 2:] - gt[:, :2])[rng.integers(len(gt), size=n)]
+            size = np.minimum(size, [w, h])
+            x1 = rng.uniform(0, 1, n) * (w - size[:, 0])
+            y1 = rng.uniform(0, 1, n) * (h - size[:, 1])
+            boxes = np.stack([x1, y1, x1 + size[:, 0], y1 + size[:, 1]], 1)
+        out[s["key"]] = boxes
+    if unknown:
+        print(f"warning: {unknown} samples have no image size (FOPA labels); baseline boxes are drawn inside "
+              "the extent of their labelled boxes instead of the whole image", file=sys.stderr)
+    return out
+
+
+# ----------------------------------------------------------------------------- checkpoint sampling
+def sample_checkpoint(args) -> dict[str, np.ndarray]:
+    """N boxes (pixels) per sample of ``--data/--split`` from the checkpoint's batched sampler,
+    one seeded generator over the whole pass (same checkpoint, data and batch size -> same boxes)."""
+    from datamodules import ShardDataModule
+    from lightning_modules.checkpoint import load_location_model
+
+    model = load_location_model(args.checkpoint).to(args.device)
+    dm = ShardDataModule(args.data, image_size=model.cfg.image_size, batch_size=args.batch_size,
+                         num_workers=args.num_workers, seed=args.seed, flip_prob=0.0, train_split=None,
+                         val_split=None, test_split=args.split)
+    dm.setup("test")
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    preds: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        for batch in tqdm(dm.test_dataloader(), desc="sampling", disable=args.no_progress, leave=False):
+            out = model.sample(batch["image"].to(args.device), batch["category"], n=args.num_samples,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                               generator=generator, image_sizes=batch["size"].to(args.device))
+            for key, boxes in zip(batch["key"], out.boxes.double().cpu().numpy()):
+                if key in preds:
+                    raise EvaluationError(f"the {args.split} loader of {args.data} yielded key {key!r} twice")
+                preds[key] = boxes
+    return preds
+
+
+# ----------------------------------------------------------------------------- scoring
+def score(preds: dict[str, np.ndarray], samples: list[dict], ns=DEFAULT_NS, iou_threshold: float = 0.5,
+          chunk: int = 512, progress: bool = True) -> dict:
+    """Run TPRFPR over all samples (missing predictions = none). Samples are sorted by box count
+    so each padded chunk wastes little."""
+    metric = TPRFPR(ns=ns, iou_threshold=iou_threshold)
+    empty = np.zeros((0, 4))
+    order = sorted(samples, key=lambda s: (len(s["positives"]) + len(s["negatives"]), len(preds.get(s["key"], empty))))
+    for i in tqdm(range(0, len(order), chunk), desc="scoring", disable=not progress, leave=False):
+        part = order[i:i + chunk]
+        metric.update([torch.from_numpy(preds.get(s["key"], empty)) for s in part],
+                      [s["positives"] for s in part], [s["negatives"] for s in part])
+    return {k: v.item() for k, v in metric.compute().items()}
+
+
+def toy_plausible_rate(samples: list[dict], preds: dict[str, np.ndarray]) -> float | None:
+    """Oracle plausible rate of all predicted boxes, on toy data (samples with ``meta.scene``)."""
+    toy = [s for s in samples if isinstance(s.get("meta"), dict) and "scene" in s["meta"] and s["key"] in preds]
+    if not toy:
+        return None
+    from datamodules.toy import plausible_rate
+
+    scale = lambda s: np.array([s["width"], s["height"], s["width"], s["height"]], np.float64)  # noqa: E731
+    return float(plausible_rate(toy, [preds[s["key"]] / scale(s) for s in toy]))
+
+
+def write_results(out_dir: Path, result: dict, ns, label: str, extra: dict) -> dict:
+    """metrics.json (both TPR/FPR variants, precision, counts, settings) and tpr_fpr.png."""
+    from metrics.plots import plot_curves
+
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    curves = result_curves(result, ns)
+    doc = {"method": label, **extra, "ns": list(ns), "curves": curves, "metrics": result,
+           "counts": {k: result[k] for k in ("num_samples", "num_positives", "num_negatives")}}
+    (out_dir / "metrics.json").write_text(json.dumps(doc, indent=1))
+    plt.close(plot_curves({label: curves}, out_dir / "tpr_fpr.png", title=label))
+    return doc
+
+
+def plot_results(files: list[str], out: Path, labels: list[str] | None) -> None:
+    """Several metrics.json files as curves on one figure."""
+    from metrics.plots import plot_curves
+
+    import matplotlib.pyplot as plt
+
+    if labels and len(labels) != len(files):
+        raise EvaluationError(f"--labels has {len(labels)} names for {len(files)} --plot files")
+    curves = {}
+    for i, f in enumerate(files):
+        try:
+            doc = json.loads(Path(f).read_text())
+            curve = doc["curves"]
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise EvaluationError(f"{f}: not a metrics.json written by evaluate.py ({type(e).__name__}: {e})") from None
+        label = labels[i] if labels else doc.get("method", Path(f).parent.name)
+        if label in curves:
+            label = f"{label} ({f})"
+        curves[label] = curve
+    if out.suffix.lower() != ".png":
+        out = out / "tpr_fpr.png"
+    plt.close(plot_curves(curves, out))
+    print(f"wrote {out}")
+
+
+# ----------------------------------------------------------------------------- CLI
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--checkpoint", help="Lightning checkpoint of a location model (samples boxes)")
+    mode.add_argument("--predictions", help="JSONL predictions {key, boxes (pixels)} of any method")
+    mode.add_argument("--baseline", choices=BASELINES, help="built-in seeded baseline")
+    mode.add_argument("--plot", nargs="+", metavar="METRICS_JSON", help="draw several result files on one plot")
+    p.add_argument("--data", help="shard folder (checkpoint mode; also accepted as --annotations)")
+    p.add_argument("--annotations", help="shard folder, raw OPA csv, or FOPA *_data_pair.csv / *_pair_new.json")
+    p.add_argument("--split", default="test", help="shard split (default: test)")
+    p.add_argument("--out", default="results/eval", help="output folder (a .png path for --plot)")
+    p.add_argument("--name", help="method name in metrics.json and legends")
+    p.add_argument("--labels", nargs="+", help="legend names for --plot (default: each file's method)")
+    p.add_argument("--num-samples", type=int, default=100, help="boxes drawn per sample, N (default 100)")
+    p.add_argument("--ns", type=int, nargs="+", help="curve points (default 10 20 ... N)")
+    p.add_argument("--iou-threshold", type=float, default=0.5, help="tau; IoU >= tau is a hit (default 0.5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--allow-missing", action="store_true", help="score annotated samples without predictions as empty")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    args.ns = args.ns or [n for n in range(10, args.num_samples + 1, 10)] or [args.num_samples]
+    if max(args.ns) > args.num_samples:
+        p.error(f"--ns goes up to {max(args.ns)} but --num-samples is {args.num_samples}")
+    if args.checkpoint and not (args.data or args.annotations):
+        p.error("--checkpoint needs --data (shard folder)")
+    if (args.predictions or args.baseline) and not (args.annotations or args.data):
+        p.error("--predictions/--baseline need --annotations (shard folder or OPA/FOPA label file)")
+    return args
+
+
+def main(argv=None) -> dict | None:
+    args = parse_args(argv)
+    if args.plot:
+        plot_results(args.plot, Path(args.out), args.labels)
+        return None
+    out_dir = Path(args.out)
+    t0 = time.perf_counter()
+    ann_path = args.annotations or args.data
+    samples = load_annotations(ann_path, args.split)
+    settings: dict = {"iou_threshold": args.iou_threshold, "annotations": str(ann_path), "split": args.split}
+    if args.checkpoint:
+        preds = sample_checkpoint(args)
+        label = args.name or Path(args.checkpoint).stem
+        settings.update(mode="checkpoint", checkpoint=str(args.checkpoint), sampling={
+            "num_samples": args.num_samples, "temperature": args.temperature, "top_k": args.top_k,
+            "top_p": args.top_p, "seed": args.seed, "batch_size": args.batch_size})
+    elif args.predictions:
+        preds = read_predictions(args.predictions)
+        label = args.name or Path(args.predictions).stem
+        settings.update(mode="predictions", predictions=str(args.predictions))
+    else:
+        preds = baseline_predictions(samples, args.baseline, args.num_samples, args.seed)
+        label = args.name or args.baseline
+        settings.update(mode="baseline", baseline=args.baseline,
+                        sampling={"num_samples": args.num_samples, "seed": args.seed})
+    keys = match_keys(preds, samples, args.allow_missing)
+    if args.predictions is None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_predictions(out_dir / "predictions.jsonl", {s["key"]: preds[s["key"]] for s in samples})
+    result = score(preds, samples, args.ns, args.iou_threshold, progress=not args.no_progress)
+    rate = toy_plausible_rate(samples, preds)
+    if rate is not None:
+        settings["plausible_rate"] = rate
+    lengths = [len(preds[s["key"]]) for s in samples if s["key"] in preds]
+    settings.update(keys=keys, boxes_per_sample={"min": min(lengths, default=0), "max": max(lengths, default=0)},
+                    seconds=round(time.perf_counter() - t0, 3))
+    doc = write_results(out_dir, result, args.ns, label, settings)
+    n = max(args.ns)
+    print(f"{label}: {result['num_samples']} samples, {result['num_positives']} positives, "
+          f"{result['num_negatives']} negatives; @{n}: TPR {result[f'tpr@{n}']:.4f} FPR {result[f'fpr@{n}']:.4f} "
+          f"(shared: {result[f'tpr_shared@{n}']:.4f} / {result[f'fpr_shared@{n}']:.4f}) "
+          f"precision {result[f'precision@{n}']:.4f}" + (f" plausible {rate:.4f}" if rate is not None else ""))
+    print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'tpr_fpr.png'}")
+    return doc
+
+
+if __name__ == "__main__":
+    from datamodules.shards import ShardFormatError
+    from lightning_modules.checkpoint import CheckpointError
+
+    try:
+        main()
+    except (EvaluationError, ShardFormatError, CheckpointError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
