@@ -71,25 +71,25 @@ def generate_scene(seed: int, width: int = 64, height: int = 64, rng: np.random.
 
 
 def flip_scene(scene: dict) -> dict:
-    """The scene of the horizontally mirrored image (tables and clouds mirrored)."""
-    s = dict(scene)
-    s["tables"] = [{**t, "x1": 1.0 - t["x2"], "x2": 1.0 - t["x1"]} for t in scene["tables"]]
-    s["clouds"] = [[1.0 - c[0], *c[1:]] for c in scene.get("clouds", [])]
-    s["hflip"] = not scene.get("hflip", False)
-    return s
+    """The scene of the horizontally mirrored image: geometry stays stored in the original frame,
+    the ``hflip`` flag says the image (and the boxes checked against it) are mirrored."""
+    return {**scene, "hflip": not scene.get("hflip", False)}
 
 
 def _oriented(scene: dict) -> dict:
-    """Geometry in the frame of the (possibly flipped) image the boxes refer to."""
+    """Geometry in the frame of the (possibly mirrored) image the boxes refer to."""
     if not scene.get("hflip", False):
         return scene
-    s = flip_scene(scene)  # toggles the flag back: geometry mirrored once
+    s = dict(scene, hflip=False)
+    s["tables"] = [{**t, "x1": 1.0 - t["x2"], "x2": 1.0 - t["x1"]} for t in scene["tables"]]
+    s["clouds"] = [[1.0 - c[0], *c[1:]] for c in scene.get("clouds", [])]
     return s
 
 
 def render_scene(scene: dict) -> np.ndarray:
     """RGB uint8 array HxWx3 of the scene (sky gradient, clouds, ground, tables, mild noise)."""
-    scene = _oriented(scene)
+    if scene.get("hflip", False):
+        return np.ascontiguousarray(render_scene(flip_scene(scene))[:, ::-1])
     W, H = scene["w"], scene["h"]
     ys = (np.arange(H) + 0.5) / H
     xs = (np.arange(W) + 0.5) / W
