@@ -8,7 +8,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lightning_modules.checkpoint import load_location_model, model_state_dict, read_checkpoint
-from lightning_modules.dpo import DPOModule
+import lightning_modules.dpo as dpo_module
+from lightning_modules.dpo import DPOModule, pair_box_log_probs
 from lightning_modules.mle import MLEModule
 from models import LocationModelConfig
 
@@ -142,9 +143,14 @@ def test_precomputed_reference_is_exact_and_keeps_flips_apart(mle_ckpt, monkeypa
     for name in ("ref_chosen", "ref_rejected"):
         assert torch.allclose(first[name], plain.pair_log_probs(batch)[name], atol=1e-6)
 
-    calls = []
-    original = module.reference.model.box_log_probs
-    monkeypatch.setattr(module.reference.model, "box_log_probs", lambda *a: calls.append(len(a[1])) or original(*a))
+    calls = []  # rows scored by the reference
+
+    def counting(model, prefix, *boxes):
+        if model is module.reference.model:
+            calls.append(len(prefix))
+        return pair_box_log_probs(model, prefix, *boxes)
+
+    monkeypatch.setattr(dpo_module, "pair_box_log_probs", counting)
     again = module.pair_log_probs(batch)
     assert calls == []  # all from the memo
     assert torch.equal(again["ref_chosen"], first["ref_chosen"])
@@ -157,7 +163,7 @@ def test_precomputed_reference_is_exact_and_keeps_flips_apart(mle_ckpt, monkeypa
         expected = plain.pair_log_probs(new)
         for name in ("ref_chosen", "ref_rejected"):
             assert torch.allclose(out[name], expected[name], atol=1e-6)
-    assert calls == [8, 8]
+    assert calls == [4, 4]
     assert not torch.allclose(module.pair_log_probs(flipped)["ref_chosen"], first["ref_chosen"])
 
 
@@ -186,3 +192,16 @@ def test_missing_pairs_and_bad_settings_raise(mle_ckpt, tmp_path):
         DPOModule(optim=OPTIM, beta=0.5, reference=mle_ckpt, loss_type="kto")
     with pytest.raises(RuntimeError, match="does not exist"):
         DPOModule(optim=OPTIM, beta=0.5, reference=str(tmp_path / "missing.ckpt"))
+
+
+def test_shared_prefix_scoring_equals_box_log_probs(mle_ckpt):
+    module = DPOModule(optim=OPTIM, beta=0.5, reference=mle_ckpt)
+    model, batch = module.model, pair_batch(2)
+    prefix = model.build_prefix(model.encode_images(batch["image"]), model.encode_texts(batch["category"]))
+    chosen, rejected = model.tokenizer.encode(batch["chosen"]), model.tokenizer.encode(batch["rejected"])
+    shared = pair_box_log_probs(model, prefix, chosen, rejected)
+    grad_shared = torch.autograd.grad(shared.sum(), model.image_proj.weight, retain_graph=True)[0]
+    direct = torch.stack([model.box_log_probs(prefix, chosen).sum(-1), model.box_log_probs(prefix, rejected).sum(-1)], 1)
+    grad_direct = torch.autograd.grad(direct.sum(), model.image_proj.weight)[0]
+    assert torch.allclose(shared, direct, atol=1e-5)
+    assert torch.allclose(grad_shared, grad_direct, atol=1e-5)
