@@ -40,28 +40,38 @@ def load_annotations(path, split: str = "test") -> list[dict]:
     """Annotation dicts ``{key, category, positives, negatives, width, height, meta}`` (pixel xyxy)
     from a shard folder (json only, no image decode), a raw OPA csv, or a FOPA pair csv/json."""
     from datamodules import opa_labels
-    from datamodules.shards import iter_annotations
+    from datamodules.shards import ShardFormatError, iter_annotations
 
     path = Path(path)
     if path.is_dir():
-        return list(iter_annotations(path, split))
+        try:
+            return list(iter_annotations(path, split))
+        except ShardFormatError as e:
+            raise EvaluationError(str(e)) from None
     if not path.is_file():
         raise EvaluationError(f"annotations {path} not found (give a shard folder, an OPA csv or a FOPA label file)")
     if path.suffix.lower() == ".json":
-        samples = opa_labels.read_fopa_pairs(path)
+        samples = _read_labels(opa_labels.read_fopa_pairs, path)
     elif path.suffix.lower() == ".csv":
         with open(path, newline="") as f:
             header = next(csv.reader(f), [])
         if "pos_label" in header:
-            samples = opa_labels.read_fopa_pairs(path)
+            samples = _read_labels(opa_labels.read_fopa_pairs, path)
         elif "position" in header:
-            samples = opa_labels.read_opa_csv(path)
+            samples = _read_labels(opa_labels.read_opa_csv, path)
         else:
             raise EvaluationError(f"{path}: unknown csv columns {header[:8]}; expected a FOPA pair csv "
                                   "(pos_label, neg_label) or a raw OPA csv (position, label)")
     else:
         raise EvaluationError(f"{path}: unsupported annotation file (use a shard folder, .csv or FOPA .json)")
     return [asdict(s) for s in samples]
+
+
+def _read_labels(reader, path):
+    try:
+        return reader(path)
+    except ValueError as e:     # malformed rows: the reader's message names file and row
+        raise EvaluationError(str(e)) from None
 
 
 def image_size_of(sample: dict) -> tuple[float, float, bool]:
@@ -162,9 +172,12 @@ def sample_checkpoint(args) -> dict[str, np.ndarray]:
     """N boxes (pixels) per sample of ``--data/--split`` from the checkpoint's batched sampler,
     one seeded generator over the whole pass (same checkpoint, data and batch size -> same boxes)."""
     from datamodules import ShardDataModule
-    from lightning_modules.checkpoint import load_location_model
+    from lightning_modules.checkpoint import CheckpointError, load_location_model
 
-    model = load_location_model(args.checkpoint).to(args.device)
+    try:
+        model = load_location_model(args.checkpoint).to(args.device)
+    except CheckpointError as e:
+        raise EvaluationError(str(e)) from None
     dm = ShardDataModule(args.data, image_size=model.cfg.image_size, batch_size=args.batch_size,
                          num_workers=args.num_workers, seed=args.seed, flip_prob=0.0, train_split=None,
                          val_split=None, test_split=args.split)
@@ -334,10 +347,7 @@ def main(argv=None) -> dict | None:
 
 
 if __name__ == "__main__":
-    from datamodules.shards import ShardFormatError
-    from lightning_modules.checkpoint import CheckpointError
-
     try:
         main()
-    except (EvaluationError, ShardFormatError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except EvaluationError as e:
         sys.exit(f"error: {e}")

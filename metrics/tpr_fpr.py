@@ -23,7 +23,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torchmetrics import Metric
 
-from metrics.box_ops import iou_at_least, pairwise_iou
+from metrics.box_ops import pairwise_inter_union
 
 __all__ = ["TPRFPR", "DEFAULT_NS", "result_curves"]
 
@@ -110,8 +110,10 @@ class TPRFPR(Metric):
         ns = torch.tensor(self.ns, device=device)
         num_n = preds.shape[1]
 
-        hit = iou_at_least(preds, gts, self.iou_threshold)
-        hit &= pred_valid[:, :, None] & gt_valid[:, None, :]             # [B,N,M]
+        inter, union = pairwise_inter_union(preds, gts)                   # [B,N,M]
+        # inter >= tau * union rather than IoU >= tau: exact at the threshold
+        hit = (inter >= self.iou_threshold * union) & (union > 0)
+        hit &= pred_valid[:, :, None] & gt_valid[:, None, :]
 
         # A GT box is hit at n iff the first prediction hitting it has index < n.
         never = max(self.ns)                                              # no n counts this index
@@ -127,7 +129,7 @@ class TPRFPR(Metric):
         # Matched-prediction precision: a prediction is matched iff its best IoU >= tau.
         if num_n:
             matched = hit.any(dim=2)                                      # [B,N]
-            iou = pairwise_iou(preds, gts)
+            iou = inter / union.clamp(min=torch.finfo(union.dtype).tiny)
             best_pos = torch.where(is_pos[:, None, :], iou, -1.0).amax(dim=2)
             best_neg = torch.where(is_neg[:, None, :], iou, -1.0).amax(dim=2)
             matched_pos = matched & (best_pos >= best_neg)
