@@ -102,7 +102,10 @@ def main(argv=None) -> int:
 
     pipe = None
     if args.inpainter and Path(args.inpainter).is_dir():
-        pipe = load_inpainter(args.inpainter, args.backend, args.device)
+        try:
+            pipe = load_inpainter(args.inpainter, args.backend, args.device)
+        except FileNotFoundError as err:
+            parser.error(str(err))
     else:
         what = f"inpainter folder {args.inpainter} not found" if args.inpainter else "no --inpainter"
         print(f"{what}: wrote boxes, overlay and records only; pass --inpainter DIR, a local diffusers inpainting "
