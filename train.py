@@ -6,6 +6,7 @@ Fit resumes from `last.ckpt` whenever it exists (pass `resume=false` to start ov
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -16,8 +17,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from configs.schema import ConfigError, load_config, model_config  # noqa: E402
+from lightning_modules.checkpoint import CheckpointError  # noqa: E402
 
 log = logging.getLogger("genloc.train")
+SUMMARY_KEYS = ("train/loss", "val/loss", "val/token_acc", "val/plausible_rate", "val/tpr@100", "val/fpr@100",
+                "rewards/accuracies", "rewards/margins")
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -31,12 +35,12 @@ def check_data(cfg: DictConfig) -> None:
     needed = [data_dir / f"{split}.json" for split in (cfg.data.train_split, cfg.data.val_split)]
     if all(p.is_file() for p in needed):
         return
-    if cfg.data.kind == "toy":
-        from datamodules.toy import write_toy_datasets
+    if cfg.data.kind == "toy" and data_dir.name in ("toy-pipe", "toy-opa"):
+        from datamodules.toy import write_toy_dataset
 
         root = data_dir.parent
         log.warning("toy data missing under %s: generating it (seed %d)", root, cfg.seed)
-        write_toy_datasets(root, seed=cfg.seed)
+        write_toy_dataset(root, seed=cfg.seed)
         if all(p.is_file() for p in needed):
             return
     missing = [str(p) for p in needed if not p.is_file()]
@@ -101,7 +105,7 @@ def build_callbacks(cfg: DictConfig, checkpoint_dir: Path) -> list:
     return callbacks
 
 
-def build_trainer(cfg: DictConfig, directory: Path):
+def build_trainer(cfg: DictConfig, directory: Path, extra_callbacks: list = ()):
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -126,13 +130,13 @@ def build_trainer(cfg: DictConfig, directory: Path):
         deterministic=t.deterministic,
         sync_batchnorm=t.sync_batchnorm,
         num_sanity_val_steps=t.num_sanity_val_steps,
-        callbacks=build_callbacks(cfg, directory / "checkpoints"),
+        callbacks=build_callbacks(cfg, directory / "checkpoints") + list(extra_callbacks),
         logger=logger,
         default_root_dir=str(directory),
     )
 
 
-def train(cfg: DictConfig) -> dict:
+def train(cfg: DictConfig, extra_callbacks: list = ()) -> dict:
     """Run one training stage; returns the final metrics and the objects a caller may inspect."""
     import lightning as L
 
@@ -150,28 +154,33 @@ def train(cfg: DictConfig) -> dict:
     if cfg.init_from and not resume_from and cfg.stage == "mle":
         module.model.load_state_dict(model_state_dict(read_checkpoint(cfg.init_from)))
         log.info("initialised model weights from %s", cfg.init_from)
-    datamodule = build_datamodule(cfg, module.model.config.image_size)
-    trainer = build_trainer(cfg, directory)
+    datamodule = build_datamodule(cfg, module.model.cfg.image_size)
+    trainer = build_trainer(cfg, directory, extra_callbacks)
     if trainer.is_global_zero:
         directory.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, directory / "config.yaml")
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+    metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if v.numel() == 1}
+    if trainer.is_global_zero:
+        (directory / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return {"metrics": metrics, "trainer": trainer, "module": module, "datamodule": datamodule,
             "run_dir": directory, "resumed_from": resume_from}
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("genloc").setLevel(logging.INFO)
     try:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
         result = train(cfg)
-    except ConfigError as err:
+    except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"run dir: {result['run_dir']}")
-    for key in sorted(result["metrics"]):
-        print(f"  {key:<24} {result['metrics'][key]:.4f}")
+    metrics = result["metrics"]
+    print(f"run dir: {result['run_dir']} (all metrics: metrics.json, TensorBoard: tensorboard --logdir {result['run_dir']})")
+    for key in SUMMARY_KEYS:
+        if key in metrics:
+            print(f"  {key:<20} {metrics[key]:.4f}")
     return 0
 
 

@@ -9,6 +9,7 @@ into the dataclass schema below, so an unknown key or a value of the wrong type 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -28,17 +29,13 @@ class ConfigError(ValueError):
 
 def _model_schema() -> type:
     """Every LocationModelConfig field, optional (None = the preset's value), plus `preset`."""
+    hints = typing.get_type_hints(LocationModelConfig)
     fields = [("preset", str, field(default="tiny"))]
     for f in dataclasses.fields(LocationModelConfig):
-        if f.name == "preset":
-            continue
-        fields.append((f.name, Optional[Any] if _is_container(f.type) else Optional[f.type], field(default=None)))
+        kind = hints[f.name]
+        kind = Optional[Any] if typing.get_origin(kind) in (dict, list, tuple) or kind in (dict, list) else Optional[kind]
+        fields.append((f.name, kind, field(default=None)))
     return dataclasses.make_dataclass("ModelSection", fields)
-
-
-def _is_container(annotation: Any) -> bool:
-    text = str(annotation)
-    return any(word in text for word in ("dict", "Dict", "list", "List", "tuple", "Tuple"))
 
 
 ModelSection = _model_schema()

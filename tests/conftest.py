@@ -12,3 +12,27 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 FIXTURES = ROOT / "tests" / "fixtures"
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_toy_data(tmp_path_factory):
+    """A few toy scenes in both flavours (2 shards per split): enough for one-step runs."""
+    from datamodules.toy import write_toy_dataset
+
+    root = tmp_path_factory.mktemp("toy")
+    sizes = {"toy-pipe": {"train": 32, "val": 8}, "toy-opa": {"train": 32, "val": 8}}
+    write_toy_dataset(root, seed=0, sizes=sizes, num_shards=2, progress=False)
+    return root
+
+
+def tiny_run_overrides(data_dir, log_root, steps: int = 1) -> list[str]:
+    """Overrides that shrink any experiment to a CPU run of `steps` training steps on tiny data."""
+    return [
+        "model=tiny", "trainer=cpu", f"data.data_dir={data_dir}", f"log_root={log_root}",
+        f"trainer.max_steps={steps}", "trainer.val_check_interval=1", "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false", "data.batch_size=4", "data.num_workers=0",
+        "data.shuffle_buffer=8", "callbacks.tpr_fpr.num_samples=10", "callbacks.tpr_fpr.max_eval_samples=4",
+        "callbacks.sample_images.num_images=2", "optim.warmup_steps=1",
+    ]
