@@ -1,5 +1,9 @@
 """Two gloo CPU processes with uneven sample counts score one dataset; rank 0 checks the synced
-TPRFPR result equals the single-process result and writes "OK" to the file given as argv[1].
+result equals the single-process result and writes "OK" to the file given as argv[2].
+
+    python tests/ddp_tpr_fpr_script.py metric OUT     # TPRFPR, torch.multiprocessing spawn
+    python tests/ddp_tpr_fpr_script.py callback OUT   # TprFprCallback in a Lightning ddp validate
+
 Run as a subprocess by tests/test_tpr_fpr_ddp.py (never inside the pytest process)."""
 import os
 import sys
@@ -51,10 +55,52 @@ def worker(rank, world, port, out):
     dist.destroy_process_group()
 
 
+def callback_run(out):
+    """Rank 0 validates toy batch 0, rank 1 batches 1 and 2 (3 vs 6 samples); the logged numbers
+    must equal scoring all batches in one process with the same per-rank generators."""
+    import lightning as L
+    from torch.utils.data import DataLoader, IterableDataset
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from callbacks.tpr_fpr import TprFprCallback
+    from test_tpr_fpr import _tiny_module, _toy_batches
+
+    batches = _toy_batches(num=9, batch_size=3)
+
+    class RankBatches(IterableDataset):
+        def __iter__(self):
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            return iter(batches[:1] if rank == 0 else batches[1:])
+
+    module = _tiny_module()
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[TprFprCallback(num_samples=20, seed=7)])
+    logged = trainer.validate(module, DataLoader(RankBatches(), batch_size=None, collate_fn=lambda b: b),
+                              verbose=False)[0]
+    if trainer.global_rank != 0:
+        return
+    ref = TPRFPR(ns=(10, 20), sync_on_compute=False)
+    for rank, part in ((0, batches[:1]), (1, batches[1:])):
+        g = torch.Generator().manual_seed(7 + rank)
+        for b in part:
+            ref.update(module.model.sample(b["image"], b["category"], n=20, generator=g).boxes_norm,
+                       b["positives"], b["negatives"])
+    ref = ref.compute()
+    bad = {k: (logged.get(f"val/{k}"), float(v)) for k, v in ref.items()
+           if k.split("@")[0] in ("tpr", "fpr", "tpr_shared", "fpr_shared", "precision")
+           and abs(logged.get(f"val/{k}", -1.0) - float(v)) > 1e-6}
+    ok = not bad and logged["val/tpr_fpr_num_samples"] == 9 and float(ref["hit_negatives@20"]) + float(ref["hit_positives@20"]) > 0
+    Path(out).write_text("OK" if ok else f"MISMATCH {bad} logged={logged}")
+
+
 if __name__ == "__main__":
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(2, port, sys.argv[1]), nprocs=2, join=True)
+    mode, out_file = sys.argv[1], sys.argv[2]
+    if mode == "metric":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(worker, args=(2, port, out_file), nprocs=2, join=True)
+    else:
+        callback_run(out_file)
