@@ -188,25 +188,21 @@ class ShardStream(IterableDataset):
         wi = get_worker_info()
         return (0, 1) if wi is None else (wi.id, wi.num_workers)
 
-    def _shards(self, epoch: int, worker: int, nworkers: int):
-        """Shard urls of this rank/worker: eval once in order; train forever (passes)."""
+    def _passes(self, epoch: int, worker: int, nworkers: int):
+        """Shard lists of this rank/worker, one per pass: eval one in-order pass; train endless
+        passes, each shuffled identically on every rank (seed, epoch, pass) before the rank split."""
         if not self.train:
-            for p in self.paths[self.rank::self.world_size][worker::nworkers]:
-                yield {"url": p}
+            yield self.paths[self.rank::self.world_size][worker::nworkers]
             return
         if self.resampled:
             rng = random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}-resample")
             while True:
-                yield {"url": rng.choice(self.paths)}
+                yield [rng.choice(self.paths) for _ in range(len(self.paths))]
         pass_ = 0
         while True:
             order = list(self.paths)
-            random.Random(f"{self.seed}-{epoch}-{pass_}").shuffle(order)  # identical on every rank
-            mine = order[self.rank::self.world_size][worker::nworkers]
-            if not mine:
-                return
-            for p in mine:
-                yield {"url": p}
+            random.Random(f"{self.seed}-{epoch}-{pass_}").shuffle(order)
+            yield order[self.rank::self.world_size][worker::nworkers]
             pass_ += 1
 
     def _tar_error(self, exn) -> bool:
@@ -218,21 +214,15 @@ class ShardStream(IterableDataset):
     def _samples(self, src, epoch: int, worker: int):
         """Decode, flip, pair; skip (count + log) corrupt samples."""
         slot = (worker + 1) % _MAX_SLOTS
-        bad_in_row = 0
         for raw in src:
             key = raw.get("__key__", "?")
             try:
                 s = decode_sample(raw, self.image_size)
             except CorruptSample as e:
                 self._skipped[slot] += 1
-                bad_in_row += 1
                 log.warning("skipping corrupt sample %s (%s) in %s: %s [%d skipped so far]", key,
                             raw.get("__url__", "?"), self.split, e, self.num_skipped)
-                if bad_in_row > max(1000, 2 * self.info["num_samples"]):
-                    raise RuntimeError(f"{self.data_dir}/{self.split}: no readable sample in "
-                                       f"{bad_in_row} tries; the split looks corrupt, re-run the conversion")
                 continue
-            bad_in_row = 0
             if self.pairs and (len(s["positives"]) == 0 or len(s["negatives"]) == 0):
                 continue
             rng = random.Random(f"{self.seed}-{epoch}-{key}")  # deterministic per sample, not per worker
@@ -245,29 +235,37 @@ class ShardStream(IterableDataset):
                 s["rejected"] = s["negatives"][rng.randrange(len(s["negatives"]))]
             yield s
 
+    def _stream(self, epoch: int, worker: int, nworkers: int):
+        """Samples of this reader; the shuffle buffer is flushed at the end of every pass so a
+        pass never borrows samples of the next one (which would break per-epoch coverage)."""
+        for i, shards in enumerate(self._passes(epoch, worker, nworkers)):
+            urls = [{"url": p} for p in shards]
+            stages = [lambda urls=urls: iter(urls), wds.tarfile_to_samples(handler=self._tar_error)]
+            if self.train and self.shuffle_buffer > 1:
+                rng = random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}-{i}-buffer")
+                stages.append(wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng))
+            stages.append(lambda src: self._samples(src, epoch, worker))
+            n = 0
+            for n, sample in enumerate(wds.DataPipeline(*stages), 1):
+                yield sample
+            if n == 0 and shards:
+                raise RuntimeError(f"{self.data_dir}/{self.split}: rank {self.rank} worker {worker} read no usable "
+                                   f"sample from {len(shards)} shard(s) (all empty or corrupt, see warnings); "
+                                   f"re-run the conversion")
+
     def __iter__(self):
         epoch = self.epoch
         worker, nworkers = self._worker()
         if self.num_workers and nworkers != self.num_workers:
             raise RuntimeError(f"ShardStream built for {self.num_workers} workers runs in {nworkers}")
-        stages = [lambda: self._shards(epoch, worker, nworkers), wds.tarfile_to_samples(handler=self._tar_error)]
-        if self.train and self.shuffle_buffer > 1:
-            rng = random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}-buffer")
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng))
-        stages.append(lambda src: self._samples(src, epoch, worker))
-        samples = iter(wds.DataPipeline(*stages))
+        samples = self._stream(epoch, worker, nworkers)
         if not self.train:
             while chunk := [s for _, s in zip(range(self.batch_size), samples)]:
                 yield collate(chunk, self.pairs)
             return
         total = self.batches_per_epoch
-        quota = total // nworkers + (worker < total % nworkers)
-        for _ in range(quota):
-            chunk = [s for _, s in zip(range(self.batch_size), samples)]
-            if len(chunk) < self.batch_size:
-                raise RuntimeError(f"{self.data_dir}/{self.split}: rank {self.rank} worker {worker} ran out of "
-                                   f"samples (every shard of this reader is empty or corrupt)")
-            yield collate(chunk, self.pairs)
+        for _ in range(total // nworkers + (worker < total % nworkers)):
+            yield collate([s for _, s in zip(range(self.batch_size), samples)], self.pairs)
 
 
 class EpochLoader(DataLoader):
