@@ -195,11 +195,11 @@ def pair_box_log_probs(model: LocationModel, prefix: Tensor, chosen: Tensor, rej
     """
     size = prefix.shape[0]
     tokens = torch.stack([chosen, rejected], dim=1).reshape(2 * size, 4).to(prefix.device)
-    cache = model.decoder(inputs_embeds=prefix, use_cache=True, logits_to_keep=1).past_key_values
+    cache = model.decoder(inputs_embeds=prefix, use_cache=True, logits_to_keep=1).cache
     cache.batch_repeat_interleave(2)
     bos = torch.full((2 * size, 1), model.tokenizer.bos, device=prefix.device, dtype=torch.long)
     embeds = model.decoder.get_input_embeddings()(torch.cat([bos, tokens[:, :3]], dim=1))
-    logits = model.decoder(inputs_embeds=embeds, past_key_values=cache, use_cache=True).logits.float()
+    logits = model.decoder(inputs_embeds=embeds, cache=cache, use_cache=True).logits.float()
     bounds = model.region_bounds(None, 2 * size, prefix.device)
     allowed = torch.stack([model.allowed_tokens(j, tokens[:, :j], bounds) for j in range(4)], dim=1)
     logp = logits.masked_fill(~allowed, float("-inf")).log_softmax(-1).gather(-1, tokens[..., None])
