@@ -9,7 +9,7 @@ from __future__ import annotations
 import lightning as L
 
 from .pipeline import EpochLoader, ShardStream
-from .shards import read_split_info
+from .shards import ShardFormatError, read_split_info
 
 __all__ = ["ShardDataModule", "ToyDataModule", "OPADataModule", "PIPEDataModule"]
 
@@ -44,9 +44,13 @@ class ShardDataModule(L.LightningDataModule):
         hp = self.hparams
         wanted = {"fit": [hp.train_split, hp.val_split], "validate": [hp.val_split], "test": [hp.test_split],
                   "predict": [hp.test_split]}.get(stage, [hp.train_split, hp.val_split, hp.test_split])
-        for split in wanted:
-            if split is not None:
-                read_split_info(self.data_dir, split)  # fail early with a clear message
+        for name, split in zip(("train_split", "val_split", "test_split"), (hp.train_split, hp.val_split, hp.test_split)):
+            if split is not None and split in wanted:
+                try:
+                    read_split_info(self.data_dir, split)  # fail early with a clear message
+                except ShardFormatError as e:
+                    raise ShardFormatError(f"{e} (this split is {type(self).__name__}'s {name}; set "
+                                           f"{name}=None to skip it or name another split)") from None
 
     def stream(self, split: str, train: bool) -> ShardStream:
         hp = self.hparams

@@ -14,7 +14,6 @@ SCRIPT = textwrap.dedent('''
     import lightning as L, torch
     sys.path.insert(0, {root!r})
     from datamodules import ToyDataModule
-    from datamodules.toy import write_toy_split
 
     class M(L.LightningModule):
         def __init__(self):

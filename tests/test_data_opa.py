@@ -145,7 +145,8 @@ def test_fopa_reader_speed_is_linear():
     assert time.perf_counter() - t < 3.0
 
 
-@pytest.mark.parametrize("bad", ["missing.csv"])
-def test_missing_label_file_errors(tmp_path, bad):
+def test_missing_label_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.csv"):
-        read_fopa_pairs(tmp_path / bad)
+        read_fopa_pairs(tmp_path / "missing.csv")
+    with pytest.raises(FileNotFoundError, match="missing.csv"):
+        read_opa_csv(tmp_path / "missing.csv")
