@@ -68,9 +68,13 @@ class LocationModel(nn.Module):
         self.image_encoder.requires_grad_(not cfg.freeze_image_encoder)
         self.text_encoder.requires_grad_(not cfg.freeze_text_encoder)
         self._text_cache: dict[str, Tensor] = {}
-        # cached text features would be stale after new weights are loaded
-        self.register_load_state_dict_post_hook(lambda module, keys: module._text_cache.clear())
+        self.register_load_state_dict_post_hook(LocationModel._clear_text_cache)
         self.train()
+
+    @staticmethod
+    def _clear_text_cache(module: "LocationModel", incompatible_keys=None) -> None:
+        """Cached text features are stale once new weights are loaded."""
+        module._text_cache.clear()
 
     # ------------------------------------------------------------------ module plumbing
     def train(self, mode: bool = True) -> "LocationModel":
@@ -83,7 +87,7 @@ class LocationModel(nn.Module):
         return self
 
     def _apply(self, fn, *args, **kwargs):
-        self._text_cache.clear()  # device/dtype moves invalidate cached text features
+        self._clear_text_cache(self)  # device/dtype moves invalidate cached text features
         return super()._apply(fn, *args, **kwargs)
 
     # ------------------------------------------------------------------ conditioning
@@ -209,7 +213,8 @@ class LocationModel(nn.Module):
 
         The prefix of each image (plus BOS) goes through GPT-2 once; its KV cache is then repeated
         for the ``n`` samples, which decode the remaining steps together, one token per step.
-        Runs in eval mode (restored afterwards). See `SampleOutput` for what ``log_probs`` means.
+        Runs in eval mode (restored afterwards); ``generator`` must live on the model's device.
+        See `SampleOutput` for what ``log_probs`` means.
         """
         if len(categories) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(categories)} categories")

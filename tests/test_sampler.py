@@ -1,0 +1,167 @@
+"""KV-cached, prefix-shared sampler: exactness against a naive decode, validity, regions, seeds."""
+import pytest
+import torch
+
+from models import LocationModel, LocationModelConfig, SampleOutput, naive_reference_decode
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return LocationModel(LocationModelConfig.preset("tiny")).eval()
+
+
+@pytest.fixture(scope="module")
+def model64():
+    """float64 copy: kernels round differently for a 1-token step than for a full sequence, by ~1e-7
+    in float32; in float64 that is ~1e-16 and vanishes when the sampler casts logits to float32,
+    so cached and naive decodes must then agree bit for bit."""
+    torch.manual_seed(0)
+    return LocationModel(LocationModelConfig.preset("tiny")).double().eval()
+
+
+def _inputs(batch=3, seed=0):
+    images = torch.rand(batch, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+    return images, ["dog", "cat", "car", "cup"][:batch]
+
+
+SETTINGS = [
+    dict(),
+    dict(temperature=0.7, top_k=12, top_p=0.8),
+    dict(temperature=1.5, region=torch.tensor([[0.5, 0.0, 1.0, 0.5], [0.1, 0.1, 0.4, 0.9], [0.0, 0.0, 1.0, 1.0]])),
+]
+
+
+@pytest.mark.parametrize("kwargs", SETTINGS, ids=["plain", "temp-topk-topp", "region"])
+def test_cached_sampler_equals_naive_reference_exactly(model64, kwargs):
+    images, categories = _inputs()
+    out = model64.sample(images, categories, n=8, generator=torch.Generator().manual_seed(7), **kwargs)
+    with torch.no_grad():
+        prefix = model64.build_prefix(model64.encode_images(images), model64.encode_texts(categories))
+    tokens, log_probs = naive_reference_decode(model64, prefix, 8, generator=torch.Generator().manual_seed(7),
+                                               **kwargs)
+    torch.testing.assert_close(out.tokens, tokens, atol=0, rtol=0)
+    torch.testing.assert_close(out.log_probs, log_probs, atol=0, rtol=0)
+
+
+def test_cached_sampler_matches_naive_reference_in_float32(model):
+    images, categories = _inputs()
+    out = model.sample(images, categories, n=8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        prefix = model.build_prefix(model.encode_images(images), model.encode_texts(categories))
+    tokens, log_probs = naive_reference_decode(model, prefix, 8, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(out.tokens, tokens)
+    torch.testing.assert_close(out.log_probs, log_probs, atol=1e-5, rtol=0)
+
+
+def test_prefix_runs_once_per_image_then_one_token_steps(model):
+    shapes = []
+    handle = model.decoder.transformer.register_forward_pre_hook(
+        lambda mod, args, kwargs: shapes.append(tuple(kwargs["inputs_embeds"].shape)), with_kwargs=True)
+    try:
+        model.sample(*_inputs(), n=50)
+    finally:
+        handle.remove()
+    d = model.cfg.gpt2_n_embd
+    assert shapes == [(3, model.prefix_len + 1, d)] + [(150, 1, d)] * 3
+
+
+def _assert_valid(out, num_bins, region=None):
+    t = out.tokens
+    assert t.min() >= 0 and t.max() < num_bins
+    assert (t[..., 2] > t[..., 0]).all() and (t[..., 3] > t[..., 1]).all()
+    b = out.boxes_norm
+    assert (b[..., 2] > b[..., 0]).all() and (b[..., 3] > b[..., 1]).all()
+    if region is not None:
+        r = region[:, None, :]
+        assert (b[..., :2] >= r[..., :2]).all() and (b[..., 2:] <= r[..., 2:]).all()
+
+
+def _ten_thousand(model, **kwargs):
+    """10 x (4 images x 250 samples): chunks keep the repeated KV cache small."""
+    images, categories = _inputs(4)
+    gen = torch.Generator().manual_seed(0)
+    outs = [model.sample(images, categories, n=250, temperature=2.0, generator=gen, **kwargs) for _ in range(10)]
+    assert outs[0].tokens.shape == (4, 250, 4) and outs[0].log_probs.shape == (4, 250)
+    return SampleOutput(*(torch.cat([getattr(o, f) for o in outs], dim=1)
+                          for f in ("boxes", "boxes_norm", "tokens", "log_probs")))
+
+
+def test_ten_thousand_samples_are_valid(model):
+    out = _ten_thousand(model)
+    assert out.tokens.shape == (4, 2500, 4)
+    _assert_valid(out, 64)
+    assert torch.isfinite(out.log_probs).all() and (out.log_probs <= 0).all()
+
+
+def test_ten_thousand_region_samples_are_valid_and_inside(model):
+    region = torch.tensor([[0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0], [0.3, 0.6, 0.33, 0.7], [0.0, 0.5, 1.0, 1.0]])
+    out = _ten_thousand(model, region=region)
+    images, categories = _inputs(4)
+    _assert_valid(out, 64, region)
+    # the narrow region holds exactly the bin centres 19..20 (x) and 38..44 (y): one x choice, all y choices
+    assert set(out.tokens[2, :, 0].tolist()) == {19} and set(out.tokens[2, :, 2].tolist()) == {20}
+    assert set(out.tokens[2, :, 1].tolist()) == set(range(38, 44))
+    # a single (4,) region applies to every image
+    left = model.sample(images, categories, n=500, region=torch.tensor([0.0, 0.0, 0.5, 0.5]))
+    _assert_valid(left, 64, torch.tensor([[0.0, 0.0, 0.5, 0.5]] * 4))
+
+
+def test_sampler_log_prob_equals_forward_log_prob(model):
+    images, categories = _inputs()
+    out = model.sample(images, categories, n=30, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        per_token = model(images.repeat_interleave(30, 0), [c for c in categories for _ in range(30)],
+                          out.tokens.view(-1, 4))
+    torch.testing.assert_close(per_token.sum(-1).view(3, 30), out.log_probs, atol=1e-5, rtol=0)
+
+
+def test_seeds_make_samples_reproducible(model):
+    images, categories = _inputs()
+    a = model.sample(images, categories, n=40, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    b = model.sample(images, categories, n=40, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    c = model.sample(images, categories, n=40, top_p=0.9, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.log_probs, b.log_probs)
+    assert not torch.equal(a.tokens, c.tokens)
+
+
+def test_truncation_changes_the_sampling_distribution(model):
+    images, categories = _inputs()
+    greedy = model.sample(images, categories, n=20, top_k=1)
+    assert (greedy.tokens == greedy.tokens[:, :1]).all() and (greedy.log_probs == 0).all()
+    nucleus = model.sample(images, categories, n=20, top_p=1e-6)
+    assert torch.equal(nucleus.tokens, greedy.tokens)
+    # greedy = argmax of the masked model distribution at every step
+    with torch.no_grad():
+        prefix = model.build_prefix(model.encode_images(images), model.encode_texts(categories))
+        tokens = greedy.tokens[:, 0]
+        for step in range(4):
+            candidates = tokens[:, None, :].repeat(1, 64, 1)
+            candidates[:, :, step] = torch.arange(64)
+            allowed = model.allowed_tokens(step, tokens[:, :step], model.region_bounds(None, 3, tokens.device))
+            for i in range(3):
+                ok = allowed[i, :64].nonzero().squeeze(1)
+                if step < 2:  # later tokens must stay valid for the candidates: keep the chosen x2/y2 feasible
+                    ok = ok[ok < tokens[i, step + 2]]
+                logp = model.box_log_probs(prefix[i:i + 1].expand(len(ok), -1, -1), candidates[i, ok])[:, step]
+                assert ok[logp.argmax()] == tokens[i, step]
+    k3 = model.sample(images, categories, n=300, top_k=3, generator=torch.Generator().manual_seed(0))
+    assert max(len(set(k3.tokens[i, :, 0].tolist())) for i in range(3)) <= 3
+
+
+def test_pixel_boxes_mode_and_errors(model):
+    images, categories = _inputs(2)
+    model.train()
+    out = model.sample(images, categories, n=5, image_sizes=torch.tensor([[640, 480], [100, 50]]))
+    assert model.training  # restored
+    model.eval()
+    scale = torch.tensor([[640, 480, 640, 480], [100, 50, 100, 50]], dtype=torch.float32)[:, None]
+    assert torch.allclose(out.boxes, out.boxes_norm * scale)
+    with pytest.raises(ValueError, match="fewer than 2 bin centres"):
+        model.sample(images, categories, n=2, region=torch.tensor([0.5, 0.0, 0.51, 1.0]))
+    with pytest.raises(ValueError, match="region must"):
+        model.sample(images, categories, n=2, region=torch.tensor([0.0, 0.0, 1.5, 1.0]))
+    with pytest.raises(ValueError, match="temperature"):
+        model.sample(images, categories, n=2, temperature=0.0)
+    with pytest.raises(ValueError, match="2 images but 1 categories"):
+        model.sample(images, ["dog"], n=2)
