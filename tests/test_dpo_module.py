@@ -1,5 +1,9 @@
 """DPOModule with a tiny model: frozen reference, shared features, memo, checkpoints and resume."""
+import json
 import math
+import subprocess
+import sys
+import textwrap
 
 import lightning as L
 import pytest
@@ -7,11 +11,12 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from lightning_modules.checkpoint import load_location_model, model_state_dict, read_checkpoint
 import lightning_modules.dpo as dpo_module
+from lightning_modules.checkpoint import load_location_model, model_state_dict, read_checkpoint
 from lightning_modules.dpo import DPOModule, pair_box_log_probs
 from lightning_modules.mle import MLEModule
 from models import LocationModelConfig
+from tests.conftest import ROOT
 
 OPTIM = dict(lr=1e-3, weight_decay=0.01, betas=[0.9, 0.95], warmup_steps=1, min_lr_ratio=0.1)
 
@@ -205,3 +210,45 @@ def test_shared_prefix_scoring_equals_box_log_probs(mle_ckpt):
     grad_direct = torch.autograd.grad(direct.sum(), model.image_proj.weight)[0]
     assert torch.allclose(shared, direct, atol=1e-5)
     assert torch.allclose(grad_shared, grad_direct, atol=1e-5)
+
+
+DDP_SCRIPT = textwrap.dedent('''
+    import json, sys
+    import lightning as L, torch
+    from torch.utils.data import DataLoader
+    sys.path.insert(0, {root!r})
+    sys.path.insert(0, {tests!r})
+    from lightning_modules.dpo import DPOModule
+    from test_dpo_module import OPTIM, pair_batch
+
+    if __name__ == "__main__":
+        out, ckpt = sys.argv[1], sys.argv[2]
+        module = DPOModule(optim=OPTIM, beta=0.5, reference=ckpt)
+        ref = {{n: p.clone() for n, p in module.reference.model.named_parameters()}}
+        t = L.Trainer(max_steps=2, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      limit_val_batches=0)
+        rank_seed = 100 * int(__import__("os").environ.get("LOCAL_RANK", 0))
+        batches = [pair_batch(rank_seed + i) for i in range(2)]
+        t.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=lambda b: b))
+        json.dump({{"metrics": {{k: float(v) for k, v in t.callback_metrics.items()}},
+                   "policy": float(sum(p.double().sum() for p in module.model.parameters())),
+                   "ref_unchanged": all(torch.equal(p, ref[n]) for n, p in module.reference.model.named_parameters()),
+                   "ref_device": str(module.reference.model.image_proj.weight.device)}},
+                  open(f"{{out}}/rank{{t.global_rank}}.json", "w"))
+''')
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_no_unused_parameters_and_global_metrics(mle_ckpt, tmp_path):
+    """find_unused_parameters=False (Lightning's ddp default) fails at step 2 if a trainable
+    parameter got no gradient; metrics are reduced over both ranks, so every rank logs the same."""
+    (tmp_path / "run.py").write_text(DDP_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests")))
+    r = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path), mle_ckpt], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert ranks[0]["policy"] == ranks[1]["policy"]  # gradients were all-reduced
+    assert all(x["ref_unchanged"] for x in ranks)
+    for name in ("train/loss", "rewards/accuracies", "rewards/margins", "logps/chosen"):
+        assert ranks[0]["metrics"][name] == pytest.approx(ranks[1]["metrics"][name], abs=1e-6), name
