@@ -97,11 +97,10 @@ def build_callbacks(cfg: DictConfig, checkpoint_dir: Path) -> list:
     ]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
-    if cfg.callbacks.inpainting.every_n_val_epochs and cfg.callbacks.inpainting.inpainter:
+    if cfg.callbacks.inpainting.every_n_val_epochs:
         from callbacks.inpainting import InpaintingCallback
 
-        callbacks.append(InpaintingCallback(inpainter=cfg.callbacks.inpainting.inpainter,
-                                            every_n_val_epochs=cfg.callbacks.inpainting.every_n_val_epochs))
+        callbacks.append(InpaintingCallback(**cfg.callbacks.inpainting, seed=cfg.seed))
     return callbacks
 
 

@@ -98,8 +98,17 @@ class SampleImagesSection:
 
 @dataclass
 class InpaintingSection:
-    every_n_val_epochs: int = 0
+    every_n_val_epochs: int = 0  # 0: off; needs a local diffusers inpainting folder in `inpainter`
     inpainter: Optional[str] = None
+    backend: str = "sd"  # sd | gligen
+    num_images: int = 4
+    steps: int = 8
+    resolution: int = 256
+    guidance_scale: float = 7.5
+    dilate: int = 0
+    feather: int = 0
+    clip_weights: Optional[str] = None  # local open_clip weights for the foreground CLIP score
+    clip_model: Optional[str] = None
 
 
 @dataclass

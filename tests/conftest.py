@@ -32,7 +32,7 @@ def tiny_run_overrides(data_dir, log_root, steps: int = 1) -> list[str]:
     return [
         "model=tiny", "trainer=cpu", f"data.data_dir={data_dir}", f"log_root={log_root}",
         f"trainer.max_steps={steps}", "trainer.val_check_interval=1", "trainer.limit_val_batches=1",
-        "trainer.enable_progress_bar=false", "data.batch_size=4", "data.num_workers=0",
+        "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "data.batch_size=4", "data.num_workers=0",
         "data.shuffle_buffer=8", "callbacks.tpr_fpr.num_samples=10", "callbacks.tpr_fpr.max_eval_samples=4",
         "callbacks.sample_images.num_images=2", "optim.warmup_steps=1",
     ]
