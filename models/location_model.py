@@ -175,11 +175,12 @@ class LocationModel(nn.Module):
         return (k >= low[:, None]) & (k <= high[:, None])
 
     # ------------------------------------------------------------------ likelihood
-    def box_log_probs(self, prefix: Tensor, tokens: Tensor) -> Tensor:
+    def box_log_probs(self, prefix: Tensor, tokens: Tensor, with_distribution: bool = False):
         """Per-token log-probs ``[B, 4]`` of box ``tokens`` ``[B, 4]`` under the validity-masked model.
 
-        Raises ValueError for token boxes the masks exclude (their probability is 0); boxes from
-        ``tokenizer.encode`` are always allowed.
+        With ``with_distribution`` also returns the masked log-distribution ``[B, 4, vocab]`` of every
+        step (teacher-forced), e.g. for token accuracy. Raises ValueError for token boxes the masks
+        exclude (their probability is 0); boxes from ``tokenizer.encode`` are always allowed.
         """
         if tokens.ndim != 2 or tokens.shape[1] != 4 or tokens.shape[0] != prefix.shape[0]:
             raise ValueError(f"tokens must be [B, 4] with B = {prefix.shape[0]}, got {tuple(tokens.shape)}")
@@ -197,7 +198,8 @@ class LocationModel(nn.Module):
             raise ValueError(f"token box {tokens[i].tolist()} (row {i}) is not a valid box: "
                              f"needs coordinate ids with x2 > x1 and y2 > y1")
         logp = logits.masked_fill(~allowed, float("-inf")).log_softmax(-1)
-        return logp.gather(-1, tokens[..., None]).squeeze(-1)
+        token_logp = logp.gather(-1, tokens[..., None]).squeeze(-1)
+        return (token_logp, logp) if with_distribution else token_logp
 
     def forward(self, images: Tensor, categories: Sequence[str], tokens: Tensor) -> Tensor:
         """End-to-end per-token log-probs ``[B, 4]`` of ``tokens`` for (image, category) pairs."""
