@@ -99,6 +99,10 @@ def test_box_log_probs_are_masked_distributions(model):
     assert logp.shape == (3, 4) and (logp < 0).all()
     prefix = model.build_prefix(model.encode_images(images), model.encode_texts(categories))
     assert torch.allclose(model.box_log_probs(prefix, tokens), logp)
+    token_logp, dist = model.box_log_probs(prefix, tokens, with_distribution=True)
+    assert dist.shape == (3, 4, 66) and torch.allclose(dist.exp().sum(-1), torch.ones(3, 4), atol=1e-5)
+    assert torch.equal(dist.gather(-1, tokens[..., None]).squeeze(-1), token_logp)
+    assert (dist[:, :, 64:] == float("-inf")).all()  # BOS/EOS are never box tokens
     # the x2 distribution given x1 sums to one over x2 > x1 only
     x1 = tokens[0, 0].item()
     candidates = tokens[:1].repeat(64 - x1 - 1, 1)
