@@ -69,8 +69,9 @@ class MLEModule(LocationLightningModule):
             raise ValueError(f"batch of keys {batch['key'][:4]}... has no positive box to train on")
         prefix = self.prefix(batch)
         tokens = self.model.tokenizer.encode(boxes.to(prefix.device))
-        log_probs, distribution = self.model.box_log_probs(prefix[owner.to(prefix.device)], tokens,
-                                                           with_distribution=True)
+        # each image's prefix runs through GPT-2 once, however many positives it has
+        log_probs, distribution = self.model.box_log_probs_shared(prefix, owner.to(prefix.device), tokens,
+                                                                  with_distribution=True)
         accuracy = (distribution.argmax(-1) == tokens).float().mean()
         return -log_probs.mean(), accuracy, len(boxes)
 

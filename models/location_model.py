@@ -189,8 +189,37 @@ class LocationModel(nn.Module):
         bos = torch.full((batch, 1), self.tokenizer.bos, device=prefix.device, dtype=torch.long)
         embeds = self.decoder.get_input_embeddings()(torch.cat([bos, tokens[:, :3]], dim=1))
         logits = self.decoder(inputs_embeds=torch.cat([prefix, embeds], dim=1), use_cache=False).logits
-        logits = logits[:, plen:plen + 4].float()
-        bounds = self.region_bounds(None, batch, prefix.device)
+        return self._masked_token_log_probs(logits[:, plen:plen + 4], tokens, with_distribution)
+
+    def box_log_probs_shared(self, prefix: Tensor, owner: Tensor, tokens: Tensor, with_distribution: bool = False):
+        """`box_log_probs(prefix[owner], tokens)` with each image's prefix run through GPT-2 once.
+
+        ``prefix`` ``[B, P, D]``, ``owner`` ``LongTensor[M]`` (the image of each box), ``tokens`` ``[M, 4]``.
+        Images with several boxes (OPA positives, DPO chosen + rejected) otherwise pay the P-token
+        prefix once per box. The prefix KV cache is gathered per box with ``index_select``, so
+        gradients flow through the cache into the prefix; the box steps get positions P..P+3 exactly
+        as in the full-sequence path. In training mode the prefix's dropout mask is shared by the
+        boxes of one image (the full path draws one per box); in eval mode both paths agree.
+        """
+        owner = torch.as_tensor(owner, device=prefix.device).long()
+        if tokens.ndim != 2 or tokens.shape[1] != 4 or owner.shape != tokens.shape[:1]:
+            raise ValueError(f"tokens must be [M, 4] and owner [M], got {tuple(tokens.shape)} and {tuple(owner.shape)}")
+        if len(owner) and not (0 <= int(owner.min()) and int(owner.max()) < prefix.shape[0]):
+            raise ValueError(f"owner indices must lie in [0, {prefix.shape[0]}), got {owner.tolist()}")
+        tokens = tokens.to(prefix.device)
+        plen = prefix.shape[1]
+        cache = self.decoder(inputs_embeds=prefix, use_cache=True, logits_to_keep=1).cache
+        cache.reorder_cache(owner)  # index_select on the batch dim of every layer's keys and values
+        bos = torch.full((len(tokens), 1), self.tokenizer.bos, device=prefix.device, dtype=torch.long)
+        embeds = self.decoder.get_input_embeddings()(torch.cat([bos, tokens[:, :3]], dim=1))
+        positions = torch.arange(plen, plen + 4, device=prefix.device)[None]
+        logits = self.decoder(inputs_embeds=embeds, cache=cache, use_cache=True, position_ids=positions).logits
+        return self._masked_token_log_probs(logits, tokens, with_distribution)
+
+    def _masked_token_log_probs(self, logits: Tensor, tokens: Tensor, with_distribution: bool):
+        """Validity-masked log-softmax of the 4 box steps' ``logits`` ``[M, 4, vocab]``, gathered at ``tokens``."""
+        logits = logits.float()
+        bounds = self.region_bounds(None, len(tokens), tokens.device)
         allowed = torch.stack([self.allowed_tokens(j, tokens[:, :j], bounds) for j in range(4)], dim=1)
         ok = allowed.gather(-1, tokens.clamp(0, self.tokenizer.vocab_size - 1)[..., None]).squeeze(-1).all(-1)
         if not ok.all():
