@@ -3,8 +3,12 @@
 Rank and world size come from ``self.trainer`` in ``setup`` (0/1 without a trainer). The
 epoch reaches the workers through `EpochLoader`: it reads ``trainer.current_epoch`` (or the value
 given to `set_epoch` when no trainer is attached) at the start of every epoch's iteration.
+Checkpoints hold the position within the epoch (`state_dict`), so a resumed fit continues with the
+next batch instead of replaying the epoch from its start.
 """
 from __future__ import annotations
+
+from functools import partial
 
 import lightning as L
 
@@ -34,6 +38,7 @@ class ShardDataModule(L.LightningDataModule):
         self.rank, self.world_size = 0, 1
         self._epoch = 0
         self._streams: dict[str, ShardStream] = {}
+        self._resume: dict | None = None
 
     def _rank_world(self) -> tuple[int, int]:
         t = self.trainer
@@ -69,6 +74,27 @@ class ShardDataModule(L.LightningDataModule):
         for s in self._streams.values():
             s.set_epoch(epoch)
 
+    def state_dict(self) -> dict:
+        """Training position saved in every checkpoint: the epoch and how many of its batches were
+        trained (Lightning's batch progress; `processed` is right both at train-batch end and after
+        validation)."""
+        t = self.trainer
+        if t is None or t.state.fn != "fit":
+            return {}
+        return {"epoch": int(t.current_epoch),
+                "batches_done": int(t.fit_loop.epoch_loop.batch_progress.current.processed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state) or None
+
+    def _resume_skip(self, stream: ShardStream) -> int:
+        """Batches the first train iteration after a resume skips (0 at an epoch boundary or later)."""
+        resume, self._resume = self._resume, None
+        if not resume or resume["epoch"] != self.current_epoch():
+            return 0
+        done = int(resume["batches_done"])
+        return done if done < stream.batches_per_epoch else 0
+
     @property
     def num_skipped(self) -> dict[str, int]:
         """Corrupt samples skipped so far per split (all workers of this process)."""
@@ -80,7 +106,8 @@ class ShardDataModule(L.LightningDataModule):
         s = self.stream(split, train)
         self._streams[split] = s
         hp = self.hparams
-        return EpochLoader(s, epoch_fn=self.current_epoch, num_workers=hp.num_workers,
+        return EpochLoader(s, epoch_fn=self.current_epoch, skip_fn=partial(self._resume_skip, s) if train else None,
+                           num_workers=hp.num_workers,
                            persistent_workers=hp.persistent_workers and hp.num_workers > 0, pin_memory=hp.pin_memory)
 
     def train_dataloader(self):

@@ -19,6 +19,10 @@ DDP safety:
   in order, without flip; the last batch of a worker may be short.
 - A corrupt sample (unreadable image/json, size mismatch, invalid box) or tar is skipped, logged
   with its key and reason, and counted in shared memory (`ShardStream.num_skipped`).
+- Mid-epoch resume: ``set_skip(n)`` (shared memory, read with the epoch) makes the next train
+  iteration drop exactly the epoch's first ``n`` batches and continue with batch ``n``, bit for bit
+  as the uninterrupted epoch would; worker ``w`` then plays reader ``(w + n) % num_workers``,
+  because the DataLoader's round-robin restarts at worker 0.
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ import json
 import logging
 import math
 import random
+from collections import deque
+from itertools import islice
 
 import numpy as np
 import torch
@@ -154,6 +160,7 @@ class ShardStream(IterableDataset):
                                    f"so pairs=True has nothing to read; use pairs=False or an OPA-style split")
         self.shard_sizes = sizes
         self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
+        self._skip = torch.zeros(1, dtype=torch.long).share_memory_()
         self._skipped = torch.zeros(_MAX_SLOTS, dtype=torch.long).share_memory_()
 
     # -- epoch and counters ------------------------------------------------------------
@@ -163,6 +170,10 @@ class ShardStream(IterableDataset):
     @property
     def epoch(self) -> int:
         return int(self._epoch[0])
+
+    def set_skip(self, batches: int):
+        """Batches of the epoch already trained (resume): the next train iteration starts after them."""
+        self._skip[0] = int(batches)
 
     @property
     def num_skipped(self) -> int:
@@ -258,13 +269,21 @@ class ShardStream(IterableDataset):
         worker, nworkers = self._worker()
         if self.num_workers and nworkers != self.num_workers:
             raise RuntimeError(f"ShardStream built for {self.num_workers} workers runs in {nworkers}")
-        samples = self._stream(epoch, worker, nworkers)
         if not self.train:
+            samples = self._stream(epoch, worker, nworkers)
             while chunk := [s for _, s in zip(range(self.batch_size), samples)]:
                 yield collate(chunk, self.pairs)
             return
+        # Reader r makes the epoch's batches j with j % nworkers == r; after skipping `skip` batches
+        # the loader asks worker 0 first, so worker w plays the reader of batch skip + w.
+        skip = int(self._skip[0])
+        reader = (worker + skip) % nworkers
+        samples = self._stream(epoch, reader, nworkers)
         total = self.batches_per_epoch
-        for _ in range(total // nworkers + (worker < total % nworkers)):
+        mine = total // nworkers + (reader < total % nworkers)
+        done = min(mine, skip // nworkers + (reader < skip % nworkers))
+        deque(islice(samples, done * self.batch_size), maxlen=0)  # decode and drop: same stream state
+        for _ in range(mine - done):
             yield collate([s for _, s in zip(range(self.batch_size), samples)], self.pairs)
 
 
@@ -272,12 +291,13 @@ class EpochLoader(DataLoader):
     """DataLoader that pushes the current epoch into its `ShardStream` right before each epoch's
     iteration starts (workers read it when they begin iterating, persistent or not)."""
 
-    def __init__(self, dataset: ShardStream, epoch_fn=None, **kwargs):
+    def __init__(self, dataset: ShardStream, epoch_fn=None, skip_fn=None, **kwargs):
         kwargs.setdefault("batch_size", None)
         super().__init__(dataset, **kwargs)
-        self.epoch_fn = epoch_fn
+        self.epoch_fn, self.skip_fn = epoch_fn, skip_fn
 
     def __iter__(self):
         if self.epoch_fn is not None:
             self.dataset.set_epoch(self.epoch_fn())
+        self.dataset.set_skip(self.skip_fn() if self.skip_fn is not None else 0)
         return super().__iter__()

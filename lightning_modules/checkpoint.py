@@ -1,6 +1,9 @@
 """The one way tools load a trained location model from a Lightning checkpoint (see docs/ARCHITECTURE.md)."""
 from __future__ import annotations
 
+import io
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -41,3 +44,48 @@ def load_location_model(path: str | Path) -> LocationModel:
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint {path} does not match its model config: {str(err)[:500]}") from None
     return model.eval()
+
+
+def atomic_save(checkpoint: dict, path: str | Path) -> None:
+    """Write a checkpoint so that its final name never holds a half-written file.
+
+    Serialised in memory, written to ``.<name>.partial`` in the same folder, fsynced, then renamed
+    over the target (``os.replace`` is atomic on POSIX): a crash or SIGKILL while saving leaves the
+    previous ``last.ckpt`` intact. ``.partial`` does not end in ``.ckpt``, so nothing takes a
+    leftover for a checkpoint, and the next save overwrites it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    partial = path.with_name(f".{path.name}.partial")
+    with open(partial, "wb") as f:
+        write_bytes(f, buffer.getbuffer())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def write_bytes(f, data) -> None:
+    """The one write of a checkpoint's bytes (a seam for tests that crash mid-write)."""
+    f.write(data)
+
+
+def check_resumable(ckpt: dict, path: str | Path, model_config: dict, stage: str) -> None:
+    """Refuse to resume a run from a checkpoint another config wrote (different model or stage)."""
+    saved, model_config = (json.loads(json.dumps(dict(c), default=list))  # tuples and lists compare equal
+                           for c in (ckpt["hyper_parameters"]["model_config"], model_config))
+    differ = sorted(k for k in set(saved) | set(model_config) if saved.get(k) != model_config.get(k))
+    if differ:
+        details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {model_config.get(k)!r}" for k in differ[:5])
+        raise CheckpointError(f"checkpoint {path} was written with another model config ({details}); resuming it "
+                              "would not be this run. Use another run_name, or resume=false to start over")
+    saved_stage = "dpo" if "beta" in ckpt["hyper_parameters"] else "mle"
+    if saved_stage != stage:
+        raise CheckpointError(f"checkpoint {path} is a {saved_stage} checkpoint but this run is stage={stage}; "
+                              "use another run_name (or init_from / dpo.reference to start from it)")
