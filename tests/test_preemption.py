@@ -1,0 +1,78 @@
+"""Pre-emption: SIGUSR1 (what SLURM's `--signal=SIGUSR1@90` sends) -> last.ckpt at the next step
+boundary -> `scontrol requeue $SLURM_JOB_ID` -> clean stop; the requeued command resumes there.
+SLURM is faked: its environment variables and an `scontrol` on PATH that records its arguments."""
+import json
+import os
+
+import pytest
+import torch
+
+from test_resume_exact import quick_overrides, run_fit
+
+
+def fake_slurm(tmp_path) -> dict:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    scontrol.chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "genloc-test",
+            "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+            "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
+
+
+@pytest.mark.slow
+def test_sigusr1_checkpoints_requeues_and_the_requeued_run_resumes(tiny_toy_data, tmp_path):
+    slurm = fake_slurm(tmp_path)
+    # no periodic checkpoint before step 100: the only checkpoint is the pre-emption one
+    overrides = quick_overrides(tiny_toy_data / "toy-pipe", tmp_path / "runs", steps=6, every=100)
+    first = run_fit(overrides, {**slurm, "GENLOC_TEST_SIGUSR1_AT_STEP": "3"})
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads(first.stdout.strip().splitlines()[-1])["preempted_at"] == 3
+    assert "SLURM auto-requeueing enabled" not in first.stderr  # Lightning's in-handler save is off
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    run = tmp_path / "runs" / "toy_pretrain" / "default"
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 3 and saved["ToyDataModule"] == {"epoch": 0, "batches_done": 3}
+    assert not list(run.glob("hpc_ckpt_*.ckpt")) and not list(run.rglob("*.partial"))
+
+    requeued = run_fit(overrides, slurm)  # what SLURM runs again after the requeue: the same command
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    result = json.loads(requeued.stdout.strip().splitlines()[-1])
+    assert result["resumed_from"].endswith("last.ckpt") and result["global_step"] == 6
+    assert result["preempted_at"] is None
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]  # not requeued again
+
+
+def test_crash_while_saving_keeps_the_previous_last_checkpoint(tiny_toy_data, tmp_path, monkeypatch):
+    """Checkpoints are written to `.<name>.partial`, fsynced and renamed: dying halfway through
+    writing step 2's last.ckpt leaves step 1's intact, and the same command resumes from it."""
+    import lightning_modules.checkpoint as checkpoint
+    import train as train_script
+    from configs.schema import load_config
+    from conftest import tiny_run_overrides
+
+    args = ["experiment=toy_pretrain"] + tiny_run_overrides(tiny_toy_data / "toy-pipe", tmp_path, steps=2) + [
+        "callbacks.tpr_fpr.every_n_val_epochs=0", "callbacks.sample_images.every_n_val_epochs=0"]
+    writes = []
+
+    def dying_write(f, data):
+        writes.append(f.name)
+        if len(writes) == 4:  # step 1: step0000001.ckpt, last.ckpt; step 2: step0000002.ckpt, last.ckpt
+            f.write(bytes(data)[: len(data) // 2])
+            raise OSError("simulated crash while writing")
+        f.write(data)
+
+    monkeypatch.setattr(checkpoint, "write_bytes", dying_write)
+    with pytest.raises(OSError, match="simulated crash"):
+        train_script.train(load_config(args))
+    ckpts = tmp_path / "toy_pretrain" / "default" / "checkpoints"
+    assert writes[-1].endswith(".last.ckpt.partial")
+    assert checkpoint.read_checkpoint(ckpts / "last.ckpt")["global_step"] == 1
+    assert (ckpts / ".last.ckpt.partial").exists()  # the torn file never had the real name
+
+    monkeypatch.setattr(checkpoint, "write_bytes", lambda f, data: f.write(data))
+    again = train_script.train(load_config(args))
+    assert again["resumed_from"].endswith("last.ckpt") and again["trainer"].global_step == 2
+    assert checkpoint.read_checkpoint(ckpts / "last.ckpt")["global_step"] == 2
+    assert not (ckpts / ".last.ckpt.partial").exists()
