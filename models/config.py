@@ -37,6 +37,8 @@ class LocationModelConfig:
     freeze_image_encoder: bool = True
     freeze_text_encoder: bool = True
     prompt_template: str = "a photo of a {category}"
+    # torch.compile the GPT-2 decoder in place (state_dict keys unchanged); a GPU speed option
+    compile_decoder: bool = False
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -65,7 +67,7 @@ class LocationModelConfig:
             value = getattr(self, name)
             need(value is None or (isinstance(value, str) and value),
                  f"{name} must be None (random init) or a non-empty path/name, got {value!r}")
-        for name in ("freeze_image_encoder", "freeze_text_encoder"):
+        for name in ("freeze_image_encoder", "freeze_text_encoder", "compile_decoder"):
             need(isinstance(getattr(self, name), bool), f"{name} must be a bool")
         need(isinstance(self.prompt_template, str) and "{category}" in self.prompt_template,
              f"prompt_template must contain '{{category}}', got {self.prompt_template!r}")

@@ -67,6 +67,8 @@ class LocationModel(nn.Module):
         self.text_proj = nn.Linear(self.text_encoder.output_dim, cfg.gpt2_n_embd)
         self.image_encoder.requires_grad_(not cfg.freeze_image_encoder)
         self.text_encoder.requires_grad_(not cfg.freeze_text_encoder)
+        if cfg.compile_decoder:
+            self.decoder.compile()  # in place: parameter names and checkpoints stay those of eager
         self._text_cache: dict[str, Tensor] = {}
         self.register_load_state_dict_post_hook(LocationModel._clear_text_cache)
         self.train()

@@ -1,0 +1,250 @@
+"""MLE training step time, every comparison measured side by side in one process (tiny preset,
+toy OPA scenes with several positives per image):
+
+- Lightning: `MLEModule` inside a `lightning.Trainer` vs a minimal hand-written loop (same module,
+  same in-memory batches, AdamW + LR schedule + grad clipping 1.0 as the trainer config);
+- data: the same Trainer fed by the real `ShardDataModule` (JPEG decode, flips, workers) vs the
+  in-memory batches;
+- shared-prefix (`box_log_probs_shared`, what `MLEModule` uses) vs repeated-prefix teacher forcing;
+- bf16 autocast vs fp32; gradient accumulation (2 half batches) vs one full batch;
+- DPO with frozen features shared by policy and reference vs the reference re-encoding the images;
+- with ``--compile``: `model.compile_decoder=true` (torch.compile) vs eager, plus compile seconds.
+
+Rounds alternate the variants so machine load hits them alike; medians are reported, and the last
+line is ``RESULT {json}`` for benchmarks/run_all.py.
+
+    python benchmarks/train_step.py [--quick] [--compile] [--batch-size 16] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.dpo_step import OPTIM, make_batch  # noqa: E402
+from datamodules import ShardDataModule  # noqa: E402
+from datamodules.toy import write_toy_dataset  # noqa: E402
+from lightning_modules.dpo import DPOModule, pair_box_log_probs  # noqa: E402
+from lightning_modules.dpo_loss import dpo_loss  # noqa: E402
+from lightning_modules.mle import MLEModule, flatten_boxes, warmup_cosine  # noqa: E402
+from models import LocationModelConfig  # noqa: E402
+
+CLIP = 1.0  # configs/schema.py TrainerSection.gradient_clip_val
+
+
+class StepTimer(L.Callback):
+    """Wall time between consecutive train-batch ends: everything the trainer does per step."""
+
+    def __init__(self):
+        self.ends: list[float] = []
+
+    def on_train_batch_end(self, *args, **kwargs):
+        self.ends.append(time.perf_counter())
+
+    def step_times(self, skip: int) -> list[float]:
+        return [b - a for a, b in zip(self.ends[skip:], self.ends[skip + 1:])]
+
+
+def lightning_step_times(module: MLEModule, steps: int, skip: int, **fit_kwargs) -> list[float]:
+    timer = StepTimer()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=CLIP,
+                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer])
+    trainer.fit(module, **fit_kwargs)
+    return timer.step_times(skip)
+
+
+class PlainLoop:
+    """The minimal loop a user would write: AdamW, the module's LR schedule, grad clipping, no Trainer."""
+
+    def __init__(self, module: L.LightningModule, max_steps: int):
+        opt = module.hparams.optim
+        self.module = module
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=opt["lr"], betas=tuple(opt["betas"]),
+                                           weight_decay=opt["weight_decay"])
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: warmup_cosine(step, opt["warmup_steps"], max_steps, opt["min_lr_ratio"]))
+
+    def step(self, loss_fns) -> float:
+        """One optimiser step over the micro-batch losses in ``loss_fns`` (callables); wall seconds."""
+        start = time.perf_counter()
+        self.module.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        for loss_fn in loss_fns:
+            (loss_fn() / len(loss_fns)).backward()
+        torch.nn.utils.clip_grad_norm_(self.params, CLIP)
+        self.optimizer.step()
+        self.schedule.step()
+        return time.perf_counter() - start
+
+
+def repeated_prefix_loss(module: MLEModule, batch: dict) -> torch.Tensor:
+    """The MLE loss with each image's prefix repeated once per positive box (the reference path)."""
+    boxes, owner = flatten_boxes(batch["positives"])
+    prefix = module.prefix(batch)
+    tokens = module.model.tokenizer.encode(boxes)
+    return -module.model.box_log_probs(prefix[owner], tokens).mean()
+
+
+def merge(a: dict, b: dict) -> dict:
+    """Two collated batches as one batch of twice the size."""
+    return {k: torch.cat([a[k], b[k]]) if torch.is_tensor(a[k]) else list(a[k]) + list(b[k]) for k in a}
+
+
+def alternate(variants: dict, rounds: int, inputs: list) -> dict[str, float]:
+    """Median seconds of each variant ``fn(input) -> seconds``, called in turn on ``inputs[r]`` for
+    ``rounds`` rounds after one warm-up round."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(rounds + 1):
+        for name, fn in variants.items():
+            t = fn(inputs[r % len(inputs)])
+            if r:
+                times[name].append(t)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def dpo_feature_sharing(batch_size: int, rounds: int) -> dict[str, float]:
+    """DPO step with shared frozen features (DPOModule) vs the reference encoding the images itself."""
+    config = LocationModelConfig.preset("tiny").to_dict()
+    with tempfile.TemporaryDirectory() as tmp:
+        mle = MLEModule(model_config=config, optim=OPTIM)
+        ckpt = Path(tmp) / "mle.ckpt"
+        torch.save({"hyper_parameters": dict(mle.hparams), "state_dict": mle.state_dict()}, ckpt)
+        dpo = DPOModule(optim=OPTIM, beta=0.1, reference=str(ckpt))
+    batch = make_batch(batch_size, config["image_size"])
+    ref = dpo._reference()
+    chosen, rejected = (ref.tokenizer.encode(batch[k]) for k in ("chosen", "rejected"))
+
+    def reencode_loss():
+        policy = dpo.model
+        prefix = policy.build_prefix(policy.encode_images(batch["image"]), policy.encode_texts(batch["category"]))
+        lp = pair_box_log_probs(policy, prefix, chosen, rejected)
+        with torch.no_grad():
+            ref_prefix = ref.build_prefix(ref.encode_images(batch["image"]), ref.encode_texts(batch["category"]))
+            rp = pair_box_log_probs(ref, ref_prefix, chosen, rejected)
+        return dpo_loss(lp[:, 0], lp[:, 1], rp[:, 0], rp[:, 1], 0.1)[0].mean()
+
+    loop = PlainLoop(dpo, rounds + 1)
+    return alternate({"dpo_shared": lambda _: loop.step([lambda: dpo.dpo_metrics(batch)["loss"]]),
+                      "dpo_reencode": lambda _: loop.step([reencode_loss])}, rounds, [None])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer steps and rounds (about 2 minutes on 2 loaded cores)")
+    parser.add_argument("--compile", action="store_true", help="also time model.compile_decoder=true (minutes of compiling on CPU)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=None, help="steps per Lightning fit (default 12, quick 8)")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 3, quick 2)")
+    parser.add_argument("--num-workers", type=int, default=1, help="datamodule workers (configs/data/toy_opa.yaml: 1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (2 stall on a shared 2-core machine)")
+    args = parser.parse_args(argv)
+    steps = args.steps or (8 if args.quick else 12)
+    rounds = args.rounds or (2 if args.quick else 3)
+    skip = 2  # first steps of a fit: optimiser state, worker start-up, shuffle buffer fill
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    res: dict[str, float] = {}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        n_train = args.batch_size * steps * 2
+        write_toy_dataset(tmp, seed=0, sizes={"toy-opa": {"train": n_train}}, num_shards=4, progress=False)
+
+        def datamodule(workers: int) -> ShardDataModule:
+            return ShardDataModule(Path(tmp) / "toy-opa", image_size=64, batch_size=args.batch_size,
+                                   num_workers=workers, shuffle_buffer=64, val_split=None, test_split=None)
+
+        dm = datamodule(0)
+        dm.setup("fit")
+        batches = []
+        for batch in dm.train_dataloader():
+            batches.append(batch)
+            if len(batches) == steps:
+                break
+        boxes_per_image = sum(len(p) for b in batches for p in b["positives"]) / sum(len(b["key"]) for b in batches)
+        module = MLEModule(model_config=LocationModelConfig.preset("tiny").to_dict(), optim=OPTIM)
+
+        # Lightning (in-memory) vs Lightning (real loading) vs the plain loop, alternating per round
+        times: dict[str, list[float]] = {"lightning": [], "lightning_real_data": [], "plain": []}
+        memory = torch.utils.data.DataLoader(batches, batch_size=None)
+        for _ in range(rounds):
+            times["lightning"] += lightning_step_times(module, steps, skip, train_dataloaders=memory)
+            times["lightning_real_data"] += lightning_step_times(module, steps, skip,
+                                                                 datamodule=datamodule(args.num_workers))
+            loop = PlainLoop(module, steps)
+            times["plain"] += [loop.step([lambda b=b: module.box_nll(b)[0]]) for b in batches][skip + 1:]
+        res.update({f"step_{k}": statistics.median(v) for k, v in times.items()})
+
+        # per-step alternation of the in-loop variants, each round on the next pair of batches
+        loop = PlainLoop(module, 10 * steps)
+        pairs = [(batches[i], batches[i + 1]) for i in range(0, len(batches) - 1, 2)]
+
+        def bf16_step(pair):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return loop.step([lambda: module.box_nll(pair[0])[0]])
+
+        variants = {
+            "shared_prefix": lambda pair: loop.step([lambda: module.box_nll(pair[0])[0]]),
+            "repeated_prefix": lambda pair: loop.step([lambda: repeated_prefix_loss(module, pair[0])]),
+            "bf16": bf16_step,
+            "full_batch": lambda pair: loop.step([lambda: module.box_nll(merge(*pair))[0]]),
+            "accumulate_2": lambda pair: loop.step([lambda: module.box_nll(pair[0])[0],
+                                                    lambda: module.box_nll(pair[1])[0]]),
+        }
+        res.update({f"step_{k}": v for k, v in alternate(variants, rounds * 3, pairs).items()})
+
+        if args.compile:
+            config = LocationModelConfig.preset("tiny", compile_decoder=True).to_dict()
+            compiled = MLEModule(model_config=config, optim=OPTIM)
+            compiled.load_state_dict(module.state_dict())
+            cloop = PlainLoop(compiled, 10 * steps)
+            start = time.perf_counter()
+            cloop.step([lambda: compiled.box_nll(batches[0])[0]])  # compiles forward + backward graphs
+            res["compile_seconds"] = time.perf_counter() - start
+            res.update({f"step_{k}": v for k, v in alternate({
+                "eager": lambda pair: loop.step([lambda: module.box_nll(pair[0])[0]]),
+                "compiled": lambda pair: cloop.step([lambda: compiled.box_nll(pair[0])[0]]),
+            }, rounds * 3, pairs).items()})
+
+    res.update({f"step_{k}": v for k, v in dpo_feature_sharing(args.batch_size, rounds * 3).items()})
+    res.update(batch_size=args.batch_size, boxes_per_image=boxes_per_image, threads=torch.get_num_threads())
+
+    ms = {k: 1e3 * v for k, v in res.items() if k.startswith("step_")}
+    print(f"tiny preset, batch {args.batch_size} toy-OPA images ({boxes_per_image:.2f} positives/image), "
+          f"{torch.get_num_threads()} thread(s); median ms per optimiser step")
+    for name, value in ms.items():
+        print(f"  {name[5:]:<22}{value:9.1f} ms")
+    print(f"Lightning / plain loop        : {res['step_lightning'] / res['step_plain']:.3f}  (target <= 1.05)")
+    print(f"real loading / in-memory      : {res['step_lightning_real_data'] / res['step_lightning']:.3f}  "
+          f"(target <= 1.10)")
+    print(f"repeated / shared prefix      : {res['step_repeated_prefix'] / res['step_shared_prefix']:.2f}x")
+    print(f"bf16 autocast / fp32          : {res['step_bf16'] / res['step_shared_prefix']:.2f}")
+    print(f"accumulate 2 x B / one 2B step: {res['step_accumulate_2'] / res['step_full_batch']:.2f}")
+    print(f"DPO re-encode / shared feats  : {res['step_dpo_reencode'] / res['step_dpo_shared']:.2f}x")
+    if args.compile:
+        print(f"compiled / eager decoder      : {res['step_compiled'] / res['step_eager']:.2f} "
+              f"(compile {res['compile_seconds']:.0f} s)")
+    print("RESULT " + json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
