@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 import lightning as L  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.plugins.io import TorchCheckpointIO  # noqa: E402
 
 from configs.schema import ConfigError, load_config, model_config  # noqa: E402
@@ -199,14 +200,23 @@ def build_plugins() -> list:
     return plugins
 
 
+class FinalCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose `last.ckpt` also holds the final step when max_steps is not a multiple
+    of the checkpoint interval (Lightning only saves `last` at train end if nothing was saved)."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 def build_callbacks(cfg: DictConfig, checkpoint_dir: Path) -> list:
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 
     from callbacks.sample_images import SampleImagesCallback
     from callbacks.tpr_fpr import TprFprCallback
 
     callbacks = [
-        ModelCheckpoint(dirpath=checkpoint_dir, filename="step{step:07d}", auto_insert_metric_name=False,
+        FinalCheckpoint(dirpath=checkpoint_dir, filename="step{step:07d}", auto_insert_metric_name=False,
                         save_last=True, save_top_k=-1, every_n_train_steps=cfg.trainer.val_check_interval),
         LearningRateMonitor(logging_interval="step"),
         ReproducibleSteps(cfg.seed),

@@ -120,6 +120,13 @@ def test_resume_continues_from_last_checkpoint(tiny_toy_data, tmp_path):
     assert {"last.ckpt", "step0000005.ckpt"} <= names, names
 
 
+def test_last_checkpoint_holds_the_final_step(tiny_toy_data, tmp_path):
+    overrides = tiny_run_overrides(tiny_toy_data / "toy-pipe", tmp_path, steps=3) + ["trainer.val_check_interval=2"]
+    result = train_script.train(load_config(["experiment=toy_pretrain"] + overrides))
+    saved = torch.load(result["run_dir"] / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 3
+
+
 def test_resume_false_starts_over(tiny_toy_data, tmp_path):
     base = ["experiment=toy_pretrain"] + tiny_run_overrides(tiny_toy_data / "toy-pipe", tmp_path, steps=1)
     train_script.train(load_config(base))
