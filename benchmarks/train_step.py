@@ -147,16 +147,16 @@ def dpo_feature_sharing(batch_size: int, rounds: int) -> dict[str, float]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer steps and rounds (about 2 minutes on 2 loaded cores)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps and rounds (about a minute on 2 loaded cores, plus compiling)")
     parser.add_argument("--compile", action="store_true", help="also time model.compile_decoder=true (minutes of compiling on CPU)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=None, help="steps per Lightning fit (default 12, quick 8)")
-    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 3, quick 2)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per Lightning fit (default 30, quick 16)")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 4, quick 3)")
     parser.add_argument("--num-workers", type=int, default=1, help="datamodule workers (configs/data/toy_opa.yaml: 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (2 stall on a shared 2-core machine)")
     args = parser.parse_args(argv)
-    steps = args.steps or (8 if args.quick else 12)
-    rounds = args.rounds or (2 if args.quick else 3)
+    steps = args.steps or (16 if args.quick else 30)
+    rounds = args.rounds or (3 if args.quick else 4)
     skip = 2  # first steps of a fit: optimiser state, worker start-up, shuffle buffer fill
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")

@@ -1,0 +1,145 @@
+"""`make bench`: every benchmark in quick mode, each in its own subprocess, then ONE table of
+ratios (measured, target, met) in Markdown. About 5-8 minutes on 2 shared CPU cores.
+
+    .venv/bin/python benchmarks/run_all.py [--skip-compile] [--labels CSV]
+
+Ratios are measured side by side inside each benchmark (variants alternate), so machine load
+mostly cancels; absolute times and boxes/s are for the machine it ran on. A benchmark that fails
+or times out becomes a row saying so; the OPA evaluation row is skipped, with a note, when the
+label file is absent. Exit status 0 even when a target is missed (the table says which).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_LABELS = "/work/shared/data/opa_annotations_train/fopa_train_data_pair.csv"  # = eval_speed.py's
+
+
+def run(script: str, args: list[str], timeout: int) -> tuple[str, float]:
+    """stdout of ``python benchmarks/<script> <args>``; raises RuntimeError with the stderr tail on failure."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"timed out after {timeout} s") from None
+    if proc.returncode:
+        raise RuntimeError(f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+    return proc.stdout, time.perf_counter() - start
+
+
+def result_json(stdout: str) -> dict:
+    return json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[7:])
+
+
+def row(name: str, measured: str, target: str = "report", met: bool | None = None) -> tuple[str, str, str, str]:
+    return name, measured, target, "-" if met is None else ("yes" if met else "no")
+
+
+def sampling_rows(out: str) -> list:
+    rows = []
+    for preset, images, boxes, cached, naive, ratio in re.findall(
+            r"^(tiny|paper)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x", out, re.M):
+        paper = preset == "paper"
+        rows.append(row(f"sampling {preset} ({images} img x {boxes} boxes): cached / naive decode",
+                        f"{float(ratio):.1f}x", ">= 5x" if paper else "report", float(ratio) >= 5 if paper else None))
+        rows.append(row(f"sampling {preset}: boxes/s cached (naive)", f"{float(cached):.0f} ({float(naive):.1f})"))
+    return rows
+
+
+def train_rows(out: str) -> list:
+    r = result_json(out)
+    ratio = lambda a, b: r[f"step_{a}"] / r[f"step_{b}"]  # noqa: E731
+    rows = [
+        row(f"MLE step, Lightning Trainer / plain loop (tiny, batch {r['batch_size']})",
+            f"{ratio('lightning', 'plain'):.3f}", "<= 1.05", ratio("lightning", "plain") <= 1.05),
+        row("MLE step, real data loading / in-memory batches", f"{ratio('lightning_real_data', 'lightning'):.3f}",
+            "<= 1.10", ratio("lightning_real_data", "lightning") <= 1.10),
+        row(f"MLE step, repeated / shared prefix ({r['boxes_per_image']:.1f} boxes/image)",
+            f"{ratio('repeated_prefix', 'shared_prefix'):.2f}x", "> 1x", ratio("repeated_prefix", "shared_prefix") > 1),
+        row("MLE step, bf16 autocast / fp32 (CPU)", f"{ratio('bf16', 'shared_prefix'):.2f}"),
+        row("MLE step, accumulate 2 x B / one 2B batch", f"{ratio('accumulate_2', 'full_batch'):.2f}"),
+        row("DPO step, reference re-encodes images / shared frozen features",
+            f"{ratio('dpo_reencode', 'dpo_shared'):.2f}x", "> 1x", ratio("dpo_reencode", "dpo_shared") > 1),
+        row("MLE step ms: plain loop (Lightning)", f"{1e3 * r['step_plain']:.0f} ({1e3 * r['step_lightning']:.0f})"),
+    ]
+    if "step_compiled" in r:
+        rows.append(row("MLE step, compile_decoder / eager (CPU, inductor)",
+                        f"{ratio('compiled', 'eager'):.2f} (compile {r['compile_seconds']:.0f} s)"))
+    return rows
+
+
+def data_rows(out: str) -> list:
+    found = re.findall(r"datamodule, (\d+) workers\s*:\s*([\d.]+) samples/s\s+ratio to raw ([\d.]+)", out)
+    workers, rate, ratio = found[-1]
+    return [row(f"data: datamodule ({workers} workers) / raw decode+resize ({rate} samples/s)", ratio,
+                ">= 0.8", float(ratio) >= 0.8)]
+
+
+def dpo_rows(out: str) -> list:
+    m = re.search(r"^tiny\s+(\d+)\s+\w+\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out, re.M)
+    batch, _, _, ratio, _, naive = m.groups()
+    return [row(f"DPO step / MLE step (tiny, batch {batch})", f"{float(ratio):.2f}", "<= 1.6", float(ratio) <= 1.6),
+            row("DPO step naive (repeated prefix, re-encoding) / MLE step", f"{float(naive):.2f}")]
+
+
+def eval_rows(out: str) -> list:
+    seconds = float(re.search(r"end to end: ([\d.]+) s", out).group(1))
+    boxes = re.search(r"(\d+) samples, (\d+) labelled boxes", out).groups()
+    return [row(f"evaluate.py, full OPA train labels ({boxes[0]} samples, {boxes[1]} boxes, 100 preds)",
+                f"{seconds:.1f} s", "< 60 s", seconds < 60)]
+
+
+def memory_rows(out: str) -> list:
+    r = result_json(out)
+    return [row(f"peak RSS, toy training ({r['train_steps']} steps)", f"{r['train_mib']:.0f} MiB"),
+            row(f"peak RSS, paper sampling ({r['sample_images']} img x {r['sample_boxes']} boxes)",
+                f"{r['sample_mib']:.0f} MiB")]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile row (~2 min on CPU)")
+    parser.add_argument("--labels", default=DEFAULT_LABELS, help="OPA/FOPA label file for the evaluation row")
+    args = parser.parse_args(argv)
+    plan = [
+        ("sampling.py", ["--quick"], 300, sampling_rows),
+        ("train_step.py", ["--quick"] + ([] if args.skip_compile else ["--compile"]), 420, train_rows),
+        ("data_throughput.py", ["--num-samples", "400", "--num-workers", "2", "--image-size", "224"], 180, data_rows),
+        ("dpo_step.py", ["--threads", "1", "--iters", "6"], 180, dpo_rows),
+        ("eval_speed.py", ["--labels", args.labels, "--threads", "1"], 180, eval_rows),
+        ("memory.py", ["--quick"], 300, memory_rows),
+    ]
+    rows, notes, start = [], [], time.perf_counter()
+    for script, script_args, timeout, parse in plan:
+        if script == "eval_speed.py" and not Path(args.labels).is_file():
+            notes.append(f"evaluation row skipped: label file {args.labels} is absent (pass --labels)")
+            continue
+        print(f"running benchmarks/{script} {' '.join(script_args)} ...", file=sys.stderr, flush=True)
+        try:
+            out, seconds = run(script, script_args, timeout)
+            rows += parse(out)
+            notes.append(f"{script}: {seconds:.0f} s")
+        except Exception as err:  # one broken benchmark must not hide the others' rows
+            rows.append(row(f"{script} FAILED", str(err)[:120], "runs", False))
+    total = time.perf_counter() - start
+    width = max(len(r[0]) for r in rows)
+    print(f"| {'benchmark':<{width}} | measured | target | met |")
+    print(f"|{'-' * (width + 2)}|---|---|---|")
+    for name, measured, target, met in rows:
+        print(f"| {name:<{width}} | {measured} | {target} | {met} |")
+    print(f"\ntotal {total:.0f} s ({'; '.join(notes)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
