@@ -7,10 +7,13 @@ at once, naming the weights, what to download, where to put it and which config 
 """
 from __future__ import annotations
 
+import math
+
 import os
 from pathlib import Path
 from typing import Optional
 
+import torch
 from torch import nn
 
 _TINY_CLIP_JSON = Path(__file__).with_name("genloc-tiny-text.json")
@@ -141,7 +144,9 @@ def build_gpt2(n_layer: int, n_embd: int, n_head: int, dropout: float, vocab_siz
         config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
                             n_head=n_head, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
                             bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1)
-        return GPT2LMHeadModel(config)
+        model = GPT2LMHeadModel(config)
+        ordinal_init(model.get_input_embeddings(), vocab_size - 2)
+        return model
     path = Path(weights).expanduser()
     if path.exists():
         if _first_file(path, _GPT2_FILES) is None or not (path / "config.json").is_file():
@@ -163,9 +168,31 @@ def build_gpt2(n_layer: int, n_embd: int, n_head: int, dropout: float, vocab_siz
             f"config asks for {n_layer}/{n_embd}/{n_head}; set gpt2_n_layer/gpt2_n_embd/gpt2_n_head to match")
     if c.n_positions < n_positions:
         raise ValueError(f"GPT-2 weights {weights!r} have {c.n_positions} positions, the prefix needs {n_positions}")
-    if c.vocab_size != vocab_size:  # a language model's vocabulary -> our box vocabulary (new rows random)
+    if c.vocab_size != vocab_size:  # a language model's vocabulary -> our box vocabulary (new rows)
         model.resize_token_embeddings(vocab_size)
+        ordinal_init(model.get_input_embeddings(), vocab_size - 2)
     return model
+
+
+@torch.no_grad()
+def ordinal_init(embedding: nn.Embedding, num_bins: int) -> None:
+    """Start coordinate-token embeddings as sinusoids of the bin's value (norms kept as initialised).
+
+    Nearby bins get similar vectors and "bin + offset" is a rotation of them, so relations such as
+    x2 = x1 + width are learnable from the first steps; random rows make the decoder learn the
+    order of 64-256 unrelated symbols first (measured on toy scenes: README, design choices). The
+    output head is tied to these embeddings, so predictions start ordinal as well.
+    """
+    weight = embedding.weight
+    dim = weight.shape[1]
+    value = (torch.arange(num_bins, dtype=torch.float64) + 0.5) / num_bins
+    freqs = torch.logspace(0, math.log10(max(num_bins / 2, 1.0)), dim // 2, dtype=torch.float64) * math.pi
+    angles = value[:, None] * freqs[None]
+    features = torch.zeros(num_bins, dim, dtype=torch.float64)
+    features[:, 0:2 * (dim // 2):2], features[:, 1:2 * (dim // 2):2] = angles.sin(), angles.cos()
+    norm = weight[:num_bins].norm(dim=1, keepdim=True).mean()
+    features = features / features.norm(dim=1, keepdim=True) * norm
+    weight[:num_bins] = features.to(weight.dtype)
 
 
 def count_parameters(module: nn.Module) -> int:

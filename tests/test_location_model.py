@@ -239,3 +239,17 @@ def test_paper_preset_builds_with_random_weights_and_counts_add_up():
     assert abs(total - parts) <= 0.05 * parts, (total, parts)
     assert 200e6 < total < 260e6
     assert count(model.image_encoder) == vit and count(model.text_encoder) == text and count(model.decoder) == gpt2
+
+
+def test_ordinal_init_makes_nearby_bins_similar_and_keeps_norms():
+    from models.pretrained import ordinal_init
+
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(66, 128)
+    norms_before = embedding.weight[:64].norm(dim=1).mean()
+    ordinal_init(embedding, 64)
+    rows = torch.nn.functional.normalize(embedding.weight[:64], dim=1)
+    similarity = rows @ rows.T
+    assert similarity[10, 11] > similarity[10, 20] > similarity[10, 50]
+    assert torch.allclose(embedding.weight[:64].norm(dim=1), norms_before.expand(64), rtol=1e-5)
+    assert not torch.equal(rows[5], rows[6])  # every bin keeps its own embedding
