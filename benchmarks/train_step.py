@@ -3,8 +3,8 @@ toy OPA scenes with several positives per image):
 
 - Lightning: `MLEModule` inside a `lightning.Trainer` vs a minimal hand-written loop (same module,
   same in-memory batches, AdamW + LR schedule + grad clipping 1.0 as the trainer config);
-- data: the same Trainer fed by the real `ShardDataModule` (JPEG decode, flips, workers) vs the
-  in-memory batches;
+- data: the same Trainer fed by the real `ShardDataModule` (JPEG decode, flips; in-process and with
+  ``--num-workers`` workers) vs the in-memory batches;
 - shared-prefix (`box_log_probs_shared`, what `MLEModule` uses) vs repeated-prefix teacher forcing;
 - bf16 autocast vs fp32; gradient accumulation (2 half batches) vs one full batch;
 - DPO with frozen features shared by policy and reference vs the reference re-encoding the images;
@@ -48,19 +48,20 @@ CLIP = 1.0  # configs/schema.py TrainerSection.gradient_clip_val
 
 
 class StepTimer(L.Callback):
-    """Wall time between consecutive train-batch ends: everything the trainer does per step."""
+    """Wall and main-process CPU time between consecutive train-batch ends: everything the trainer
+    does per step. Equal CPU but more wall time with data workers means the step waited for them."""
 
     def __init__(self):
-        self.ends: list[float] = []
+        self.ends: list[tuple[float, float]] = []
 
     def on_train_batch_end(self, *args, **kwargs):
-        self.ends.append(time.perf_counter())
+        self.ends.append((time.perf_counter(), time.process_time()))
 
-    def step_times(self, skip: int) -> list[float]:
-        return [b - a for a, b in zip(self.ends[skip:], self.ends[skip + 1:])]
+    def step_times(self, skip: int) -> list[tuple[float, float]]:
+        return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(self.ends[skip:], self.ends[skip + 1:])]
 
 
-def lightning_step_times(module: MLEModule, steps: int, skip: int, **fit_kwargs) -> list[float]:
+def lightning_step_times(module: MLEModule, steps: int, skip: int, **fit_kwargs) -> list[tuple[float, float]]:
     timer = StepTimer()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=CLIP,
@@ -152,7 +153,9 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=None, help="steps per Lightning fit (default 30, quick 16)")
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 4, quick 3)")
-    parser.add_argument("--num-workers", type=int, default=1, help="datamodule workers (configs/data/toy_opa.yaml: 1)")
+    parser.add_argument("--num-workers", type=int, default=1,
+                        help="datamodule workers of the second real-data run (configs/data/toy_opa.yaml: 1); "
+                             "the first loads in-process (0 workers)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (2 stall on a shared 2-core machine)")
     args = parser.parse_args(argv)
     steps = args.steps or (16 if args.quick else 30)
@@ -184,15 +187,17 @@ def main(argv=None) -> None:
         module = MLEModule(model_config=LocationModelConfig.preset("tiny").to_dict(), optim=OPTIM)
 
         # Lightning (in-memory) vs Lightning (real loading) vs the plain loop, alternating per round
-        times: dict[str, list[float]] = {"lightning": [], "lightning_real_data": [], "plain": []}
+        real = {"real_data_0w": 0, f"real_data_{args.num_workers}w": args.num_workers}
+        times: dict[str, list] = {"lightning": [], **{name: [] for name in real}, "plain": []}
         memory = torch.utils.data.DataLoader(batches, batch_size=None)
         for _ in range(rounds):
             times["lightning"] += lightning_step_times(module, steps, skip, train_dataloaders=memory)
-            times["lightning_real_data"] += lightning_step_times(module, steps, skip,
-                                                                 datamodule=datamodule(args.num_workers))
+            for name, workers in real.items():
+                times[name] += lightning_step_times(module, steps, skip, datamodule=datamodule(workers))
             loop = PlainLoop(module, steps)
-            times["plain"] += [loop.step([lambda b=b: module.box_nll(b)[0]]) for b in batches][skip + 1:]
-        res.update({f"step_{k}": statistics.median(v) for k, v in times.items()})
+            times["plain"] += [(loop.step([lambda b=b: module.box_nll(b)[0]]), 0.0) for b in batches][skip + 1:]
+        res.update({f"step_{k}": statistics.median(t[0] for t in v) for k, v in times.items()})
+        res.update({f"cpu_{k}": statistics.median(t[1] for t in times[k]) for k in ("lightning", *real)})
 
         # per-step alternation of the in-loop variants, each round on the next pair of batches
         loop = PlainLoop(module, 10 * steps)
@@ -228,14 +233,15 @@ def main(argv=None) -> None:
     res.update({f"step_{k}": v for k, v in dpo_feature_sharing(args.batch_size, rounds * 3).items()})
     res.update(batch_size=args.batch_size, boxes_per_image=boxes_per_image, threads=torch.get_num_threads())
 
-    ms = {k: 1e3 * v for k, v in res.items() if k.startswith("step_")}
+    ms = {k: 1e3 * v for k, v in res.items() if k.startswith(("step_", "cpu_"))}
     print(f"tiny preset, batch {args.batch_size} toy-OPA images ({boxes_per_image:.2f} positives/image), "
           f"{torch.get_num_threads()} thread(s); median ms per optimiser step")
     for name, value in ms.items():
-        print(f"  {name[5:]:<22}{value:9.1f} ms")
+        print(f"  {name:<27}{value:9.1f} ms")
     print(f"Lightning / plain loop        : {res['step_lightning'] / res['step_plain']:.3f}  (target <= 1.05)")
-    print(f"real loading / in-memory      : {res['step_lightning_real_data'] / res['step_lightning']:.3f}  "
-          f"(target <= 1.10)")
+    for name in real:
+        print(f"{name} / in-memory    : {res[f'step_{name}'] / res['step_lightning']:.3f}  (target <= 1.10); "
+              f"main-process CPU per step {res[f'cpu_{name}'] / res['cpu_lightning']:.3f}")
     print(f"repeated / shared prefix      : {res['step_repeated_prefix'] / res['step_shared_prefix']:.2f}x")
     print(f"bf16 autocast / fp32          : {res['step_bf16'] / res['step_shared_prefix']:.2f}")
     print(f"accumulate 2 x B / one 2B step: {res['step_accumulate_2'] / res['step_full_batch']:.2f}")
