@@ -82,9 +82,8 @@ def train_rows(out: str) -> list:
 
 def data_rows(out: str) -> list:
     found = re.findall(r"datamodule, (\d+) workers\s*:\s*([\d.]+) samples/s\s+ratio to raw ([\d.]+)", out)
-    workers, rate, ratio = found[-1]
-    return [row(f"data: datamodule ({workers} workers) / raw decode+resize ({rate} samples/s)", ratio,
-                ">= 0.8", float(ratio) >= 0.8)]
+    return [row(f"data: datamodule ({workers} workers, {rate} samples/s) / raw decode+resize", ratio,
+                ">= 0.8", float(ratio) >= 0.8) for workers, rate, ratio in found]
 
 
 def dpo_rows(out: str) -> list:
