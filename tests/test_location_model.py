@@ -58,10 +58,10 @@ def test_prefix_layout_and_positions(model):
     images, categories, _ = _batch()
     img = model.encode_images(images)
     txt = model.encode_texts(categories)
-    assert img.shape == (3, 64, 128) and not img.requires_grad
+    assert img.shape == (3, 16, 128) and not img.requires_grad  # 64 px, patch 16
     assert txt.shape == (3, model.text_encoder.output_dim)
     prefix = model.build_prefix(img, txt)
-    assert prefix.shape == (3, 65, 128) == (3, model.prefix_len, model.cfg.gpt2_n_embd)
+    assert prefix.shape == (3, 17, 128) == (3, model.prefix_len, model.cfg.gpt2_n_embd)
     assert torch.equal(prefix[:, 0], model.text_proj(txt))
     assert torch.equal(prefix[:, 1:], model.image_proj(img))
     assert model.decoder.config.n_positions == model.prefix_len + 5
@@ -82,7 +82,7 @@ def test_text_features_are_cached_per_category(model):
         assert calls == [2]  # one batch of the 2 distinct prompts, nothing recomputed afterwards
         assert torch.equal(first[0], first[2]) and torch.equal(second[0], first[1])
         ids = open_clip.get_tokenizer(model.cfg.clip_model)(["a photo of a dog"])
-        assert torch.allclose(first[0], model.text_encoder(ids)[0], atol=1e-6)
+        assert torch.allclose(first[0], model.text_encoder(ids)[0], atol=1e-5)  # batch-size-dependent fp32 kernels
         calls.clear()
         model.load_state_dict(model.state_dict())  # new weights invalidate the cache
         model.encode_texts(["dog"])
