@@ -276,6 +276,10 @@ def train(cfg: DictConfig, extra_callbacks: list = ()) -> dict:
     # Lightning only knows stateful DataLoaders; ours restore the position through the datamodule's
     # state_dict, so its "dataloader is not resumable" warning on a mid-epoch resume is wrong here.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    # Each loader worker is configured for its own shards, so the length Lightning doubts is exact;
+    # the frozen encoders are in eval mode on purpose.
+    warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     directory = run_dir(cfg)
     last = directory / "checkpoints" / "last.ckpt"
     resume_from = str(last) if cfg.resume and last.exists() else None

@@ -189,21 +189,11 @@ class DPOModule(LocationLightningModule):
 def pair_box_log_probs(model: LocationModel, prefix: Tensor, chosen: Tensor, rejected: Tensor) -> Tensor:
     """Summed log-probs `[B, 2]` of the chosen and rejected token boxes `[B, 4]` of each prefix.
 
-    Same distribution as `LocationModel.box_log_probs` (validity masks included), but the prefix
-    goes through the decoder once and its KV cache (with gradients) is shared by both boxes, so a
-    pair costs about one prefix pass instead of two.
+    Same distribution as `LocationModel.box_log_probs` (validity masks included); the prefix goes
+    through the decoder once and its KV cache (with gradients) is shared by both boxes
+    (`LocationModel.box_log_probs_shared`), so a pair costs about one prefix pass instead of two.
     """
     size = prefix.shape[0]
     tokens = torch.stack([chosen, rejected], dim=1).reshape(2 * size, 4).to(prefix.device)
-    cache = model.decoder(inputs_embeds=prefix, use_cache=True, logits_to_keep=1).cache
-    cache.batch_repeat_interleave(2)
-    bos = torch.full((2 * size, 1), model.tokenizer.bos, device=prefix.device, dtype=torch.long)
-    embeds = model.decoder.get_input_embeddings()(torch.cat([bos, tokens[:, :3]], dim=1))
-    logits = model.decoder(inputs_embeds=embeds, cache=cache, use_cache=True).logits.float()
-    bounds = model.region_bounds(None, 2 * size, prefix.device)
-    allowed = torch.stack([model.allowed_tokens(j, tokens[:, :j], bounds) for j in range(4)], dim=1)
-    logp = logits.masked_fill(~allowed, float("-inf")).log_softmax(-1).gather(-1, tokens[..., None])
-    logp = logp.squeeze(-1).sum(-1)
-    if not torch.isfinite(logp).all():
-        raise ValueError("a chosen/rejected box is not a valid token box (needs x2 > x1 and y2 > y1)")
-    return logp.view(size, 2)
+    owner = torch.arange(size, device=prefix.device).repeat_interleave(2)
+    return model.box_log_probs_shared(prefix, owner, tokens).sum(-1).view(size, 2)
