@@ -125,6 +125,7 @@ class DPOSection:
     label_smoothing: float = 0.0
     reference: str = MISSING
     precompute_reference: bool = False
+    sft_weight: float = 0.0  # weight of the chosen box's per-token NLL added to the DPO loss (RPO)
 
 
 @dataclass

@@ -55,8 +55,10 @@ class DPOModule(LocationLightningModule):
 
     def __init__(self, optim: dict, beta: float, reference: str, loss_type: str = "sigmoid",
                  label_smoothing: float = 0.0, precompute_reference: bool = False,
-                 disable_dropout: bool = True, model_config: Optional[dict] = None):
+                 disable_dropout: bool = True, model_config: Optional[dict] = None, sft_weight: float = 0.0):
         check_dpo_args(beta, loss_type, label_smoothing)
+        if sft_weight < 0:
+            raise ValueError(f"DPOModule: sft_weight must be >= 0, got {sft_weight}")
         ckpt = read_checkpoint(reference)
         ref_config = dict(ckpt["hyper_parameters"]["model_config"])
         if model_config is not None and dict(model_config) != ref_config:
@@ -159,8 +161,11 @@ class DPOModule(LocationLightningModule):
         losses, chosen_r, rejected_r = dpo_loss(lp["policy_chosen"], lp["policy_rejected"], lp["ref_chosen"],
                                                 lp["ref_rejected"], self.hparams.beta, self.hparams.loss_type,
                                                 self.hparams.label_smoothing)
+        # Optional NLL of the chosen box (per token), as in RPO: DPO alone may lower the chosen
+        # likelihood too while it pushes the rejected one down; 0 = the paper's plain DPO.
+        sft = -lp["policy_chosen"].mean() / 4
         return {
-            "loss": losses.mean(),
+            "loss": losses.mean() + self.hparams.sft_weight * sft,
             "rewards/chosen": chosen_r.mean(),
             "rewards/rejected": rejected_r.mean(),
             "rewards/accuracies": (chosen_r > rejected_r).float().mean(),

@@ -80,6 +80,17 @@ def test_policy_equal_reference_gives_log2_and_zero_rewards(mle_ckpt):
     assert torch.allclose(lp["ref_rejected"], direct, atol=1e-5)
 
 
+def test_sft_weight_adds_the_chosen_per_token_nll(mle_ckpt):
+    batch = pair_batch(2)
+    plain = DPOModule(optim=OPTIM, beta=0.3, reference=mle_ckpt).train()
+    with_sft = DPOModule(optim=OPTIM, beta=0.3, reference=mle_ckpt, sft_weight=0.5).train()
+    chosen_logp = plain.pair_log_probs(batch)["policy_chosen"]  # summed over the 4 box tokens
+    expected = math.log(2) + 0.5 * (-chosen_logp.mean().item() / 4)
+    assert with_sft.dpo_metrics(batch)["loss"].item() == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(ValueError, match="sft_weight"):
+        DPOModule(optim=OPTIM, beta=0.3, reference=mle_ckpt, sft_weight=-1.0)
+
+
 def test_steps_train_every_policy_parameter_and_never_the_reference(mle_ckpt):
     module = DPOModule(optim=OPTIM, beta=0.5, reference=mle_ckpt)
     policy_before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
