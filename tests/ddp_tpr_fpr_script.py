@@ -74,22 +74,22 @@ def callback_run(out):
 
     module = _tiny_module()
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[TprFprCallback(num_samples=20, seed=7)])
+                        enable_model_summary=False, callbacks=[TprFprCallback(num_samples=100, seed=7)])
     logged = trainer.validate(module, DataLoader(RankBatches(), batch_size=None, collate_fn=lambda b: b),
                               verbose=False)[0]
     if trainer.global_rank != 0:
         return
-    ref = TPRFPR(ns=(10, 20), sync_on_compute=False)
+    ref = TPRFPR(ns=tuple(range(10, 101, 10)), sync_on_compute=False)
     for rank, part in ((0, batches[:1]), (1, batches[1:])):
         g = torch.Generator().manual_seed(7 + rank)
         for b in part:
-            ref.update(module.model.sample(b["image"], b["category"], n=20, generator=g).boxes_norm,
+            ref.update(module.model.sample(b["image"], b["category"], n=100, generator=g).boxes_norm,
                        b["positives"], b["negatives"])
     ref = ref.compute()
     bad = {k: (logged.get(f"val/{k}"), float(v)) for k, v in ref.items()
            if k.split("@")[0] in ("tpr", "fpr", "tpr_shared", "fpr_shared", "precision")
            and abs(logged.get(f"val/{k}", -1.0) - float(v)) > 1e-6}
-    ok = not bad and logged["val/tpr_fpr_num_samples"] == 9 and float(ref["hit_negatives@20"]) + float(ref["hit_positives@20"]) > 0
+    ok = not bad and logged["val/tpr_fpr_num_samples"] == 9 and float(ref["hit_negatives@100"]) + float(ref["hit_positives@100"]) > 0
     Path(out).write_text("OK" if ok else f"MISMATCH {bad} logged={logged}")
 
 

@@ -102,12 +102,13 @@ def test_resume_continues_from_last_checkpoint(tiny_toy_data, tmp_path):
 
     probe = _RecordStart()
     again = base[:-1] + ["trainer.max_steps=5", "optim.warmup_steps=10"]
-    second = train_script.train(load_config(again), extra_callbacks=[probe])
+    cfg = load_config(again)
+    second = train_script.train(cfg, extra_callbacks=[probe])
     assert second["resumed_from"].endswith("last.ckpt")
     assert probe.seen["global_step"] == 3
     assert probe.seen["adam_steps"] == {3}
     assert probe.seen["sched_step"] == 3
-    assert probe.seen["lr"] == pytest.approx(1e-3 * 4 / 10)  # warmup position of step 3 restored
+    assert probe.seen["lr"] == pytest.approx(cfg.optim.lr * 4 / 10)  # warmup position of step 3 restored
     assert probe.seen["epoch"] == saved["epoch"]
     assert second["trainer"].global_step == 5
 
