@@ -239,27 +239,14 @@ def build_callbacks(cfg: DictConfig, checkpoint_dir: Path) -> list:
 def build_trainer(cfg: DictConfig, directory: Path, extra_callbacks: list = ()):
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    t = cfg.trainer
     logger = TensorBoardLogger(save_dir=cfg.log_root, name=cfg.experiment, version=cfg.run_name,
                                default_hp_metric=False)
+    # every key of the `trainer` group is a Trainer argument (configs/schema.py: TrainerSection);
+    # validation runs every val_check_interval steps across epoch boundaries
     return L.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        strategy=t.strategy,
-        num_nodes=t.num_nodes,
-        precision=t.precision,
-        max_steps=t.max_steps,
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
         max_epochs=-1,
-        val_check_interval=t.val_check_interval,
         check_val_every_n_epoch=None,
-        limit_val_batches=t.limit_val_batches,
-        log_every_n_steps=t.log_every_n_steps,
-        gradient_clip_val=t.gradient_clip_val,
-        accumulate_grad_batches=t.accumulate_grad_batches,
-        enable_progress_bar=t.enable_progress_bar,
-        deterministic=t.deterministic,
-        sync_batchnorm=t.sync_batchnorm,
-        num_sanity_val_steps=t.num_sanity_val_steps,
         callbacks=build_callbacks(cfg, directory / "checkpoints") + list(extra_callbacks),
         plugins=build_plugins(),
         logger=logger,

@@ -65,6 +65,7 @@ class OptimSection:
 
 @dataclass
 class TrainerSection:
+    """Passed to lightning.Trainer as keyword arguments: every field must be a Trainer argument."""
     accelerator: str = "cpu"
     devices: Any = 1
     strategy: str = "auto"
