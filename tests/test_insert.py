@@ -163,7 +163,6 @@ def test_mask_helpers():
     assert working_size((451, 300), 512) == (512, 344)
 
 
-@pytest.mark.skipif(not hasattr(__import__("models"), "LocationModel"), reason="models.LocationModel not written yet")
 def test_insert_with_real_tiny_location_model(tmp_path):
     from models import LocationModel, LocationModelConfig
 
