@@ -92,7 +92,8 @@ def build_module(cfg: DictConfig):
         return DPOModule(optim=optim, **dpo)
     from lightning_modules.mle import MLEModule
 
-    return MLEModule(model_config=model_config(cfg).to_dict(), optim=optim)
+    return MLEModule(model_config=model_config(cfg).to_dict(), optim=optim,
+                     label_sigma_bins=cfg.mle.label_sigma_bins)
 
 
 class ReproducibleSteps(L.Callback):

@@ -120,6 +120,11 @@ class CallbacksSection:
 
 
 @dataclass
+class MLESection:
+    label_sigma_bins: float = 0.0  # Gaussian target width in bins for the training loss; 0 = plain NLL
+
+
+@dataclass
 class DPOSection:
     beta: float = MISSING
     loss_type: str = "sigmoid"
@@ -141,6 +146,7 @@ class TrainConfig:
     model: Any = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
+    mle: MLESection = field(default_factory=MLESection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
     callbacks: CallbacksSection = field(default_factory=CallbacksSection)
     dpo: Optional[DPOSection] = None

@@ -34,6 +34,9 @@ class LocationModelConfig:
     gpt2_n_head: int = 4
     gpt2_dropout: float = 0.1
     gpt2_weights: Optional[str] = None
+    # read the x2/y2 outputs as the box's width/height and embed the width at the x2 input (ours;
+    # see models/location_model.py); the tokens and the distribution's meaning are unchanged
+    relative_extents: bool = False
     freeze_image_encoder: bool = True
     freeze_text_encoder: bool = True
     prompt_template: str = "a photo of a {category}"
@@ -67,7 +70,7 @@ class LocationModelConfig:
             value = getattr(self, name)
             need(value is None or (isinstance(value, str) and value),
                  f"{name} must be None (random init) or a non-empty path/name, got {value!r}")
-        for name in ("freeze_image_encoder", "freeze_text_encoder", "compile_decoder"):
+        for name in ("freeze_image_encoder", "freeze_text_encoder", "compile_decoder", "relative_extents"):
             need(isinstance(getattr(self, name), bool), f"{name} must be a bool")
         need(isinstance(self.prompt_template, str) and "{category}" in self.prompt_template,
              f"prompt_template must contain '{{category}}', got {self.prompt_template!r}")

@@ -7,6 +7,13 @@
 The decoder reads ``inputs_embeds = prefix ++ wte(BOS, x1, y1, x2)`` and predicts ``x1, y1, x2, y2``;
 the loss covers the four box tokens only.
 
+Relative extents (``cfg.relative_extents``, ours; off in the `paper` preset): the tokens stay
+``x1, y1, x2, y2``, but the decoder's outputs at the ``x2``/``y2`` steps are read as the box's
+extent (output ``e`` -> ``x2 = x1 + 1 + e``) and the ``x2`` input also carries a learned embedding of
+the width ``x2 - x1``. It is a re-indexing of the same categorical distribution, so likelihoods,
+masks and sampling keep their meaning; what changes is what the network must compute: "width =
+f(height)" instead of "x2 = x1 + f(height)", the cross-axis arithmetic a small decoder learns slowest.
+
 Validity masks are part of the model's distribution. At every step the logits of tokens that
 cannot start or complete a valid box are set to -inf before the softmax: BOS/EOS never; ``x1``/``y1``
 not the last bin (room for ``x2``/``y2``); ``x2 > x1``; ``y2 > y1``. With a region, bins whose centre
@@ -26,7 +33,7 @@ from torch import Tensor, nn
 
 from .box_tokenizer import BoxTokenizer
 from .config import LocationModelConfig
-from .pretrained import build_clip_text, build_gpt2, build_vit
+from .pretrained import build_clip_text, build_gpt2, build_vit, ordinal_init
 
 
 @dataclass
@@ -63,6 +70,11 @@ class LocationModel(nn.Module):
         # positions: prefix + BOS + 4 box tokens (EOS is never fed)
         self.decoder = build_gpt2(cfg.gpt2_n_layer, cfg.gpt2_n_embd, cfg.gpt2_n_head, cfg.gpt2_dropout,
                                   self.tokenizer.vocab_size, self.prefix_len + 5, cfg.gpt2_weights)
+        self.extent_embed = None
+        if cfg.relative_extents:
+            self.extent_embed = nn.Embedding(cfg.num_bins, cfg.gpt2_n_embd)
+            nn.init.normal_(self.extent_embed.weight, std=0.02)  # GPT-2's embedding scale
+            ordinal_init(self.extent_embed, cfg.num_bins)
         self.image_proj = nn.Linear(self.image_encoder.num_features, cfg.gpt2_n_embd)
         self.text_proj = nn.Linear(self.text_encoder.output_dim, cfg.gpt2_n_embd)
         self.image_encoder.requires_grad_(not cfg.freeze_image_encoder)
@@ -135,6 +147,30 @@ class LocationModel(nn.Module):
         txt = self.text_proj(txt_feats.to(dtype)).unsqueeze(1)
         return torch.cat([txt, self.image_proj(img_feats.to(dtype))], dim=1)
 
+    def input_embeds(self, tokens: Tensor) -> Tensor:
+        """Decoder inputs for BOS followed by the box tokens chosen so far ``[M, k]`` (k <= 3):
+        ``[M, k + 1, D]``. With relative extents the ``x2`` input also embeds the width ``x2 - x1``."""
+        bos = torch.full((tokens.shape[0], 1), self.tokenizer.bos, device=tokens.device, dtype=torch.long)
+        embeds = self.decoder.get_input_embeddings()(torch.cat([bos, tokens], dim=1))
+        if self.extent_embed is not None and tokens.shape[1] >= 3:
+            width = self.extent_embed((tokens[:, 2] - tokens[:, 0] - 1).clamp(min=0))
+            embeds = torch.cat([embeds[:, :3], embeds[:, 3:4] + width[:, None], embeds[:, 4:]], dim=1)
+        return embeds
+
+    def step_logits(self, step: int, logits: Tensor, prev: Tensor) -> Tensor:
+        """Decoder outputs ``[M, vocab]`` at box ``step`` -> logits over coordinate tokens.
+
+        The identity, except with relative extents at the ``x2``/``y2`` steps: output ``e`` is the
+        logit of token ``start + 1 + e`` with ``start`` = ``x1``/``y1`` (``prev[:, step - 2]``); tokens
+        without an extent get -inf (the validity mask excludes them anyway).
+        """
+        if self.extent_embed is None or step < 2:
+            return logits
+        k = torch.arange(logits.shape[-1], device=logits.device)
+        extent = k[None] - prev[:, step - 2, None] - 1
+        valid = (extent >= 0) & (k[None] < self.cfg.num_bins)
+        return logits.gather(-1, extent.clamp(min=0)).masked_fill(~valid, float("-inf"))
+
     # ------------------------------------------------------------------ masks
     def region_bounds(self, region: Optional[Tensor], batch: int, device: torch.device) -> Tensor:
         """Allowed bin range per image, ``LongTensor[batch, 4]`` = (lo_x, lo_y, hi_x, hi_y) inclusive.
@@ -187,9 +223,8 @@ class LocationModel(nn.Module):
         if tokens.ndim != 2 or tokens.shape[1] != 4 or tokens.shape[0] != prefix.shape[0]:
             raise ValueError(f"tokens must be [B, 4] with B = {prefix.shape[0]}, got {tuple(tokens.shape)}")
         tokens = tokens.to(prefix.device)
-        batch, plen = prefix.shape[:2]
-        bos = torch.full((batch, 1), self.tokenizer.bos, device=prefix.device, dtype=torch.long)
-        embeds = self.decoder.get_input_embeddings()(torch.cat([bos, tokens[:, :3]], dim=1))
+        plen = prefix.shape[1]
+        embeds = self.input_embeds(tokens[:, :3])
         logits = self.decoder(inputs_embeds=torch.cat([prefix, embeds], dim=1), use_cache=False).logits
         return self._masked_token_log_probs(logits[:, plen:plen + 4], tokens, with_distribution)
 
@@ -212,15 +247,14 @@ class LocationModel(nn.Module):
         plen = prefix.shape[1]
         cache = self.decoder(inputs_embeds=prefix, use_cache=True, logits_to_keep=1).cache
         cache.reorder_cache(owner)  # index_select on the batch dim of every layer's keys and values
-        bos = torch.full((len(tokens), 1), self.tokenizer.bos, device=prefix.device, dtype=torch.long)
-        embeds = self.decoder.get_input_embeddings()(torch.cat([bos, tokens[:, :3]], dim=1))
+        embeds = self.input_embeds(tokens[:, :3])
         positions = torch.arange(plen, plen + 4, device=prefix.device)[None]
         logits = self.decoder(inputs_embeds=embeds, cache=cache, use_cache=True, position_ids=positions).logits
         return self._masked_token_log_probs(logits, tokens, with_distribution)
 
     def _masked_token_log_probs(self, logits: Tensor, tokens: Tensor, with_distribution: bool):
         """Validity-masked log-softmax of the 4 box steps' ``logits`` ``[M, 4, vocab]``, gathered at ``tokens``."""
-        logits = logits.float()
+        logits = torch.stack([self.step_logits(j, logits[:, j].float(), tokens[:, :j]) for j in range(4)], dim=1)
         bounds = self.region_bounds(None, len(tokens), tokens.device)
         allowed = torch.stack([self.allowed_tokens(j, tokens[:, :j], bounds) for j in range(4)], dim=1)
         ok = allowed.gather(-1, tokens.clamp(0, self.tokenizer.vocab_size - 1)[..., None]).squeeze(-1).all(-1)
@@ -266,9 +300,8 @@ class LocationModel(nn.Module):
                        top_p: Optional[float], generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
         """Tokens ``[B, n, 4]`` and summed log-probs ``[B, n]``; prefix shared through the KV cache."""
         batch = prefix.shape[0]
-        wte = self.decoder.get_input_embeddings()
-        bos = torch.full((batch, 1), self.tokenizer.bos, device=prefix.device, dtype=torch.long)
-        out = self.decoder(inputs_embeds=torch.cat([prefix, wte(bos)], dim=1), use_cache=True, logits_to_keep=1)
+        bos = self.input_embeds(torch.empty(batch, 0, dtype=torch.long, device=prefix.device))
+        out = self.decoder(inputs_embeds=torch.cat([prefix, bos], dim=1), use_cache=True, logits_to_keep=1)
         cache = out.cache
         cache.batch_repeat_interleave(n)
         logits = out.logits[:, -1].repeat_interleave(n, dim=0)
@@ -280,7 +313,7 @@ class LocationModel(nn.Module):
             tokens = torch.cat([tokens, token[:, None]], dim=1)
             total += logp
             if step < 3:
-                out = self.decoder(inputs_embeds=wte(token[:, None]), cache=cache, use_cache=True)
+                out = self.decoder(inputs_embeds=self.input_embeds(tokens)[:, -1:], cache=cache, use_cache=True)
                 logits = out.logits[:, -1]
         return tokens.view(batch, n, 4), total.view(batch, n)
 
@@ -288,7 +321,8 @@ class LocationModel(nn.Module):
                      top_k: Optional[int], top_p: Optional[float],
                      generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
         """One token per sequence: mask, temperature, top-k, top-p, then draw; returns (ids, log-probs)."""
-        logits = logits.float().masked_fill(~self.allowed_tokens(step, prev, bounds), float("-inf"))
+        logits = self.step_logits(step, logits.float(), prev)
+        logits = logits.masked_fill(~self.allowed_tokens(step, prev, bounds), float("-inf"))
         logits = logits / temperature
         if top_k is not None:
             kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -339,13 +373,12 @@ def naive_reference_decode(model: LocationModel, prefix: Tensor, n: int, tempera
     Call with the model in eval mode.
     """
     batch = prefix.shape[0]
-    wte = model.decoder.get_input_embeddings()
     bounds = model.region_bounds(region, batch, prefix.device).repeat_interleave(n, dim=0)
     prefix = prefix.repeat_interleave(n, dim=0)
     seq = torch.full((batch * n, 1), model.tokenizer.bos, device=prefix.device, dtype=torch.long)
     total = torch.zeros(batch * n, device=prefix.device)
     for step in range(4):
-        logits = model.decoder(inputs_embeds=torch.cat([prefix, wte(seq)], dim=1), use_cache=False).logits[:, -1]
+        logits = model.decoder(inputs_embeds=torch.cat([prefix, model.input_embeds(seq[:, 1:])], dim=1), use_cache=False).logits[:, -1]
         token, logp = model._sample_step(logits, step, seq[:, 1:], bounds, temperature, top_k, top_p, generator)
         seq = torch.cat([seq, token[:, None]], dim=1)
         total += logp

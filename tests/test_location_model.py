@@ -253,3 +253,24 @@ def test_ordinal_init_makes_nearby_bins_similar_and_keeps_norms():
     assert similarity[10, 11] > similarity[10, 20] > similarity[10, 50]
     assert torch.allclose(embedding.weight[:64].norm(dim=1), norms_before.expand(64), rtol=1e-5)
     assert not torch.equal(rows[5], rows[6])  # every bin keeps its own embedding
+
+
+def test_relative_extents_reindex_the_x2_y2_outputs_and_embed_the_width():
+    torch.manual_seed(0)
+    model = LocationModel(LocationModelConfig.preset("tiny", num_bins=16, relative_extents=True)).eval()
+    vocab = model.tokenizer.vocab_size
+    outputs = torch.randn(2, vocab)
+    prev = torch.tensor([[5, 2, 9], [0, 13, 3]])  # x1, y1 (and x2) chosen so far
+    assert torch.equal(model.step_logits(1, outputs, prev[:, :1]), outputs)  # x1/y1 steps: as they are
+    x2 = model.step_logits(2, outputs, prev[:, :2])
+    y2 = model.step_logits(3, outputs, prev)
+    # output e is the logit of token start + 1 + e; tokens at or before the start, BOS and EOS: -inf
+    assert torch.equal(x2[0, 6:16], outputs[0, 0:10]) and torch.isinf(x2[0, :6]).all()
+    assert torch.equal(y2[1, 14:16], outputs[1, 0:2]) and torch.isinf(y2[1, :14]).all()
+    assert torch.isinf(x2[:, 16:]).all()
+    # the x2 input carries the width x2 - x1 - 1 = 3; BOS, x1 and y1 inputs are plain token embeddings
+    tokens = torch.tensor([[5, 2, 9]])
+    embeds = model.input_embeds(tokens)
+    plain = model.decoder.get_input_embeddings()(torch.tensor([[model.tokenizer.bos, 5, 2, 9]]))
+    assert torch.equal(embeds[:, :3], plain[:, :3])
+    assert torch.allclose(embeds[0, 3], plain[0, 3] + model.extent_embed.weight[3])

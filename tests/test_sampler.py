@@ -11,13 +11,13 @@ def model():
     return LocationModel(LocationModelConfig.preset("tiny")).eval()
 
 
-@pytest.fixture(scope="module")
-def model64():
+@pytest.fixture(scope="module", params=[False, True], ids=["absolute", "relative-extents"])
+def model64(request):
     """float64 copy: kernels round differently for a 1-token step than for a full sequence, by ~1e-7
     in float32; in float64 that is ~1e-16 and vanishes when the sampler casts logits to float32,
-    so cached and naive decodes must then agree bit for bit."""
+    so cached and naive decodes must then agree bit for bit. Both readings of the x2/y2 outputs."""
     torch.manual_seed(0)
-    return LocationModel(LocationModelConfig.preset("tiny")).double().eval()
+    return LocationModel(LocationModelConfig.preset("tiny", relative_extents=request.param)).double().eval()
 
 
 def _inputs(batch=3, seed=0):
@@ -107,7 +107,8 @@ def test_ten_thousand_region_samples_are_valid_and_inside(model):
     _assert_valid(left, 64, torch.tensor([[0.0, 0.0, 0.5, 0.5]] * 4))
 
 
-def test_sampler_log_prob_equals_forward_log_prob(model):
+def test_sampler_log_prob_equals_forward_log_prob(model64):
+    model = model64
     images, categories = _inputs()
     out = model.sample(images, categories, n=30, generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
