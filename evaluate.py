@@ -211,15 +211,16 @@ def score(preds: dict[str, np.ndarray], samples: list[dict], ns=DEFAULT_NS, iou_
     return {k: v.item() for k, v in metric.compute().items()}
 
 
-def toy_plausible_rate(samples: list[dict], preds: dict[str, np.ndarray]) -> float | None:
-    """Oracle plausible rate of all predicted boxes, on toy data (samples with ``meta.scene``)."""
+def toy_plausible_rates(samples: list[dict], preds: dict[str, np.ndarray]) -> dict[str, float] | None:
+    """Oracle plausible rate of the predicted boxes, ``{"all": ..., <class>: ...}``, on toy data
+    (samples with ``meta.scene``); None for other data."""
     toy = [s for s in samples if isinstance(s.get("meta"), dict) and "scene" in s["meta"] and s["key"] in preds]
     if not toy:
         return None
-    from datamodules.toy import plausible_rate
+    from datamodules.toy import plausible_rates
 
     scale = lambda s: np.array([s["width"], s["height"], s["width"], s["height"]], np.float64)  # noqa: E731
-    return float(plausible_rate(toy, [preds[s["key"]] / scale(s) for s in toy]))
+    return plausible_rates(toy, [preds[s["key"]] / scale(s) for s in toy])
 
 
 def write_results(out_dir: Path, result: dict, ns, label: str, extra: dict) -> dict:
@@ -330,9 +331,11 @@ def main(argv=None) -> dict | None:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_predictions(out_dir / "predictions.jsonl", {s["key"]: preds[s["key"]] for s in samples})
     result = score(preds, samples, args.ns, args.iou_threshold, progress=not args.no_progress)
-    rate = toy_plausible_rate(samples, preds)
-    if rate is not None:
+    rates = toy_plausible_rates(samples, preds)
+    rate = None if rates is None else rates["all"]
+    if rates is not None:
         settings["plausible_rate"] = rate
+        settings["plausible_rate_per_class"] = {k: v for k, v in rates.items() if k != "all"}
     lengths = [len(preds[s["key"]]) for s in samples if s["key"] in preds]
     settings.update(keys=keys, boxes_per_sample={"min": min(lengths, default=0), "max": max(lengths, default=0)},
                     seconds=round(time.perf_counter() - t0, 3))

@@ -28,7 +28,8 @@ import numpy as np
 
 __all__ = ["CLASSES", "generate_scene", "render_scene", "is_plausible", "flip_scene", "sample_positive",
            "sample_negative", "make_sample", "write_toy_split", "write_toy_dataset",
-           "blind_baseline_rate", "uniform_random_rate", "plausible_rate", "DEFAULT_SIZES"]
+           "blind_baseline_rate", "blind_baseline_rates", "uniform_random_rate", "plausible_rate",
+           "plausible_rates", "DEFAULT_SIZES"]
 
 CLASSES = ("car", "person", "bird", "lamp")
 _GROUND = {"car": (0.5, 2.0), "person": (1.0, 0.4)}  # class -> (height per unit depth, aspect w/h)
@@ -305,19 +306,35 @@ def _normalised(sample: dict, field: str) -> np.ndarray:
     return b / np.array([sample["width"], sample["height"], sample["width"], sample["height"]])
 
 
-def plausible_rate(samples, boxes_per_sample) -> float:
-    """Oracle-plausible fraction of normalised boxes ``boxes_per_sample[i]`` (N_i x 4) for samples[i]."""
-    hits = total = 0
+def plausible_rates(samples, boxes_per_sample) -> dict[str, float]:
+    """Oracle-plausible fraction of normalised boxes ``boxes_per_sample[i]`` (N_i x 4) for samples[i]:
+    ``{"all": rate, <class>: rate of that class's boxes, ...}`` (classes in `CLASSES` order)."""
+    hits: dict[str, int] = {}
+    total: dict[str, int] = {}
     for s, b in zip(samples, boxes_per_sample):
         v = is_plausible(s["meta"]["scene"], s["category"], np.asarray(b).reshape(-1, 4))
-        hits, total = hits + int(v.sum()), total + len(v)
-    return hits / max(total, 1)
+        hits[s["category"]] = hits.get(s["category"], 0) + int(v.sum())
+        total[s["category"]] = total.get(s["category"], 0) + len(v)
+    order = sorted(total, key=lambda c: (CLASSES.index(c) if c in CLASSES else len(CLASSES), c))
+    rates = {"all": sum(hits.values()) / max(sum(total.values()), 1)}
+    rates.update({c: hits[c] / max(total[c], 1) for c in order})
+    return rates
+
+
+def plausible_rate(samples, boxes_per_sample) -> float:
+    """Oracle-plausible fraction of all boxes (see `plausible_rates`)."""
+    return plausible_rates(samples, boxes_per_sample)["all"]
 
 
 def blind_baseline_rate(train_samples, eval_samples, n: int = 100, seed: int = 0) -> float:
     """Plausible rate of an image-blind sampler: for each eval sample, ``n`` positives of the same
     class drawn at random from OTHER training scenes. Samples are annotation dicts (pixel boxes,
     ``meta["scene"]``) as yielded by ``datamodules.shards.iter_annotations``."""
+    return blind_baseline_rates(train_samples, eval_samples, n, seed)["all"]
+
+
+def blind_baseline_rates(train_samples, eval_samples, n: int = 100, seed: int = 0) -> dict[str, float]:
+    """`blind_baseline_rate` overall and per class (as `plausible_rates`)."""
     rng = np.random.default_rng(seed)
     pools: dict[str, list] = {}
     for s in train_samples:
@@ -328,7 +345,7 @@ def blind_baseline_rate(train_samples, eval_samples, n: int = 100, seed: int = 0
     for s in eval_samples:
         pool = [b for sd, b in pools[s["category"]] if sd != s["meta"]["scene"]["seed"]]
         drawn.append(np.stack([pool[i] for i in rng.integers(len(pool), size=n)]))
-    return plausible_rate(eval_samples, drawn)
+    return plausible_rates(eval_samples, drawn)
 
 
 def uniform_random_rate(eval_samples, n: int = 100, seed: int = 0) -> float:

@@ -37,7 +37,7 @@ def evaluate_all(stages: dict, data_dir: Path, out: Path, seed: int) -> dict[str
     """Same sampling budget for every method: 100 boxes per toy-opa val image, one seed."""
     import evaluate
     from datamodules.shards import iter_annotations
-    from datamodules.toy import blind_baseline_rate
+    from datamodules.toy import blind_baseline_rates
 
     common = ["--data", str(data_dir), "--split", "val", "--seed", str(seed), "--no-progress"]
     rows = {
@@ -47,9 +47,10 @@ def evaluate_all(stages: dict, data_dir: Path, out: Path, seed: int) -> dict[str
         "DPO (toy_dpo)": evaluate.main(["--checkpoint", f"{stages['toy_dpo']['run_dir']}/checkpoints/last.ckpt",
                                         "--name", "DPO", "--out", str(out / "dpo")] + common),
     }
-    blind = blind_baseline_rate(list(iter_annotations(data_dir, "train")), list(iter_annotations(data_dir, "val")),
-                                n=100, seed=seed)
-    rows["image-blind (train box of the class)"] = {"plausible_rate": blind}
+    blind = blind_baseline_rates(list(iter_annotations(data_dir, "train")), list(iter_annotations(data_dir, "val")),
+                                 n=100, seed=seed)
+    rows["image-blind (train box of the class)"] = {
+        "plausible_rate": blind.pop("all"), "plausible_rate_per_class": blind}
     evaluate.main(["--plot", str(out / "mle" / "metrics.json"), str(out / "dpo" / "metrics.json"),
                    str(out / "random" / "metrics.json"), "--labels", "MLE", "MLE + DPO", "random",
                    "--out", str(out / "tpr_fpr.png")])
@@ -63,6 +64,13 @@ def table(stages: dict, rows: dict) -> str:
     for name, doc in rows.items():
         m = doc.get("metrics", {})
         cells = [nll.get(name), doc.get("plausible_rate"), m.get("tpr@100"), m.get("fpr@100"), m.get("tpr_shared@100"), m.get("fpr_shared@100")]
+        lines.append("| " + " | ".join([name] + ["-" if c is None else f"{c:.3f}" for c in cells]) + " |")
+    classes = list(next(iter(rows.values())).get("plausible_rate_per_class", {}))
+    lines += ["", "| plausible rate per class | " + " | ".join(classes) + " | all |",
+              "|---|" + "---|" * (len(classes) + 1)]
+    for name, doc in rows.items():
+        per_class = doc.get("plausible_rate_per_class", {})
+        cells = [per_class.get(c) for c in classes] + [doc.get("plausible_rate")]
         lines.append("| " + " | ".join([name] + ["-" if c is None else f"{c:.3f}" for c in cells]) + " |")
     return "\n".join(lines)
 

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from datamodules.shards import iter_annotations
-from datamodules.toy import (CLASSES, blind_baseline_rate, flip_scene, generate_scene, is_plausible, make_sample,
-                             render_scene, sample_negative, sample_positive, uniform_random_rate, write_toy_split)
+from datamodules.toy import (CLASSES, blind_baseline_rate, blind_baseline_rates, flip_scene, generate_scene,
+                             is_plausible, make_sample, plausible_rates, render_scene, sample_negative,
+                             sample_positive, uniform_random_rate, write_toy_split)
 
 
 def norm(s, field):
@@ -105,6 +106,26 @@ def test_blind_and_uniform_baselines(toy):
     train = list(iter_annotations(d / "toy-opa", "train"))
     test = list(iter_annotations(d / "toy-opa", "test"))
     blind = blind_baseline_rate(train, test, n=50)
+    per_class = blind_baseline_rates(train, test, n=50)
+    assert per_class["all"] == blind and set(per_class) == {"all", *CLASSES}
     uniform = uniform_random_rate(test, n=50)
     assert 0.1 < blind <= 0.45, blind
     assert uniform < 0.1, uniform
+
+
+def test_plausible_rates_per_class_count_each_class_boxes():
+    samples = []
+    for i in range(40):
+        _, _, ann = make_sample(11, i, "toy-opa")
+        samples.append(ann)
+        if {"car", "bird"} <= {s["category"] for s in samples}:
+            break
+    car = next(s for s in samples if s["category"] == "car")
+    bird = next(s for s in samples if s["category"] == "bird")
+    # car: 2 positives (plausible); bird: 1 positive + 3 negatives (near misses, implausible)
+    boxes = [norm(car, "positives")[:2], np.concatenate([norm(bird, "positives")[:1], norm(bird, "negatives")[:3]])]
+    n_neg = len(boxes[1]) - 1
+    rates = plausible_rates([car, bird], boxes)
+    assert list(rates) == ["all", "car", "bird"]
+    assert rates["car"] == 1.0 and rates["bird"] == pytest.approx(1 / (1 + n_neg))
+    assert rates["all"] == pytest.approx(3 / (2 + 1 + n_neg))
