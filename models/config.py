@@ -61,6 +61,9 @@ class LocationModelConfig:
             need(isinstance(getattr(self, name), str) and getattr(self, name),
                  f"{name} must be a non-empty model name, got {getattr(self, name)!r}")
         need(isinstance(self.vit_kwargs, dict), f"vit_kwargs must be a dict, got {self.vit_kwargs!r}")
+        bad = [k for k in self.vit_kwargs if not (isinstance(k, str) and k.isidentifier())]
+        need(not bad, f"vit_kwargs keys must be argument names, got {bad} (on the command line write "
+                      f"'model.vit_kwargs={{patch_size: 16}}' with a space after each colon)")
         need("img_size" not in self.vit_kwargs and "num_classes" not in self.vit_kwargs,
              "vit_kwargs must not set img_size/num_classes (use image_size; the head is removed)")
         patch = self.vit_kwargs.get("patch_size")

@@ -47,6 +47,7 @@ def test_presets_and_serialisation():
     (dict(prompt_template="a photo"), "category"),
     (dict(freeze_image_encoder="yes"), "bool"),
     (dict(vit_weights=""), "vit_weights"),
+    (dict(vit_kwargs={"patch_size:4": None}), "space after each colon"),
 ])
 def test_config_validation(override, message):
     with pytest.raises(ValueError, match=message):
