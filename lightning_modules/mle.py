@@ -78,8 +78,8 @@ class MLEModule(LocationLightningModule):
     """Maximum likelihood on positive boxes; all positives of a sample count, one box = one sequence.
 
     With ``label_sigma_bins > 0`` the training loss is `smoothed_token_nll` (Gaussian targets over
-    neighbouring bins); ``val/loss`` is always the plain NLL. The toy recipe pre-trains with
-    Gaussian targets and fine-tunes with the plain NLL, which sharpens the boxes again.
+    neighbouring bins); ``val/loss`` is always the plain NLL. (Measured on toy scenes: a large gain
+    with the absolute reading of x2/y2, none with relative extents; README, design choices.)
     """
 
     def __init__(self, model_config: dict, optim: dict, label_sigma_bins: float = 0.0):

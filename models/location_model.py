@@ -378,7 +378,8 @@ def naive_reference_decode(model: LocationModel, prefix: Tensor, n: int, tempera
     seq = torch.full((batch * n, 1), model.tokenizer.bos, device=prefix.device, dtype=torch.long)
     total = torch.zeros(batch * n, device=prefix.device)
     for step in range(4):
-        logits = model.decoder(inputs_embeds=torch.cat([prefix, model.input_embeds(seq[:, 1:])], dim=1), use_cache=False).logits[:, -1]
+        inputs = torch.cat([prefix, model.input_embeds(seq[:, 1:])], dim=1)
+        logits = model.decoder(inputs_embeds=inputs, use_cache=False).logits[:, -1]
         token, logp = model._sample_step(logits, step, seq[:, 1:], bounds, temperature, top_k, top_p, generator)
         seq = torch.cat([seq, token[:, None]], dim=1)
         total += logp
