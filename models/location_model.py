@@ -254,7 +254,9 @@ class LocationModel(nn.Module):
 
     def _masked_token_log_probs(self, logits: Tensor, tokens: Tensor, with_distribution: bool):
         """Validity-masked log-softmax of the 4 box steps' ``logits`` ``[M, 4, vocab]``, gathered at ``tokens``."""
-        logits = torch.stack([self.step_logits(j, logits[:, j].float(), tokens[:, :j]) for j in range(4)], dim=1)
+        logits = logits.float()
+        if self.extent_embed is not None:
+            logits = torch.stack([self.step_logits(j, logits[:, j], tokens[:, :j]) for j in range(4)], dim=1)
         bounds = self.region_bounds(None, len(tokens), tokens.device)
         allowed = torch.stack([self.allowed_tokens(j, tokens[:, :j], bounds) for j in range(4)], dim=1)
         ok = allowed.gather(-1, tokens.clamp(0, self.tokenizer.vocab_size - 1)[..., None]).squeeze(-1).all(-1)
