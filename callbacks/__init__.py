@@ -1,0 +1,22 @@
+"""Callbacks: evaluation during training (TPR-FPR, sampled boxes, inpainting) and the training
+infrastructure (checkpoints, reproducible steps, pre-emption). Imported lazily, so building one
+callback does not import the others' heavy dependencies (diffusers)."""
+import importlib
+
+_WHERE = {
+    "TprFprCallback": "callbacks.tpr_fpr",
+    "SampleImagesCallback": "callbacks.sample_images",
+    "InpaintingCallback": "callbacks.inpainting",
+    "FinalCheckpoint": "callbacks.checkpointing",
+    "AtomicCheckpointIO": "callbacks.checkpointing",
+    "checkpoint_plugins": "callbacks.checkpointing",
+    "ReproducibleSteps": "callbacks.reproducible",
+    "Preemption": "callbacks.preemption",
+}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'callbacks' has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name]), name)

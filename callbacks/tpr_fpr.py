@@ -58,7 +58,7 @@ class TprFprCallback(L.Callback):
     """
 
     def __init__(self, every_n_val_epochs: int = 1, num_samples: int = 100, ns=None, iou_threshold: float = 0.5,
-                 max_eval_samples: int | None = None, temperature: float = 1.0, top_k: int | None = None,
+                 max_eval_samples: int | None = 256, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int = 0, log_curve: bool = True):
         self.every_n_val_epochs = every_n_val_epochs
         self.num_samples = num_samples

@@ -1,18 +1,31 @@
-"""Typed training config and its composition from the YAML groups in this folder.
+"""The training config: composed from the YAML groups in this folder, typed from the constructors it builds.
 
-`load_config(["experiment=toy_finetune", "optim.lr=1e-4", "model=paper"])` composes, in order:
-the base `train.yaml`, the experiment's group choices, command-line group choices (`group=name`),
-the chosen group files, the experiment's deltas, then `key=value` overrides. The result is merged
-into the dataclass schema below, so an unknown key or a value of the wrong type is a
-`ConfigError` naming the key, raised before anything heavy is built.
+`load_config(["experiment=toy_finetune", "optim.lr=1e-4", "model=paper"])` composes, in order: the
+base `train.yaml`, the chosen group files (the base's `defaults`, then the experiment's, then
+command-line `group=name` choices), the experiment's deltas, then `key=value` overrides.
+
+Each group file names what it builds (`_target_: package.module.Name`) and holds that constructor's
+real arguments. The typed schema of a section is derived from its target's signature: every
+parameter is a key, typed by its annotation, with the default it has in code, so a new constructor
+argument is reachable the moment it exists and has one default. The few arguments train.py passes
+itself are listed in `INTERNAL`, each with the reason. An unknown key, a wrong type, an unset
+mandatory value (`???`) or a value out of range is a `ConfigError` naming the key, raised before
+anything heavy is built. `instantiate(section, **internal)` builds a section's object.
+
+The `model` section is the exception: it builds `LocationModelConfig.preset(preset, **fields)`, so
+its keys are `preset` plus every LocationModelConfig field, each None (= the preset's value) unless set.
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import importlib
+import inspect
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -20,118 +33,159 @@ from omegaconf.errors import OmegaConfBaseException
 from models.config import LocationModelConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent
-GROUPS = ("model", "data", "optim", "trainer", "callbacks", "dpo")
+GROUPS = ("model", "data", "module", "optim", "trainer", "callbacks")
+PRIMITIVES = (bool, int, float, str)
+
+# Constructor arguments a config does not hold, because train.py derives them from the run.
+INTERNAL: dict[str, dict[str, str]] = {
+    "datamodules.ShardDataModule": {
+        "image_size": "the model's image size (model group)",
+        "pairs": "the module's choice: DPO trains on (chosen, rejected) pairs",
+        "seed": "the run's top-level `seed`",
+    },
+    "lightning_modules.MLEModule": {
+        "model_config": "built from the model group",
+        "optim": "built from the optim group",
+    },
+    "lightning_modules.DPOModule": {
+        "model_config": "read from the reference checkpoint (the policy has the reference's architecture)",
+        "optim": "built from the optim group",
+    },
+    "lightning.Trainer": {
+        "callbacks": "the callbacks group plus the training infrastructure (train.py)",
+        "plugins": "atomic checkpoint IO and SLURM handling (callbacks.checkpointing)",
+        "logger": "TensorBoard in the run dir",
+        "default_root_dir": "the run dir",
+        "max_epochs": "training length is trainer.max_steps",
+        "check_val_every_n_epoch": "validation runs every val_check_interval steps, across epoch boundaries",
+    },
+    "callbacks.FinalCheckpoint": {"dirpath": "<run dir>/checkpoints"},
+    "callbacks.TprFprCallback": {"seed": "the run's top-level `seed`"},
+    "callbacks.SampleImagesCallback": {"seed": "the run's top-level `seed`"},
+    "callbacks.InpaintingCallback": {"seed": "the run's top-level `seed`"},
+}
+
+# Range rules of keys whose type alone admits nonsense: (predicate, what is allowed).
+RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {}
 
 
 class ConfigError(ValueError):
     """A config problem a user can fix; the message names the key."""
 
 
+def locate(path: str) -> Any:
+    """The object named by a dotted path (`package.module.Name` or `package.module.Class.attribute`)."""
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"_target_ must be a dotted import path, got {path!r}")
+    parts = path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        try:
+            for name in parts[cut:]:
+                obj = getattr(obj, name)
+        except AttributeError:
+            break
+        return obj
+    raise ConfigError(f"_target_ '{path}' cannot be imported; it must name a class or function, "
+                      "e.g. datamodules.ShardDataModule")
+
+
+def internal_args(target: Any) -> dict[str, str]:
+    """INTERNAL entries that apply to `target` (matched by object, so aliases of a path agree)."""
+    out: dict[str, str] = {}
+    for path, args in INTERNAL.items():
+        try:
+            obj = locate(path)
+        except ConfigError:
+            continue
+        if obj is target or (isinstance(target, type) and isinstance(obj, type) and issubclass(target, obj)):
+            out.update(args)
+    return out
+
+
+def _config_type(hint: Any) -> Any:
+    """The OmegaConf-expressible type of an annotation: primitives, Optional/Union of primitives,
+    lists of primitives; Literal by the type of its values; anything else is Any."""
+    if hint in PRIMITIVES:
+        return hint
+    if hint is type(None):
+        return type(None)
+    if isinstance(hint, type) and issubclass(hint, Path):
+        return str
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Literal:
+        kinds = {type(a) for a in args}
+        return kinds.pop() if len(kinds) == 1 and kinds <= set(PRIMITIVES) else Any
+    if origin in (Union, types.UnionType):
+        members = []
+        for arg in args:
+            kind = _config_type(arg)
+            for member in (typing.get_args(kind) if typing.get_origin(kind) is Union else (kind,)):
+                if member is Any:
+                    return Any  # a container or unknown member: accept anything, the constructor checks
+                if member not in members:
+                    members.append(member)
+        return Union[tuple(members)] if len(members) > 1 else members[0]
+    if origin in (list, tuple, collections.abc.Sequence):
+        inner = [_config_type(a) for a in args if a is not Ellipsis]
+        if len(set(inner)) == 1 and inner[0] in PRIMITIVES:
+            return list[inner[0]]
+        return Any
+    return Any
+
+
+def _default(value: Any) -> Any:
+    """A signature default as a config value (tuples become lists)."""
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def section_schema(target_path: str) -> type:
+    """A dataclass of every constructor argument of `target_path` (minus INTERNAL), typed and
+    defaulted from its signature, plus `_target_`."""
+    target = locate(target_path)
+    function = target.__init__ if isinstance(target, type) else target
+    try:
+        hints = typing.get_type_hints(function)
+    except Exception:  # forward references a library cannot resolve: untyped, still reachable
+        hints = {}
+    internal = internal_args(target)
+    factories = {f.name: f.default_factory for f in dataclasses.fields(target)
+                 if f.default_factory is not dataclasses.MISSING} if dataclasses.is_dataclass(target) else {}
+    fields = [("_target_", str, field(default=target_path))]
+    for name, param in inspect.signature(target).parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or name in internal:
+            continue
+        kind = _config_type(hints.get(name, Any))
+        default = param.default if name not in factories else factories[name]()
+        default = MISSING if default is param.empty else _default(default)
+        if default is not MISSING and default is not None and not isinstance(default, (*PRIMITIVES, list, dict)):
+            raise ConfigError(f"{target_path}: default of '{name}' ({default!r}) cannot be a config value; "
+                              "list it in configs/schema.py INTERNAL")
+        if isinstance(default, (list, dict)):
+            spec = field(default_factory=lambda d=default: list(d) if isinstance(d, list) else dict(d))
+        else:
+            spec = field(default=default)
+        if default is None and typing.get_origin(kind) is not Union and kind is not Any:
+            kind = Optional[kind]
+        fields.append((name, kind, spec))
+    return dataclasses.make_dataclass(f"{getattr(target, '__name__', 'Target')}Section", fields)
+
+
 def _model_schema() -> type:
     """Every LocationModelConfig field, optional (None = the preset's value), plus `preset`."""
     hints = typing.get_type_hints(LocationModelConfig)
-    fields = [("preset", str, field(default="tiny"))]
+    fields = [("_target_", str, field(default="models.LocationModelConfig")), ("preset", str, field(default="tiny"))]
     for f in dataclasses.fields(LocationModelConfig):
         kind = hints[f.name]
         kind = Optional[Any] if typing.get_origin(kind) in (dict, list, tuple) or kind in (dict, list) else Optional[kind]
         fields.append((f.name, kind, field(default=None)))
     return dataclasses.make_dataclass("ModelSection", fields)
-
-
-ModelSection = _model_schema()
-
-
-@dataclass
-class DataSection:
-    kind: str = "toy"  # toy | opa | pipe
-    data_dir: str = MISSING
-    batch_size: int = 64
-    num_workers: int = 1
-    shuffle_buffer: int = 1000
-    flip_prob: float = 0.5
-    train_split: str = "train"
-    val_split: str = "val"
-    test_split: str = "test"
-
-
-@dataclass
-class OptimSection:
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
-
-
-@dataclass
-class TrainerSection:
-    """Passed to lightning.Trainer as keyword arguments: every field must be a Trainer argument."""
-    accelerator: str = "cpu"
-    devices: Any = 1
-    strategy: str = "auto"
-    num_nodes: int = 1
-    precision: Optional[str] = None
-    max_steps: int = 1000
-    val_check_interval: Optional[int] = 250
-    limit_val_batches: Optional[float] = None
-    log_every_n_steps: int = 10
-    gradient_clip_val: Optional[float] = 1.0
-    accumulate_grad_batches: int = 1
-    enable_progress_bar: bool = True
-    deterministic: bool = False
-    sync_batchnorm: bool = False
-    num_sanity_val_steps: int = 0
-
-
-@dataclass
-class TprFprSection:
-    every_n_val_epochs: int = 1
-    num_samples: int = 100
-    max_eval_samples: int = 256
-
-
-@dataclass
-class SampleImagesSection:
-    every_n_val_epochs: int = 1
-    num_images: int = 8
-    boxes_per_image: int = 8
-
-
-@dataclass
-class InpaintingSection:
-    every_n_val_epochs: int = 0  # 0: off; needs a local diffusers inpainting folder in `inpainter`
-    inpainter: Optional[str] = None
-    backend: str = "sd"  # sd | gligen
-    num_images: int = 4
-    steps: int = 8
-    resolution: int = 256
-    guidance_scale: float = 7.5
-    dilate: int = 0
-    feather: int = 0
-    clip_weights: Optional[str] = None  # local open_clip weights for the foreground CLIP score
-    clip_model: Optional[str] = None
-
-
-@dataclass
-class CallbacksSection:
-    tpr_fpr: TprFprSection = field(default_factory=TprFprSection)
-    sample_images: SampleImagesSection = field(default_factory=SampleImagesSection)
-    inpainting: InpaintingSection = field(default_factory=InpaintingSection)
-
-
-@dataclass
-class MLESection:
-    label_sigma_bins: float = 0.0  # Gaussian target width in bins for the training loss; 0 = plain NLL
-
-
-@dataclass
-class DPOSection:
-    beta: float = MISSING
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-    reference: str = MISSING
-    precompute_reference: bool = False
-    sft_weight: float = 0.0  # weight of the chosen box's per-token NLL added to the DPO loss (RPO)
 
 
 @dataclass
@@ -140,22 +194,20 @@ class TrainConfig:
     run_name: str = "default"
     log_root: str = "runs"
     seed: int = 0
-    stage: str = "mle"
-    resume: bool = True
-    init_from: Optional[str] = None
-    model: Any = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    mle: MLESection = field(default_factory=MLESection)
-    trainer: TrainerSection = field(default_factory=TrainerSection)
-    callbacks: CallbacksSection = field(default_factory=CallbacksSection)
-    dpo: Optional[DPOSection] = None
+    resume: bool = True            # fit resumes from <run_dir>/checkpoints/last.ckpt when it exists
+    init_from: Optional[str] = None  # checkpoint whose model weights start this stage (any module)
+    model: Any = None
+    data: Any = None
+    module: Any = None
+    optim: Any = None
+    trainer: Any = None
+    callbacks: Any = None
 
 
 def _read_yaml(path: Path) -> DictConfig:
     if not path.is_file():
         choices = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ConfigError(f"no config file {path.relative_to(CONFIG_DIR)}; choose one of {choices}")
+        raise ConfigError(f"no config file {path.relative_to(path.parents[1])}; choose one of {choices}")
     return OmegaConf.load(path)
 
 
@@ -173,6 +225,29 @@ def _split_overrides(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
     return choices, dotlist
 
 
+def _target_of(raw: DictConfig, key: str) -> str:
+    node = OmegaConf.select(raw, key)
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        raise ConfigError(f"config key '{key}': no _target_ (the group file must name what it builds)")
+    return node["_target_"]
+
+
+def _schema(raw: DictConfig) -> DictConfig:
+    """The typed skeleton of a composed config: each section typed by the constructor it names."""
+    schema = OmegaConf.structured(TrainConfig)
+    for group in GROUPS:
+        if group not in raw or raw[group] is None:
+            raise ConfigError(f"config group '{group}' is not chosen (add it to the defaults of train.yaml)")
+    schema.model = OmegaConf.structured(_model_schema())
+    for group in ("data", "module", "optim", "trainer"):
+        schema[group] = OmegaConf.structured(section_schema(_target_of(raw, group)))
+    callbacks = OmegaConf.create({})
+    for name in raw.callbacks:
+        callbacks[name] = OmegaConf.structured(section_schema(_target_of(raw, f"callbacks.{name}")))
+    schema.callbacks = callbacks
+    return schema
+
+
 def load_config(overrides: list[str] | None = None, config_dir: Path = CONFIG_DIR) -> DictConfig:
     """Compose and validate the training config; raises ConfigError naming the offending key."""
     choices, dotlist = _split_overrides(list(overrides or []))
@@ -188,11 +263,10 @@ def load_config(overrides: list[str] | None = None, config_dir: Path = CONFIG_DI
         raise ConfigError(f"unknown config group(s) {sorted(unknown_groups)}; groups are {list(GROUPS)}")
     groups = OmegaConf.create({g: _read_yaml(config_dir / g / f"{name}.yaml") for g, name in defaults.items() if name})
     try:
-        cli = OmegaConf.from_dotlist(dotlist)
-        schema = OmegaConf.structured(TrainConfig)
-        if "dpo" in groups:
-            schema.dpo = OmegaConf.structured(DPOSection)
-        cfg = OmegaConf.merge(schema, groups, base, experiment, cli)
+        raw = OmegaConf.merge(base, groups, experiment, OmegaConf.from_dotlist(dotlist))
+        for name in [n for n, entry in (raw.get("callbacks") or {}).items() if entry is None]:
+            del raw.callbacks[name]  # `callbacks.NAME=null` switches a callback off
+        cfg = OmegaConf.merge(_schema(raw), raw)
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from None
@@ -210,13 +284,11 @@ def _one_line(err: OmegaConfBaseException) -> str:
 
 
 def _validate(cfg: DictConfig) -> None:
-    """Checks that need more than types: choices and that the model config itself is valid."""
-    if cfg.stage not in ("mle", "dpo"):
-        raise ConfigError(f"config key 'stage': must be 'mle' or 'dpo', got '{cfg.stage}'")
-    if cfg.stage == "dpo" and cfg.dpo is None:
-        raise ConfigError("config key 'dpo': stage=dpo needs the dpo group (dpo=default)")
-    if cfg.data.kind not in ("toy", "opa", "pipe"):
-        raise ConfigError(f"config key 'data.kind': must be toy, opa or pipe, got '{cfg.data.kind}'")
+    """Checks that need more than types: value ranges and that the model config itself is valid."""
+    for key, (ok, allowed) in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not ok(value):
+            raise ConfigError(f"config key '{key}': {value!r} is out of range; allowed: {allowed}")
     try:
         model_config(cfg)
     except (TypeError, ValueError) as err:
@@ -226,5 +298,13 @@ def _validate(cfg: DictConfig) -> None:
 def model_config(cfg: DictConfig) -> LocationModelConfig:
     """The LocationModelConfig a config describes: the preset with the non-null keys overriding it."""
     section = OmegaConf.to_container(cfg.model, resolve=True)
+    section.pop("_target_")
     preset = section.pop("preset")
     return LocationModelConfig.preset(preset, **{k: v for k, v in section.items() if v is not None})
+
+
+def instantiate(section: DictConfig, **internal: Any) -> Any:
+    """Build the object a config section names, with its keys plus train.py's internal arguments."""
+    kwargs = OmegaConf.to_container(section, resolve=True)
+    target = locate(kwargs.pop("_target_"))
+    return target(**kwargs, **internal)

@@ -1,4 +1,4 @@
-"""LightningDataModules over the shared shard pipeline (one class, thin named subclasses).
+"""The LightningDataModule over the shared shard pipeline: one class for every kind of shard data.
 
 Rank and world size come from ``self.trainer`` in ``setup`` (0/1 without a trainer). The
 epoch reaches the workers through `EpochLoader`: it reads ``trainer.current_epoch`` (or the value
@@ -9,13 +9,15 @@ next batch instead of replaying the epoch from its start.
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 
+from .kinds import data_kind
 from .pipeline import EpochLoader, ShardStream
 from .shards import ShardFormatError, read_split_info
 
-__all__ = ["ShardDataModule", "ToyDataModule", "OPADataModule", "PIPEDataModule"]
+__all__ = ["ShardDataModule"]
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -25,13 +27,15 @@ class ShardDataModule(L.LightningDataModule):
     ``pairs=True`` keeps samples with >=1 positive and >=1 negative and adds ``chosen`` /
     ``rejected`` (one pair per sample, re-drawn each epoch from seed+epoch+key) to every batch.
     ``resampled=True`` draws training shards with replacement (no per-epoch coverage guarantee).
+    ``kind`` names the data kind whose hooks write missing data in `prepare_data` (the toy scenes
+    are generated on first use; see datamodules/kinds.py); None: shards must exist.
     """
 
-    def __init__(self, data_dir: str, image_size: int = 64, batch_size: int = 32, num_workers: int = 0,
+    def __init__(self, data_dir: str, image_size: int = 64, batch_size: int = 64, num_workers: int = 0,
                  seed: int = 0, shuffle_buffer: int = 1000, flip_prob: float = 0.5, train_split: str | None = "train",
                  val_split: str | None = "val", test_split: str | None = "test", pairs: bool = False,
                  resampled: bool = False, eval_batch_size: int | None = None, persistent_workers: bool = False,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, kind: str | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.data_dir = str(data_dir)
@@ -39,6 +43,18 @@ class ShardDataModule(L.LightningDataModule):
         self._epoch = 0
         self._streams: dict[str, ShardStream] = {}
         self._resume: dict | None = None
+
+    def missing_splits(self) -> list[str]:
+        """`{split}.json` files of the configured splits that do not exist."""
+        hp = self.hparams
+        splits = [s for s in (hp.train_split, hp.val_split) if s is not None]
+        return [str(Path(self.data_dir) / f"{s}.json") for s in splits if not (Path(self.data_dir) / f"{s}.json").is_file()]
+
+    def prepare_data(self) -> None:
+        """Let the data kind write missing data (toy scenes); real shards come from scripts/convert_*.py."""
+        prepare = data_kind(self.hparams.kind).prepare
+        if prepare is not None and self.missing_splits():
+            prepare(self.data_dir, self.hparams.seed)
 
     def _rank_world(self) -> tuple[int, int]:
         t = self.trainer
@@ -118,18 +134,3 @@ class ShardDataModule(L.LightningDataModule):
 
     def test_dataloader(self):
         return self._loader(self.hparams.test_split, train=False)
-
-
-class ToyDataModule(ShardDataModule):
-    """Toy scenes (``scripts/make_toy_data.py``); ``data_dir`` = ``data/toy/toy-pipe`` or ``.../toy-opa``."""
-
-    def __init__(self, data_dir: str = "data/toy/toy-pipe", **kwargs):
-        super().__init__(data_dir, **kwargs)
-
-
-class OPADataModule(ShardDataModule):
-    """OPA shards (``scripts/convert_opa.py`` / ``convert_fopa.py``); ``pairs=True`` for DPO."""
-
-
-class PIPEDataModule(ShardDataModule):
-    """PIPE shards (``scripts/convert_pipe.py``): one positive per sample."""

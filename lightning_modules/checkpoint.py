@@ -76,16 +76,48 @@ def write_bytes(f, data) -> None:
     f.write(data)
 
 
-def check_resumable(ckpt: dict, path: str | Path, model_config: dict, stage: str) -> None:
-    """Refuse to resume a run from a checkpoint another config wrote (different model or stage)."""
-    saved, model_config = (json.loads(json.dumps(dict(c), default=list))  # tuples and lists compare equal
-                           for c in (ckpt["hyper_parameters"]["model_config"], model_config))
-    differ = sorted(k for k in set(saved) | set(model_config) if saved.get(k) != model_config.get(k))
+# Fields that do not change what the weights mean: where they came from and how they train.
+NON_ARCHITECTURE = ("vit_weights", "clip_weights", "gpt2_weights", "freeze_image_encoder", "freeze_text_encoder",
+                    "gpt2_dropout", "compile_decoder")
+
+
+def _config_differences(saved: dict, wanted: dict, ignore=()) -> list[str]:
+    saved, wanted = (json.loads(json.dumps(dict(c), default=list)) for c in (saved, wanted))  # tuples == lists
+    keys = sorted(k for k in set(saved) | set(wanted) if k not in ignore and saved.get(k) != wanted.get(k))
+    return [f"{k}: checkpoint {saved.get(k)!r} vs config {wanted.get(k)!r}" for k in keys]
+
+
+def saved_module(ckpt: dict) -> str:
+    """Import path of the LightningModule that wrote a checkpoint (older files: told by their hparams)."""
+    from lightning_modules.mle import MODULE_KEY
+
+    if MODULE_KEY in ckpt:
+        return ckpt[MODULE_KEY]
+    return "lightning_modules.dpo.DPOModule" if "beta" in ckpt["hyper_parameters"] else "lightning_modules.mle.MLEModule"
+
+
+def check_resumable(ckpt: dict, path: str | Path, model_config: dict, module_cls: type) -> None:
+    """Refuse to resume a run from a checkpoint another config wrote (different model or module)."""
+    from lightning_modules.mle import module_path
+
+    differ = _config_differences(ckpt["hyper_parameters"]["model_config"], model_config)
     if differ:
-        details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {model_config.get(k)!r}" for k in differ[:5])
-        raise CheckpointError(f"checkpoint {path} was written with another model config ({details}); resuming it "
-                              "would not be this run. Use another run_name, or resume=false to start over")
-    saved_stage = "dpo" if "beta" in ckpt["hyper_parameters"] else "mle"
-    if saved_stage != stage:
-        raise CheckpointError(f"checkpoint {path} is a {saved_stage} checkpoint but this run is stage={stage}; "
-                              "use another run_name (or init_from / dpo.reference to start from it)")
+        raise CheckpointError(f"checkpoint {path} was written with another model config ({', '.join(differ[:5])}); "
+                              "resuming it would not be this run. Use another run_name, or resume=false to start over")
+    saved, wanted = saved_module(ckpt), module_path(module_cls)
+    if saved != wanted:
+        raise CheckpointError(f"checkpoint {path} was written by {saved} but this run's module is {wanted}; "
+                              "use another run_name (or init_from / module.reference to start from it)")
+
+
+def load_model_weights(model: LocationModel, path: str | Path) -> None:
+    """Start `model` from the LocationModel weights of checkpoint `path` (init_from): same architecture only."""
+    ckpt = read_checkpoint(path)
+    differ = _config_differences(ckpt["hyper_parameters"]["model_config"], model.cfg.to_dict(), NON_ARCHITECTURE)
+    if differ:
+        raise CheckpointError(f"init_from {path} holds another architecture ({', '.join(differ[:5])}); "
+                              "set the model group to match it, or start from another checkpoint")
+    try:
+        model.load_state_dict(model_state_dict(ckpt))
+    except RuntimeError as err:
+        raise CheckpointError(f"init_from {path} does not fit this model: {str(err).splitlines()[0][:300]}") from None

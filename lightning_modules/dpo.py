@@ -53,6 +53,9 @@ class DPOModule(LocationLightningModule):
     saved hyper-parameters round-trip, and must match the reference when given.
     """
 
+    trains_on_pairs = True
+    model_from_reference = True
+
     def __init__(self, optim: dict, beta: float, reference: str, loss_type: str = "sigmoid",
                  label_smoothing: float = 0.0, precompute_reference: bool = False,
                  disable_dropout: bool = True, model_config: Optional[dict] = None, sft_weight: float = 0.0):

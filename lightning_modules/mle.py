@@ -1,20 +1,11 @@
 """MLE stage (PIPE pre-training, OPA fine-tuning): teacher-forced NLL of every positive box."""
 from __future__ import annotations
 
-import math
-
 import lightning as L
 import torch
 
+from lightning_modules.optim import AdamWCosine
 from models import LocationModel, LocationModelConfig
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """LR multiplier: linear warmup to 1, then cosine decay to `min_ratio` at `total_steps`."""
-    if step < warmup_steps:
-        return (step + 1) / max(1, warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def flatten_boxes(box_lists: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,10 +36,20 @@ def smoothed_token_nll(log_dist: torch.Tensor, tokens: torch.Tensor, sigma_bins:
 
 
 class LocationLightningModule(L.LightningModule):
-    """Shared by the MLE and DPO modules: the model, the optimiser and the LR schedule."""
+    """Shared by the MLE and DPO modules: the model, the optimiser and the LR schedule.
+
+    `trains_on_pairs`: batches need (chosen, rejected) boxes. `model_from_reference`: the
+    architecture comes from a reference checkpoint, not from the config's model group. The
+    module's import path is written into every checkpoint (`MODULE_KEY`), so a run is only ever
+    resumed by the same kind of module.
+    """
+
+    trains_on_pairs = False
+    model_from_reference = False
 
     def __init__(self, model_config: dict, optim: dict):
         super().__init__()
+        self.optim = AdamWCosine(**optim)
         self.model = LocationModel(LocationModelConfig.from_dict(model_config))
 
     def prefix(self, batch: dict) -> torch.Tensor:
@@ -56,22 +57,20 @@ class LocationLightningModule(L.LightningModule):
         texts = self.model.encode_texts(batch["category"])
         return self.model.build_prefix(images, texts)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[MODULE_KEY] = module_path(type(self))
+
     def configure_optimizers(self):
-        opt = self.hparams.optim
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if param.requires_grad:
-                (no_decay if param.ndim < 2 or "ln" in name or "norm" in name else decay).append(param)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": opt["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=opt["lr"],
-            betas=tuple(opt["betas"]),
-        )
         total = max(1, int(self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, opt["warmup_steps"], total, opt["min_lr_ratio"])
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return self.optim.build(self.named_parameters(), total)
+
+
+MODULE_KEY = "genloc_module"
+
+
+def module_path(cls: type) -> str:
+    """The import path of a module class, as written into its checkpoints."""
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 class MLEModule(LocationLightningModule):

@@ -57,7 +57,7 @@ def test_mle_then_dpo_on_two_ranks_with_uneven_shards(uneven_toy, tmp_path):
     out.mkdir()
     dpo_args = quick_overrides(uneven_toy / "toy-opa", tmp_path / "runs", steps=4, every=2)
     dpo_args = [a for a in dpo_args if not a.startswith("experiment=")]
-    dpo = run_fit(["experiment=toy_dpo", *dpo_args, "trainer=ddp_cpu", f"dpo.reference={reference}"],
+    dpo = run_fit(["experiment=toy_dpo", *dpo_args, "trainer=ddp_cpu", f"module.reference={reference}"],
                   {"GENLOC_TEST_OUT": str(out)}, timeout=420)
     assert dpo.returncode == 0, dpo.stderr[-3000:]
     assert_same_steps(read_ranks(out), 4)

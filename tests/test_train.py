@@ -27,7 +27,7 @@ def experiment_overrides(name, data_root, log_root, ckpt) -> list[str]:
     overrides = [f"experiment={name}"] + tiny_run_overrides(data_root / flavour, log_root)
     cfg_text = (CONFIG_DIR / "experiment" / f"{name}.yaml").read_text()
     if "dpo" in cfg_text:
-        overrides.append(f"dpo.reference={ckpt}")
+        overrides.append(f"module.reference={ckpt}")
     if "init_from" in cfg_text:
         overrides.append(f"init_from={ckpt}")
     return overrides
@@ -80,7 +80,7 @@ def test_bad_config_exits_nonzero_with_one_line_before_building(override, needle
 
 def test_mandatory_values_are_reported_before_training():
     with pytest.raises(ConfigError, match=r"dpo\.beta.*dpo\.reference|dpo\.reference.*dpo\.beta"):
-        load_config(["stage=dpo", "dpo=default"])
+        load_config(["module=dpo"])
 
 
 class _RecordStart(L.Callback):
