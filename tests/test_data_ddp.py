@@ -13,7 +13,7 @@ SCRIPT = textwrap.dedent('''
     import json, sys
     import lightning as L, torch
     sys.path.insert(0, {root!r})
-    from datamodules import ToyDataModule
+    from datamodules import ShardDataModule
 
     class M(L.LightningModule):
         def __init__(self):
@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent('''
 
     out = sys.argv[1]
     if __name__ == "__main__":
-        dm = ToyDataModule(out + "/toy", image_size=16, batch_size=4, num_workers=1, shuffle_buffer=4,
+        dm = ShardDataModule(out + "/toy", image_size=16, batch_size=4, num_workers=1, shuffle_buffer=4,
                            val_split=None, test_split=None)
         m = M()
         t = L.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", logger=False,

@@ -3,7 +3,7 @@ import lightning as L
 import pytest
 import torch
 
-from datamodules import ToyDataModule
+from datamodules import ShardDataModule
 from datamodules.toy import write_toy_split
 
 
@@ -29,7 +29,7 @@ def test_fit_pushes_epoch_to_workers(tmp_path_factory, persistent):
     d = tmp_path_factory.mktemp("toy")
     write_toy_split(d, "toy-pipe", "train", 48, seed=0, num_shards=4, progress=False)
     write_toy_split(d, "toy-pipe", "val", 10, seed=0, num_shards=2, progress=False)
-    dm = ToyDataModule(str(d), image_size=16, batch_size=8, num_workers=2, shuffle_buffer=8,
+    dm = ShardDataModule(str(d), image_size=16, batch_size=8, num_workers=2, shuffle_buffer=8,
                        persistent_workers=persistent, test_split=None)
     model = Recorder()
     trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -41,7 +41,7 @@ def test_fit_pushes_epoch_to_workers(tmp_path_factory, persistent):
     assert all(len({k for b in e for k in b}) == 48 for e in epochs)
     assert len(model.keys["val"]) == 10
     # the same seed, epoch and num_workers reproduce the order outside Lightning
-    dm2 = ToyDataModule(str(d), image_size=16, batch_size=8, num_workers=2, shuffle_buffer=8, test_split=None)
+    dm2 = ShardDataModule(str(d), image_size=16, batch_size=8, num_workers=2, shuffle_buffer=8, test_split=None)
     dm2.setup("fit")
     dm2.set_epoch(2)
     assert [tuple(b["key"]) for b in dm2.train_dataloader()] == epochs[2]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules import OPADataModule, ToyDataModule
+from datamodules import ShardDataModule
 from datamodules.pipeline import EpochLoader, ShardStream
 from datamodules.shards import ShardFormatError, ShardWriter, iter_annotations
 from datamodules.toy import is_plausible, render_scene, write_toy_split
@@ -86,7 +86,7 @@ def test_persistent_workers_follow_the_epoch(toy_dir):
 def test_batch_dict_resize_and_flip_against_oracle(toy_dir):
     """80x48 scenes stretched to 32x32, flipped half the time: every positive stays plausible,
     every negative implausible, and the image matches the (mirrored) scene rendering."""
-    dm = ToyDataModule(str(toy_dir), image_size=32, batch_size=BATCH, seed=3, shuffle_buffer=8, flip_prob=0.5,
+    dm = ShardDataModule(str(toy_dir), image_size=32, batch_size=BATCH, seed=3, shuffle_buffer=8, flip_prob=0.5,
                        train_split="wide", val_split=None)
     dm.setup("fit")  # no trainer: rank 0 of 1
     flips = 0
@@ -107,7 +107,7 @@ def test_batch_dict_resize_and_flip_against_oracle(toy_dir):
 
 
 def test_pairs_redrawn_per_epoch_and_deterministic(toy_dir):
-    dm = OPADataModule(str(toy_dir), image_size=32, batch_size=BATCH, pairs=True, flip_prob=0.0,
+    dm = ShardDataModule(str(toy_dir), image_size=32, batch_size=BATCH, pairs=True, flip_prob=0.0,
                        shuffle_buffer=1, val_split=None, test_split=None)
     dm.setup("fit")
 
@@ -155,7 +155,7 @@ def write_with_corruption(d):
 
 def test_corrupt_samples_are_skipped_counted_and_logged(tmp_path, caplog):
     write_with_corruption(tmp_path)
-    dm = ToyDataModule(str(tmp_path), image_size=16, batch_size=1, val_split="train", train_split=None)
+    dm = ShardDataModule(str(tmp_path), image_size=16, batch_size=1, val_split="train", train_split=None)
     dm.setup("validate")
     with caplog.at_level(logging.WARNING, logger="datamodules"):
         keys = [k for b in dm.val_dataloader() for k in b["key"]]
@@ -185,7 +185,7 @@ def test_clear_errors(tmp_path, toy_dir):
     (tmp_path / "empty.json").write_text(json.dumps({"num_samples": 0, "num_shards": 0, "source": "toy"}))
     with pytest.raises(ShardFormatError, match=r"empty split: .*empty\.json"):
         ShardStream(tmp_path, "empty", image_size=32, batch_size=2, train=False)
-    dm = ToyDataModule(str(tmp_path / "absent"))
+    dm = ShardDataModule(str(tmp_path / "absent"))
     with pytest.raises(ShardFormatError, match="does not exist"):
         dm.setup("fit")
 

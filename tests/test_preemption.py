@@ -33,7 +33,7 @@ def test_sigusr1_checkpoints_requeues_and_the_requeued_run_resumes(tiny_toy_data
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
     run = tmp_path / "runs" / "toy_pretrain" / "default"
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
-    assert saved["global_step"] == 3 and saved["ToyDataModule"] == {"epoch": 0, "batches_done": 3}
+    assert saved["global_step"] == 3 and saved["ShardDataModule"] == {"epoch": 0, "batches_done": 3}
     assert not list(run.glob("hpc_ckpt_*.ckpt")) and not list(run.rglob("*.partial"))
 
     requeued = run_fit(overrides, slurm)  # what SLURM runs again after the requeue: the same command

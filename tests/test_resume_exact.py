@@ -55,7 +55,7 @@ def test_sigkill_mid_epoch_then_same_command_is_bit_exact(tiny_toy_data, tmp_pat
     killed = run_fit(common + ["run_name=B"], {"GENLOC_TEST_KILL_AT_STEP": "5"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     ckpt_dir = tmp_path / "toy_pretrain" / "B" / "checkpoints"
-    assert torch.load(ckpt_dir / "last.ckpt", weights_only=False)["ToyDataModule"] == {"epoch": 0, "batches_done": 5}
+    assert torch.load(ckpt_dir / "last.ckpt", weights_only=False)["ShardDataModule"] == {"epoch": 0, "batches_done": 5}
 
     resumed = run_fit(common + ["run_name=B"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -79,7 +79,7 @@ def test_bad_config_exits_nonzero_with_one_line_before_building(override, needle
 
 
 def test_mandatory_values_are_reported_before_training():
-    with pytest.raises(ConfigError, match=r"dpo\.beta.*dpo\.reference|dpo\.reference.*dpo\.beta"):
+    with pytest.raises(ConfigError, match=r"module\.beta.*module\.reference|module\.reference.*module\.beta"):
         load_config(["module=dpo"])
 
 
