@@ -22,10 +22,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import lightning as L  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 
 from configs.schema import ConfigError, instantiate, internal_args, load_config, locate, model_config  # noqa: E402
 from datamodules.shards import ShardFormatError  # noqa: E402
 from lightning_modules.checkpoint import CheckpointError  # noqa: E402
+from lightning_modules.run_files import (RunLock, config_changes_on_resume, newest_last_checkpoint,  # noqa: E402
+                                         remove_stale_partials, write_metrics, write_text_atomic)
 from models.pretrained import PretrainedWeightsError  # noqa: E402
 
 log = logging.getLogger("genloc.train")
@@ -84,10 +87,6 @@ def build_trainer(cfg: DictConfig, directory: Path, callbacks: list):
 
 def train(cfg: DictConfig, extra_callbacks: list = ()) -> dict:
     """Run one training stage; returns the final metrics and the objects a caller may inspect."""
-    from callbacks.preemption import Preemption
-    from callbacks.reproducible import ReproducibleSteps
-    from lightning_modules.checkpoint import check_resumable, load_model_weights, read_checkpoint
-
     module_cls = locate(cfg.module._target_)
     datamodule = build_datamodule(cfg, module_cls)
     L.seed_everything(cfg.seed, workers=True)
@@ -99,9 +98,23 @@ def train(cfg: DictConfig, extra_callbacks: list = ()) -> dict:
     warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     directory = run_dir(cfg)
-    last = directory / "checkpoints" / "last.ckpt"
-    resume_from = str(last) if cfg.resume and last.exists() else None
-    saved = read_checkpoint(last) if resume_from else None  # a corrupt last.ckpt is an error, never a restart
+    with RunLock(directory, enabled=rank_zero_only.rank == 0):
+        return _fit(cfg, module_cls, datamodule, directory, extra_callbacks)
+
+
+def _fit(cfg: DictConfig, module_cls: type, datamodule, directory: Path, extra_callbacks) -> dict:
+    from callbacks.preemption import Preemption
+    from callbacks.reproducible import ReproducibleSteps
+    from lightning_modules.checkpoint import check_resumable, load_model_weights, read_checkpoint
+
+    checkpoints = directory / "checkpoints"
+    last = newest_last_checkpoint(checkpoints) if cfg.resume else None
+    saved = read_checkpoint(last) if last else None  # a corrupt last.ckpt is an error, never a restart
+    if saved is not None:
+        check_config_unchanged(cfg, directory)
+    if rank_zero_only.rank == 0:
+        for stale in remove_stale_partials(checkpoints):
+            log.warning("removed %s, left by a save that was killed", stale)
 
     module = build_module(cfg, module_cls)
     if saved is not None:  # nor is one of another model or module
@@ -110,19 +123,34 @@ def train(cfg: DictConfig, extra_callbacks: list = ()) -> dict:
     elif cfg.init_from:
         load_model_weights(module.model, cfg.init_from)
         log.info("initialised model weights from %s", cfg.init_from)
-    preemption = Preemption(last)
+    preemption = Preemption(checkpoints / "last.ckpt")
     callbacks = build_callbacks(cfg, directory, [ReproducibleSteps(cfg.seed), preemption]) + list(extra_callbacks)
     trainer = build_trainer(cfg, directory, callbacks)
     if trainer.is_global_zero:
-        directory.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, directory / "config.yaml")
+        write_text_atomic(directory / "config.yaml", OmegaConf.to_yaml(cfg))
     with preemption.handling_sigusr1():
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last else None)
     metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if v.numel() == 1}
+    metrics.update({f"data/skipped_samples/{split}": float(n) for split, n in datamodule.num_skipped.items() if n})
     if trainer.is_global_zero:
-        (directory / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        if not write_metrics(directory / "metrics.json", metrics, trainer.global_step):
+            previous = directory / "metrics.json"
+            metrics = json.loads(previous.read_text()) if previous.is_file() else {}
+            log.warning("nothing left to train (step %d of %d): %s kept", trainer.global_step,
+                        cfg.trainer.max_steps, previous)
     return {"metrics": metrics, "trainer": trainer, "module": module, "datamodule": datamodule,
-            "run_dir": directory, "resumed_from": resume_from, "preempted_at": preemption.saved_at}
+            "run_dir": directory, "resumed_from": str(last) if last else None, "preempted_at": preemption.saved_at}
+
+
+def check_config_unchanged(cfg: DictConfig, directory: Path) -> None:
+    """A resumed run continues the saved one: settings it would silently ignore are an error."""
+    saved = directory / "config.yaml"
+    if not saved.is_file():
+        return
+    changes = config_changes_on_resume(OmegaConf.load(saved), cfg)
+    if changes:
+        raise ConfigError(f"resuming {directory} with other settings than it was trained with ({'; '.join(changes[:4])}); "
+                          "a resumed run keeps its optimiser, schedule, model and data: use resume=false or another run_name")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,7 @@ class FinalCheckpoint(ModelCheckpoint):
         return super().on_save_checkpoint(trainer, pl_module, checkpoint)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        super().on_train_end(trainer, pl_module)
+        # replaces ModelCheckpoint's own rule, which would also re-save `last` after a pre-emption
+        # save, when the epoch counter has already moved on
         if self.save_last and self.dirpath and self.saved_step != trainer.global_step:
             trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")

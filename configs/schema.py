@@ -65,8 +65,54 @@ INTERNAL: dict[str, dict[str, str]] = {
     "callbacks.InpaintingCallback": {"seed": "the run's top-level `seed`"},
 }
 
-# Range rules of keys whose type alone admits nonsense: (predicate, what is allowed).
-RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {}
+def _at_least(low):
+    return (lambda v: v >= low), f">= {low}"
+
+
+def _optional_at_least(low):
+    return (lambda v: v is None or v >= low), f"null or >= {low}"
+
+
+def _between(low, high, high_open=False):
+    return ((lambda v: low <= v < high) if high_open else (lambda v: low <= v <= high),
+            f"[{low}, {high}{')' if high_open else ']'}")
+
+
+# Arguments whose type alone admits nonsense, by constructor: (predicate, what is allowed).
+# Checked in every section that builds the constructor, so a renamed callback entry is checked too.
+RANGES: dict[str, dict[str, tuple[typing.Callable[[Any], bool], str]]] = {
+    "datamodules.ShardDataModule": {
+        "batch_size": _at_least(1), "num_workers": _at_least(0), "shuffle_buffer": _at_least(1),
+        "flip_prob": _between(0.0, 1.0), "eval_batch_size": _optional_at_least(1),
+    },
+    "lightning_modules.AdamWCosine": {
+        "lr": _at_least(0.0), "weight_decay": _at_least(0.0), "warmup_steps": _at_least(0),
+        "min_lr_ratio": _between(0.0, 1.0),
+        "betas": ((lambda v: len(v) == 2 and all(0 <= b < 1 for b in v)), "two values in [0, 1), e.g. [0.9, 0.95]"),
+    },
+    "lightning.Trainer": {
+        "max_steps": _at_least(1),
+        "val_check_interval": ((lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+                               "a whole number of training steps >= 1 (validation runs across epochs)"),
+        "log_every_n_steps": _optional_at_least(1), "accumulate_grad_batches": _at_least(1),
+        "gradient_clip_val": _optional_at_least(0.0), "num_sanity_val_steps": _optional_at_least(-1),
+    },
+    "lightning_modules.MLEModule": {"label_sigma_bins": _at_least(0.0)},
+    "lightning_modules.DPOModule": {
+        "beta": ((lambda v: v > 0), "> 0"), "label_smoothing": _between(0.0, 0.5, high_open=True),
+        "sft_weight": _at_least(0.0),
+    },
+    "callbacks.TprFprCallback": {
+        "every_n_val_epochs": _at_least(0), "num_samples": _at_least(1), "max_eval_samples": _optional_at_least(1),
+        "iou_threshold": ((lambda v: 0 < v <= 1), "(0, 1]"), "temperature": ((lambda v: v > 0), "> 0"),
+        "top_k": _optional_at_least(1), "top_p": ((lambda v: v is None or 0 < v <= 1), "null or (0, 1]"),
+    },
+    "callbacks.SampleImagesCallback": {
+        "every_n_val_epochs": _at_least(0), "num_images": _at_least(1), "boxes_per_image": _at_least(1),
+    },
+    "callbacks.InpaintingCallback": {"every_n_val_epochs": _at_least(0), "num_images": _at_least(1), "steps": _at_least(1)},
+    "callbacks.FinalCheckpoint": {"save_top_k": _at_least(-1), "every_n_train_steps": _optional_at_least(0)},
+}
 
 
 class ConfigError(ValueError):
@@ -285,10 +331,17 @@ def _one_line(err: OmegaConfBaseException) -> str:
 
 def _validate(cfg: DictConfig) -> None:
     """Checks that need more than types: value ranges and that the model config itself is valid."""
-    for key, (ok, allowed) in RANGES.items():
-        value = OmegaConf.select(cfg, key)
-        if value is not None and not ok(value):
-            raise ConfigError(f"config key '{key}': {value!r} is out of range; allowed: {allowed}")
+    sections = [(g, cfg[g]) for g in ("data", "module", "optim", "trainer")]
+    sections += [(f"callbacks.{name}", section) for name, section in cfg.callbacks.items()]
+    for key, section in sections:
+        target = locate(section._target_)
+        for path, rules in RANGES.items():
+            if target is not locate(path) and not (isinstance(target, type) and issubclass(target, locate(path))):
+                continue
+            for name, (ok, allowed) in rules.items():
+                value = section.get(name)
+                if name in section and not OmegaConf.is_missing(section, name) and not ok(value):
+                    raise ConfigError(f"config key '{key}.{name}': {value!r} is out of range; allowed: {allowed}")
     try:
         model_config(cfg)
     except (TypeError, ValueError) as err:

@@ -1,9 +1,11 @@
 """The one way tools load a trained location model from a Lightning checkpoint (see docs/ARCHITECTURE.md)."""
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -49,21 +51,33 @@ def load_location_model(path: str | Path) -> LocationModel:
 def atomic_save(checkpoint: dict, path: str | Path) -> None:
     """Write a checkpoint so that its final name never holds a half-written file.
 
-    Serialised in memory, written to ``.<name>.partial`` in the same folder, fsynced, then renamed
-    over the target (``os.replace`` is atomic on POSIX): a crash or SIGKILL while saving leaves the
-    previous ``last.ckpt`` intact. ``.partial`` does not end in ``.ckpt``, so nothing takes a
-    leftover for a checkpoint, and the next save overwrites it.
+    Serialised in memory, written to a unique ``.<name>.<random>.partial`` in the same folder (two
+    writers never share a temporary file), fsynced, then renamed over the target (``os.replace`` is
+    atomic on POSIX): a crash or SIGKILL while saving leaves the previous ``last.ckpt`` intact. A
+    failed write (disk full, ...) removes its temporary file and names the checkpoint; a SIGKILL
+    leftover never ends in ``.ckpt`` and is removed at the next start under the run lock.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
-    partial = path.with_name(f".{path.name}.partial")
-    with open(partial, "wb") as f:
-        write_bytes(f, buffer.getbuffer())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
+    fd, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        with open(partial, "wb") as f:
+            write_bytes(f, buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except OSError as err:
+        Path(partial).unlink(missing_ok=True)
+        if err.errno == errno.ENOSPC:
+            raise CheckpointError(f"disk full while saving {path} ({len(buffer.getbuffer()) / 2**20:.0f} MB); the previous "
+                                  f"file is intact: free space on {path.parent} and run the same command to resume") from None
+        raise
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable

@@ -87,6 +87,8 @@ def test_truncated_tar_and_bad_samples_in_a_training_run_are_skipped(toy_copy, t
     result = train_script.train(cfg)
     assert result["trainer"].global_step == 3
     assert result["datamodule"].num_skipped["train"] >= 2  # both torn shards, counted in the worker
+    recorded = json.loads((result["run_dir"] / "metrics.json").read_text())
+    assert recorded["data/skipped_samples/train"] == result["datamodule"].num_skipped["train"]
 
 
 def test_unknown_category():

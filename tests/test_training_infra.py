@@ -67,8 +67,7 @@ class _Trainer:
         self.saved.append(str(path))
 
 
-def test_final_checkpoint_saves_last_only_when_the_final_step_is_missing(tmp_path, monkeypatch):
-    monkeypatch.setattr("lightning.pytorch.callbacks.ModelCheckpoint.on_train_end", lambda *a: None)
+def test_final_checkpoint_saves_last_only_when_the_final_step_is_missing(tmp_path):
     callback = FinalCheckpoint(dirpath=tmp_path, save_last=True)
     trainer = _Trainer(step=10)
     callback.on_save_checkpoint(trainer, None, {})

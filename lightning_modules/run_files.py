@@ -1,0 +1,119 @@
+"""Run-folder bookkeeping that never misleads: one process per run folder, resume from the newest
+`last*.ckpt`, a `config.yaml` that describes what the run does, results never replaced by emptiness.
+
+The rules follow the tools we wrap: Lightning's `ckpt_path="last"` takes the newest `last*.ckpt`
+by modification time; LightningCLI refuses to overwrite another run's config; files are written
+to a unique temporary name and renamed into place.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_modules.checkpoint import CheckpointError
+
+# Keys a resumed run may change: how and how long it runs, not what it learns.
+RESUME_MAY_CHANGE = (
+    "run_name", "resume", "init_from", "log_root",
+    "trainer.max_steps", "trainer.max_time", "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
+    "trainer.strategy", "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
+    "trainer.limit_val_batches", "trainer.profiler", "trainer.detect_anomaly",
+    "data.data_dir", "data.num_workers", "data.eval_batch_size", "data.persistent_workers", "data.pin_memory",
+    "callbacks", "model.compile_decoder", "model.vit_weights", "model.clip_weights", "model.gpt2_weights",
+    "module.reference",
+)
+
+
+class RunLock:
+    """An exclusive `flock` on `<run_dir>/.lock` for the life of a run (released by the OS if the
+    process dies), so two runs can never write one folder. Only global rank zero takes it."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.path = Path(run_dir) / ".lock"
+        self.enabled = enabled
+        self._fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        if not self.enabled:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise CheckpointError(f"run folder {self.path.parent} is in use by another run (pid {owner}); "
+                                  "wait for it to finish or choose another run_name") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None
+
+
+def newest_last_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest `last*.ckpt` (Lightning's rule for `ckpt_path="last"`), or None."""
+    candidates = [p for p in Path(checkpoint_dir).glob("last*.ckpt") if p.is_file()]
+    return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None
+
+
+def remove_stale_partials(checkpoint_dir: Path) -> list[Path]:
+    """Temporary files of saves that died (SIGKILL, power loss); only called under the run lock."""
+    stale = [p for p in Path(checkpoint_dir).glob(".*.partial") if p.is_file()]
+    for p in stale:
+        p.unlink()
+    return stale
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a unique temporary file in the same folder and rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def config_changes_on_resume(saved: DictConfig, cfg: DictConfig) -> list[str]:
+    """Keys whose value differs from the run's saved config.yaml and that a resume would not honour
+    (the optimiser, schedule, model and data order come from the checkpoint and the saved config)."""
+    old = _flatten(OmegaConf.to_container(saved, resolve=True))
+    new = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return [f"{k}: run {old.get(k)!r} vs now {new.get(k)!r}" for k in changed
+            if not any(k == p or k.startswith(p + ".") for p in RESUME_MAY_CHANGE)]
+
+
+def write_metrics(path: Path, metrics: dict, global_step: int) -> bool:
+    """Write metrics.json unless this fit produced none (a finished run started again): a
+    previous result is never replaced by an empty one. Returns whether it was written."""
+    if not metrics:
+        return False
+    write_text_atomic(path, json.dumps({**metrics, "trainer/global_step": global_step}, indent=1))
+    return True

@@ -1,0 +1,159 @@
+"""Run bookkeeping never misleads (issue 15): resume from the newest checkpoint, one run per folder,
+results and config.yaml never replaced by an empty or different run's, range-checked config values,
+clear errors for init_from of another architecture and for a full disk."""
+import errno
+import json
+import os
+import shutil
+import threading
+
+import pytest
+import torch
+
+import train as train_script
+from configs.schema import load_config
+from conftest import tiny_run_overrides
+from lightning_modules import checkpoint
+from lightning_modules.run_files import RunLock, newest_last_checkpoint
+
+
+def _args(data, log_root, steps=1, run_name="default", extra=()):
+    return (["experiment=toy_pretrain", f"run_name={run_name}"] + tiny_run_overrides(data, log_root, steps=steps)
+            + ["callbacks.tpr_fpr.every_n_val_epochs=0", "callbacks.sample_images.every_n_val_epochs=0"] + list(extra))
+
+
+def _main(args, capsys):
+    """Exit code and the error line (library warnings may share stderr; exactly one error line)."""
+    code = train_script.main(args)
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) <= 1, errors
+    return code, "\n".join(errors)
+
+
+def _step(path):
+    return checkpoint.read_checkpoint(path)["global_step"]
+
+
+@pytest.mark.slow
+def test_moved_run_folder_resumes_from_its_newest_checkpoint(tiny_toy_data, tmp_path):
+    data = tiny_toy_data / "toy-pipe"
+    train_script.train(load_config(_args(data, tmp_path, steps=2, run_name="A")))
+    shutil.move(tmp_path / "toy_pretrain" / "A", tmp_path / "toy_pretrain" / "B")
+    for steps in (3, 4):
+        result = train_script.train(load_config(_args(data, tmp_path, steps=steps, run_name="B")))
+        assert result["trainer"].global_step == steps
+    ckpts = tmp_path / "toy_pretrain" / "B" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("last*.ckpt")) == ["last.ckpt"]  # no stale last-v1 beside it
+    assert _step(ckpts / "last.ckpt") == 4
+
+
+def test_newest_last_checkpoint_follows_lightning_rule(tmp_path):
+    for i, name in enumerate(["last.ckpt", "last-v1.ckpt", "last-v2.ckpt"]):
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, ns=(10**18 + i, 10**18 + i))
+    os.utime(tmp_path / "last.ckpt", ns=(2 * 10**18, 2 * 10**18))
+    assert newest_last_checkpoint(tmp_path).name == "last.ckpt"
+    assert newest_last_checkpoint(tmp_path / "none") is None
+
+
+def test_finished_run_started_again_keeps_its_results(tiny_toy_data, tmp_path, capsys):
+    args = _args(tiny_toy_data / "toy-pipe", tmp_path)
+    assert _main(args, capsys)[0] == 0
+    run = tmp_path / "toy_pretrain" / "default"
+    before = json.loads((run / "metrics.json").read_text())
+    assert before["trainer/global_step"] == 1 and "train/loss" in before
+    assert _main(args, capsys)[0] == 0
+    assert json.loads((run / "metrics.json").read_text()) == before
+
+
+def test_a_run_folder_in_use_is_refused(tiny_toy_data, tmp_path, capsys):
+    args = _args(tiny_toy_data / "toy-pipe", tmp_path)
+    run = tmp_path / "toy_pretrain" / "default"
+    with RunLock(run):
+        code, err = _main(args, capsys)
+    assert code == 2 and "in use by another run" in err and str(os.getpid()) in err and len(err.splitlines()) == 1
+    assert not (run / "checkpoints").exists() and not (run / "config.yaml").exists()
+    assert _main(args, capsys)[0] == 0  # released with the holder
+
+
+def test_concurrent_saves_of_one_file_do_not_collide(tmp_path):
+    errors = []
+
+    def save(value):
+        try:
+            for _ in range(5):
+                checkpoint.atomic_save({"value": torch.full((1000,), value)}, tmp_path / "last.ckpt")
+        except Exception as err:  # noqa: BLE001 - the assertion below names it
+            errors.append(err)
+
+    threads = [threading.Thread(target=save, args=(v,)) for v in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(set(torch.load(tmp_path / "last.ckpt", weights_only=False)["value"].tolist())) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_resume_with_settings_it_would_ignore_is_refused(tiny_toy_data, tmp_path, capsys):
+    data = tiny_toy_data / "toy-pipe"
+    assert _main(_args(data, tmp_path), capsys)[0] == 0
+    config = tmp_path / "toy_pretrain" / "default" / "config.yaml"
+    saved = config.read_text()
+    code, err = _main(_args(data, tmp_path, steps=2, extra=["optim.lr=0.5"]), capsys)
+    assert code == 2 and "optim.lr" in err and "resume=false" in err and len(err.splitlines()) == 1, err
+    assert config.read_text() == saved  # the record still describes the run
+    assert _main(_args(data, tmp_path, steps=2), capsys)[0] == 0  # a longer run is a resume
+    assert "max_steps: 2" in config.read_text()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.batch_size=0", "data.batch_size"), ("optim.lr=-1", "optim.lr"),
+    ("trainer.val_check_interval=0", "trainer.val_check_interval"), ("data.num_workers=-1", "data.num_workers"),
+    ("optim.betas=[0.9]", "optim.betas"), ("data.flip_prob=2", "data.flip_prob"),
+    ("optim.warmup_steps=-5", "optim.warmup_steps"), ("trainer.max_steps=0", "trainer.max_steps"),
+    ("callbacks.tpr_fpr.num_samples=0", "callbacks.tpr_fpr.num_samples"),
+    ("callbacks.tpr_fpr.top_p=1.5", "callbacks.tpr_fpr.top_p"), ("data.eval_batch_size=0", "data.eval_batch_size"),
+])
+def test_out_of_range_values_are_one_line_errors_before_anything_is_built(override, key, tmp_path, capsys, monkeypatch):
+    def no_build(*args, **kwargs):
+        raise AssertionError("something was built before the config error was reported")
+
+    monkeypatch.setattr(train_script, "instantiate", no_build)
+    code, err = _main([override, f"log_root={tmp_path}"], capsys)
+    assert code == 2 and f"'{key}'" in err and "out of range" in err and len(err.splitlines()) == 1, err
+    assert not tmp_path.joinpath("toy_pretrain").exists()
+
+
+def test_init_from_another_architecture_is_a_one_line_error(tiny_toy_data, tmp_path, capsys):
+    data = tiny_toy_data / "toy-pipe"
+    assert _main(_args(data, tmp_path, run_name="small", extra=["model.num_bins=32"]), capsys)[0] == 0
+    other = tmp_path / "toy_pretrain" / "small" / "checkpoints" / "last.ckpt"
+    code, err = _main(_args(data, tmp_path, run_name="big", extra=[f"init_from={other}"]), capsys)
+    assert code == 2 and "another architecture" in err and "num_bins" in err and len(err.splitlines()) == 1, err
+
+
+def test_disk_full_while_saving_names_the_file_and_keeps_the_previous(tiny_toy_data, tmp_path, capsys, monkeypatch):
+    data = tiny_toy_data / "toy-pipe"
+    assert _main(_args(data, tmp_path), capsys)[0] == 0
+    ckpts = tmp_path / "toy_pretrain" / "default" / "checkpoints"
+
+    def full(f, data):
+        f.write(bytes(data)[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "write_bytes", full)
+    code, err = _main(_args(data, tmp_path, steps=2), capsys)
+    assert code == 2 and "disk full" in err and len(err.splitlines()) == 1, err
+    assert _step(ckpts / "last.ckpt") == 1
+    assert not list(ckpts.glob(".*partial"))
+
+
+def test_leftover_of_a_killed_save_is_removed_at_the_next_start(tiny_toy_data, tmp_path, capsys):
+    data = tiny_toy_data / "toy-pipe"
+    assert _main(_args(data, tmp_path), capsys)[0] == 0
+    ckpts = tmp_path / "toy_pretrain" / "default" / "checkpoints"
+    (ckpts / ".last.ckpt.1234abcd.partial").write_bytes(b"torn")
+    assert _main(_args(data, tmp_path, steps=2), capsys)[0] == 0
+    assert not list(ckpts.glob(".*partial")) and _step(ckpts / "last.ckpt") == 2
