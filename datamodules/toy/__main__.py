@@ -1,24 +1,21 @@
-#!/usr/bin/env python
-"""Write the toy-scene benchmark shards: OUT/toy-pipe/{train,val,test} and OUT/toy-opa/{train,val,test}.
+"""Write the toy-scene shards: OUT/toy-pipe/{train,val,test} and OUT/toy-opa/{train,val,test}.
 
-Example: python scripts/make_toy_data.py --out data/toy --seed 0
-Also prints the image-blind and uniform-random plausible rates on the test splits.
+    python -m datamodules.toy --out data/toy --seed 0
+
+The image-blind and uniform-random baselines of the written data come from evaluate.py, e.g.
+``python evaluate.py --baseline blind --data data/toy/toy-opa --split test`` (plausible rate included).
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from datamodules.shards import iter_annotations  # noqa: E402
-from datamodules.toy import CLASSES, blind_baseline_rate, uniform_random_rate, write_toy_dataset  # noqa: E402
+from .scenes import CLASSES, write_toy_dataset
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m datamodules.toy", description=__doc__.splitlines()[0],
+                                 epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="data/toy", help="output folder (default: data/toy)")
     ap.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
     ap.add_argument("--size", type=int, default=64, help="image width = height in pixels (default: 64)")
@@ -28,7 +25,6 @@ def main(argv=None):
     ap.add_argument("--val", type=int, default=256, help="val samples per flavour (default: 256)")
     ap.add_argument("--test", type=int, default=256, help="test samples per flavour (default: 256)")
     ap.add_argument("--classes", default=",".join(CLASSES), help=f"comma list from {CLASSES}")
-    ap.add_argument("--no-baselines", action="store_true", help="skip the baseline measurement")
     a = ap.parse_args(argv)
     classes = tuple(c for c in a.classes.split(",") if c)
     if unknown := set(classes) - set(CLASSES):
@@ -40,12 +36,7 @@ def main(argv=None):
     for name, d in done.items():
         print(f"{name}: {d['samples']} samples in {d['seconds']} s")
     print(f"wrote {a.out} in {time.perf_counter() - t:.1f} s")
-    if not a.no_baselines:
-        for flavour in sizes:
-            root = Path(a.out) / flavour
-            train, test = list(iter_annotations(root, "train")), list(iter_annotations(root, "test"))
-            print(f"{flavour} test plausible rate: image-blind (random train box of the class) "
-                  f"{blind_baseline_rate(train, test):.3f}, uniform random box {uniform_random_rate(test):.4f}")
+    return done
 
 
 if __name__ == "__main__":
