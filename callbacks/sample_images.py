@@ -15,10 +15,9 @@ def draw_boxes(image: torch.Tensor, positives: torch.Tensor, samples: torch.Tens
     """uint8 [3,size,size] picture of one image ([3,H,W] in [0,1]) with normalised boxes drawn on it."""
     picture = F.interpolate(image[None].float().cpu(), size=(size, size), mode="bilinear", align_corners=False)[0]
     picture = (picture.clamp(0, 1) * 255).to(torch.uint8)
-    if len(positives):
-        picture = draw_bounding_boxes(picture, denormalise(positives.cpu(), (size, size)).round(), colors="lime", width=1)
-    if len(samples):
-        picture = draw_bounding_boxes(picture, denormalise(samples.cpu(), (size, size)).round(), colors="red", width=1)
+    for boxes, colour in ((positives, "lime"), (samples, "red")):
+        if len(boxes):
+            picture = draw_bounding_boxes(picture, denormalise(boxes.cpu(), (size, size)).round(), colors=colour, width=1)
     return picture
 
 

@@ -3,8 +3,9 @@
 Per rank and worker: shard list -> tar samples -> (train) seeded sample shuffle buffer -> decode,
 validate (the one box rule, `models.boxes.validate_boxes`), resize (stretch to ``image_size``;
 normalised boxes unchanged), (train) horizontal flip of image, boxes and -- through the data kind's
-``flip_meta`` hook (`datamodules.kinds`, the kind named by ``{split}.json``'s "source") -- meta, (pairs) one (positive, negative) pair per sample -> batches collated into the
-batch dict of docs/ARCHITECTURE.md.
+``flip_meta`` hook (`datamodules.kinds`, the kind named by ``{split}.json``'s "source") -- meta,
+(pairs) one (positive, negative) pair per sample -> batches collated into the batch dict of
+docs/ARCHITECTURE.md.
 
 DDP safety:
 - Train shards are shuffled with ``Random(seed, epoch, pass)`` BEFORE the rank split, the same on
@@ -59,9 +60,9 @@ class CorruptSample(ValueError):
 
 def _boxes(raw, w: int, h: int, what: str) -> torch.Tensor:
     """Pixel boxes of the json -> normalised float32 ``[k, 4]``, by the one rule of `models.boxes`."""
-    check = validate_boxes(torch.tensor(raw, dtype=torch.float64).reshape(-1, 4), (w, h))
+    check = validate_boxes(np.asarray(raw, dtype=np.float64).reshape(-1, 4), (w, h))
     check.raise_first(f"{what} box", CorruptSample)
-    return normalise(check.clipped, (w, h)).float()
+    return torch.from_numpy(normalise(check.clipped, (w, h))).float()
 
 
 def decode_sample(sample: dict, image_size: int) -> dict:

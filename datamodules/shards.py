@@ -19,7 +19,6 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from models.boxes import validate_boxes
@@ -44,7 +43,7 @@ def _valid_boxes(boxes, width: int, height: int) -> tuple[list[list[float]], Cou
             problems["box: not 4 numbers"] += 1
             continue
         parsed.append([x1, y1, x2, y2])
-    check = validate_boxes(torch.tensor(parsed, dtype=torch.float64).reshape(-1, 4), (width, height))
+    check = validate_boxes(np.asarray(parsed, dtype=np.float64).reshape(-1, 4), (width, height))
     problems.update({f"box: {what}": n for what, n in check.counts().items()})
     kept = check.valid & (check.clipped != check.boxes).any(-1)
     if kept.any():
@@ -256,8 +255,8 @@ def read_split_info(data_dir, split: str) -> SplitInfo:
         hint = "" if data_dir.is_dir() else f" (the folder {data_dir} does not exist)"
         raise ShardFormatError(
             f"missing split file {path}{hint}: the split '{split}' was never converted or its conversion "
-            f"did not finish. Run a converter (e.g. `python -m datamodules.toy --out data/toy` or "
-            f"scripts/convert_opa.py) or point data_dir at the folder holding {split}.json.")
+            f"did not finish. Run a converter (scripts/convert_*.py; toy scenes: the toy package's CLI, see "
+            f"datamodules/README.md) or point data_dir at the folder holding {split}.json.")
     try:
         info = json.loads(path.read_text())
     except json.JSONDecodeError as e:

@@ -80,7 +80,8 @@ def cxcywh_to_xyxy(boxes):
 def xyxy_to_cxcywh(boxes):
     """Corners -> centre plus width and height."""
     b, stack = _split(boxes)
-    return stack([(b[..., 0] + b[..., 2]) / 2, (b[..., 1] + b[..., 3]) / 2, b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]])
+    return stack([(b[..., 0] + b[..., 2]) / 2, (b[..., 1] + b[..., 3]) / 2,
+                  b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]])
 
 
 def fopa_centre_to_xyxy(boxes):
@@ -170,29 +171,29 @@ def iou_at_least(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- validation
 class BoxCheck(NamedTuple):
-    """Verdicts of `validate_boxes` on ``[..., 4]`` boxes: the boxes as given and clipped to the image
-    (float64), the image extent per coordinate, and one problem code per box (``[...]``, 0 = valid,
-    k = ``PROBLEMS[k - 1]``)."""
+    """Verdicts of `validate_boxes` on ``[..., 4]`` boxes (float64 numpy arrays): the boxes as given,
+    the boxes clipped to the image, the image extent per coordinate, and one problem code per box
+    (``[...]``, 0 = valid, k = ``PROBLEMS[k - 1]``)."""
 
-    boxes: torch.Tensor
-    clipped: torch.Tensor
-    extent: torch.Tensor
-    problem: torch.Tensor
+    boxes: np.ndarray
+    clipped: np.ndarray
+    extent: np.ndarray
+    problem: np.ndarray
 
     @property
-    def valid(self) -> torch.Tensor:
+    def valid(self) -> np.ndarray:
         return self.problem == 0
 
     def counts(self) -> Counter:
         """Number of invalid boxes per problem text."""
-        return Counter({PROBLEMS[int(k) - 1]: int(n) for k, n in zip(*self.problem.unique(return_counts=True)) if k})
+        return Counter(PROBLEMS[k - 1] for k in self.problem.ravel().tolist() if k)
 
     def raise_first(self, what: str = "box", error: type[Exception] = ValueError) -> None:
         """Raise ``error`` naming the first invalid box (index, coordinates, problem) and the count."""
         bad = ~self.valid
         if not bad.any():
             return
-        idx = tuple(int(i) for i in bad.nonzero()[0])
+        idx = tuple(int(i[0]) for i in np.nonzero(bad)) if bad.ndim else ()
         w, h = self.extent[idx][:2].tolist()
         extent = "[0, 1] (normalised)" if w == h == 1 else f"the {w:g}x{h:g} image"
         raise error(f"{PROBLEMS[int(self.problem[idx]) - 1]}: {what} at index {idx} = {self.boxes[idx].tolist()}; "
@@ -203,27 +204,32 @@ class BoxCheck(NamedTuple):
 def validate_boxes(boxes, size=None) -> BoxCheck:
     """Apply the validity rule of this module's docstring to ``[..., 4]`` boxes.
 
-    ``size``: the image ``(width, height)`` (or a ``[..., 2]`` tensor of sizes broadcastable against
-    the boxes) for pixel boxes; None for normalised boxes. Returns a `BoxCheck`; the caller decides
-    whether a bad box is an error (`BoxCheck.raise_first`) or dropped and counted (`BoxCheck.counts`).
+    ``size``: the image ``(width, height)`` (or ``[..., 2]`` sizes broadcastable against the boxes)
+    for pixel boxes; None for normalised boxes. Returns a `BoxCheck`; the caller decides whether a
+    bad box is an error (`BoxCheck.raise_first`) or dropped and counted (`BoxCheck.counts`).
+    Computed in float64 numpy: cheap enough to run on every decoded sample.
     """
-    b = torch.as_tensor(boxes, dtype=torch.float64)
-    if b.numel() == 0 and b.shape[-1:] != (4,):
+    if isinstance(boxes, torch.Tensor):
+        boxes = boxes.detach().cpu().numpy()
+    b = np.asarray(boxes, dtype=np.float64)
+    if b.size == 0 and b.shape[-1:] != (4,):
         b = b.reshape(0, 4)
     if b.shape[-1:] != (4,):
-        raise ValueError(f"boxes must have shape [..., 4] (x1, y1, x2, y2), got {tuple(b.shape)}")
-    hi = torch.ones_like(b) if size is None else torch.broadcast_to(_whwh(size, b), b.shape)
+        raise ValueError(f"boxes must have shape [..., 4] (x1, y1, x2, y2), got {b.shape}")
+    if isinstance(size, torch.Tensor):
+        size = size.detach().cpu().numpy()
+    hi = np.broadcast_to(np.ones(4) if size is None else _whwh(size, b), b.shape)
     if (hi <= 0).any():
-        raise ValueError(f"image sizes must be positive, got {torch.as_tensor(size).tolist()}")
+        raise ValueError(f"image sizes must be positive, got {np.asarray(size).tolist()}")
     slack = TOLERANCE * hi
-    clipped = torch.minimum(torch.maximum(b, torch.zeros_like(b)), hi)
-    problem = torch.zeros(b.shape[:-1], dtype=torch.long, device=b.device)
-    rules = (
-        ~torch.isfinite(b).all(-1),
+    clipped = np.minimum(np.maximum(b, 0.0), hi)
+    rules = (  # NaN coordinates compare False everywhere below; the first rule names them
+        ~np.isfinite(b).all(-1),
         (b[..., 2] <= b[..., 0]) | (b[..., 3] <= b[..., 1]),
         ((b < -slack) | (b > hi + slack)).any(-1),
         (clipped[..., 2] <= clipped[..., 0]) | (clipped[..., 3] <= clipped[..., 1]),
     )
+    problem = np.zeros(b.shape[:-1], dtype=np.int64)
     for code, broken in reversed(list(enumerate(rules, 1))):  # the first rule a box breaks names it
         problem[broken] = code
     return BoxCheck(b, clipped, hi, problem)

@@ -29,7 +29,8 @@ def prepare(data_dir, seed: int) -> None:
     if data_dir.name not in DEFAULT_SIZES:
         return
     root = data_dir.parent
-    if all((root / flavour / f"{split}.json").is_file() for flavour, splits in DEFAULT_SIZES.items() for split in splits):
+    wanted = [root / flavour / f"{split}.json" for flavour, splits in DEFAULT_SIZES.items() for split in splits]
+    if all(path.is_file() for path in wanted):
         return
     log.warning("toy data missing under %s: generating it (seed %d)", root, seed)
     write_toy_dataset(root, seed=seed)

@@ -1,6 +1,7 @@
 """Write the toy-scene shards: OUT/toy-pipe/{train,val,test} and OUT/toy-opa/{train,val,test}.
 
     python -m datamodules.toy --out data/toy --seed 0
+    python -m datamodules.toy --out /tmp/toy --pipe-train 0 --opa-train 512 --val 16 --test 0
 
 The image-blind and uniform-random baselines of the written data come from evaluate.py, e.g.
 ``python evaluate.py --baseline blind --data data/toy/toy-opa --split test`` (plausible rate included).
@@ -20,8 +21,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
     ap.add_argument("--size", type=int, default=64, help="image width = height in pixels (default: 64)")
     ap.add_argument("--num-shards", type=int, default=8, help="shards per split (default: 8)")
-    ap.add_argument("--pipe-train", type=int, default=4000)
-    ap.add_argument("--opa-train", type=int, default=2000)
+    ap.add_argument("--pipe-train", type=int, default=4000, help="toy-pipe train samples (0 skips a split)")
+    ap.add_argument("--opa-train", type=int, default=2000, help="toy-opa train samples")
     ap.add_argument("--val", type=int, default=256, help="val samples per flavour (default: 256)")
     ap.add_argument("--test", type=int, default=256, help="test samples per flavour (default: 256)")
     ap.add_argument("--classes", default=",".join(CLASSES), help=f"comma list from {CLASSES}")
@@ -29,8 +30,12 @@ def main(argv=None) -> dict:
     classes = tuple(c for c in a.classes.split(",") if c)
     if unknown := set(classes) - set(CLASSES):
         ap.error(f"unknown classes {sorted(unknown)}; known: {CLASSES}")
-    sizes = {"toy-pipe": {"train": a.pipe_train, "val": a.val, "test": a.test},
-             "toy-opa": {"train": a.opa_train, "val": a.val, "test": a.test}}
+    counts = {"toy-pipe": {"train": a.pipe_train, "val": a.val, "test": a.test},
+              "toy-opa": {"train": a.opa_train, "val": a.val, "test": a.test}}
+    if any(n < 0 for splits in counts.values() for n in splits.values()):
+        ap.error("sample counts must be >= 0 (0 skips the split)")
+    sizes = {flavour: {split: n for split, n in splits.items() if n} for flavour, splits in counts.items()}
+    sizes = {flavour: splits for flavour, splits in sizes.items() if splits}
     t = time.perf_counter()
     done = write_toy_dataset(a.out, a.seed, sizes, a.num_shards, (a.size, a.size), classes)
     for name, d in done.items():
