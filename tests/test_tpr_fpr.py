@@ -175,6 +175,33 @@ def _loader(batches):
     return DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
 
 
+def _toy_batches(num=6, batch_size=3):
+    """Batch dicts of ARCHITECTURE.md built from real toy scenes (no datamodule, so no data kind;
+    used by tests/ddp_tpr_fpr_script.py)."""
+    import numpy as np
+
+    from datamodules.toy import make_sample
+
+    def norm(boxes, w, h):
+        return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) / torch.tensor([w, h, w, h])
+
+    samples = [make_sample(0, i, "toy-opa", split_id=1) for i in range(num)]
+    batches = []
+    for i in range(0, num, batch_size):
+        part = samples[i:i + batch_size]
+        batches.append({
+            "image": torch.stack([torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255
+                                  for _, img, _ in part]),
+            "category": [a["category"] for _, _, a in part],
+            "size": torch.tensor([[a["width"], a["height"]] for _, _, a in part]),
+            "positives": [norm(a["positives"], a["width"], a["height"]) for _, _, a in part],
+            "negatives": [norm(a["negatives"], a["width"], a["height"]) for _, _, a in part],
+            "key": [k for k, _, _ in part],
+            "meta": [a["meta"] for _, _, a in part],
+        })
+    return batches
+
+
 def _toy_loader(data_root, batch_size=3):
     """The toy-opa val loader of the shard pipeline: its dataset carries the toy data kind (from the
     split's "source"), whose oracle gives the callback its plausible rate."""
