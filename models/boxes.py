@@ -3,7 +3,8 @@
 Boxes are ``x1,y1,x2,y2`` unless a function name says otherwise, with the last dimension holding
 the four coordinates (``[..., 4]``). Conversions accept torch tensors or anything numpy reads and
 return the same kind (a tensor stays a tensor on its device and dtype; other inputs come back as
-float64 numpy arrays). An image size is ``(width, height)``, or a ``[..., 2]`` tensor of them.
+float64 numpy arrays; the FOPA integer rule always returns numpy). An image size is
+``(width, height)``, or a ``[..., 2]`` tensor of them.
 
 The validity rule (``validate_boxes``) is the only one in the framework; converters, the data
 pipeline and the tokenizer all call it, so a box means the same thing at every stage:
