@@ -3,6 +3,7 @@
     python evaluate.py --checkpoint runs/x/checkpoints/last.ckpt --data data/toy/toy-opa --split test
     python evaluate.py --predictions preds.jsonl --annotations fopa_test_data_pair.csv
     python evaluate.py --baseline random_gt_size --annotations data/opa --split test
+    python evaluate.py --baseline blind --data data/toy/toy-opa --split val
     python evaluate.py --plot ours/metrics.json random/metrics.json --out fig.png
 
 Evaluation modes write ``predictions.jsonl`` (not in predictions mode), ``metrics.json`` and
@@ -10,13 +11,15 @@ Evaluation modes write ``predictions.jsonl`` (not in predictions mode), ``metric
 must match the annotation keys (shard ``__key__``, or ``opa-{bg}-{category}`` /
 ``opa-{bg}-fg{fg_id}`` for raw OPA / FOPA label files, see ``datamodules.opa_labels``).
 Checkpoint mode scores the boxes it just wrote exactly as predictions mode would re-score them.
+When the annotations are a shard folder whose kind has a plausibility oracle (``{split}.json``
+"source", see ``datamodules.kinds``; the toy scenes have one), metrics.json also holds the oracle's
+plausible rate of the scored boxes, overall and per class.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
-import math
 import sys
 import time
 from dataclasses import asdict
@@ -27,8 +30,9 @@ import torch
 from tqdm import tqdm
 
 from metrics.tpr_fpr import DEFAULT_NS, TPRFPR, result_curves
+from models.boxes import denormalise, normalise, xyxy_to_xywh
 
-BASELINES = ("random", "random_gt_size")
+BASELINES = ("random", "random_gt_size", "blind")
 
 
 class EvaluationError(RuntimeError):
@@ -65,6 +69,14 @@ def load_annotations(path, split: str = "test") -> list[dict]:
     else:
         raise EvaluationError(f"{path}: unsupported annotation file (use a shard folder, .csv or FOPA .json)")
     return [asdict(s) for s in samples]
+
+
+def annotation_kind(path, split: str):
+    """The `DataKind` of a shard folder's split (its ``{split}.json`` "source"); no hooks for label files."""
+    from datamodules.kinds import data_kind
+    from datamodules.shards import read_split_info
+
+    return data_kind(read_split_info(path, split).get("source") if Path(path).is_dir() else None)
 
 
 def _read_labels(reader, path):
@@ -137,13 +149,17 @@ def match_keys(preds: dict, samples: list[dict], allow_missing: bool) -> dict:
 
 
 # ----------------------------------------------------------------------------- baselines
-def baseline_predictions(samples: list[dict], kind: str, n: int, seed: int) -> dict[str, np.ndarray]:
+def baseline_predictions(samples: list[dict], kind: str, n: int, seed: int,
+                         train: list[dict] | None = None) -> dict[str, np.ndarray]:
     """Seeded baseline boxes in pixels: ``random`` = corners uniform in the image (sorted so
     x1<x2, y1<y2); ``random_gt_size`` = the size of a random labelled box of the sample (OPA's
-    foreground size) at a uniformly random position inside the image."""
+    foreground size) at a uniformly random position inside the image; ``blind`` = image-blind:
+    random positive boxes of the same class from the ``train`` samples, in normalised coordinates
+    (so the box keeps its place relative to the image frame)."""
     if kind not in BASELINES:
         raise EvaluationError(f"unknown baseline {kind!r}; choose one of {BASELINES}")
     rng = np.random.default_rng(seed)
+    pools = _positive_pools(train) if kind == "blind" else {}
     unknown = 0
     out = {}
     for s in samples:
@@ -153,9 +169,15 @@ def baseline_predictions(samples: list[dict], kind: str, n: int, seed: int) -> d
             xs = np.sort(rng.uniform(0, w, size=(n, 2)), axis=1)
             ys = np.sort(rng.uniform(0, h, size=(n, 2)), axis=1)
             boxes = np.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], 1)
+        elif kind == "blind":
+            if s["category"] not in pools:
+                raise EvaluationError(f"sample {s['key']}: no training positive of class {s['category']!r} for the "
+                                      f"blind baseline (training classes: {sorted(pools)})")
+            pool = pools[s["category"]]
+            boxes = denormalise(pool[rng.integers(len(pool), size=n)], (w, h))
         else:
             gt = np.asarray(s["positives"] + s["negatives"], np.float64).reshape(-1, 4)
-            size = (gt[:, 2:] - gt[:, :2])[rng.integers(len(gt), size=n)]
+            size = xyxy_to_xywh(gt)[:, 2:][rng.integers(len(gt), size=n)]
             size = np.minimum(size, [w, h])
             x1 = rng.uniform(0, 1, n) * (w - size[:, 0])
             y1 = rng.uniform(0, 1, n) * (h - size[:, 1])
@@ -165,6 +187,18 @@ def baseline_predictions(samples: list[dict], kind: str, n: int, seed: int) -> d
         print(f"warning: {unknown} samples have no image size (FOPA labels); baseline boxes are drawn inside "
               "the extent of their labelled boxes instead of the whole image", file=sys.stderr)
     return out
+
+
+def _positive_pools(train: list[dict] | None) -> dict[str, np.ndarray]:
+    """Class -> normalised positive boxes ``[k, 4]`` of the training samples, in their order."""
+    if not train:
+        raise EvaluationError("the blind baseline needs training annotations (a shard folder with --train-split)")
+    pools: dict[str, list] = {}
+    for s in train:
+        w, h, _ = image_size_of(s)
+        pools.setdefault(s["category"], []).append(normalise(np.asarray(s["positives"], np.float64).reshape(-1, 4),
+                                                             (w, h)))
+    return {c: np.concatenate(p) for c, p in pools.items() if sum(map(len, p))}
 
 
 # ----------------------------------------------------------------------------- checkpoint sampling
@@ -211,16 +245,21 @@ def score(preds: dict[str, np.ndarray], samples: list[dict], ns=DEFAULT_NS, iou_
     return {k: v.item() for k, v in metric.compute().items()}
 
 
-def toy_plausible_rates(samples: list[dict], preds: dict[str, np.ndarray]) -> dict[str, float] | None:
-    """Oracle plausible rate of the predicted boxes, ``{"all": ..., <class>: ...}``, on toy data
-    (samples with ``meta.scene``); None for other data."""
-    toy = [s for s in samples if isinstance(s.get("meta"), dict) and "scene" in s["meta"] and s["key"] in preds]
-    if not toy:
-        return None
-    from datamodules.toy import plausible_rates
-
-    scale = lambda s: np.array([s["width"], s["height"], s["width"], s["height"]], np.float64)  # noqa: E731
-    return plausible_rates(toy, [preds[s["key"]] / scale(s) for s in toy])
+def plausible_rates(samples: list[dict], preds: dict[str, np.ndarray], oracle) -> dict[str, float]:
+    """Fraction of predicted boxes the data kind's ``oracle(meta, category, boxes_norm)`` accepts:
+    ``{"all": rate, <class>: rate of that class's boxes, ...}`` (classes sorted by name)."""
+    hits: dict[str, int] = {}
+    total: dict[str, int] = {}
+    for s in samples:
+        if s["key"] not in preds:
+            continue
+        w, h, _ = image_size_of(s)
+        verdict = np.asarray(oracle(s.get("meta") or {}, s["category"], normalise(preds[s["key"]], (w, h))))
+        hits[s["category"]] = hits.get(s["category"], 0) + int(verdict.sum())
+        total[s["category"]] = total.get(s["category"], 0) + len(verdict)
+    rates = {"all": sum(hits.values()) / max(sum(total.values()), 1)}
+    rates.update({c: hits[c] / max(total[c], 1) for c in sorted(total)})
+    return rates
 
 
 def write_results(out_dir: Path, result: dict, ns, label: str, extra: dict) -> dict:
@@ -270,11 +309,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--checkpoint", help="Lightning checkpoint of a location model (samples boxes)")
     mode.add_argument("--predictions", help="JSONL predictions {key, boxes (pixels)} of any method")
-    mode.add_argument("--baseline", choices=BASELINES, help="built-in seeded baseline")
+    mode.add_argument("--baseline", choices=BASELINES, help="built-in seeded baseline (blind: random training "
+                      "positives of the same class, from --train-split of the shard folder)")
     mode.add_argument("--plot", nargs="+", metavar="METRICS_JSON", help="draw several result files on one plot")
     p.add_argument("--data", help="shard folder (checkpoint mode; also accepted as --annotations)")
     p.add_argument("--annotations", help="shard folder, raw OPA csv, or FOPA *_data_pair.csv / *_pair_new.json")
     p.add_argument("--split", default="test", help="shard split (default: test)")
+    p.add_argument("--train-split", default="train", help="shard split the blind baseline draws from (default: train)")
     p.add_argument("--out", default="results/eval", help="output folder (a .png path for --plot)")
     p.add_argument("--name", help="method name in metrics.json and legends")
     p.add_argument("--labels", nargs="+", help="legend names for --plot (default: each file's method)")
@@ -298,6 +339,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--checkpoint needs --data (shard folder)")
     if (args.predictions or args.baseline) and not (args.annotations or args.data):
         p.error("--predictions/--baseline need --annotations (shard folder or OPA/FOPA label file)")
+    if args.baseline == "blind" and not Path(args.annotations or args.data).is_dir():
+        p.error("--baseline blind draws training boxes from --train-split of a shard folder: give --data/--annotations "
+                "as a shard folder")
     return args
 
 
@@ -322,16 +366,20 @@ def main(argv=None) -> dict | None:
         label = args.name or Path(args.predictions).stem
         settings.update(mode="predictions", predictions=str(args.predictions))
     else:
-        preds = baseline_predictions(samples, args.baseline, args.num_samples, args.seed)
+        train = load_annotations(ann_path, args.train_split) if args.baseline == "blind" else None
+        preds = baseline_predictions(samples, args.baseline, args.num_samples, args.seed, train)
         label = args.name or args.baseline
         settings.update(mode="baseline", baseline=args.baseline,
                         sampling={"num_samples": args.num_samples, "seed": args.seed})
+        if train is not None:
+            settings["train_split"] = args.train_split
     keys = match_keys(preds, samples, args.allow_missing)
     if args.predictions is None:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_predictions(out_dir / "predictions.jsonl", {s["key"]: preds[s["key"]] for s in samples})
     result = score(preds, samples, args.ns, args.iou_threshold, progress=not args.no_progress)
-    rates = toy_plausible_rates(samples, preds)
+    oracle = annotation_kind(ann_path, args.split).plausible
+    rates = None if oracle is None else plausible_rates(samples, preds, oracle)
     rate = None if rates is None else rates["all"]
     if rates is not None:
         settings["plausible_rate"] = rate

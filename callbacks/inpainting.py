@@ -19,7 +19,10 @@ from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
 from metrics.inpainting import BackgroundSSIM, ForegroundCLIPScore, to_pil
+from models.boxes import denormalise
 from models.inpainting import BACKENDS, insert_object, load_inpainter, working_size
+
+from .schedule import EveryNValidations
 
 __all__ = ["InpaintingCallback"]
 
@@ -44,6 +47,7 @@ class InpaintingCallback(L.Callback):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.inpainter = inpainter
         self.every_n_val_epochs = every_n_val_epochs
+        self._schedule = EveryNValidations(every_n_val_epochs)
         self.num_images = num_images
         self.insert_kwargs = dict(backend=backend, steps=steps, resolution=resolution, guidance_scale=guidance_scale,
                                   dilate=dilate, feather=feather)
@@ -51,7 +55,6 @@ class InpaintingCallback(L.Callback):
         self.seed = seed
         self.enabled = bool(every_n_val_epochs) and inpainter is not None and Path(inpainter).is_dir()
         self._announced = False
-        self._val_runs = 0
         self._batch = None
         self._pipe = self._ssim = self._clip = None
 
@@ -78,11 +81,11 @@ class InpaintingCallback(L.Callback):
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not self.enabled or trainer.sanity_checking:
+        if not self.enabled:
             return
-        self._val_runs += 1
+        due = self._schedule.due(trainer)
         batch, self._batch = self._batch, None
-        if self._val_runs % self.every_n_val_epochs or batch is None or not trainer.is_global_zero:
+        if not due or batch is None or not trainer.is_global_zero:
             return
         device = pl_module.device
         # diffusers and GLIGEN draw some noise from the global RNG: keep training's random stream untouched
@@ -101,7 +104,7 @@ class InpaintingCallback(L.Callback):
         for i, (image, category, size, box) in enumerate(zip(images, batch["category"], batch["size"].tolist(), boxes)):
             canvas = to_pil(image).resize(working_size(tuple(size), self.insert_kwargs["resolution"]), Image.BICUBIC)
             w, h = canvas.size
-            box_px = (box * torch.tensor([w, h, w, h])).tolist()
+            box_px = denormalise(box, (w, h)).tolist()
             edit = insert_object(self._pipe, canvas, box_px, category,
                                  generator=torch.Generator().manual_seed(self.seed + i), **self.insert_kwargs)
             before, after = (torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in (canvas, edit.image))

@@ -6,28 +6,32 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import draw_bounding_boxes, make_grid
 
+from models.boxes import denormalise
+
+from .schedule import EveryNValidations
+
 
 def draw_boxes(image: torch.Tensor, positives: torch.Tensor, samples: torch.Tensor, size: int = 128) -> torch.Tensor:
     """uint8 [3,size,size] picture of one image ([3,H,W] in [0,1]) with normalised boxes drawn on it."""
     picture = F.interpolate(image[None].float().cpu(), size=(size, size), mode="bilinear", align_corners=False)[0]
     picture = (picture.clamp(0, 1) * 255).to(torch.uint8)
-    if len(positives):
-        picture = draw_bounding_boxes(picture, (positives.cpu() * size).round(), colors="lime", width=1)
-    if len(samples):
-        picture = draw_bounding_boxes(picture, (samples.cpu() * size).round(), colors="red", width=1)
+    for boxes, colour in ((positives, "lime"), (samples, "red")):
+        if len(boxes):
+            picture = draw_bounding_boxes(picture, denormalise(boxes.cpu(), (size, size)).round(), colors=colour, width=1)
     return picture
 
 
 class SampleImagesCallback(L.Callback):
-    """Every `every_n_val_epochs` validation runs, draws `boxes_per_image` samples on `num_images` images."""
+    """Every `every_n_val_epochs` validation runs (sanity checks excluded), draws `boxes_per_image`
+    samples on `num_images` images."""
 
     def __init__(self, every_n_val_epochs: int = 1, num_images: int = 8, boxes_per_image: int = 8, seed: int = 0):
         self.every_n_val_epochs = every_n_val_epochs
+        self._schedule = EveryNValidations(every_n_val_epochs)
         self.num_images = num_images
         self.boxes_per_image = boxes_per_image
         self.seed = seed
         self._batch = None
-        self._val_runs = 0
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if batch_idx == 0 and trainer.is_global_zero:
@@ -35,9 +39,8 @@ class SampleImagesCallback(L.Callback):
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        self._val_runs += 1
-        if (not self.every_n_val_epochs or self._val_runs % self.every_n_val_epochs or self._batch is None
-                or trainer.sanity_checking or not trainer.is_global_zero or trainer.logger is None):
+        due = self._schedule.due(trainer)
+        if not due or self._batch is None or not trainer.is_global_zero or trainer.logger is None:
             return
         batch, self._batch = self._batch, None
         generator = torch.Generator(device=batch["image"].device).manual_seed(self.seed)

@@ -14,36 +14,34 @@ from __future__ import annotations
 import math
 
 import lightning as L
-import numpy as np
 import torch
-from torchmetrics import Metric
+from torchmetrics import MeanMetric
 
+from datamodules.kinds import DataKind, data_kind
 from metrics.tpr_fpr import DEFAULT_NS, TPRFPR, result_curves
+
+from .schedule import EveryNValidations
 
 __all__ = ["TprFprCallback"]
 
 
-class _PlausibleCount(Metric):
-    """Oracle-plausible sampled boxes and all boxes scored by the oracle (sum states)."""
+def _loader_kind(loader) -> DataKind:
+    """The data kind of a loader over a shard folder (its dataset's ``kind``); no hooks otherwise."""
+    kind = getattr(getattr(loader, "dataset", None), "kind", None)
+    return kind if isinstance(kind, DataKind) else data_kind(None)
 
-    full_state_update = False
 
-    def __init__(self):
-        super().__init__()
-        self.add_state("plausible", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, plausible: int, total: int) -> None:
-        self.plausible += plausible
-        self.total += total
-
-    def compute(self):
-        return self.plausible, self.total
+def _as_list(loaders) -> list:
+    if loaders is None:
+        return []
+    return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
 
 
 class TprFprCallback(L.Callback):
     """Logs ``val/tpr@n``, ``val/fpr@n``, ``val/tpr_shared@n``, ``val/fpr_shared@n``,
-    ``val/precision@n``, ``val/plausible_rate`` (toy data) and the curve image ``val/tpr_fpr``.
+    ``val/precision@n``, ``val/plausible_rate`` (when the validation data's kind has a plausibility
+    oracle, see ``datamodules.kinds``: the fraction of sampled boxes it accepts) and the curve image
+    ``val/tpr_fpr``.
 
     Args:
         every_n_val_epochs: score every k-th validation run (0 disables, fit end included).
@@ -61,6 +59,7 @@ class TprFprCallback(L.Callback):
                  max_eval_samples: int | None = 256, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int = 0, log_curve: bool = True):
         self.every_n_val_epochs = every_n_val_epochs
+        self._schedule = EveryNValidations(every_n_val_epochs)
         self.num_samples = num_samples
         self.ns = list(ns) if ns else ([n for n in DEFAULT_NS if n <= num_samples] or [num_samples])
         if max(self.ns) > num_samples:
@@ -70,18 +69,22 @@ class TprFprCallback(L.Callback):
         self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
         self.seed = seed
         self.log_curve = log_curve
-        self._val_runs = 0
         self._active = False
         self._scored_step = None
         self._metric = self._plausible = None
+        self._oracles: list = []
         self._generator = None
         self._seen = 0
 
     # ------------------------------------------------------------------ evaluation state
-    def _start(self, trainer, pl_module) -> None:
+    def _start(self, trainer, pl_module, loaders) -> None:
+        """Fresh metrics for one evaluation of ``loaders``; the plausible rate only when their data kind
+        has an oracle (the same on every rank, so the collective compute stays matched)."""
         device = pl_module.device
         self._metric = TPRFPR(ns=self.ns, iou_threshold=self.iou_threshold).to(device)
-        self._plausible = _PlausibleCount().to(device)
+        self._oracles = [_loader_kind(loader).plausible for loader in _as_list(loaders)]
+        has_oracle = any(oracle is not None for oracle in self._oracles)
+        self._plausible = MeanMetric().set_dtype(torch.float64).to(device) if has_oracle else None
         self._generator = torch.Generator(device=device).manual_seed(self.seed + trainer.global_rank)
         self._seen = 0
 
@@ -91,7 +94,7 @@ class TprFprCallback(L.Callback):
         return math.ceil(self.max_eval_samples / trainer.world_size)
 
     @torch.no_grad()
-    def _score_batch(self, trainer, pl_module, batch) -> None:
+    def _score_batch(self, trainer, pl_module, batch, dataloader_idx: int = 0) -> None:
         take = int(min(len(batch["category"]), self._rank_quota(trainer) - self._seen))
         if take <= 0:
             return
@@ -103,24 +106,23 @@ class TprFprCallback(L.Callback):
         boxes = out.boxes_norm
         self._metric.update(boxes, [p.to(device) for p in batch["positives"][:take]],
                             [q.to(device) for q in batch["negatives"][:take]])
-        metas = batch.get("meta") or [{}] * take
-        toy = [i for i in range(take) if isinstance(metas[i], dict) and "scene" in metas[i]]
-        if toy:
-            from datamodules.toy import is_plausible
-
-            ok = sum(int(np.sum(is_plausible(metas[i]["scene"], categories[i], boxes[i].double().cpu().numpy())))
-                     for i in toy)
-            self._plausible.update(ok, len(toy) * boxes.shape[1])
+        oracle = self._oracles[dataloader_idx] if dataloader_idx < len(self._oracles) else None
+        if oracle is not None:
+            metas = batch.get("meta") or [{}] * take
+            for i in range(take):
+                verdict = oracle(metas[i], categories[i], boxes[i].double().cpu().numpy())
+                self._plausible.update(torch.as_tensor(verdict, dtype=torch.float64, device=device))
         self._seen += take
 
     def _finish(self, trainer, pl_module, log_with_module: bool) -> dict:
         """Sync and log; collective, so every rank calls it."""
         result = self._metric.compute()
-        plausible, total = self._plausible.compute()
         metrics = {f"val/{k}": v.double() for k, v in result.items()
                    if k.split("@")[0] in ("tpr", "fpr", "tpr_shared", "fpr_shared", "precision")}
-        if int(total) > 0:
-            metrics["val/plausible_rate"] = plausible.double() / total.double()
+        if self._plausible is not None:
+            rate = self._plausible.compute()
+            if not torch.isnan(rate):  # NaN: no box was scored on any rank
+                metrics["val/plausible_rate"] = rate
         metrics["val/tpr_fpr_num_samples"] = result["num_samples"].double()
         if log_with_module:
             pl_module.log_dict({k: v.float() for k, v in metrics.items()}, sync_dist=True)
@@ -131,6 +133,7 @@ class TprFprCallback(L.Callback):
             self._log_curve(trainer, {k: v.cpu() for k, v in result.items()})
         self._scored_step = trainer.global_step
         self._metric = self._plausible = self._generator = None
+        self._oracles = []
         return metrics
 
     def _log_curve(self, trainer, result) -> None:
@@ -146,16 +149,13 @@ class TprFprCallback(L.Callback):
 
     # ------------------------------------------------------------------ hooks
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or not self.every_n_val_epochs:
-            return
-        self._val_runs += 1
-        self._active = self._val_runs % self.every_n_val_epochs == 0
+        self._active = self._schedule.due(trainer)
         if self._active:
-            self._start(trainer, pl_module)
+            self._start(trainer, pl_module, trainer.val_dataloaders)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self._active:
-            self._score_batch(trainer, pl_module, batch)
+            self._score_batch(trainer, pl_module, batch, dataloader_idx)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if self._active:
@@ -170,15 +170,15 @@ class TprFprCallback(L.Callback):
             loaders = trainer.datamodule.val_dataloader()
         if loaders is None:
             return
-        self._start(trainer, pl_module)
+        self._start(trainer, pl_module, loaders)
         was_training = pl_module.training
         pl_module.eval()
         try:
-            for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+            for idx, loader in enumerate(_as_list(loaders)):
                 for batch in loader:
                     if self._seen >= self._rank_quota(trainer):
                         break
-                    self._score_batch(trainer, pl_module, batch)
+                    self._score_batch(trainer, pl_module, batch, idx)
         finally:
             pl_module.train(was_training)
         self._finish(trainer, pl_module, log_with_module=False)

@@ -13,7 +13,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["LabelledSample", "read_fopa_pairs", "read_opa_csv", "fopa_center_to_xyxy", "xywh_to_xyxy"]
+import numpy as np
+
+from models.boxes import fopa_centre_to_xyxy, xywh_to_xyxy
+
+__all__ = ["LabelledSample", "read_fopa_pairs", "read_opa_csv"]
 
 
 @dataclass
@@ -30,15 +34,11 @@ class LabelledSample:
     meta: dict = field(default_factory=dict)
 
 
-def fopa_center_to_xyxy(cx: float, cy: float, w: int, h: int) -> list[float]:
-    """FOPA stores centres; OPA's top-left is (cx - w//2, cy - h//2) (exact inverse of OPA's position)."""
-    x1 = int(cx) - int(w) // 2
-    y1 = int(cy) - int(h) // 2
-    return [float(x1), float(y1), float(x1 + int(w)), float(y1 + int(h))]
-
-
-def xywh_to_xyxy(x: float, y: float, w: float, h: float) -> list[float]:
-    return [float(x), float(y), float(x) + float(w), float(y) + float(h)]
+def _fopa_boxes(centres, w: int, h: int) -> list[list[float]]:
+    """FOPA's ``[[cx, cy], ...]`` of one foreground size -> pixel xyxy boxes (the FOPA centre rule)."""
+    c = np.asarray([[p[0], p[1]] for p in centres], dtype=np.float64).reshape(-1, 2)
+    size = np.broadcast_to(np.array([w, h], np.float64), c.shape)
+    return fopa_centre_to_xyxy(np.concatenate([c, size], axis=-1)).tolist()
 
 
 class _Pool:
@@ -97,8 +97,8 @@ def read_fopa_pairs(path, categories: dict[str, str] | None = None) -> list[Labe
         try:
             w, h = int(row["newWidth"]), int(row["newHeight"])
             group = {"row": i, "fg_src_img_id": str(row["imgID"]), "scale": float(row["scale"]), "w": w, "h": h}
-            pos = [fopa_center_to_xyxy(c[0], c[1], w, h) for c in row["pos_label"]]
-            neg = [fopa_center_to_xyxy(c[0], c[1], w, h) for c in row["neg_label"]]
+            pos = _fopa_boxes(row["pos_label"], w, h)
+            neg = _fopa_boxes(row["neg_label"], w, h)
         except (KeyError, ValueError, TypeError, IndexError) as e:
             raise ValueError(f"{path}: malformed FOPA row {i}: {e!r}") from e
         pool.add(row["scID"], row["annID"], pos, 1, extra=group)
@@ -128,6 +128,6 @@ def read_opa_csv(path, categories: dict[str, str] | None = None) -> list[Labelle
             cat = None if categories else (row.get("category") or row.get("foreground_category") or None)
             width = row.get("width") or None
             height = row.get("height") or None
-            pool.add(row["bg_id"], row["fg_id"], [xywh_to_xyxy(x, y, w, h)], label,
+            pool.add(row["bg_id"], row["fg_id"], [xywh_to_xyxy([x, y, w, h]).tolist()], label,
                      width=width, height=height, category=cat)
     return pool.result()

@@ -1,9 +1,11 @@
 """The one WebDataset pipeline shared by PIPE, OPA and toy data.
 
 Per rank and worker: shard list -> tar samples -> (train) seeded sample shuffle buffer -> decode,
-validate, resize (stretch to ``image_size``; normalised boxes unchanged), (train) horizontal flip
-with box flipping, (pairs) one (positive, negative) pair per sample -> batches collated into the
-batch dict of docs/ARCHITECTURE.md.
+validate (the one box rule, `models.boxes.validate_boxes`), resize (stretch to ``image_size``;
+normalised boxes unchanged), (train) horizontal flip of image, boxes and -- through the data kind's
+``flip_meta`` hook (`datamodules.kinds`, the kind named by ``{split}.json``'s "source") -- meta,
+(pairs) one (positive, negative) pair per sample -> batches collated into the batch dict of
+docs/ARCHITECTURE.md.
 
 DDP safety:
 - Train shards are shuffled with ``Random(seed, epoch, pass)`` BEFORE the rank split, the same on
@@ -40,18 +42,16 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from models.boxes import hflip, normalise, validate_boxes
+
+from .kinds import data_kind
 from .shards import ShardFormatError, read_split_info
 
 log = logging.getLogger("datamodules")
 
-__all__ = ["ShardStream", "EpochLoader", "collate", "decode_sample", "flip_boxes"]
+__all__ = ["ShardStream", "EpochLoader", "collate", "decode_sample"]
 
 _MAX_SLOTS = 256  # shared skip counters: one per worker (slot 0 = main process)
-
-
-def flip_boxes(boxes: torch.Tensor) -> torch.Tensor:
-    """Horizontal flip of normalised xyxy boxes: x1' = 1 - x2, x2' = 1 - x1."""
-    return torch.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], 1) if len(boxes) else boxes
 
 
 class CorruptSample(ValueError):
@@ -59,15 +59,10 @@ class CorruptSample(ValueError):
 
 
 def _boxes(raw, w: int, h: int, what: str) -> torch.Tensor:
-    b = torch.tensor(raw, dtype=torch.float64).reshape(-1, 4)
-    if len(b) and not torch.isfinite(b).all():
-        raise CorruptSample(f"non-finite {what} box")
-    if len(b) and ((b[:, 0] >= b[:, 2]).any() or (b[:, 1] >= b[:, 3]).any()):
-        raise CorruptSample(f"empty {what} box (x1>=x2 or y1>=y2)")
-    tol = 0.5
-    if len(b) and ((b[:, :2] < -tol).any() or (b[:, 2] > w + tol).any() or (b[:, 3] > h + tol).any()):
-        raise CorruptSample(f"{what} box outside the {w}x{h} image")
-    return (b / torch.tensor([w, h, w, h], dtype=torch.float64)).clamp(0, 1).float()
+    """Pixel boxes of the json -> normalised float32 ``[k, 4]``, by the one rule of `models.boxes`."""
+    check = validate_boxes(np.asarray(raw, dtype=np.float64).reshape(-1, 4), (w, h))
+    check.raise_first(f"{what} box", CorruptSample)
+    return torch.from_numpy(normalise(check.clipped, (w, h))).float()
 
 
 def decode_sample(sample: dict, image_size: int) -> dict:
@@ -107,11 +102,12 @@ def decode_sample(sample: dict, image_size: int) -> dict:
             "key": key, "meta": dict(ann.get("meta") or {})}
 
 
-def _hflip(s: dict) -> dict:
+def _hflip(s: dict, flip_meta) -> dict:
+    """Mirror the image and its boxes; ``flip_meta`` (the data kind's hook, or None) mirrors the meta."""
     s["image"] = s["image"].flip(-1)
-    s["positives"], s["negatives"] = flip_boxes(s["positives"]), flip_boxes(s["negatives"])
-    if isinstance(s["meta"].get("scene"), dict):  # scene descriptions carry their own flip flag
-        s["meta"]["scene"] = {**s["meta"]["scene"], "hflip": not s["meta"]["scene"].get("hflip", False)}
+    s["positives"], s["negatives"] = hflip(s["positives"]), hflip(s["negatives"])
+    if flip_meta is not None:
+        s["meta"] = flip_meta(s["meta"])
     return s
 
 
@@ -141,6 +137,7 @@ class ShardStream(IterableDataset):
         super().__init__()
         info = read_split_info(data_dir, split)
         self.info, self.paths, self.split, self.data_dir = info, info.paths, split, str(data_dir)
+        self.kind = data_kind(info.get("source"))  # the hooks of the data this folder holds
         self.image_size, self.batch_size, self.train = int(image_size), int(batch_size), bool(train)
         self.rank, self.world_size, self.num_workers = int(rank), int(world_size), int(num_workers)
         self.seed, self.shuffle_buffer, self.pairs, self.resampled = int(seed), int(shuffle_buffer), pairs, resampled
@@ -239,7 +236,7 @@ class ShardStream(IterableDataset):
             rng = random.Random(f"{self.seed}-{epoch}-{key}")  # deterministic per sample, not per worker
             flipped = self.flip_prob > 0 and rng.random() < self.flip_prob
             if flipped:
-                s = _hflip(s)
+                s = _hflip(s, self.kind.flip_meta)
             s["meta"]["hflip"] = flipped
             if self.pairs:
                 s["chosen"] = s["positives"][rng.randrange(len(s["positives"]))]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import re
 import tarfile
@@ -22,8 +21,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from models.boxes import validate_boxes
+
 __all__ = ["ShardWriter", "SplitInfo", "read_split_info", "shard_paths", "iter_annotations",
-           "validate_boxes", "ShardFormatError", "decode_image"]
+           "ShardFormatError", "decode_image"]
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -32,36 +33,22 @@ class ShardFormatError(RuntimeError):
     """A split folder that cannot be read; the message names the path and the fix."""
 
 
-def validate_boxes(boxes, width: int, height: int, clip_tolerance: float = 2.0):
-    """Return (valid boxes, Counter of problems). Boxes outside by <= clip_tolerance px are clipped.
-
-    A box is valid when it has 4 finite numbers, x1 < x2, y1 < y2 and lies inside the image.
-    """
-    good, problems = [], Counter()
+def _valid_boxes(boxes, width: int, height: int) -> tuple[list[list[float]], Counter]:
+    """(valid boxes clipped to the image, Counter of problems) by the one rule of `models.boxes`."""
+    parsed, problems = [], Counter()
     for b in boxes:
         try:
             x1, y1, x2, y2 = (float(v) for v in b)
         except (TypeError, ValueError):
             problems["box: not 4 numbers"] += 1
             continue
-        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-            problems["box: not finite"] += 1
-            continue
-        if not (x1 < x2 and y1 < y2):
-            problems["box: empty (x1>=x2 or y1>=y2)"] += 1
-            continue
-        t = clip_tolerance
-        if x1 < -t or y1 < -t or x2 > width + t or y2 > height + t:
-            problems["box: outside image"] += 1
-            continue
-        c = [max(0.0, x1), max(0.0, y1), min(float(width), x2), min(float(height), y2)]
-        if c != [x1, y1, x2, y2]:
-            problems["box: clipped to image (kept)"] += 1
-        if not (c[0] < c[2] and c[1] < c[3]):
-            problems["box: empty after clipping"] += 1
-            continue
-        good.append(c)
-    return good, problems
+        parsed.append([x1, y1, x2, y2])
+    check = validate_boxes(np.asarray(parsed, dtype=np.float64).reshape(-1, 4), (width, height))
+    problems.update({f"box: {what}": n for what, n in check.counts().items()})
+    kept = check.valid & (check.clipped != check.boxes).any(-1)
+    if kept.any():
+        problems["box: clipped to image (kept)"] += int(kept.sum())
+    return check.clipped[check.valid].tolist(), problems
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -93,15 +80,14 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir, split: str, source: str, num_shards: int | None = None,
-                 max_per_shard: int = 1000, image_format: str = "jpg", jpeg_quality: int = 95,
-                 clip_tolerance: float = 2.0):
+                 max_per_shard: int = 1000, image_format: str = "jpg", jpeg_quality: int = 95):
         if image_format not in ("jpg", "png"):
             raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.split, self.source = split, source
         self.num_shards, self.max_per_shard = num_shards, max_per_shard
-        self.image_format, self.jpeg_quality, self.clip_tolerance = image_format, jpeg_quality, clip_tolerance
+        self.image_format, self.jpeg_quality = image_format, jpeg_quality
         self.written = 0
         self.dropped: Counter = Counter()
         self.notes: Counter = Counter()
@@ -182,8 +168,8 @@ class ShardWriter:
         width, height = img.size
         if ann.get("width") not in (None, width) or ann.get("height") not in (None, height):
             return self.drop("image size differs from annotation size")
-        pos, p1 = validate_boxes(ann.get("positives", []), width, height, self.clip_tolerance)
-        neg, p2 = validate_boxes(ann.get("negatives", []), width, height, self.clip_tolerance)
+        pos, p1 = _valid_boxes(ann.get("positives", []), width, height)
+        neg, p2 = _valid_boxes(ann.get("negatives", []), width, height)
         self.notes.update(p1)
         self.notes.update(p2)
         if not pos and not neg:
@@ -269,8 +255,8 @@ def read_split_info(data_dir, split: str) -> SplitInfo:
         hint = "" if data_dir.is_dir() else f" (the folder {data_dir} does not exist)"
         raise ShardFormatError(
             f"missing split file {path}{hint}: the split '{split}' was never converted or its conversion "
-            f"did not finish. Run a converter (e.g. `python scripts/make_toy_data.py --out data/toy` or "
-            f"scripts/convert_opa.py) or point data_dir at the folder holding {split}.json.")
+            f"did not finish. Run a converter (scripts/convert_*.py; toy scenes: the toy package's CLI, see "
+            f"datamodules/README.md) or point data_dir at the folder holding {split}.json.")
     try:
         info = json.loads(path.read_text())
     except json.JSONDecodeError as e:

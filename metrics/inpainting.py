@@ -1,7 +1,7 @@
 """Edit-quality metrics for object insertion (SPEC §5), as torchmetrics `Metric`s.
 
 Images are float `[B,3,H,W]` in [0,1]; boxes are normalised `x1,y1,x2,y2` (docs/ARCHITECTURE.md) and
-rasterised with `models.inpainting.pixel_rect`, the same rule the insertion mask uses.
+rasterised with `models.boxes.pixel_rect`, the same rule the insertion mask uses.
 
 - `BackgroundSSIM`: how well the edit preserves the background (paper: ~0.78 for its method).
 - `ForegroundCLIPScore`: whether the box now shows the class (raw cosine; paper: ~0.28). torchmetrics'
@@ -16,15 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchmetrics import Metric
+from torchmetrics import MeanMetric
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from models.inpainting import PROMPT_TEMPLATE, pixel_rect
-
-
-def _rects(boxes: torch.Tensor, height: int, width: int) -> list[tuple[int, int, int, int]]:
-    scale = torch.tensor([width, height, width, height], dtype=torch.float64)
-    return [pixel_rect(b, (width, height)) for b in boxes.detach().cpu().double() * scale]
+from models.boxes import pixel_rects
+from models.inpainting import PROMPT_TEMPLATE
 
 
 def background_ssim(preds: torch.Tensor, target: torch.Tensor, boxes: torch.Tensor, *, data_range: float = 1.0,
@@ -38,7 +34,7 @@ def background_ssim(preds: torch.Tensor, target: torch.Tensor, boxes: torch.Tens
         raise ValueError(f"preds and target must both be [B,C,H,W], got {tuple(preds.shape)} and {tuple(target.shape)}")
     b, _, h, w = preds.shape
     outside = torch.ones(b, 1, h, w, dtype=torch.bool, device=preds.device)
-    for i, (x0, y0, x1, y1) in enumerate(_rects(boxes, h, w)):
+    for i, (x0, y0, x1, y1) in enumerate(pixel_rects(boxes, (w, h))):
         outside[i, :, y0:y1, x0:x1] = False
     preds = torch.where(outside, preds, target)
     # float64: with identical windows the float32 variance terms cancel only to ~1e-4 of SSIM
@@ -52,26 +48,23 @@ def background_ssim(preds: torch.Tensor, target: torch.Tensor, boxes: torch.Tens
     return torch.where(n > 0, score, torch.ones_like(score)).float()
 
 
-class BackgroundSSIM(Metric):
-    """Mean background SSIM over edits; `update(preds, target, boxes)` with normalised boxes `[B,4]`."""
+class BackgroundSSIM(MeanMetric):
+    """Mean background SSIM over edits; `update(preds, target, boxes)` with normalised boxes `[B,4]`.
+    A torchmetrics `MeanMetric` (float64 states) of the per-edit scores."""
 
     higher_is_better = True
     is_differentiable = False
-    full_state_update = False
 
     def __init__(self, data_range: float = 1.0, kernel_size: int = 11, sigma: float = 1.5, **kwargs):
         super().__init__(**kwargs)
+        self.set_dtype(torch.float64)
         self.ssim_kwargs = dict(data_range=data_range, kernel_size=kernel_size, sigma=sigma)
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0), dist_reduce_fx="sum")
 
     def update(self, preds: torch.Tensor, target: torch.Tensor, boxes: torch.Tensor) -> None:
-        scores = background_ssim(preds, target, boxes, **self.ssim_kwargs)
-        self.total += scores.double().sum()
-        self.count += scores.numel()
+        super().update(background_ssim(preds, target, boxes, **self.ssim_kwargs))
 
     def compute(self) -> torch.Tensor:
-        return (self.total / self.count).float()
+        return super().compute().float()
 
 
 def load_open_clip(pretrained: str | Path, model_name: str | None = None, model_config: str | Path | None = None,
@@ -100,40 +93,37 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array.permute(1, 2, 0).numpy()))
 
 
-class ForegroundCLIPScore(Metric):
+class ForegroundCLIPScore(MeanMetric):
     """Mean raw cosine between the open_clip embeddings of each edit's box crop and of
     `template.format(category)`; `update(images, boxes, categories)` with normalised boxes `[B,4]`.
 
     The crop goes through open_clip's own eval `preprocess`, so the score equals a direct open_clip
-    computation on the cropped picture."""
+    computation on the cropped picture. A torchmetrics `MeanMetric` (float64 states) of the scores."""
 
     higher_is_better = True
     is_differentiable = False
-    full_state_update = False
 
     def __init__(self, pretrained: str | Path, model_name: str | None = None, model_config: str | Path | None = None,
                  template: str = PROMPT_TEMPLATE, **kwargs):
         super().__init__(**kwargs)
+        self.set_dtype(torch.float64)  # before the CLIP tower is attached: set_dtype casts every submodule
         self.clip, self.preprocess, self.tokenizer = load_open_clip(pretrained, model_name, model_config)
         self.template = template
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0), dist_reduce_fx="sum")
 
     @torch.no_grad()
     def scores(self, images: torch.Tensor, boxes: torch.Tensor, categories: list[str]) -> torch.Tensor:
         """Per-edit cosine similarities `[B]`."""
         _, _, h, w = images.shape
         device = next(self.clip.parameters()).device
-        crops = [self.preprocess(to_pil(img[:, y0:y1, x0:x1])) for img, (x0, y0, x1, y1) in zip(images, _rects(boxes, h, w))]
+        crops = [self.preprocess(to_pil(img[:, y0:y1, x0:x1]))
+                 for img, (x0, y0, x1, y1) in zip(images, pixel_rects(boxes, (w, h)))]
         img_emb = F.normalize(self.clip.encode_image(torch.stack(crops).to(device)).float(), dim=-1)
         texts = self.tokenizer([self.template.format(c) for c in categories]).to(device)
         txt_emb = F.normalize(self.clip.encode_text(texts).float(), dim=-1)
         return (img_emb * txt_emb).sum(-1)
 
     def update(self, images: torch.Tensor, boxes: torch.Tensor, categories: list[str]) -> None:
-        s = self.scores(images, boxes, categories)
-        self.total += s.double().sum().to(self.total.device)
-        self.count += s.numel()
+        super().update(self.scores(images, boxes, categories).to(self.device))
 
     def compute(self) -> torch.Tensor:
-        return (self.total / self.count).float()
+        return super().compute().float()

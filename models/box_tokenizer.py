@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import torch
 
-# Float slack for boxes computed by resizing/rounding (e.g. 1.0000001); anything further out is an error.
-_EPS = 1e-5
+from .boxes import denormalise, normalise, validate_boxes
 
 
 class BoxTokenizer:
@@ -27,6 +26,9 @@ class BoxTokenizer:
     token box would then be degenerate, so ``encode`` nudges ``x2`` (``y2``) one bin to the right
     (down) -- or, when ``x1`` is already in the last bin, ``x1`` one bin to the left -- so that every
     valid box maps to a valid token box. Only such sub-bin boxes are affected.
+
+    Boxes are checked with the one validity rule, `models.boxes.validate_boxes`: an invalid box is a
+    ValueError naming it, and a box overhanging the image within the rule's tolerance is clamped.
     """
 
     def __init__(self, num_bins: int):
@@ -46,7 +48,7 @@ class BoxTokenizer:
         boxes = torch.as_tensor(boxes_norm)
         if not boxes.is_floating_point():
             boxes = boxes.float()
-        _check_boxes(boxes, lo=0.0, hi=torch.ones_like(boxes), unit="normalised")
+        validate_boxes(boxes).raise_first("normalised box")
         nb = self.num_bins
         ids = torch.floor(boxes.clamp(0.0, 1.0) * nb).long().clamp_(0, nb - 1)
         for lo_i, hi_i in ((0, 2), (1, 3)):
@@ -70,45 +72,20 @@ class BoxTokenizer:
     def encode_pixels(self, boxes_px: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
         """Pixel boxes ``[..., 4]`` in images of ``sizes`` ``[..., 2]`` = (w, h) -> token ids."""
         boxes = torch.as_tensor(boxes_px).float()
-        wh = _whwh(sizes, boxes)
-        _check_boxes(boxes, lo=0.0, hi=wh, unit="pixel")
-        return self.encode((boxes / wh).clamp(0.0, 1.0))
+        sizes = _check_sizes(sizes)
+        validate_boxes(boxes, sizes).raise_first("pixel box")
+        return self.encode(normalise(boxes, sizes).clamp(0.0, 1.0))
 
     def decode_pixels(self, tokens: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
         """Token ids ``[..., 4]`` -> pixel boxes (bin centres) in images of ``sizes`` = (w, h)."""
-        boxes = self.decode(tokens)
-        return boxes * _whwh(sizes, boxes)
+        return denormalise(self.decode(tokens), _check_sizes(sizes))
 
 
-def _whwh(sizes: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(w, h) sizes -> (w, h, w, h) broadcastable against ``like[..., 4]``."""
-    sizes = torch.as_tensor(sizes, device=like.device).float()
+def _check_sizes(sizes) -> torch.Tensor:
+    """(w, h) image sizes ``[..., 2]``, checked."""
+    sizes = torch.as_tensor(sizes)
     if sizes.shape[-1:] != (2,):
         raise ValueError(f"sizes must have shape [..., 2] of (width, height), got {tuple(sizes.shape)}")
     if (sizes <= 0).any():
         raise ValueError(f"image sizes must be positive, got {sizes.tolist()}")
-    return torch.cat([sizes, sizes], dim=-1)
-
-
-def _check_boxes(boxes: torch.Tensor, lo: float, hi: torch.Tensor, unit: str) -> None:
-    """Raise ValueError naming the first NaN, degenerate or out-of-image box."""
-    if boxes.shape[-1:] != (4,):
-        raise ValueError(f"boxes must have shape [..., 4] (x1, y1, x2, y2), got {tuple(boxes.shape)}")
-    if boxes.numel() == 0:
-        return
-    hi = torch.broadcast_to(torch.as_tensor(hi, device=boxes.device), boxes.shape)
-    slack = _EPS * hi
-    problems = (
-        ("NaN or infinite coordinate", ~torch.isfinite(boxes).all(-1)),
-        ("degenerate box (needs x2 > x1 and y2 > y1)",
-         (boxes[..., 2] <= boxes[..., 0]) | (boxes[..., 3] <= boxes[..., 1])),
-        ("box outside the image", ((boxes < lo - slack) | (boxes > hi + slack)).any(-1)),
-    )
-    for what, bad in problems:
-        if bad.any():
-            idx = tuple(int(i) for i in bad.nonzero()[0])
-            extent = "[0, 1]" if unit == "normalised" else f"[0, {hi[idx].tolist()}] (w, h, w, h)"
-            raise ValueError(
-                f"{what}: {unit} box at index {idx} = {boxes[idx].tolist()} "
-                f"(coordinates must lie in {extent}); {int(bad.sum())} bad box(es) in total"
-            )
+    return sizes

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .boxes import normalise, pixel_rect, validate_boxes
+
 PROMPT_TEMPLATE = "a photo of a {}"
 BACKENDS = ("sd", "gligen")
 # The paper's positional instructions, as normalised x1,y1,x2,y2 regions.
@@ -32,25 +34,14 @@ def parse_region(spec: str | None, size: tuple[int, int]) -> tuple[float, float,
     if spec in REGIONS:
         return REGIONS[spec]
     try:
-        x1, y1, x2, y2 = (float(v) for v in spec.split(","))
+        box = [float(v) for v in spec.split(",")]
+        if len(box) != 4:
+            raise ValueError
     except ValueError:
         raise ValueError(f"region {spec!r} is neither one of {sorted(REGIONS)} nor pixels x1,y1,x2,y2") from None
-    w, h = size
-    if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
-        raise ValueError(f"region {spec!r} is not a non-empty box inside the {w}x{h} image")
-    return (x1 / w, y1 / h, x2 / w, y2 / h)
-
-
-def pixel_rect(box, size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """Integer pixel rectangle `[x0, x1) x [y0, y1)` covering a float pixel box, clipped and non-empty.
-
-    The single rasterisation rule shared by masks, metrics and crops, so they agree on which pixels
-    belong to a box."""
-    w, h = size
-    x1, y1, x2, y2 = (float(v) for v in box)
-    x0 = min(max(int(np.floor(x1)), 0), w - 1)
-    y0 = min(max(int(np.floor(y1)), 0), h - 1)
-    return x0, y0, min(max(int(np.ceil(x2)), x0 + 1), w), min(max(int(np.ceil(y2)), y0 + 1), h)
+    check = validate_boxes(box, size)
+    check.raise_first(f"region {spec!r}")
+    return tuple(normalise(check.clipped, size).tolist())
 
 
 def mask_rect(box, size: tuple[int, int], dilate: int = 0, feather: int = 0) -> tuple[int, int, int, int]:
@@ -140,8 +131,7 @@ def insert_object(pipe, image: Image.Image, box, category: str, *, backend: str 
     elif backend == "gligen":
         # GLIGEN inpaints a square canvas of the VAE's sample size; normalised boxes survive the stretch.
         s = int(pipe.vae.config.sample_size)
-        w, h = size
-        grounding = [rect[0] / w, rect[1] / h, rect[2] / w, rect[3] / h]
+        grounding = normalise(rect, size).tolist()
         out = pipe(prompt=prompt, gligen_phrases=[category], gligen_boxes=[grounding],
                    gligen_inpaint_image=image.resize((s, s), Image.BICUBIC), gligen_scheduled_sampling_beta=1.0,
                    height=s, width=s, **common).images[0]

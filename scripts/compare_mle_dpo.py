@@ -4,11 +4,11 @@
         --dpo runs/toy_dpo/default/checkpoints/last.ckpt --data data/toy/toy-opa --split val
 
 Per model (through evaluate.py's checkpoint mode): N boxes per evaluation sample (default 100), the oracle's implausible and plausible
-rates (`datamodules.toy.is_plausible` on the sample's `meta["scene"]`), TPR/FPR at n = N
+rates (the data kind's plausibility oracle, toy scenes: `meta["scene"]`), TPR/FPR at n = N
 (`metrics.tpr_fpr.TPRFPR`, separate denominators) and the TPR of both models at one matched FPR:
 the smaller of the two FPR@N, where each curve (points n = 10..N, plus the origin) is linearly
 interpolated. The image-blind baseline's plausible rate (random training positives of the same
-class) is printed beside them. Prints one table and writes everything to a JSON file.
+class, evaluate.py's `--baseline blind`) is printed beside them. Prints one table and writes everything to a JSON file.
 """
 from __future__ import annotations
 
@@ -47,12 +47,12 @@ def tpr_at_fpr(curves: dict, fpr: float) -> float:
     return float(np.interp(fpr, xs[order], ys[order]))
 
 
-def blind_rate(data: str, split: str, num_samples: int, seed: int) -> float:
-    from datamodules.shards import iter_annotations
-    from datamodules.toy import blind_baseline_rate
+def blind_rate(data: str, split: str, num_samples: int, seed: int, out_dir: Path) -> float:
+    import evaluate as evaluation
 
-    return blind_baseline_rate(iter_annotations(data, "train"), list(iter_annotations(data, split)),
-                               n=num_samples, seed=seed)
+    doc = evaluation.main(["--baseline", "blind", "--data", data, "--split", split, "--num-samples", str(num_samples),
+                           "--seed", str(seed), "--no-progress", "--out", str(out_dir)])
+    return doc["plausible_rate"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,13 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         for name, path in (("mle", args.mle), ("dpo", args.dpo)):
             rows[name] = evaluate(path, args.data, args.split, args.num_samples, args.seed, args.batch_size,
                                   args.device, out.with_suffix("") / name)
+        blind = blind_rate(args.data, args.split, args.num_samples, args.seed, out.with_suffix("") / "blind")
     except EvaluationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     matched = min(rows["mle"]["curves"]["fpr"][-1], rows["dpo"]["curves"]["fpr"][-1])
     for row in rows.values():
         row["tpr_at_matched_fpr"] = tpr_at_fpr(row["curves"], matched)
-    blind = blind_rate(args.data, args.split, args.num_samples, args.seed)
 
     n = args.num_samples
     print(f"{args.split} of {args.data}: {rows['mle']['num_eval_samples']} samples x {n} boxes, seed {args.seed}")

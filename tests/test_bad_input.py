@@ -52,8 +52,10 @@ CORRUPTIONS = {
     "corrupt_jpeg": (lambda name, data: data[:60] if name.endswith(".jpg") else data, "unreadable image"),
     "box_outside_image": (edit_json(lambda a: a.update(positives=[[0, 0, a["width"] + 40, a["height"]]])),
                           "outside the"),
-    "zero_area_box": (edit_json(lambda a: a.update(positives=[[10, 10, 10, 30]])), "empty positive box"),
-    "nan_in_json": (edit_json(lambda a: a.update(positives=[[math.nan, 1, 5, 5]])), "non-finite positive box"),
+    "zero_area_box": (edit_json(lambda a: a.update(positives=[[10, 10, 10, 30]])),
+                      "empty (needs x1 < x2 and y1 < y2): positive box"),
+    "nan_in_json": (edit_json(lambda a: a.update(positives=[[math.nan, 1, 5, 5]])),
+                    "not finite (NaN or infinite coordinate): positive box"),
 }
 
 

@@ -67,9 +67,9 @@ def test_pixel_round_trip():
 
 
 @pytest.mark.parametrize("box, message", [
-    ([0.5, 0.1, 0.5, 0.9], "degenerate"),
-    ([0.6, 0.1, 0.5, 0.9], "degenerate"),
-    ([0.1, 0.9, 0.5, 0.2], "degenerate"),
+    ([0.5, 0.1, 0.5, 0.9], "empty"),
+    ([0.6, 0.1, 0.5, 0.9], "empty"),
+    ([0.1, 0.9, 0.5, 0.2], "empty"),
     ([0.1, float("nan"), 0.5, 0.9], "NaN"),
     ([0.1, 0.1, 1.2, 0.9], "outside the image"),
     ([-0.1, 0.1, 0.5, 0.9], "outside the image"),

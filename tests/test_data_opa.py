@@ -130,7 +130,7 @@ def test_converter_reports_missing_background_and_bad_boxes(tmp_path):
     (w,) = write_labelled_samples(read_opa_csv(rows), index_images(tmp_path / "bg"), tmp_path / "out", "test",
                                   progress=False)
     assert w.written == 1 and w.dropped == {"background image not found": 1}
-    assert w.notes["box: outside image"] == 1
+    assert w.notes["box: outside the image"] == 1
     (s,) = list(iter_annotations(tmp_path / "out", "test"))
     assert s["positives"] == [] and s["negatives"] == [[10, 10, 30, 30]]
     assert "background image not found" in w.summary()

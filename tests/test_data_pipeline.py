@@ -164,7 +164,7 @@ def test_corrupt_samples_are_skipped_counted_and_logged(tmp_path, caplog):
     text = caplog.text
     assert "bad-jpeg" in text and "unreadable image" in text
     assert "bad-json" in text and "bad json" in text
-    assert "bad-box" in text and "empty positive box" in text
+    assert "bad-box" in text and "empty (needs x1 < x2 and y1 < y2): positive box" in text
 
 
 def test_truncated_tar_is_reported_not_fatal(tmp_path, caplog):
@@ -178,7 +178,7 @@ def test_truncated_tar_is_reported_not_fatal(tmp_path, caplog):
 
 
 def test_clear_errors(tmp_path, toy_dir):
-    with pytest.raises(ShardFormatError, match=r"missing split file .*nope\.json.*make_toy_data"):
+    with pytest.raises(ShardFormatError, match=r"missing split file .*nope\.json.*Run a converter"):
         ShardStream(toy_dir, "nope", image_size=32, batch_size=2, train=True)
     with pytest.raises(ShardFormatError, match=r"4 shards for 2 rank\(s\) x 4 worker\(s\).*--num-shards 8"):
         ShardStream(toy_dir, "val", image_size=32, batch_size=2, train=True, world_size=2, num_workers=4)

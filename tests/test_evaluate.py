@@ -5,6 +5,7 @@ import subprocess
 import sys
 from collections import defaultdict
 
+import numpy as np
 import pytest
 import torch
 
@@ -109,12 +110,76 @@ def toy_shards(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("toy") / "toy-opa"
     write_toy_split(out, "toy-opa", "test", num_samples=6, seed=0, num_shards=2, progress=False)
+    write_toy_split(out, "toy-opa", "train", num_samples=40, seed=0, num_shards=2, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def toy_opa_400(tmp_path_factory):
+    from datamodules.toy import write_toy_split
+
+    out = tmp_path_factory.mktemp("toy400") / "toy-opa"
+    write_toy_split(out, "toy-opa", "train", 300, seed=3, num_shards=2, progress=False)
+    write_toy_split(out, "toy-opa", "test", 100, seed=3, num_shards=2, progress=False)
+    return out
+
+
+def test_plausible_rates_pool_boxes_per_class():
+    """Generic per-class aggregation: every box of a class counts once, classes sorted, missing keys skipped."""
+    samples = [{"key": k, "category": c, "width": 10, "height": 20, "meta": {"m": k}, "positives": [], "negatives": []}
+               for k, c in (("a", "zebra"), ("b", "ant"), ("c", "zebra"), ("d", "ant"))]
+    preds = {"a": np.array([[0, 0, 4, 4], [6, 0, 9, 4]], float), "b": np.array([[1, 0, 2, 20]], float),
+             "c": np.array([[0, 0, 5, 10]], float)}
+    seen = []
+
+    def left_half(meta, category, boxes_norm):      # accepts boxes ending in the left half of the image
+        seen.append((meta["m"], category, boxes_norm.tolist()))
+        return boxes_norm[:, 2] <= 0.5
+
+    rates = evaluate.plausible_rates(samples, preds, left_half)
+    assert list(rates) == ["all", "ant", "zebra"]
+    assert rates == {"all": 3 / 4, "ant": 1.0, "zebra": 2 / 3}
+    assert seen[0] == ("a", "zebra", [[0.0, 0.0, 0.4, 0.2], [0.6, 0.0, 0.9, 0.2]])   # normalised by (w, h)
+    assert [m for m, _, _ in seen] == ["a", "b", "c"]                                   # "d": no predictions
+
+
+def test_blind_baseline_draws_training_positives_of_the_class(toy_opa_400):
+    train = evaluate.load_annotations(toy_opa_400, "train")
+    test = evaluate.load_annotations(toy_opa_400, "test")
+    preds = evaluate.baseline_predictions(test, "blind", 50, seed=0, train=train)
+    again = evaluate.baseline_predictions(test, "blind", 50, seed=0, train=train)
+    assert all(np.array_equal(preds[k], again[k]) for k in preds)                     # seeded
+    pools = defaultdict(set)
+    for s in train:
+        for b in s["positives"]:
+            pools[s["category"]].add(tuple(np.round(np.asarray(b) / 64, 9)))
+    for s in test:
+        assert preds[s["key"]].shape == (50, 4)
+        assert {tuple(np.round(b / 64, 9)) for b in preds[s["key"]]} <= pools[s["category"]]
+    # A box from another scene rarely fits this one; uniform boxes almost never do (toy oracle).
+    oracle = evaluate.annotation_kind(toy_opa_400, "test").plausible
+    blind = evaluate.plausible_rates(test, preds, oracle)
+    uniform = evaluate.plausible_rates(test, evaluate.baseline_predictions(test, "random", 50, seed=0), oracle)
+    assert 0.1 < blind["all"] <= 0.45 and uniform["all"] < 0.1, (blind, uniform)
+    assert set(blind) == {"all", "bird", "car", "lamp", "person"}
+    with pytest.raises(evaluate.EvaluationError, match="no training positive of class 'car'"):
+        evaluate.baseline_predictions(test, "blind", 5, seed=0, train=[s for s in train if s["category"] != "car"])
+
+
+def test_plausible_rate_only_for_kinds_with_an_oracle(tmp_path):
+    """Annotation files (OPA/FOPA) have no data kind: no plausible rate, nothing toy-specific runs."""
+    assert evaluate.annotation_kind(FOPA_CSV, "test").plausible is None
+    doc = evaluate.main(["--baseline", "random", "--annotations", str(FOPA_CSV), "--out", str(tmp_path / "r"),
+                         "--no-progress"])
+    assert "plausible_rate" not in doc
+    with pytest.raises(SystemExit) as exit_info:                 # blind needs a shard folder's train split
+        evaluate.main(["--baseline", "blind", "--annotations", str(FOPA_CSV), "--out", str(tmp_path / "b")])
+    assert exit_info.value.code == 2
 
 
 def test_baselines_are_seeded_and_valid_and_plot_mode(toy_shards, tmp_path):
     docs = {}
-    for kind in ("random", "random_gt_size"):
+    for kind in ("random", "random_gt_size", "blind"):
         args = ["--baseline", kind, "--annotations", str(toy_shards), "--split", "test", "--seed", "1",
                 "--no-progress"]
         docs[kind] = evaluate.main(args + ["--out", str(tmp_path / kind)])
@@ -131,6 +196,8 @@ def test_baselines_are_seeded_and_valid_and_plot_mode(toy_shards, tmp_path):
         gt = torch.tensor(s["positives"] + s["negatives"], dtype=torch.float64)
         sizes = {tuple(v) for v in (gt[:, 2:] - gt[:, :2]).numpy().round(6).tolist()}
         assert {tuple(v) for v in (boxes[:, 2:] - boxes[:, :2]).round(6).tolist()} <= sizes
+    assert docs["blind"]["train_split"] == "train" and set(docs["blind"]["plausible_rate_per_class"]) <= {
+        "bird", "car", "lamp", "person"}
     rnd = evaluate.read_predictions(tmp_path / "random" / "predictions.jsonl")
     assert all((b[:, 0] < b[:, 2]).all() and (b[:, 1] < b[:, 3]).all() for b in rnd.values())
 

@@ -1,13 +1,13 @@
-"""Toy scenes: determinism, oracle verdicts on generated boxes, baselines, speed."""
+"""Toy scenes: determinism, oracle verdicts on generated boxes, speed, and the toy data kind's hooks.
+Baseline plausible rates on toy data: tests/test_evaluate.py."""
 import time
 
 import numpy as np
 import pytest
 
 from datamodules.shards import iter_annotations
-from datamodules.toy import (CLASSES, blind_baseline_rate, blind_baseline_rates, flip_scene, generate_scene,
-                             is_plausible, make_sample, plausible_rates, render_scene, sample_negative,
-                             sample_positive, uniform_random_rate, write_toy_split)
+from datamodules.toy import (CLASSES, DEFAULT_SIZES, flip_scene, generate_scene, is_plausible, make_sample,
+                             render_scene, sample_negative, sample_positive, write_toy_split)
 
 
 def norm(s, field):
@@ -101,31 +101,45 @@ def test_horizon_varies_strongly():
     assert min(h) < 0.33 and max(h) > 0.67
 
 
-def test_blind_and_uniform_baselines(toy):
-    d, _ = toy
-    train = list(iter_annotations(d / "toy-opa", "train"))
-    test = list(iter_annotations(d / "toy-opa", "test"))
-    blind = blind_baseline_rate(train, test, n=50)
-    per_class = blind_baseline_rates(train, test, n=50)
-    assert per_class["all"] == blind and set(per_class) == {"all", *CLASSES}
-    uniform = uniform_random_rate(test, n=50)
-    assert 0.1 < blind <= 0.45, blind
-    assert uniform < 0.1, uniform
+def test_toy_kind_hooks(tmp_path, monkeypatch):
+    """The hooks generic code reaches the toy world through: flip, oracle and on-demand data."""
+    from datamodules.kinds import data_kind
+
+    kind = data_kind("toy")
+    _, _, ann = make_sample(2, 0, "toy-opa")
+    meta, cat = ann["meta"], ann["category"]
+    flipped = kind.flip_meta(meta)
+    assert flipped["scene"] == flip_scene(meta["scene"]) and not meta["scene"]["hflip"]   # input untouched
+    assert kind.flip_meta(flipped)["scene"] == meta["scene"] and kind.flip_meta({"x": 1}) == {"x": 1}
+    boxes = np.concatenate([norm(ann, "positives"), norm(ann, "negatives")])
+    verdict = kind.plausible(meta, cat, boxes)
+    assert verdict.dtype == bool and verdict.tolist() == is_plausible(meta["scene"], cat, boxes).tolist()
+    mirrored = np.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], 1)
+    assert kind.plausible(flipped, cat, mirrored).tolist() == verdict.tolist()
+
+    for flavour in DEFAULT_SIZES:
+        monkeypatch.setitem(DEFAULT_SIZES, flavour, {"train": 3, "val": 2})
+    kind.prepare(str(tmp_path / "elsewhere"), 0)              # not a toy folder name: left alone
+    assert not (tmp_path / "elsewhere").exists()
+    kind.prepare(str(tmp_path / "toy" / "toy-opa"), 4)
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.json"))
+    assert written == [f"toy/{f}/{s}.json" for f in ("toy-opa", "toy-pipe") for s in ("train", "val")]
+    keys = [s["key"] for s in iter_annotations(tmp_path / "toy" / "toy-opa", "train")]
+    assert sorted(keys) == sorted(make_sample(4, i, "toy-opa")[0] for i in range(3))   # seeded by `seed`
+    before = (tmp_path / "toy" / "toy-opa" / "train.json").stat().st_mtime_ns
+    kind.prepare(str(tmp_path / "toy" / "toy-pipe"), 4)       # already there: nothing rewritten
+    assert (tmp_path / "toy" / "toy-opa" / "train.json").stat().st_mtime_ns == before
 
 
-def test_plausible_rates_per_class_count_each_class_boxes():
-    samples = []
-    for i in range(40):
-        _, _, ann = make_sample(11, i, "toy-opa")
-        samples.append(ann)
-        if {"car", "bird"} <= {s["category"] for s in samples}:
-            break
-    car = next(s for s in samples if s["category"] == "car")
-    bird = next(s for s in samples if s["category"] == "bird")
-    # car: 2 positives (plausible); bird: 1 positive + 3 negatives (near misses, implausible)
-    boxes = [norm(car, "positives")[:2], np.concatenate([norm(bird, "positives")[:1], norm(bird, "negatives")[:3]])]
-    n_neg = len(boxes[1]) - 1
-    rates = plausible_rates([car, bird], boxes)
-    assert list(rates) == ["all", "car", "bird"]
-    assert rates["car"] == 1.0 and rates["bird"] == pytest.approx(1 / (1 + n_neg))
-    assert rates["all"] == pytest.approx(3 / (2 + 1 + n_neg))
+def test_cli_writes_the_requested_splits_only(tmp_path):
+    from datamodules.toy.__main__ import main
+
+    done = main(["--out", str(tmp_path), "--pipe-train", "0", "--opa-train", "3", "--val", "2", "--test", "0",
+                 "--num-shards", "1", "--seed", "2"])
+    assert set(done) == {"toy-pipe/val", "toy-opa/train", "toy-opa/val"}
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.json")) == [
+        "toy-opa/train.json", "toy-opa/val.json", "toy-pipe/val.json"]
+    for bad in (["--classes", "car,giraffe"], ["--val", "-1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--out", str(tmp_path / "x")] + bad)
+        assert exit_info.value.code == 2

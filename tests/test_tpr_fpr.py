@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from metrics.box_ops import iou_at_least, pairwise_iou
+from models.boxes import iou_at_least, pairwise_iou
 from metrics.tpr_fpr import TPRFPR, result_curves
 
 # Two samples, boxes in pixels; positives and negatives of a sample overlap with IoU < 0.5.
@@ -176,7 +176,8 @@ def _loader(batches):
 
 
 def _toy_batches(num=6, batch_size=3):
-    """Batch dicts of ARCHITECTURE.md built from real toy scenes (no datamodule needed)."""
+    """Batch dicts of ARCHITECTURE.md built from real toy scenes (no datamodule, so no data kind;
+    used by tests/ddp_tpr_fpr_script.py)."""
     import numpy as np
 
     from datamodules.toy import make_sample
@@ -199,6 +200,15 @@ def _toy_batches(num=6, batch_size=3):
             "meta": [a["meta"] for _, _, a in part],
         })
     return batches
+
+
+def _toy_loader(data_root, batch_size=3):
+    """The toy-opa val loader of the shard pipeline: its dataset carries the toy data kind (from the
+    split's "source"), whose oracle gives the callback its plausible rate."""
+    from datamodules.pipeline import EpochLoader, ShardStream
+
+    stream = ShardStream(data_root / "toy-opa", "val", image_size=64, batch_size=batch_size, train=False)
+    return EpochLoader(stream)
 
 
 def _tiny_module():
@@ -234,15 +244,16 @@ def _trainer(tmp_path, callback, **kw):
                      enable_checkpointing=False, **kw)
 
 
-def test_callback_logs_seeded_metrics_equal_to_direct_scoring(tmp_path):
+def test_callback_logs_seeded_metrics_equal_to_direct_scoring(tmp_path, tiny_toy_data):
     from callbacks.tpr_fpr import TprFprCallback
     from datamodules.toy import is_plausible
 
-    batches = _toy_batches()
+    loader = _toy_loader(tiny_toy_data)
+    batches = list(loader)
     module = _tiny_module()
     cb = TprFprCallback(num_samples=20, seed=3)
-    first = _trainer(tmp_path, cb).validate(module, dataloaders=_loader(batches), verbose=False)[0]
-    again = _trainer(tmp_path, cb).validate(module, dataloaders=_loader(batches), verbose=False)[0]
+    first = _trainer(tmp_path, cb).validate(module, dataloaders=loader, verbose=False)[0]
+    again = _trainer(tmp_path, cb).validate(module, dataloaders=loader, verbose=False)[0]
     assert first == again                                             # seeded: same weights -> same numbers
     assert {"val/tpr@10", "val/fpr@20", "val/tpr_shared@20", "val/precision@10", "val/plausible_rate"} <= set(first)
 
@@ -259,31 +270,37 @@ def test_callback_logs_seeded_metrics_equal_to_direct_scoring(tmp_path):
     for k in ("tpr@10", "fpr@20", "tpr_shared@20", "fpr_shared@10", "precision@20"):
         assert first[f"val/{k}"] == pytest.approx(float(ref[k]), abs=1e-6)
     assert first["val/plausible_rate"] == pytest.approx(ok / total)
-    assert first["val/tpr_fpr_num_samples"] == 6
+    assert first["val/tpr_fpr_num_samples"] == 8
+
+    # Data without an oracle (a plain loader of the same batches): the same TPR-FPR, no plausible rate.
+    plain = _trainer(tmp_path, cb).validate(module, dataloaders=_loader(batches), verbose=False)[0]
+    assert "val/plausible_rate" not in plain and plain["val/tpr@20"] == first["val/tpr@20"]
 
 
-def test_callback_scores_at_fit_end_and_respects_sample_cap(tmp_path):
+def test_callback_scores_at_fit_end_and_respects_sample_cap(tmp_path, tiny_toy_data):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from callbacks.tpr_fpr import TprFprCallback
 
-    batches = _toy_batches()
+    val_loader = _toy_loader(tiny_toy_data)
+    batches = list(val_loader)
     cb = TprFprCallback(every_n_val_epochs=2, num_samples=10, max_eval_samples=4, seed=0)
     trainer = _trainer(tmp_path, cb, max_steps=2, val_check_interval=1, check_val_every_n_epoch=None,
                        limit_val_batches=2, num_sanity_val_steps=1, log_every_n_steps=1)
-    trainer.fit(_tiny_module(), train_dataloaders=_loader(batches[:1]), val_dataloaders=_loader(batches))
-    # validation ran twice (steps 1, 2): the 2nd run is scored, so fit end adds nothing
+    trainer.fit(_tiny_module(), train_dataloaders=_loader(batches[:1]), val_dataloaders=val_loader)
+    # validation ran twice (steps 1, 2; the sanity check does not count): the 2nd run is scored, so
+    # fit end adds nothing
     events = EventAccumulator(str(tmp_path / "tb" / "version_0")).Reload()
-    assert len(events.Scalars("val/tpr@10")) == 1 and cb._val_runs == 2
-    assert [e.value for e in events.Scalars("val/tpr_fpr_num_samples")] == [4]   # capped at 4 of 6
+    assert len(events.Scalars("val/tpr@10")) == 1 and cb._schedule.runs == 2
+    assert [e.value for e in events.Scalars("val/tpr_fpr_num_samples")] == [4]   # capped at 4 of 6 read
     assert "val/tpr_fpr" in events.Tags()["images"]
 
     # every 3rd run: never reached in 2 runs -> fit end scores the final weights
     cb3 = TprFprCallback(every_n_val_epochs=3, num_samples=10, seed=0)
     trainer = _trainer(tmp_path / "b", cb3, max_steps=2, val_check_interval=1, check_val_every_n_epoch=None,
                        num_sanity_val_steps=0, log_every_n_steps=1)
-    trainer.fit(_tiny_module(), train_dataloaders=_loader(batches[:1]), val_dataloaders=_loader(batches))
+    trainer.fit(_tiny_module(), train_dataloaders=_loader(batches[:1]), val_dataloaders=val_loader)
     events = EventAccumulator(str(tmp_path / "b" / "tb" / "version_0")).Reload()
-    assert cb3._val_runs == 2
-    assert [(e.step, e.value) for e in events.Scalars("val/tpr_fpr_num_samples")] == [(2, 6)]
+    assert cb3._schedule.runs == 2
+    assert [(e.step, e.value) for e in events.Scalars("val/tpr_fpr_num_samples")] == [(2, 8)]
     assert len(events.Scalars("val/plausible_rate")) == 1

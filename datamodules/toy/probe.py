@@ -3,28 +3,24 @@
 Fits a linear map from the projected image tokens (flattened) to the scene geometry of toy scenes
 with exactly one table (horizon, table top, table x1/x2/centre) on 80% of the scenes and prints the
 mean absolute error on the rest next to predicting the mean. Used in the README to show why lamps
-lag: the horizon is read to ~0.005, a table's x position barely.
+lag: the horizon is read well, a table's position barely (figures in the README).
 
-    python scripts/probe_toy_features.py runs/toy_finetune/default/checkpoints/last.ckpt
+    python -m datamodules.toy.probe runs/toy_finetune/default/checkpoints/last.ckpt
 """
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from .scenes import make_sample
 
 TARGETS = ("horizon", "table_top", "table_x1", "table_x2", "table_cx")
 
 
 def scenes_with_one_table(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Images [N,3,S,S] in [0,1] and geometry [N, len(TARGETS)] of fresh toy scenes with one table."""
-    from datamodules.toy import make_sample
-
     images, geometry = [], []
     for i in range(count):
         _, image, ann = make_sample(seed, i, "toy-pipe", split_id=7)  # split id unused by the datasets
@@ -37,7 +33,7 @@ def scenes_with_one_table(count: int, seed: int) -> tuple[torch.Tensor, torch.Te
 
 
 def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m datamodules.toy.probe", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--scenes", type=int, default=3000, help="scenes generated (about half have one table)")
     parser.add_argument("--seed", type=int, default=5)

@@ -13,11 +13,12 @@ changes a verdict; ``d`` = distance of the box bottom below the horizon):
 
 "=" means within a relative tolerance of 25% (30% for lamps) plus 0.02 absolute (more than one
 bin of a 64-bin tokenizer). Because the horizon and tables move, a box copied from another scene
-is rarely plausible (`blind_baseline_rate`). Positives are drawn well inside the tolerances;
-negatives (toy-opa) are near misses just outside them: floating/sunk cars and people, wrong
-scale, birds dipping under the horizon or flying too high, lamps off the table edge or floating.
-The scene description travels in the sample's ``meta["scene"]``; a pipeline that mirrors the
-image toggles ``scene["hflip"]`` and the oracle mirrors the scene accordingly.
+is rarely plausible (evaluate.py's image-blind baseline). Positives are drawn well inside the
+tolerances; negatives (toy-opa) are near misses just outside them: floating/sunk cars and people,
+wrong scale, birds dipping under the horizon or flying too high, lamps off the table edge or
+floating. The scene description travels in the sample's ``meta["scene"]``; when the pipeline
+mirrors the image, the toy kind's ``flip_meta`` hook toggles ``scene["hflip"]`` and the oracle
+mirrors the scene accordingly.
 """
 from __future__ import annotations
 
@@ -26,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from models.boxes import denormalise
+
 __all__ = ["CLASSES", "generate_scene", "render_scene", "is_plausible", "flip_scene", "sample_positive",
-           "sample_negative", "make_sample", "write_toy_split", "write_toy_dataset",
-           "blind_baseline_rate", "blind_baseline_rates", "uniform_random_rate", "plausible_rate",
-           "plausible_rates", "DEFAULT_SIZES"]
+           "sample_negative", "make_sample", "write_toy_split", "write_toy_dataset", "DEFAULT_SIZES"]
 
 CLASSES = ("car", "person", "bird", "lamp")
 _GROUND = {"car": (0.5, 2.0), "person": (1.0, 0.4)}  # class -> (height per unit depth, aspect w/h)
@@ -259,8 +260,7 @@ def make_sample(seed: int, index: int, flavour: str, size=(64, 64), classes=CLAS
         pos = [sample_positive(scene, cat, r) for _ in range(int(r.integers(2, 5)))]
         neg = [sample_negative(scene, cat, r, pos[i % len(pos)] if r.random() < 0.7 else None)
                for i in range(int(r.integers(2, 5)))]
-    scale = np.array([W, H, W, H], np.float64)
-    px = lambda bs: [[round(float(v), 3) for v in b * scale] for b in bs]  # noqa: E731
+    px = lambda bs: [[round(v, 3) for v in denormalise(b, (W, H)).tolist()] for b in bs]  # noqa: E731
     ann = {"category": cat, "width": W, "height": H, "positives": px(pos), "negatives": px(neg),
            "source": "toy", "meta": {"scene": scene, "flavour": flavour}}
     key = f"{flavour}-s{seed}-{['train', 'val', 'test'][split_id] if split_id < 3 else split_id}-{index:06d}"
@@ -272,7 +272,7 @@ def write_toy_split(out_dir, flavour: str, split: str, num_samples: int, seed: i
     """Write ``{split}-*.tar`` + ``{split}.json`` of one toy flavour into ``out_dir``."""
     from tqdm import tqdm
 
-    from .shards import ShardWriter
+    from ..shards import ShardWriter
 
     split_id = _SPLIT_IDS.get(split, 3 + sum(map(ord, split)))
     w = ShardWriter(out_dir, split, source="toy", num_shards=min(num_shards, num_samples))
@@ -299,61 +299,3 @@ def write_toy_dataset(out, seed: int = 0, sizes: dict | None = None, num_shards:
             write_toy_split(out / flavour, flavour, split, n, seed, num_shards, size, classes, progress)
             done[f"{flavour}/{split}"] = {"samples": n, "seconds": round(time.perf_counter() - t, 2)}
     return done
-
-
-def _normalised(sample: dict, field: str) -> np.ndarray:
-    b = np.asarray(sample[field], np.float64).reshape(-1, 4)
-    return b / np.array([sample["width"], sample["height"], sample["width"], sample["height"]])
-
-
-def plausible_rates(samples, boxes_per_sample) -> dict[str, float]:
-    """Oracle-plausible fraction of normalised boxes ``boxes_per_sample[i]`` (N_i x 4) for samples[i]:
-    ``{"all": rate, <class>: rate of that class's boxes, ...}`` (classes in `CLASSES` order)."""
-    hits: dict[str, int] = {}
-    total: dict[str, int] = {}
-    for s, b in zip(samples, boxes_per_sample):
-        v = is_plausible(s["meta"]["scene"], s["category"], np.asarray(b).reshape(-1, 4))
-        hits[s["category"]] = hits.get(s["category"], 0) + int(v.sum())
-        total[s["category"]] = total.get(s["category"], 0) + len(v)
-    order = sorted(total, key=lambda c: (CLASSES.index(c) if c in CLASSES else len(CLASSES), c))
-    rates = {"all": sum(hits.values()) / max(sum(total.values()), 1)}
-    rates.update({c: hits[c] / max(total[c], 1) for c in order})
-    return rates
-
-
-def plausible_rate(samples, boxes_per_sample) -> float:
-    """Oracle-plausible fraction of all boxes (see `plausible_rates`)."""
-    return plausible_rates(samples, boxes_per_sample)["all"]
-
-
-def blind_baseline_rate(train_samples, eval_samples, n: int = 100, seed: int = 0) -> float:
-    """Plausible rate of an image-blind sampler: for each eval sample, ``n`` positives of the same
-    class drawn at random from OTHER training scenes. Samples are annotation dicts (pixel boxes,
-    ``meta["scene"]``) as yielded by ``datamodules.shards.iter_annotations``."""
-    return blind_baseline_rates(train_samples, eval_samples, n, seed)["all"]
-
-
-def blind_baseline_rates(train_samples, eval_samples, n: int = 100, seed: int = 0) -> dict[str, float]:
-    """`blind_baseline_rate` overall and per class (as `plausible_rates`)."""
-    rng = np.random.default_rng(seed)
-    pools: dict[str, list] = {}
-    for s in train_samples:
-        for b in _normalised(s, "positives"):
-            pools.setdefault(s["category"], []).append((s["meta"]["scene"]["seed"], b))
-    eval_samples = list(eval_samples)
-    drawn = []
-    for s in eval_samples:
-        pool = [b for sd, b in pools[s["category"]] if sd != s["meta"]["scene"]["seed"]]
-        drawn.append(np.stack([pool[i] for i in rng.integers(len(pool), size=n)]))
-    return plausible_rates(eval_samples, drawn)
-
-
-def uniform_random_rate(eval_samples, n: int = 100, seed: int = 0) -> float:
-    """Plausible rate of boxes with uniformly random corners (sorted so x1<x2, y1<y2)."""
-    rng = np.random.default_rng(seed)
-    eval_samples = list(eval_samples)
-    drawn = []
-    for _ in eval_samples:
-        xy = np.sort(rng.uniform(size=(n, 2, 2)), axis=2)  # [:, axis(x/y), (lo, hi)]
-        drawn.append(np.stack([xy[:, 0, 0], xy[:, 1, 0], xy[:, 0, 1], xy[:, 1, 1]], 1))
-    return plausible_rate(eval_samples, drawn)
