@@ -6,7 +6,7 @@ own subprocess (``os.wait4`` rusage: the largest process of the child's tree, da
 - paper sampling: a `paper`-preset model (ViT-B/16, CLIP ViT-B/32 text, GPT-2 small; random
   weights) drawing ``--boxes`` boxes for each of ``--images`` images in one KV-cached batch.
 
-    python benchmarks/memory.py [--quick]
+    python -m benchmarks.memory [--quick]
 
 The last line is ``RESULT {json}`` (MiB) for benchmarks/run_all.py.
 """

@@ -269,7 +269,7 @@ def read_split_info(data_dir, split: str) -> SplitInfo:
         hint = "" if data_dir.is_dir() else f" (the folder {data_dir} does not exist)"
         raise ShardFormatError(
             f"missing split file {path}{hint}: the split '{split}' was never converted or its conversion "
-            f"did not finish. Run a converter (e.g. `python scripts/make_toy_data.py --out data/toy` or "
+            f"did not finish. Run a converter (e.g. `python -m scripts.make_toy_data --out data/toy` or "
             f"scripts/convert_opa.py) or point data_dir at the folder holding {split}.json.")
     try:
         info = json.loads(path.read_text())

@@ -1,20 +1,17 @@
 #!/usr/bin/env python
 """Write the toy-scene benchmark shards: OUT/toy-pipe/{train,val,test} and OUT/toy-opa/{train,val,test}.
 
-Example: python scripts/make_toy_data.py --out data/toy --seed 0
+Example: python -m scripts.make_toy_data --out data/toy --seed 0
 Also prints the image-blind and uniform-random plausible rates on the test splits.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from datamodules.shards import iter_annotations  # noqa: E402
-from datamodules.toy import CLASSES, blind_baseline_rate, uniform_random_rate, write_toy_dataset  # noqa: E402
+from datamodules.shards import iter_annotations
+from datamodules.toy import CLASSES, blind_baseline_rate, uniform_random_rate, write_toy_dataset
 
 
 def main(argv=None):

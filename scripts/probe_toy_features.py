@@ -5,18 +5,14 @@ with exactly one table (horizon, table top, table x1/x2/centre) on 80% of the sc
 mean absolute error on the rest next to predicting the mean. Used in the README to show why lamps
 lag: the horizon is read to ~0.005, a table's x position barely.
 
-    python scripts/probe_toy_features.py runs/toy_finetune/default/checkpoints/last.ckpt
+    python -m scripts.probe_toy_features runs/toy_finetune/default/checkpoints/last.ckpt
 """
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TARGETS = ("horizon", "table_top", "table_x1", "table_x2", "table_cx")
 

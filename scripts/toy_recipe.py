@@ -13,9 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 STAGES = ("toy_pretrain", "toy_finetune", "toy_dpo")
 
 
