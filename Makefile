@@ -24,10 +24,10 @@ test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
 
 train: venv
-	$(PY) scripts/toy_recipe.py
+	$(PY) -m scripts.toy_recipe
 
 bench: venv
-	$(PY) benchmarks/run_all.py
+	$(PY) -m benchmarks.run_all
 
 clean:
 	rm -rf runs data/toy

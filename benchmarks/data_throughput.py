@@ -5,26 +5,23 @@ Without --data-dir it builds a bench split from real photos shipped in scikit-im
 px, like OPA/PIPE backgrounds). Prints samples/s of a plain single-process PIL decode+resize loop
 over the same bytes (also with PIL's JPEG draft mode, which the pipeline uses), of the train loader
 in-process (0 workers: the pipeline's own overhead) and with workers, and the ratios. Example:
-  python benchmarks/data_throughput.py --image-size 224 --num-workers 2
+  python -m benchmarks.data_throughput --image-size 224 --num-workers 2
 """
 from __future__ import annotations
 
 import argparse
 import io
-import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from datamodules import ShardDataModule  # noqa: E402
-from datamodules.shards import ShardWriter, read_split_info  # noqa: E402
+from datamodules import ShardDataModule
+from datamodules.shards import ShardWriter, read_split_info
 
 
 def build_photo_split(out: Path, n: int, shards: int):

@@ -1,6 +1,6 @@
 """DPO step time as a ratio of the MLE step time on the same batch, measured side by side.
 
-    python benchmarks/dpo_step.py [--presets tiny paper] [--batch-size 16] [--iters 10] [--device cpu]
+    python -m benchmarks.dpo_step [--presets tiny paper] [--batch-size 16] [--iters 10] [--device cpu]
 
 One training step = zero_grad, loss, backward, AdamW step over the trainable parameters (random
 weights; `paper` shapes with `*_weights=None`). The MLE step scores each sample's positive (the
@@ -22,10 +22,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from lightning_modules.checkpoint import save_model_checkpoint  # noqa: E402
 from lightning_modules.dpo import DPOModule  # noqa: E402
 from lightning_modules.dpo_loss import dpo_loss  # noqa: E402
 from lightning_modules.mle import MLEModule  # noqa: E402
@@ -69,7 +69,7 @@ def bench(preset: str, batch_size: int, iters: int, device: torch.device) -> dic
     with tempfile.TemporaryDirectory() as tmp:
         mle = MLEModule(model_config=config, optim=OPTIM)
         ckpt = Path(tmp) / "mle.ckpt"
-        torch.save({"hyper_parameters": dict(mle.hparams), "state_dict": mle.state_dict()}, ckpt)
+        save_model_checkpoint(mle.model, ckpt)
         dpo = DPOModule(optim=OPTIM, beta=0.1, reference=str(ckpt))
     mle.to(device).train()
     dpo.to(device).train()

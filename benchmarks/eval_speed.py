@@ -1,7 +1,8 @@
-"""Time evaluate.py's predictions mode on the full OPA training label set (62,074 labelled boxes;
-the test labels are not available here) with 100 random predictions per sample.
+"""Time evaluate.py's predictions mode on the full OPA training label set (62,074 labelled boxes,
+shipped in benchmarks/data/ with its licence; the test labels are not public) with 100 random
+predictions per sample.
 
-    python benchmarks/eval_speed.py [--labels PATH] [--num-samples 100] [--threads 2]
+    python -m benchmarks.eval_speed [--labels PATH] [--num-samples 100] [--threads 2]
 
 Prints the end-to-end time of ``evaluate.py --predictions ... --annotations ...`` (parse labels and
 predictions, score, write metrics.json and the PNG) and the time of each phase. Target: < 60 s on
@@ -10,17 +11,15 @@ predictions, score, write metrics.json and the PNG) and the time of each phase. 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import evaluate  # noqa: E402
+import evaluate
 
-DEFAULT_LABELS = "/work/shared/data/opa_annotations_train/fopa_train_data_pair.csv"
+DEFAULT_LABELS = Path(__file__).resolve().parent / "data" / "fopa_train_data_pair.csv"
 
 
 def main(argv=None) -> None:
@@ -29,6 +28,8 @@ def main(argv=None) -> None:
     p.add_argument("--num-samples", type=int, default=100, help="random predictions per sample")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the target is for 2 cores)")
     args = p.parse_args(argv)
+    if not Path(args.labels).is_file():
+        p.error(f"--labels {args.labels}: no such file (the default ships in benchmarks/data/)")
     torch.set_num_threads(args.threads)
 
     t = time.perf_counter()

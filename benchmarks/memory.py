@@ -6,7 +6,7 @@ own subprocess (``os.wait4`` rusage: the largest process of the child's tree, da
 - paper sampling: a `paper`-preset model (ViT-B/16, CLIP ViT-B/32 text, GPT-2 small; random
   weights) drawing ``--boxes`` boxes for each of ``--images`` images in one KV-cached batch.
 
-    python benchmarks/memory.py [--quick]
+    python -m benchmarks.memory [--quick]
 
 The last line is ``RESULT {json}`` (MiB) for benchmarks/run_all.py.
 """
@@ -57,9 +57,9 @@ def main(argv=None) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT),
            "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-c", "import sys; from datamodules.toy import write_toy_dataset; "
-                        "write_toy_dataset(sys.argv[1], sizes={'toy-opa': {'train': 512, 'val': 16}}, "
-                        "num_shards=4, progress=False)", tmp], cwd=ROOT, env=env, check=True)
+        subprocess.run([sys.executable, "-m", "datamodules.toy", "--out", tmp, "--pipe-train", "0", "--opa-train", "512",
+                        "--val", "16", "--test", "0", "--num-shards", "4"], cwd=ROOT, env=env, check=True,
+                       stdout=subprocess.DEVNULL)
         train = peak_rss_mib([sys.executable, "train.py", "experiment=toy_finetune", "init_from=null",
                               f"data.data_dir={tmp}/toy-opa", f"log_root={tmp}/runs", f"trainer.max_steps={steps}",
                               "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false"], env)

@@ -1,12 +1,12 @@
 """`make bench`: every benchmark in quick mode, each in its own subprocess, then ONE table of
 ratios (measured, target, met) in Markdown. About 3-5 minutes on 2 shared CPU cores.
 
-    .venv/bin/python benchmarks/run_all.py [--skip-compile] [--labels CSV]
+    .venv/bin/python -m benchmarks.run_all [--skip-compile] [--labels CSV]
 
 Ratios are measured side by side inside each benchmark (variants alternate), so machine load
 mostly cancels; absolute times and boxes/s are for the machine it ran on. A benchmark that fails
-or times out becomes a row saying so; the OPA evaluation row is skipped, with a note, when the
-label file is absent. Exit status 0 even when a target is missed (the table says which).
+or times out becomes a row saying so. Exit status 0 even when a target is missed (the table says
+which).
 """
 from __future__ import annotations
 
@@ -21,14 +21,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_LABELS = "/work/shared/data/opa_annotations_train/fopa_train_data_pair.csv"  # = eval_speed.py's
 
 
 def run(script: str, args: list[str], timeout: int, env: dict) -> tuple[str, float]:
-    """stdout of ``python benchmarks/<script> <args>``; raises RuntimeError with the stderr tail on failure."""
+    """stdout of ``python -m benchmarks.<script> <args>``; raises RuntimeError with the stderr tail on failure."""
     start = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT, env=env,
+        proc = subprocess.run([sys.executable, "-m", f"benchmarks.{script}", *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"timed out after {timeout} s") from None
@@ -110,25 +109,23 @@ def memory_rows(out: str) -> list:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile row (~2 min on CPU)")
-    parser.add_argument("--labels", default=DEFAULT_LABELS, help="OPA/FOPA label file for the evaluation row")
+    parser.add_argument("--labels", help="OPA/FOPA label file for the evaluation row (default: eval_speed.py's, shipped "
+                        "in benchmarks/data/)")
     args = parser.parse_args(argv)
     plan = [
-        ("sampling.py", ["--quick"], 300, sampling_rows),
-        ("train_step.py", ["--quick"] + ([] if args.skip_compile else ["--compile"]), 420, train_rows),
-        ("data_throughput.py", ["--num-samples", "400", "--num-workers", "2", "--image-size", "224"], 180, data_rows),
-        ("dpo_step.py", ["--threads", "1", "--iters", "6"], 180, dpo_rows),
-        ("eval_speed.py", ["--labels", args.labels, "--threads", "1"], 180, eval_rows),
-        ("memory.py", ["--quick"], 300, memory_rows),
+        ("sampling", ["--quick"], 300, sampling_rows),
+        ("train_step", ["--quick"] + ([] if args.skip_compile else ["--compile"]), 420, train_rows),
+        ("data_throughput", ["--num-samples", "400", "--num-workers", "2", "--image-size", "224"], 180, data_rows),
+        ("dpo_step", ["--threads", "1", "--iters", "6"], 180, dpo_rows),
+        ("eval_speed", (["--labels", args.labels] if args.labels else []) + ["--threads", "1"], 180, eval_rows),
+        ("memory", ["--quick"], 300, memory_rows),
     ]
     rows, notes, start = [], [], time.perf_counter()
     inductor_cache = tempfile.TemporaryDirectory()  # cold torch.compile: what a first run pays
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT),
            "TORCHINDUCTOR_CACHE_DIR": inductor_cache.name}
     for script, script_args, timeout, parse in plan:
-        if script == "eval_speed.py" and not Path(args.labels).is_file():
-            notes.append(f"evaluation row skipped: label file {args.labels} is absent (pass --labels)")
-            continue
-        print(f"running benchmarks/{script} {' '.join(script_args)} ...", file=sys.stderr, flush=True)
+        print(f"running python -m benchmarks.{script} {' '.join(script_args)} ...", file=sys.stderr, flush=True)
         try:
             out, seconds = run(script, script_args, timeout, env)
             rows += parse(out)

@@ -3,25 +3,23 @@
 Both decode the same prefixes (image/text encoding is shared and excluded) for ``--boxes`` boxes
 per image over a batch of images, for the `tiny` and `paper` presets with random weights.
 
-    .venv/bin/python benchmarks/sampling.py            # tiny: 8 images, paper: 2 (1 on CPU) x 100 boxes
-    .venv/bin/python benchmarks/sampling.py --quick    # seconds: fewer images, 10 paper boxes
+    .venv/bin/python -m benchmarks.sampling            # tiny: 8 images, paper: 2 (1 on CPU) x 100 boxes
+    .venv/bin/python -m benchmarks.sampling --quick    # seconds: fewer images, 10 paper boxes
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from models import LocationModel, LocationModelConfig, naive_reference_decode  # noqa: E402
+from models import LocationModel, LocationModelConfig  # noqa: E402
+from tests.reference_decode import naive_reference_decode  # noqa: E402
 
 
 def _timed(fn, device: torch.device, repeats: int, warmup: bool = True) -> float:

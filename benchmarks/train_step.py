@@ -13,7 +13,7 @@ toy OPA scenes with several positives per image):
 Rounds alternate the variants so machine load hits them alike; medians are reported, and the last
 line is ``RESULT {json}`` for benchmarks/run_all.py.
 
-    python benchmarks/train_step.py [--quick] [--compile] [--batch-size 16] [--threads 1]
+    python -m benchmarks.train_step [--quick] [--compile] [--batch-size 16] [--threads 1]
 """
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import sys
+import subprocess
+import statistics
 import tempfile
 import time
 import warnings
@@ -31,14 +32,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.dpo_step import OPTIM, make_batch  # noqa: E402
 from datamodules import ShardDataModule  # noqa: E402
-from datamodules.toy import write_toy_dataset  # noqa: E402
+from lightning_modules.checkpoint import save_model_checkpoint  # noqa: E402
 from lightning_modules.dpo import DPOModule, pair_box_log_probs  # noqa: E402
 from lightning_modules.dpo_loss import dpo_loss  # noqa: E402
 from lightning_modules.mle import MLEModule, flatten_boxes, warmup_cosine  # noqa: E402
@@ -126,7 +126,7 @@ def dpo_feature_sharing(batch_size: int, rounds: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         mle = MLEModule(model_config=config, optim=OPTIM)
         ckpt = Path(tmp) / "mle.ckpt"
-        torch.save({"hyper_parameters": dict(mle.hparams), "state_dict": mle.state_dict()}, ckpt)
+        save_model_checkpoint(mle.model, ckpt)
         dpo = DPOModule(optim=OPTIM, beta=0.1, reference=str(ckpt))
     batch = make_batch(batch_size, config["image_size"])
     ref = dpo._reference()
@@ -170,7 +170,9 @@ def main(argv=None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         n_train = args.batch_size * steps * 2
-        write_toy_dataset(tmp, seed=0, sizes={"toy-opa": {"train": n_train}}, num_shards=4, progress=False)
+        subprocess.run([sys.executable, "-m", "datamodules.toy", "--out", tmp, "--pipe-train", "0", "--opa-train",
+                        str(n_train), "--val", "0", "--test", "0", "--num-shards", "4"], check=True,
+                       stdout=subprocess.DEVNULL)
 
         def datamodule(workers: int) -> ShardDataModule:
             return ShardDataModule(Path(tmp) / "toy-opa", image_size=64, batch_size=args.batch_size,

@@ -135,3 +135,21 @@ def load_model_weights(model: LocationModel, path: str | Path) -> None:
         model.load_state_dict(model_state_dict(ckpt))
     except RuntimeError as err:
         raise CheckpointError(f"init_from {path} does not fit this model: {str(err).splitlines()[0][:300]}") from None
+        details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {model_config.get(k)!r}" for k in differ[:5])
+        raise CheckpointError(f"checkpoint {path} was written with another model config ({details}); resuming it "
+                              "would not be this run. Use another run_name, or resume=false to start over")
+    saved_stage = "dpo" if "beta" in ckpt["hyper_parameters"] else "mle"
+    if saved_stage != stage:
+        raise CheckpointError(f"checkpoint {path} is a {saved_stage} checkpoint but this run is stage={stage}; "
+                              "use another run_name (or init_from / dpo.reference to start from it)")
+
+
+def save_model_checkpoint(model: LocationModel, path: str | Path, **hyper_parameters) -> None:
+    """Write ``model`` as the smallest checkpoint `read_checkpoint` and `load_location_model` accept
+    (its config under ``hyper_parameters["model_config"]``, its weights under the ``model.`` prefix),
+    atomically; extra ``hyper_parameters`` (e.g. a module's ``optim``) are stored beside the config.
+    The one place outside Lightning that builds a checkpoint dict (tools, tests, benchmarks)."""
+    if "model_config" in hyper_parameters:
+        raise TypeError("save_model_checkpoint: model_config comes from the model; do not pass it")
+    atomic_save({"hyper_parameters": {"model_config": model.cfg.to_dict(), **hyper_parameters},
+                 "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)

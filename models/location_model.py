@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from .box_tokenizer import BoxTokenizer
 from .config import LocationModelConfig
 from .pretrained import build_clip_text, build_gpt2, build_vit, ordinal_init
+from .sampling import check_filter_args, draw_tokens, filter_logits
 
 
 @dataclass
@@ -325,19 +326,7 @@ class LocationModel(nn.Module):
         """One token per sequence: mask, temperature, top-k, top-p, then draw; returns (ids, log-probs)."""
         logits = self.step_logits(step, logits.float(), prev)
         logits = logits.masked_fill(~self.allowed_tokens(step, prev, bounds), float("-inf"))
-        logits = logits / temperature
-        if top_k is not None:
-            kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if top_p is not None and top_p < 1.0:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            probs = sorted_logits.softmax(-1)
-            drop_sorted = (probs.cumsum(-1) - probs) >= top_p  # mass before the token already reaches top_p
-            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-            logits = logits.masked_fill(drop, float("-inf"))
-        logp = logits.log_softmax(-1)
-        token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
-        return token, logp.gather(-1, token[:, None]).squeeze(-1)
+        return draw_tokens(filter_logits(logits, temperature, top_k, top_p), generator)
 
     def _sample_output(self, tokens: Tensor, log_probs: Tensor, image_sizes: Optional[Tensor]) -> SampleOutput:
         boxes_norm = self.tokenizer.decode(tokens)
@@ -352,37 +341,8 @@ class LocationModel(nn.Module):
 
 
 def _check_sampling_args(n: int, temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+    """Fail before any encoding, not at the first decoding step."""
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+    check_filter_args(temperature, top_k, top_p)
 
-
-@torch.no_grad()
-def naive_reference_decode(model: LocationModel, prefix: Tensor, n: int, temperature: float = 1.0,
-                           top_k: Optional[int] = None, top_p: Optional[float] = None,
-                           region: Optional[Tensor] = None,
-                           generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
-    """Slow reference for tests and benchmarks: no KV cache, no prefix sharing.
-
-    Every step re-runs GPT-2 over the whole sequence (prefix + BOS + tokens so far) for each of the
-    ``B * n`` samples. Same masks, same draws from ``generator`` as `LocationModel.sample`, so for a
-    given seed both must return the same tokens ``[B, n, 4]`` and log-probs ``[B, n]``.
-    Call with the model in eval mode.
-    """
-    batch = prefix.shape[0]
-    bounds = model.region_bounds(region, batch, prefix.device).repeat_interleave(n, dim=0)
-    prefix = prefix.repeat_interleave(n, dim=0)
-    seq = torch.full((batch * n, 1), model.tokenizer.bos, device=prefix.device, dtype=torch.long)
-    total = torch.zeros(batch * n, device=prefix.device)
-    for step in range(4):
-        inputs = torch.cat([prefix, model.input_embeds(seq[:, 1:])], dim=1)
-        logits = model.decoder(inputs_embeds=inputs, use_cache=False).logits[:, -1]
-        token, logp = model._sample_step(logits, step, seq[:, 1:], bounds, temperature, top_k, top_p, generator)
-        seq = torch.cat([seq, token[:, None]], dim=1)
-        total += logp
-    return seq[:, 1:].view(batch, n, 4), total.view(batch, n)

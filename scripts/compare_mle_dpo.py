@@ -1,6 +1,6 @@
 """MLE vs DPO side by side on toy scenes: same data, same sampling budget, same seed.
 
-    python scripts/compare_mle_dpo.py --mle runs/toy_finetune/default/checkpoints/last.ckpt \
+    python -m scripts.compare_mle_dpo --mle runs/toy_finetune/default/checkpoints/last.ckpt \
         --dpo runs/toy_dpo/default/checkpoints/last.ckpt --data data/toy/toy-opa --split val
 
 Per model (through evaluate.py's checkpoint mode): N boxes per evaluation sample (default 100), the oracle's implausible and plausible
@@ -21,7 +21,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

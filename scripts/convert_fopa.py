@@ -4,18 +4,14 @@
 Box top-left = (cx - w//2, cy - h//2). Without --categories (fg_id -> category, json object or
 csv with fg_id,category) samples are pooled per (background, foreground) with category "".
 Example:
-  python scripts/convert_fopa.py --labels test_data_pair.csv --backgrounds /data/OPA/background \\
+  python -m scripts.convert_fopa --labels test_data_pair.csv --backgrounds /data/OPA/background \\
       --categories fg_categories.json --out data/opa --split test
 """
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from datamodules.convert import convert_fopa, load_category_map  # noqa: E402
+from datamodules.convert import convert_fopa, load_category_map
 
 
 def main(argv=None):

@@ -3,17 +3,13 @@
 
 One sample per (background, category) with every labelled box pooled; category = the folder name
 of foreground/<category>/<fg_id>.jpg. Example:
-  python scripts/convert_opa.py --opa-root /data/OPA --out data/opa --val-fraction 0.05
+  python -m scripts.convert_opa --opa-root /data/OPA --out data/opa --val-fraction 0.05
 """
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from datamodules.convert import convert_opa  # noqa: E402
+from datamodules.convert import convert_opa
 
 
 def main(argv=None):

@@ -3,18 +3,14 @@
 
 Background = source_img (object removed); positive box = tight box of the PIPE_Masks mask joined
 on (img_id, ann_id), else of the thresholded |source - target| difference. Example:
-  python scripts/convert_pipe.py --parquet PIPE/data/test-*.parquet --masks PIPE_Masks/data/test-*.parquet \\
+  python -m scripts.convert_pipe --parquet PIPE/data/test-*.parquet --masks PIPE_Masks/data/test-*.parquet \\
       --out data/pipe --split test
 """
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from datamodules.convert import convert_pipe  # noqa: E402
+from datamodules.convert import convert_pipe
 
 
 def main(argv=None):

@@ -5,35 +5,37 @@ It demonstrates the mechanics (region-restricted sampling, mask, paste-back) —
 """
 from __future__ import annotations
 
-import sys
-import tempfile
+import os
+import shutil
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+import insert
+from lightning_modules.checkpoint import save_model_checkpoint
+from models import LocationModel, LocationModelConfig
+from tests.tiny_builders import save_tiny_sd_inpainter
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-import insert  # noqa: E402
-from models import LocationModel, LocationModelConfig  # noqa: E402
-from tiny_builders import save_tiny_sd_inpainter  # noqa: E402
-
-PHOTO = ROOT / "tests/fixtures/libcom/controllable_composition/background/000000049931.png"
+PHOTO = Path("tests/fixtures/libcom/controllable_composition/background/000000049931.png")
 
 
-def main(out: Path = ROOT / "docs/insert_example") -> None:
+def main(out: Path = Path("docs/insert_example")) -> None:
+    """Runs from the repository root with repository-relative paths, so the JSON records it writes
+    name no machine's folders; the two tiny models live in ``out/work`` only while it runs."""
+    os.chdir(ROOT)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="genloc_insert_"))
+    work = out / "work"
     save_tiny_sd_inpainter(work / "tiny_sd_inpaint")
     torch.manual_seed(0)
-    config = LocationModelConfig.preset("tiny")
-    model = LocationModel(config)
-    torch.save({"hyper_parameters": {"model_config": config.to_dict()},
-                "state_dict": {"model." + k: v for k, v in model.state_dict().items()}}, work / "tiny_random.ckpt")
-    insert.main(["--image", str(PHOTO), "--category", "cat", "--checkpoint", str(work / "tiny_random.ckpt"),
-                 "--inpainter", str(work / "tiny_sd_inpaint"), "--n", "2", "--region", "left", "--steps", "4",
-                 "--resolution", "256", "--feather", "4", "--seed", "0", "--out", str(out)])
+    save_model_checkpoint(LocationModel(LocationModelConfig.preset("tiny")), work / "tiny_random.ckpt")
+    try:
+        insert.main(["--image", str(PHOTO), "--category", "cat", "--checkpoint", str(work / "tiny_random.ckpt"),
+                     "--inpainter", str(work / "tiny_sd_inpaint"), "--n", "2", "--region", "left", "--steps", "4",
+                     "--resolution", "256", "--feather", "4", "--seed", "0", "--out", str(out)])
+    finally:
+        shutil.rmtree(work)
     panels = [Image.open(PHOTO).convert("RGB"), Image.open(out / "overlay.png").convert("RGB"),
               Image.open(out / "edit_0.png").convert("RGB")]
     sheet = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)), "white")

@@ -14,9 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 STAGES = ("toy_pretrain", "toy_finetune", "toy_dpo")
 # Per-class columns in the README's order of the toy classes; any other class follows by name.
 CLASS_ORDER = ("car", "person", "bird", "lamp")

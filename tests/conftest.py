@@ -1,19 +1,19 @@
-"""Test-wide settings: offline hubs, repository root on sys.path, deterministic CPU threads."""
+"""Test-wide settings: offline hubs, and the repository root on the PYTHONPATH of every subprocess a
+test starts (pytest itself gets it from pyproject's `pythonpath`), so scripts import the project."""
 import os
-import sys
 from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if str(ROOT) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 FIXTURES = ROOT / "tests" / "fixtures"
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,8 @@ result equals the single-process result and writes "OK" to the file given as arg
     python tests/ddp_tpr_fpr_script.py metric OUT     # TPRFPR, torch.multiprocessing spawn
     python tests/ddp_tpr_fpr_script.py callback OUT   # TprFprCallback in a Lightning ddp validate
 
-Run as a subprocess by tests/test_tpr_fpr_ddp.py (never inside the pytest process)."""
+Run as a subprocess by tests/test_tpr_fpr_ddp.py (never inside the pytest process), with the repository
+root on PYTHONPATH (tests/conftest.py)."""
 import os
 import sys
 from pathlib import Path
@@ -13,8 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from metrics.tpr_fpr import TPRFPR  # noqa: E402
+from metrics.tpr_fpr import TPRFPR
 
 NS = (1, 2, 5, 10)
 SPLIT = 3          # rank 0 scores samples [0, 3), rank 1 the other 8, in batches of 2
@@ -61,9 +61,8 @@ def callback_run(out):
     import lightning as L
     from torch.utils.data import DataLoader, IterableDataset
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from callbacks.tpr_fpr import TprFprCallback
-    from test_tpr_fpr import _tiny_module, _toy_batches
+    from tests.test_tpr_fpr import _tiny_module, _toy_batches
 
     batches = _toy_batches(num=9, batch_size=3)
 

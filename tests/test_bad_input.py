@@ -20,7 +20,8 @@ from configs.schema import load_config
 from conftest import tiny_run_overrides
 from datamodules import ShardDataModule
 from datamodules.pipeline import decode_sample
-from lightning_modules.checkpoint import CheckpointError
+from lightning_modules.checkpoint import CheckpointError, save_model_checkpoint
+from models import LocationModel, LocationModelConfig
 
 
 def rewrite_sample(shard, edit) -> str:
@@ -96,7 +97,6 @@ def test_truncated_tar_and_bad_samples_in_a_training_run_are_skipped(toy_copy, t
 def test_unknown_category():
     """OPA/PIPE: any category string is valid (the CLIP text encoder reads free text); toy data: the
     oracle refuses a category it has no rule for, naming it (tests/test_toy_scenes.py)."""
-    from models import LocationModel, LocationModelConfig
     from datamodules.toy import is_plausible
 
     buf = io.BytesIO()
@@ -149,9 +149,8 @@ def test_wrong_config_type_names_the_key(override, key, tmp_path, capsys):
 
 
 def write_fake_last(run_dir, model_config: dict, **hparams) -> None:
-    (run_dir / "checkpoints").mkdir(parents=True)
-    torch.save({"hyper_parameters": {"model_config": model_config, **hparams}, "state_dict": {}},
-               run_dir / "checkpoints" / "last.ckpt")
+    model = LocationModel(LocationModelConfig.from_dict(model_config))
+    save_model_checkpoint(model, run_dir / "checkpoints" / "last.ckpt", **hparams)
 
 
 def test_incompatible_last_checkpoint_is_an_error_not_a_restart(tiny_toy_data, tmp_path, capsys):

@@ -7,12 +7,9 @@ import textwrap
 
 import pytest
 
-from conftest import ROOT
-
 SCRIPT = textwrap.dedent('''
     import json, sys
     import lightning as L, torch
-    sys.path.insert(0, {root!r})
     from datamodules import ShardDataModule
 
     class M(L.LightningModule):
@@ -34,8 +31,8 @@ SCRIPT = textwrap.dedent('''
         t = L.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
         t.fit(m, datamodule=dm)
-        json.dump({{"rank": dm.rank, "world": dm.world_size, "seen": m.seen}},
-                  open(f"{{out}}/rank{{t.global_rank}}.json", "w"))
+        json.dump({"rank": dm.rank, "world": dm.world_size, "seen": m.seen},
+                  open(f"{out}/rank{t.global_rank}.json", "w"))
 ''')
 
 
@@ -43,7 +40,7 @@ SCRIPT = textwrap.dedent('''
 def test_ddp_two_ranks_disjoint_equal_steps(tmp_path):
     from datamodules.toy import write_toy_split
     write_toy_split(tmp_path / "toy", "toy-pipe", "train", 42, seed=0, num_shards=4, progress=False)  # uneven
-    (tmp_path / "run.py").write_text(SCRIPT.format(root=str(ROOT)))
+    (tmp_path / "run.py").write_text(SCRIPT)
     r = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path)], cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -12,11 +12,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 import lightning_modules.dpo as dpo_module
-from lightning_modules.checkpoint import load_location_model, model_state_dict, read_checkpoint
+from lightning_modules.checkpoint import load_location_model, model_state_dict, read_checkpoint, save_model_checkpoint
 from lightning_modules.dpo import DPOModule, pair_box_log_probs
 from lightning_modules.mle import MLEModule
 from models import LocationModelConfig
-from tests.conftest import ROOT
 
 OPTIM = dict(lr=1e-3, weight_decay=0.01, betas=[0.9, 0.95], warmup_steps=1, min_lr_ratio=0.1)
 
@@ -24,7 +23,7 @@ OPTIM = dict(lr=1e-3, weight_decay=0.01, betas=[0.9, 0.95], warmup_steps=1, min_
 def _save_mle(path, **overrides):
     torch.manual_seed(0)
     module = MLEModule(model_config=LocationModelConfig.preset("tiny", **overrides).to_dict(), optim=OPTIM)
-    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
+    save_model_checkpoint(module.model, path)
     return path
 
 
@@ -227,26 +226,24 @@ DDP_SCRIPT = textwrap.dedent('''
     import json, sys
     import lightning as L, torch
     from torch.utils.data import DataLoader
-    sys.path.insert(0, {root!r})
-    sys.path.insert(0, {tests!r})
     from lightning_modules.dpo import DPOModule
-    from test_dpo_module import OPTIM, pair_batch
+    from tests.test_dpo_module import OPTIM, pair_batch
 
     if __name__ == "__main__":
         out, ckpt = sys.argv[1], sys.argv[2]
         module = DPOModule(optim=OPTIM, beta=0.5, reference=ckpt)
-        ref = {{n: p.clone() for n, p in module.reference.model.named_parameters()}}
+        ref = {n: p.clone() for n, p in module.reference.model.named_parameters()}
         t = L.Trainer(max_steps=2, accelerator="cpu", devices=2, strategy="ddp", logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       limit_val_batches=0)
         rank_seed = 100 * int(__import__("os").environ.get("LOCAL_RANK", 0))
         batches = [pair_batch(rank_seed + i) for i in range(2)]
         t.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=lambda b: b))
-        json.dump({{"metrics": {{k: float(v) for k, v in t.callback_metrics.items()}},
+        json.dump({"metrics": {k: float(v) for k, v in t.callback_metrics.items()},
                    "policy": float(sum(p.double().sum() for p in module.model.parameters())),
                    "ref_unchanged": all(torch.equal(p, ref[n]) for n, p in module.reference.model.named_parameters()),
-                   "ref_device": str(module.reference.model.image_proj.weight.device)}},
-                  open(f"{{out}}/rank{{t.global_rank}}.json", "w"))
+                   "ref_device": str(module.reference.model.image_proj.weight.device)},
+                  open(f"{out}/rank{t.global_rank}.json", "w"))
 ''')
 
 
@@ -254,7 +251,7 @@ DDP_SCRIPT = textwrap.dedent('''
 def test_ddp_two_ranks_no_unused_parameters_and_global_metrics(mle_ckpt, tmp_path):
     """find_unused_parameters=False (Lightning's ddp default) fails at step 2 if a trainable
     parameter got no gradient; metrics are reduced over both ranks, so every rank logs the same."""
-    (tmp_path / "run.py").write_text(DDP_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests")))
+    (tmp_path / "run.py").write_text(DDP_SCRIPT)
     r = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path), mle_ckpt], cwd=tmp_path,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

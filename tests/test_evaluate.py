@@ -11,6 +11,7 @@ import torch
 
 import evaluate
 from conftest import FIXTURES, ROOT
+from lightning_modules.checkpoint import save_model_checkpoint
 
 OPA = FIXTURES / "opa_sample"
 FOPA_CSV = OPA / "annotations_original" / "fopa_test_data_pair__bg580029_rows.csv"
@@ -216,8 +217,7 @@ def test_checkpoint_mode_matches_rescoring_its_predictions(toy_shards, tmp_path)
     cfg = LocationModelConfig.preset("tiny", num_bins=32)
     model = LocationModel(cfg)
     ckpt = tmp_path / "tiny.ckpt"
-    torch.save({"hyper_parameters": {"model_config": cfg.to_dict()},
-                "state_dict": {"model." + k: v for k, v in model.state_dict().items()}}, ckpt)
+    save_model_checkpoint(model, ckpt)
     args = ["--checkpoint", str(ckpt), "--data", str(toy_shards), "--split", "test", "--batch-size", "4",
             "--temperature", "0.9", "--top-k", "20", "--seed", "5", "--device", "cpu", "--no-progress"]
     doc = evaluate.main(args + ["--out", str(tmp_path / "ck")])

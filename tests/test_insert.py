@@ -11,6 +11,7 @@ from skimage import data
 
 import insert
 from conftest import FIXTURES
+from lightning_modules.checkpoint import save_model_checkpoint
 from metrics.inpainting import background_ssim
 from models.inpainting import box_alpha, insert_object, load_inpainter, mask_rect, parse_region, pixel_rect, working_size
 from tiny_builders import TINY_CLIP_NAME, save_tiny_gligen, save_tiny_open_clip, save_tiny_sd_inpainter
@@ -169,8 +170,7 @@ def test_insert_with_real_tiny_location_model(tmp_path):
     cfg = LocationModelConfig.preset("tiny")
     model = LocationModel(cfg)
     ckpt = tmp_path / "tiny.ckpt"
-    torch.save({"hyper_parameters": {"model_config": cfg.to_dict()},
-                "state_dict": {"model." + k: v for k, v in model.state_dict().items()}}, ckpt)
+    save_model_checkpoint(model, ckpt)
     out = tmp_path / "out"
     assert insert.main(["--image", str(PHOTO), "--category", "cat", "--checkpoint", str(ckpt), "--n", "3",
                         "--region", "right", "--out", str(out)]) == 0

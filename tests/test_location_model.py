@@ -275,3 +275,22 @@ def test_relative_extents_reindex_the_x2_y2_outputs_and_embed_the_width():
     plain = model.decoder.get_input_embeddings()(torch.tensor([[model.tokenizer.bos, 5, 2, 9]]))
     assert torch.equal(embeds[:, :3], plain[:, :3])
     assert torch.allclose(embeds[0, 3], plain[0, 3] + model.extent_embed.weight[3])
+
+
+# ------------------------------------------------------------------------------------------- checkpoint
+def test_save_model_checkpoint_round_trips_through_load_location_model(tmp_path):
+    from lightning_modules.checkpoint import load_location_model, read_checkpoint, save_model_checkpoint
+
+    torch.manual_seed(3)
+    model = LocationModel(LocationModelConfig.preset("tiny", num_bins=32, relative_extents=True))
+    path = tmp_path / "sub" / "m.ckpt"
+    save_model_checkpoint(model, path, optim={"lr": 0.1})
+    assert sorted(p.name for p in path.parent.iterdir()) == ["m.ckpt"]  # no partial file left behind
+    ckpt = read_checkpoint(path)
+    assert ckpt["hyper_parameters"] == {"model_config": model.cfg.to_dict(), "optim": {"lr": 0.1}}
+    loaded = load_location_model(path)
+    assert loaded.cfg == model.cfg and not loaded.training
+    state, again = model.state_dict(), loaded.state_dict()
+    assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)
+    with pytest.raises(TypeError, match="model_config comes from the model"):
+        save_model_checkpoint(model, path, model_config={})

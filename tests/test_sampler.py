@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from models import LocationModel, LocationModelConfig, SampleOutput, naive_reference_decode
+from models import LocationModel, LocationModelConfig, SampleOutput, draw_tokens, filter_logits
+from tests.reference_decode import naive_reference_decode
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +167,66 @@ def test_pixel_boxes_mode_and_errors(model):
         model.sample(images, categories, n=2, temperature=0.0)
     with pytest.raises(ValueError, match="2 images but 1 categories"):
         model.sample(images, ["dog"], n=2)
+
+
+# ------------------------------------------------------------------ filter_logits / draw_tokens on hand values
+INF = float("inf")
+
+
+def _kept(logits: torch.Tensor) -> list[int]:
+    return torch.isfinite(logits).nonzero().squeeze(-1).tolist()
+
+
+def test_temperature_divides_the_logits():
+    out = filter_logits(torch.tensor([1.0, 2.0, -4.0, -INF]), temperature=2.0)
+    assert out.tolist() == [0.5, 1.0, -2.0, -INF]
+    assert torch.equal(filter_logits(torch.tensor([1.0, 2.0]), temperature=1.0), torch.tensor([1.0, 2.0]))
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth():
+    assert _kept(filter_logits(torch.tensor([3.0, 1.0, 3.0, 2.0, 3.0]), top_k=2)) == [0, 2, 4]
+    assert _kept(filter_logits(torch.tensor([5.0, 4.0, 4.0, 1.0]), top_k=2)) == [0, 1, 2]
+    assert _kept(filter_logits(torch.tensor([5.0, 4.0, 3.0, 1.0]), top_k=2)) == [0, 1]
+    out = filter_logits(torch.tensor([0.0, -INF, 1.0]), top_k=10)  # k beyond the vocabulary, masked token stays out
+    assert out.tolist() == [0.0, -INF, 1.0]
+    rows = filter_logits(torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]]), top_k=1)  # each row on its own
+    assert _kept(rows[0]) == [2] and rows[1].isfinite().tolist() == [True, False, False]
+
+
+def test_top_p_keeps_the_token_that_crosses_p():
+    logits = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64).log()  # sorted: 0.5, 0.3, 0.2
+    assert _kept(filter_logits(logits, top_p=0.1)) == [1]        # the most likely token always stays
+    assert _kept(filter_logits(logits, top_p=0.6)) == [1, 2]     # 0.5 < 0.6: the 0.3 token crosses it
+    assert _kept(filter_logits(logits, top_p=0.79)) == [1, 2]
+    assert _kept(filter_logits(logits, top_p=0.81)) == [0, 1, 2]
+    assert torch.equal(filter_logits(logits, top_p=1.0), logits) and torch.equal(filter_logits(logits), logits)
+    kept = filter_logits(logits, top_p=0.6)
+    assert torch.equal(kept[1:], logits[1:])  # survivors keep their logits (renormalised by the draw)
+
+
+def test_top_p_applies_after_temperature_and_top_k():
+    logits = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64).log()
+    assert _kept(filter_logits(logits, top_p=0.5)) == [0, 1]
+    assert _kept(filter_logits(logits, top_k=2, top_p=0.5)) == [0]  # renormalised 4/7 already reaches 0.5
+    two = torch.tensor([0.6, 0.4], dtype=torch.float64).log()
+    assert _kept(filter_logits(two, top_p=0.55)) == [0]
+    assert _kept(filter_logits(two, temperature=100.0, top_p=0.55)) == [0, 1]  # flattened: 0.501 < 0.55
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(temperature=0.0), "temperature"), (dict(top_k=0), "top_k"),
+                                             (dict(top_k=2.5), "top_k"), (dict(top_p=0.0), "top_p"),
+                                             (dict(top_p=1.5), "top_p")])
+def test_filter_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        filter_logits(torch.zeros(3), **kwargs)
+
+
+def test_draw_tokens_returns_the_draw_and_its_log_prob():
+    half = torch.tensor(0.5).log().item()
+    logits = torch.tensor([[0.0, -INF, -INF], [-INF, half, half]]).repeat(50, 1)
+    tokens, logp = draw_tokens(logits, torch.Generator().manual_seed(0))
+    assert (tokens[0::2] == 0).all() and (logp[0::2] == 0).all()
+    assert set(tokens[1::2].tolist()) == {1, 2}
+    torch.testing.assert_close(logp[1::2], torch.full((50,), half))
+    again, _ = draw_tokens(logits, torch.Generator().manual_seed(0))
+    assert torch.equal(tokens, again)

@@ -1,4 +1,5 @@
-"""`python tests/scripts/fit.py key=value ...`: train.py's `train()` plus test probes (subprocess tests).
+"""`python tests/scripts/fit.py key=value ...` (repository root on PYTHONPATH, as tests/conftest.py sets it):
+train.py's `train()` plus test probes (subprocess tests).
 
 Lightning's DDP launcher re-runs this same command for the other ranks, so every probe is set by
 environment variables, which the child ranks inherit:
@@ -13,12 +14,10 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import lightning as L
 
-import lightning as L  # noqa: E402
-
-import train as train_script  # noqa: E402
-from configs.schema import load_config  # noqa: E402
+import train as train_script
+from configs.schema import load_config
 
 
 class Probe(L.Callback):
