@@ -21,9 +21,9 @@ import argparse
 import json
 import logging
 import os
-import sys
-import subprocess
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
