@@ -391,7 +391,8 @@ def grid(methods: list[Method], samples: list[Sample], out: Path, rows: int, cel
             if box is not None:
                 draw.rectangle([x + box[0] * scale, y + box[1] * scale, x + box[2] * scale - 1, y + box[3] * scale - 1],
                                outline=(255, 0, 0), width=2)
-        draw.text((4, header + r * cell + 4), s.category, fill=(255, 255, 0), font=font)
+        draw.text((4, header + r * cell + 4), s.category, fill=(255, 255, 0), font=font, stroke_width=2,
+                  stroke_fill="black")
     return sheet
 
 
