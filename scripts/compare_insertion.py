@@ -152,7 +152,7 @@ def _pairs_samples(folder: Path) -> list[Sample]:
 def _shard_samples(folder: Path, split: str) -> list[Sample]:
     from datamodules.shards import read_split_info
 
-    samples = []
+    samples, skipped = [], 0
     for tar_path in read_split_info(folder, split).paths:
         tar = tarfile.open(tar_path, "r")
         members = {m.name: m for m in tar.getmembers() if m.isfile()}
@@ -163,9 +163,12 @@ def _shard_samples(folder: Path, split: str) -> list[Sample]:
             image = next((members[n] for n in (f"{name[:-5]}.jpg", f"{name[:-5]}.png") if n in members), None)
             ann = json.loads(tar.extractfile(member).read())
             if image is None or not str(ann.get("category", "")).strip():
-                continue  # no picture or no class: nothing to insert
+                skipped += 1  # no picture or no class: nothing to insert
+                continue
             samples.append(Sample(key, str(ann["category"]), f"{tar_path}:{image.name}",
                                   lambda t=tar, m=image: Image.open(t.extractfile(m))))
+    if skipped:
+        print(f"{folder} {split}: skipped {skipped} sample(s) without an image or a category")
     return sorted(samples, key=lambda s: s.key)
 
 

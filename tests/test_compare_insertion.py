@@ -121,7 +121,7 @@ def test_compare_resumes_an_interrupted_method(setup, tmp_path):
     assert exc.value.code == 2
 
 
-def test_compare_on_a_shard_split_with_a_boxes_file(setup, tmp_path):
+def test_compare_on_a_shard_split_with_a_boxes_file(setup, tmp_path, capsys):
     from datamodules.shards import ShardWriter
 
     data = tmp_path / "opa"
@@ -133,10 +133,12 @@ def test_compare_on_a_shard_split_with_a_boxes_file(setup, tmp_path):
             box = [20.0, 30.0, 70.0, 75.0]
             assert writer.write(key, {"category": category, "positives": [box]}, image=image) is None
             lines.append(json.dumps({"key": key, "boxes": [box, [0, 0, 10, 10]]}))
+        assert writer.write("unlabelled", {"category": "", "positives": [[0, 0, 10, 10]]}, image=image) is None
     (tmp_path / "boxes.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
     assert compare_insertion.main(["--images", str(data), "--boxes", str(tmp_path / "boxes.jsonl"), "--out", str(out),
-                                   "--steps", "2", "--methods", f"sd={'sd'}:{setup['sd']}"]) == 0
+                                   "--steps", "2", "--methods", f"sd=sd:{setup['sd']}"]) == 0
+    assert "skipped 1 sample(s) without an image or a category" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     assert results["methods"]["sd"]["clip_score"] is None and results["methods"]["sd"]["background_ssim"]["n"] == 3
     assert all(json.loads((out / "edits/sd" / f"{k}.json").read_text())["box"] == [20.0, 30.0, 70.0, 75.0]

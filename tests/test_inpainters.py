@@ -1,6 +1,8 @@
 """Insertion back-ends and the instruction-editor baseline end to end, with tiny random pipelines
 saved to disk and loaded through `load_backend` / `load_editor` (the path a user's folder takes), on
 real photos from tests/fixtures/."""
+from contextlib import nullcontext
+
 import numpy as np
 import pytest
 import torch
@@ -171,7 +173,7 @@ def test_bad_folders_fail_naming_folder_and_layout(folders, tmp_path):
     missing = tmp_path / "nope"
     for name in BACKENDS:
         with pytest.raises(BackendFolderError, match=f"{name} back-end: folder {missing} does not exist; expected"):
-            with pytest.warns(FutureWarning) if name == "gligen" else _nothing():
+            with pytest.warns(FutureWarning) if name == "gligen" else nullcontext():
                 load_backend(name, missing)
     sd = folders("sd")
     with pytest.raises(BackendFolderError, match="lacks transformer; expected a FluxFillPipeline folder"):
@@ -184,14 +186,6 @@ def test_bad_folders_fail_naming_folder_and_layout(folders, tmp_path):
         load_editor("instruct-pix2pix", sd)
     with pytest.raises(ValueError, match="unknown back-end"):
         load_backend("dall-e", sd)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_instruction_editor_end_to_end(tmp_path):

@@ -171,3 +171,20 @@ def test_insert_with_real_tiny_location_model(tmp_path):
     assert insert.main(["--image", str(PHOTO), "--category", "cat", "--checkpoint", str(ckpt), "--n", "3",
                         "--region", "right", "--out", str(out)]) == 0
     assert len(_check_outputs(out, PHOTO, (256, 0, 512, 512))) == 3
+
+
+def test_insert_backend_and_mode_arguments(stub_sampler, tmp_path, capsys):
+    """--backend picks the adapter (a folder of another kind is a one-line error, exit 2); --mode is recorded."""
+    from tiny_inpainters import save_powerpaint
+
+    pp = save_powerpaint(tmp_path / "pp")
+    out = tmp_path / "out"
+    argv = ["--image", str(PHOTO), "--category", "cat", "--checkpoint", str(stub_sampler), "--n", "2", "--out", str(out),
+            "--steps", "2", "--inpainter", str(pp)]
+    assert insert.main([*argv, "--backend", "powerpaint", "--mode", "whole"]) == 0
+    records = json.loads((out / "records.json").read_text())
+    assert [r["mode"] for r in records] == ["whole", "whole"] and all(r["backend"] == "powerpaint" for r in records)
+    assert all(r["context"] == [0, 0, 512, 512] for r in records)
+    with pytest.raises(SystemExit) as exc:
+        insert.main([*argv, "--backend", "flux-fill"])
+    assert exc.value.code == 2 and "flux-fill back-end" in capsys.readouterr().err

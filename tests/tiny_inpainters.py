@@ -1,7 +1,6 @@
 """Tiny random pipelines for every insertion back-end and the instruction editor, built offline with the
 libraries' own classes and written with `save_pretrained`, so tests load them through the same code
 path as a user's folder. All work at a 64 px native resolution and take well under a second to run."""
-import json
 import tempfile
 from pathlib import Path
 
@@ -154,6 +153,3 @@ def save_instruct_pix2pix(out_dir):
     StableDiffusionInstructPix2PixPipeline(**_sd_parts(8)).save_pretrained(out_dir)
     return Path(out_dir)
 
-
-def model_index_class(folder) -> str:
-    return json.loads((Path(folder) / "model_index.json").read_text())["_class_name"]

@@ -36,7 +36,7 @@ class SDInpainter(Inpainter):
         try:
             pipe = AutoPipelineForInpainting.from_pretrained(folder, dtype=dtype or default_dtype(device),
                                                             local_files_only=True)
-        except (ValueError, OSError, EnvironmentError) as err:
+        except (ValueError, OSError) as err:
             raise BackendFolderError(f"{cls.name} back-end: cannot load {folder} ({err}); expected {SD_LAYOUT}") from None
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe.to(device), **options)
