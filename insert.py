@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from models.inpainting import BACKENDS, REGIONS, insert_object, load_inpainter, parse_region, pixel_rect
+from models.inpainters import BACKENDS, CROP_MARGIN, DEFAULT_STEPS, MODES, BackendFolderError, load_backend
+from models.inpainting import REGIONS, parse_region, pixel_rect
 
 COLORS = [(255, 0, 0), (0, 255, 0), (0, 128, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255), (255, 128, 0)]
 
@@ -29,17 +30,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, help="background photo")
     p.add_argument("--category", required=True, help='object class, e.g. "cup"')
     p.add_argument("--checkpoint", help="location-model Lightning checkpoint (train.py output)")
-    p.add_argument("--inpainter", help="local diffusers pipeline folder (e.g. a Stable Diffusion inpainting checkpoint)")
-    p.add_argument("--backend", choices=BACKENDS, default="sd", help="sd: AutoPipelineForInpainting; gligen: GLIGEN box inpainting")
+    p.add_argument("--inpainter", help="local diffusers pipeline folder of the --backend (e.g. a Stable Diffusion inpainting checkpoint)")
+    p.add_argument("--backend", choices=BACKENDS, default="sd",
+                   help="sd: AutoPipelineForInpainting (SD 1.5/2, SDXL, Kandinsky); flux-fill: FluxFillPipeline; "
+                        "powerpaint: PowerPaint v1 object insertion; gligen: GLIGEN box inpainting (deprecated upstream)")
+    p.add_argument("--mode", choices=MODES, default="auto",
+                   help="crop: inpaint a context crop around the box at the back-end's resolution; whole: the whole "
+                        "image; auto: crop when the box is smaller than the resolution")
+    p.add_argument("--margin", type=float, default=CROP_MARGIN,
+                   help="crop mode: context on each side, as a fraction of the box's long side")
     p.add_argument("--n", type=int, default=4, help="number of boxes / edits")
     p.add_argument("--region", help=f"restrict boxes to {'|'.join(REGIONS)} or pixels x1,y1,x2,y2")
     p.add_argument("--out", default="insert_out", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="box sampling seed; edit i uses seed + i")
-    p.add_argument("--steps", type=int, default=30, help="denoising steps")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps")
     p.add_argument("--dilate", type=int, default=0, help="grow the mask by this many pixels")
-    p.add_argument("--feather", type=int, default=0, help="blend this many pixels outside the grown mask")
-    p.add_argument("--resolution", type=int, default=512, help="pipeline working long side (sd backend)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--feather", type=int, default=0, help="soften the mask's inner edge over this many pixels")
+    p.add_argument("--resolution", type=int, help="canvas long side (default: the back-end's native resolution)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the back-end's usual value)")
     p.add_argument("--clip-weights", help="local open_clip weights file: adds the foreground CLIP score")
     p.add_argument("--clip-model", help="open_clip model name (default ViT-B-32, or the --clip-config stem)")
     p.add_argument("--clip-config", help="open_clip model config JSON for models open_clip does not ship")
@@ -103,8 +111,9 @@ def main(argv=None) -> int:
     pipe = None
     if args.inpainter and Path(args.inpainter).is_dir():
         try:
-            pipe = load_inpainter(args.inpainter, args.backend, args.device)
-        except FileNotFoundError as err:
+            pipe = load_backend(args.backend, args.inpainter, device=args.device, steps=args.steps,
+                                guidance_scale=args.guidance, resolution=args.resolution)
+        except (BackendFolderError, ValueError) as err:
             parser.error(str(err))
     else:
         what = f"inpainter folder {args.inpainter} not found" if args.inpainter else "no --inpainter"
@@ -128,15 +137,12 @@ def main(argv=None) -> int:
         if pipe is not None:
             from metrics.inpainting import background_ssim
 
-            ins = insert_object(
-                pipe, image, box, args.category, backend=args.backend, dilate=args.dilate, feather=args.feather,
-                steps=args.steps, resolution=args.resolution, guidance_scale=args.guidance,
-                generator=torch.Generator().manual_seed(args.seed + i),
-            )
+            ins = pipe.insert(image, args.category, box=box, seed=args.seed + i, mode=args.mode, margin=args.margin,
+                              dilate=args.dilate, feather=args.feather)
             ins.image.save(out / f"edit_{i}.png")
             box_norm = torch.tensor([rec["box_norm"]])
-            rec.update(edit=f"edit_{i}.png", prompt=ins.prompt, mask_box=list(ins.mask_box), inpainter=str(args.inpainter),
-                       backend=args.backend, steps=args.steps, dilate=args.dilate, feather=args.feather)
+            rec.update(ins.record(), box=box, edit=f"edit_{i}.png", inpainter=str(args.inpainter), backend=args.backend,
+                       steps=args.steps, dilate=args.dilate, feather=args.feather)
             rec["metrics"]["background_ssim"] = background_ssim(to_tensor(ins.image), to_tensor(image), box_norm).item()
             if clip is not None:
                 rec["metrics"]["clip_score"] = clip.scores(to_tensor(ins.image), box_norm, [args.category]).item()

@@ -20,7 +20,8 @@ from torchvision.utils import draw_bounding_boxes
 
 from metrics.inpainting import BackgroundSSIM, ForegroundCLIPScore, to_pil
 from models.boxes import denormalise
-from models.inpainting import BACKENDS, insert_object, load_inpainter, working_size
+from models.inpainters import BACKENDS, load_backend
+from models.inpainting import working_size
 
 from .schedule import EveryNValidations
 
@@ -49,8 +50,9 @@ class InpaintingCallback(L.Callback):
         self.every_n_val_epochs = every_n_val_epochs
         self._schedule = EveryNValidations(every_n_val_epochs)
         self.num_images = num_images
-        self.insert_kwargs = dict(backend=backend, steps=steps, resolution=resolution, guidance_scale=guidance_scale,
-                                  dilate=dilate, feather=feather)
+        self.backend = backend
+        self.load_kwargs = dict(steps=steps, resolution=resolution, guidance_scale=guidance_scale)
+        self.insert_kwargs = dict(dilate=dilate, feather=feather)
         self.clip_args = (clip_weights, clip_model, clip_config)
         self.seed = seed
         self.enabled = bool(every_n_val_epochs) and inpainter is not None and Path(inpainter).is_dir()
@@ -73,7 +75,7 @@ class InpaintingCallback(L.Callback):
 
     def _load(self, device) -> None:
         if self._pipe is None:
-            self._pipe = load_inpainter(self.inpainter, self.insert_kwargs["backend"], device)
+            self._pipe = load_backend(self.backend, self.inpainter, device=device, **self.load_kwargs)
             # no cross-rank sync: only global rank zero ever updates or computes these
             self._ssim = BackgroundSSIM(sync_on_compute=False)
             if self.clip_args[0]:
@@ -102,11 +104,10 @@ class InpaintingCallback(L.Callback):
             self._clip.reset()
         experiment = trainer.logger.experiment if trainer.logger is not None else None
         for i, (image, category, size, box) in enumerate(zip(images, batch["category"], batch["size"].tolist(), boxes)):
-            canvas = to_pil(image).resize(working_size(tuple(size), self.insert_kwargs["resolution"]), Image.BICUBIC)
+            canvas = to_pil(image).resize(working_size(tuple(size), self.load_kwargs["resolution"]), Image.BICUBIC)
             w, h = canvas.size
             box_px = denormalise(box, (w, h)).tolist()
-            edit = insert_object(self._pipe, canvas, box_px, category,
-                                 generator=torch.Generator().manual_seed(self.seed + i), **self.insert_kwargs)
+            edit = self._pipe.insert(canvas, category, box=box_px, seed=self.seed + i, **self.insert_kwargs)
             before, after = (torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in (canvas, edit.image))
             self._ssim.update(after[None] / 255.0, before[None] / 255.0, box[None])
             if self._clip is not None:

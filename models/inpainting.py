@@ -1,23 +1,19 @@
-"""Object insertion into a chosen box with a diffusers inpainting pipeline.
+"""Object insertion geometry: masks, feathering, context crops and paste-back (pure numpy / PIL).
 
-Pure code (no Lightning). Boxes here are *pixel* `x1,y1,x2,y2` of the input image: this is the
-edge of the framework where pixels appear (docs/ARCHITECTURE.md). The pipeline works at its own
-resolution; its output is resized back and pasted into the original only where the mask is
-non-zero, so every pixel outside the mask is bit-identical to the input.
+Boxes here are *pixel* `x1,y1,x2,y2` of the input image: this is the edge of the framework where
+pixels appear (docs/ARCHITECTURE.md). The back-ends in `models/inpainters/` use these helpers so
+that every back-end, in every mode, changes only pixels inside the mask.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+import math
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .boxes import normalise, pixel_rect, validate_boxes
 
 PROMPT_TEMPLATE = "a photo of a {}"
-BACKENDS = ("sd", "gligen")
 # The paper's positional instructions, as normalised x1,y1,x2,y2 regions.
 REGIONS = {
     "left": (0.0, 0.0, 0.5, 1.0),
@@ -44,25 +40,76 @@ def parse_region(spec: str | None, size: tuple[int, int]) -> tuple[float, float,
     return tuple(normalise(check.clipped, size).tolist())
 
 
-def mask_rect(box, size: tuple[int, int], dilate: int = 0, feather: int = 0) -> tuple[int, int, int, int]:
-    """The pixel rectangle an insertion may change: the box grown by `dilate + feather`, clipped."""
+def box_mask(box, size: tuple[int, int], dilate: int = 0) -> np.ndarray:
+    """`bool[h, w]`: the box's pixel rectangle grown by `dilate` px (clipped to the image)."""
     w, h = size
     x0, y0, x1, y1 = pixel_rect(box, size)
-    g = dilate + feather
-    return max(x0 - g, 0), max(y0 - g, 0), min(x1 + g, w), min(y1 + g, h)
+    mask = np.zeros((h, w), bool)
+    mask[max(y0 - dilate, 0):min(y1 + dilate, h), max(x0 - dilate, 0):min(x1 + dilate, w)] = True
+    return mask
 
 
-def box_alpha(box, size: tuple[int, int], dilate: int = 0, feather: int = 0) -> np.ndarray:
-    """Blend weights `float32[h, w]`: 1 on the box grown by `dilate` px, falling linearly to 0 over
-    `feather` px outside it (soft seams), exactly 0 beyond `mask_rect`."""
+def grow_mask(mask: np.ndarray, dilate: int) -> np.ndarray:
+    """Square dilation by `dilate` px (a free-form mask's counterpart of growing a box)."""
+    if dilate <= 0:
+        return mask
+    from scipy.ndimage import binary_dilation
+
+    return binary_dilation(mask, structure=np.ones((2 * dilate + 1, 2 * dilate + 1), bool))
+
+
+def mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """Tight pixel rectangle `[x0, x1) x [y0, y1)` of a non-empty boolean mask."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        raise ValueError("the mask is empty: nothing to inpaint")
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def feathered_alpha(mask: np.ndarray, feather: int = 0) -> np.ndarray:
+    """Blend weights `float32[h, w]`, feathered *inside* the mask only: a mask pixel `d` px (chessboard)
+    from the nearest non-mask pixel gets `min(1, d / (feather + 1))`; every pixel outside the mask
+    gets exactly 0, so the paste-back never changes it. The image border is not a seam."""
+    alpha = mask.astype(np.float32)
+    if feather <= 0 or not mask.any():
+        return alpha
+    from scipy.ndimage import distance_transform_cdt
+
+    h, w = mask.shape
+    x0, y0, x1, y1 = mask_bbox(mask)
+    # one ring of context (clipped at the image border, which therefore never counts as "outside")
+    x0, y0, x1, y1 = max(x0 - 1, 0), max(y0 - 1, 0), min(x1 + 1, w), min(y1 + 1, h)
+    sub = mask[y0:y1, x0:x1]
+    if sub.all():
+        return alpha
+    dist = distance_transform_cdt(sub, metric="chessboard").astype(np.float32)
+    alpha[y0:y1, x0:x1] = np.minimum(dist / (feather + 1.0), 1.0)
+    return alpha
+
+
+def context_rect(rect, size: tuple[int, int], margin: float) -> tuple[int, int, int, int]:
+    """Square context crop around pixel `rect`: side = its long side x (1 + 2 x margin), centred on it,
+    moved inside the image (never cutting the rect) and clipped where the image is too small."""
     w, h = size
-    x0, y0, x1, y1 = pixel_rect(box, size)
-    x0, y0, x1, y1 = x0 - dilate, y0 - dilate, x1 + dilate, y1 + dilate
-    xs, ys = np.arange(w), np.arange(h)
-    dx = np.maximum(np.maximum(x0 - xs, xs - (x1 - 1)), 0)
-    dy = np.maximum(np.maximum(y0 - ys, ys - (y1 - 1)), 0)
-    dist = np.maximum(dx[None, :], dy[:, None])  # Chebyshev distance to the grown box
-    return np.clip(1.0 - dist / (feather + 1.0), 0.0, 1.0).astype(np.float32)
+    x0, y0, x1, y1 = rect
+    side = math.ceil(max(x1 - x0, y1 - y0) * (1.0 + 2.0 * margin))
+
+    def span(lo, hi, limit):
+        s = min(side, limit)
+        start = int(round((lo + hi - s) / 2))
+        start = min(max(start, 0), limit - s)
+        return start, start + s
+
+    cx0, cx1 = span(x0, x1, w)
+    cy0, cy1 = span(y0, y1, h)
+    return cx0, cy0, cx1, cy1
+
+
+def working_size(size: tuple[int, int], resolution: int, multiple: int = 8) -> tuple[int, int]:
+    """Pipeline canvas: long side `resolution`, aspect kept up to rounding to `multiple` (VAE stride)."""
+    w, h = size
+    scale = resolution / max(w, h)
+    return tuple(max(multiple, int(round(v * scale / multiple)) * multiple) for v in (w, h))
 
 
 def composite(original: Image.Image, generated: Image.Image, alpha: np.ndarray) -> Image.Image:
@@ -74,68 +121,5 @@ def composite(original: Image.Image, generated: Image.Image, alpha: np.ndarray) 
     return Image.fromarray(np.where(a > 0, blend, orig))
 
 
-def working_size(size: tuple[int, int], resolution: int, multiple: int = 8) -> tuple[int, int]:
-    """Pipeline canvas: long side `resolution`, aspect kept up to rounding to `multiple` (VAE stride)."""
-    w, h = size
-    scale = resolution / max(w, h)
-    return tuple(max(multiple, int(round(v * scale / multiple)) * multiple) for v in (w, h))
-
-
 def prompt_for(category: str, template: str = PROMPT_TEMPLATE) -> str:
     return template.format(category)
-
-
-def load_inpainter(path: str | Path, backend: str = "sd", device: str | torch.device = "cpu", dtype=None):
-    """Load a local diffusers pipeline folder (never the hub): `sd` -> `AutoPipelineForInpainting`
-    (any Stable Diffusion inpainting checkpoint), `gligen` -> box-conditioned GLIGEN inpainting."""
-    path = Path(path)
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-    if backend == "sd":
-        from diffusers import AutoPipelineForInpainting as cls
-    elif backend == "gligen":
-        from diffusers import StableDiffusionGLIGENPipeline as cls
-    else:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if dtype is None:
-        dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
-    pipe = cls.from_pretrained(path, dtype=dtype, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-@dataclass
-class Insertion:
-    image: Image.Image  # the edit, same size as the input
-    box: tuple[float, float, float, float]  # requested box, pixels
-    mask_box: tuple[int, int, int, int]  # pixels outside this rectangle are unchanged
-    prompt: str
-
-
-def insert_object(pipe, image: Image.Image, box, category: str, *, backend: str = "sd", dilate: int = 0,
-                  feather: int = 0, steps: int = 30, resolution: int = 512, guidance_scale: float = 7.5,
-                  generator: torch.Generator | None = None, prompt_template: str = PROMPT_TEMPLATE) -> Insertion:
-    """Inpaint `category` into pixel `box` of `image` and paste the result back outside-mask-exact."""
-    image = image.convert("RGB")
-    size = image.size
-    alpha = box_alpha(box, size, dilate, feather)
-    rect = mask_rect(box, size, dilate, feather)
-    prompt = prompt_for(category, prompt_template)
-    common = dict(num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator, output_type="np")
-    if backend == "sd":
-        ww, wh = working_size(size, resolution)
-        mask = Image.fromarray(((alpha > 0) * 255).astype(np.uint8)).resize((ww, wh), Image.BILINEAR)
-        mask = mask.point(lambda v: 255 if v > 0 else 0)  # any touched working pixel is repainted
-        out = pipe(prompt=prompt, image=image.resize((ww, wh), Image.BICUBIC), mask_image=mask,
-                   height=wh, width=ww, strength=1.0, **common).images[0]
-    elif backend == "gligen":
-        # GLIGEN inpaints a square canvas of the VAE's sample size; normalised boxes survive the stretch.
-        s = int(pipe.vae.config.sample_size)
-        grounding = normalise(rect, size).tolist()
-        out = pipe(prompt=prompt, gligen_phrases=[category], gligen_boxes=[grounding],
-                   gligen_inpaint_image=image.resize((s, s), Image.BICUBIC), gligen_scheduled_sampling_beta=1.0,
-                   height=s, width=s, **common).images[0]
-    else:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    generated = Image.fromarray((np.asarray(out) * 255).round().clip(0, 255).astype(np.uint8))
-    return Insertion(composite(image, generated, alpha), tuple(float(v) for v in box), rect, prompt)

@@ -13,7 +13,8 @@ import insert
 from conftest import FIXTURES
 from lightning_modules.checkpoint import save_model_checkpoint
 from metrics.inpainting import background_ssim
-from models.inpainting import box_alpha, insert_object, load_inpainter, mask_rect, parse_region, pixel_rect, working_size
+from models.inpainters import load_backend
+from models.inpainting import box_mask, mask_bbox, parse_region, pixel_rect, working_size
 from tiny_builders import TINY_CLIP_NAME, save_tiny_gligen, save_tiny_open_clip, save_tiny_sd_inpainter
 
 PHOTO = FIXTURES / "libcom" / "controllable_composition" / "background" / "000000049931.png"
@@ -97,7 +98,8 @@ def test_insert_end_to_end_sd_region_and_metrics(sd_dir, clip_files, chelsea, st
     for rec in records:
         edit = _load(out / rec["edit"])
         assert edit.shape == orig.shape
-        assert rec["mask_box"] == list(mask_rect(rec["box"], (w, h), 2, 3))
+        assert rec["mask_box"] == list(mask_bbox(box_mask(rec["box"], (w, h), 2)))
+        assert rec["mode"] in ("crop", "whole") and len(rec["context"]) == 4
         assert rec["seed"] == 5 + rec["index"] and rec["prompt"] == "a photo of a dog"
         x0, y0, x1, y1 = rec["mask_box"]
         outside = np.ones((h, w), bool)
@@ -134,10 +136,10 @@ def test_insert_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
 
 
 def test_gligen_backend_keeps_background(tmp_path):
-    pipe = load_inpainter(save_tiny_gligen(tmp_path / "gligen"), backend="gligen")
+    with pytest.warns(FutureWarning, match="deprecated"):
+        inpainter = load_backend("gligen", save_tiny_gligen(tmp_path / "gligen"), steps=2)
     image = Image.fromarray(data.chelsea())
-    ins = insert_object(pipe, image, (200.5, 40.2, 330.0, 210.7), "cat", backend="gligen", steps=2, dilate=1,
-                        feather=2, generator=torch.Generator().manual_seed(0))
+    ins = inpainter.insert(image, "cat", box=(200.5, 40.2, 330.0, 210.7), seed=0, dilate=1, feather=2)
     orig, edit = np.asarray(image), np.asarray(ins.image)
     x0, y0, x1, y1 = ins.mask_box
     outside = np.ones(orig.shape[:2], bool)
@@ -148,14 +150,8 @@ def test_gligen_backend_keeps_background(tmp_path):
 
 def test_mask_helpers():
     size = (40, 30)
-    alpha = box_alpha((10.2, 5.0, 20.0, 15.5), size, dilate=2, feather=3)
-    core = alpha == 1
-    ys, xs = np.nonzero(core)
-    assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (8, 3, 22, 18)  # pixel rect (10,5,20,16) grown by 2
-    ys, xs = np.nonzero(alpha > 0)
-    assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == mask_rect((10.2, 5.0, 20.0, 15.5), size, 2, 3)
-    assert alpha[10, 23] == pytest.approx(0.5)  # 2 px outside the grown box, feather 3 -> 1 - 2/4
-    assert box_alpha((0, 0, 5, 5), size).sum() == 25
+    assert mask_bbox(box_mask((10.2, 5.0, 20.0, 15.5), size, dilate=2)) == (8, 3, 22, 18)  # (10,5,20,16) grown by 2
+    assert box_mask((0, 0, 5, 5), size).sum() == 25
     assert parse_region("left", size) == (0.0, 0.0, 0.5, 1.0)
     assert parse_region("4,3,20,15", size) == (0.1, 0.1, 0.5, 0.5)
     for bad in ("middle", "4,3,50,15", "1,2,3"):
@@ -175,3 +171,20 @@ def test_insert_with_real_tiny_location_model(tmp_path):
     assert insert.main(["--image", str(PHOTO), "--category", "cat", "--checkpoint", str(ckpt), "--n", "3",
                         "--region", "right", "--out", str(out)]) == 0
     assert len(_check_outputs(out, PHOTO, (256, 0, 512, 512))) == 3
+
+
+def test_insert_backend_and_mode_arguments(stub_sampler, tmp_path, capsys):
+    """--backend picks the adapter (a folder of another kind is a one-line error, exit 2); --mode is recorded."""
+    from tiny_inpainters import save_powerpaint
+
+    pp = save_powerpaint(tmp_path / "pp")
+    out = tmp_path / "out"
+    argv = ["--image", str(PHOTO), "--category", "cat", "--checkpoint", str(stub_sampler), "--n", "2", "--out", str(out),
+            "--steps", "2", "--inpainter", str(pp)]
+    assert insert.main([*argv, "--backend", "powerpaint", "--mode", "whole"]) == 0
+    records = json.loads((out / "records.json").read_text())
+    assert [r["mode"] for r in records] == ["whole", "whole"] and all(r["backend"] == "powerpaint" for r in records)
+    assert all(r["context"] == [0, 0, 512, 512] for r in records)
+    with pytest.raises(SystemExit) as exc:
+        insert.main([*argv, "--backend", "flux-fill"])
+    assert exc.value.code == 2 and "flux-fill back-end" in capsys.readouterr().err

@@ -1,0 +1,435 @@
+"""The paper's insertion comparison in one command: GenLoc boxes + each inpainting back-end, and
+instruction editors, scored alike by background SSIM and foreground CLIP score (SPEC §5, §9).
+
+    python -m scripts.compare_insertion --images photos/ --checkpoint runs/opa_dpo/default/checkpoints/last.ckpt \
+        --methods genloc+powerpaint=powerpaint:/models/powerpaint-v1 genloc+sd=sd:/models/sd-inpainting \
+                  instructpix2pix=instruct-pix2pix:/models/instruct-pix2pix \
+        --clip-weights /models/open_clip_vit_b32.bin --out results/insertion
+
+--images: a folder with `pairs.csv` (columns `image,category`, image paths relative to the folder)
+or a shard split folder holding `{split}.json` (e.g. `data/opa`, `--split test`).
+--methods: `NAME=KIND:FOLDER`; KIND is an inpainting back-end (the object goes into the GenLoc box
+sampled for the image: one box per image, shared by all back-ends) or an instruction editor
+(prompt "add a {category}"; its inserted region is the cleaned difference map).
+
+Writes to --out: `edits/{method}/{key}.png` + `.json` + `.scores.json` (finished edits and scores
+are never redone: rerun the same command to resume or to add methods), `boxes.json`, `settings.json`,
+`results.json` and `results.md` (per method: background SSIM and foreground CLIP, mean and 95 %
+t-interval, plus every edit's scores) and `grid.png` (rows: images, columns: input and methods; the
+scored box drawn in red). Every file is written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import sys
+import tarfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from models.inpainters import BACKENDS, CROP_MARGIN, DEFAULT_STEPS, EDITORS, MODES, BackendFolderError, load_backend, load_editor
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.+\-]+$")
+
+
+class UsageError(ValueError):
+    """Bad command-line input; main turns it into one line and exit status 2."""
+
+
+@dataclass
+class Sample:
+    key: str
+    category: str
+    source: str  # file path, or "tar:member" for shards
+    _load: object
+
+    def image(self) -> Image.Image:
+        return self._load().convert("RGB")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str
+    folder: str
+
+    @property
+    def is_editor(self) -> bool:
+        return self.kind in EDITORS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", required=True, help="folder with pairs.csv (image,category) or a shard split folder")
+    p.add_argument("--split", default="test", help="shard split to read when --images is a shard folder")
+    p.add_argument("--methods", nargs="+", required=True, metavar="NAME=KIND:FOLDER",
+                   help=f"KIND: a back-end ({', '.join(BACKENDS)}) or an editor ({', '.join(EDITORS)})")
+    p.add_argument("--checkpoint", help="GenLoc location-model checkpoint: one box per image for the back-ends")
+    p.add_argument("--boxes", help="instead of --checkpoint: a predictions JSONL ({key, boxes: [[x1,y1,x2,y2], ...]}, "
+                                   "pixels; the first box of each key is used)")
+    p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+    p.add_argument("--limit", type=int, help="use only the first N samples")
+    p.add_argument("--seed", type=int, default=0, help="base seed: each image's box and noise seed derive from it and its key")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps (all methods)")
+    p.add_argument("--mode", choices=MODES, default="auto", help="back-ends: crop / whole-image inpainting")
+    p.add_argument("--margin", type=float, default=CROP_MARGIN, help="back-ends, crop mode: context per side / box long side")
+    p.add_argument("--resolution", type=int, help="canvas long side (default: each model's native resolution)")
+    p.add_argument("--clip-weights", help="local open_clip weights file for the foreground CLIP score")
+    p.add_argument("--clip-model", help="open_clip model name (default ViT-B-32, or the --clip-config stem)")
+    p.add_argument("--clip-config", help="open_clip model config JSON for models open_clip does not ship")
+    p.add_argument("--grid-rows", type=int, default=6, help="images (rows) in grid.png")
+    p.add_argument("--grid-cell", type=int, default=192, help="cell side of grid.png in pixels")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+# --- inputs -------------------------------------------------------------------------------------
+def parse_methods(specs: list[str]) -> list[Method]:
+    methods = []
+    for spec in specs:
+        name, sep, rest = spec.partition("=")
+        kind, sep2, folder = rest.partition(":")
+        if not (sep and sep2 and name and folder):
+            raise UsageError(f"--methods {spec!r}: expected NAME=KIND:FOLDER, e.g. genloc+sd=sd:/models/sd-inpainting")
+        if not _NAME_RE.match(name):
+            raise UsageError(f"--methods {spec!r}: the name may hold only letters, digits and _ . + - (it names a folder)")
+        if kind not in BACKENDS + EDITORS:
+            raise UsageError(f"--methods {spec!r}: unknown kind {kind!r}; back-ends: {', '.join(BACKENDS)}; "
+                             f"editors: {', '.join(EDITORS)}")
+        methods.append(Method(name, kind, folder))
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise UsageError(f"--methods: duplicate method names in {names}")
+    return methods
+
+
+def read_samples(images: Path, split: str) -> list[Sample]:
+    """(key, category, image) from `pairs.csv` or from the tars of a shard split."""
+    if (images / "pairs.csv").is_file():
+        return _pairs_samples(images)
+    if (images / f"{split}.json").is_file():
+        from datamodules.shards import ShardFormatError
+
+        try:
+            return _shard_samples(images, split)
+        except ShardFormatError as err:
+            raise UsageError(str(err)) from None
+    raise UsageError(f"--images {images}: found neither {images / 'pairs.csv'} (columns image,category) nor a shard "
+                     f"split {images / (split + '.json')}; make one of them or fix the path/--split")
+
+
+def _pairs_samples(folder: Path) -> list[Sample]:
+    path = folder / "pairs.csv"
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"image", "category"} <= set(rows[0]):
+        raise UsageError(f"{path}: needs a header with columns image,category and at least one row")
+    samples, seen = [], set()
+    for i, row in enumerate(rows, start=2):
+        image = folder / row["image"]
+        if not image.is_file():
+            raise UsageError(f"{path} line {i}: image {image} not found")
+        if not row["category"].strip():
+            raise UsageError(f"{path} line {i}: empty category for {row['image']}")
+        key = re.sub(r"[^A-Za-z0-9_\-]", "_", Path(row["image"]).with_suffix("").as_posix())
+        if key in seen:
+            raise UsageError(f"{path} line {i}: {row['image']} gives the key {key!r} a second time; rename the file")
+        seen.add(key)
+        samples.append(Sample(key, row["category"].strip(), str(image), lambda p=image: Image.open(p)))
+    return samples
+
+
+def _shard_samples(folder: Path, split: str) -> list[Sample]:
+    from datamodules.shards import read_split_info
+
+    samples, skipped = [], 0
+    for tar_path in read_split_info(folder, split).paths:
+        tar = tarfile.open(tar_path, "r")
+        members = {m.name: m for m in tar.getmembers() if m.isfile()}
+        for name, member in members.items():
+            if not name.endswith(".json"):
+                continue
+            key = os.path.basename(name).split(".", 1)[0]
+            image = next((members[n] for n in (f"{name[:-5]}.jpg", f"{name[:-5]}.png") if n in members), None)
+            ann = json.loads(tar.extractfile(member).read())
+            if image is None or not str(ann.get("category", "")).strip():
+                skipped += 1  # no picture or no class: nothing to insert
+                continue
+            samples.append(Sample(key, str(ann["category"]), f"{tar_path}:{image.name}",
+                                  lambda t=tar, m=image: Image.open(t.extractfile(m))))
+    if skipped:
+        print(f"{folder} {split}: skipped {skipped} sample(s) without an image or a category")
+    return sorted(samples, key=lambda s: s.key)
+
+
+def sample_seed(seed: int, key: str) -> int:
+    """Per-image seed independent of order and of which other images are processed."""
+    return zlib.crc32(f"{seed}:{key}".encode()) & 0x7FFFFFFF
+
+
+def genloc_boxes(args, samples: list[Sample]) -> dict[str, list[float]]:
+    """One pixel box per image: sampled by the location model, or the first box of a predictions file."""
+    if args.boxes:
+        found = {}
+        with open(args.boxes) as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    box = [float(v) for v in rec["boxes"][0]] if rec.get("boxes") else None
+                    key = str(rec["key"])
+                except (ValueError, KeyError, TypeError, IndexError):
+                    raise UsageError(f"--boxes {args.boxes} line {n}: not a {{\"key\", \"boxes\": [[x1,y1,x2,y2], ...]}} "
+                                     "JSON record (evaluate.py's predictions format)") from None
+                if box is not None:
+                    if len(box) != 4 or not box[0] < box[2] or not box[1] < box[3]:
+                        raise UsageError(f"--boxes {args.boxes} line {n}: {box} is not a pixel box x1,y1,x2,y2 with x1<x2, y1<y2")
+                    found[key] = box
+        missing = [s.key for s in samples if s.key not in found]
+        if missing:
+            raise UsageError(f"--boxes {args.boxes}: no box for {len(missing)} sample(s), e.g. {missing[0]!r}")
+        return {s.key: found[s.key] for s in samples}
+    from lightning_modules.checkpoint import CheckpointError, load_location_model
+
+    try:
+        model = load_location_model(args.checkpoint)
+    except CheckpointError as err:
+        raise UsageError(str(err)) from None
+    side = model.cfg.image_size
+    boxes = {}
+    for s in tqdm(samples, desc="GenLoc boxes", disable=None):
+        image = s.image()
+        x = torch.from_numpy(np.asarray(image.resize((side, side), Image.BICUBIC), dtype=np.float32) / 255.0)
+        out = model.sample(x.permute(2, 0, 1)[None], [s.category], n=1, image_sizes=torch.tensor([image.size]),
+                           generator=torch.Generator().manual_seed(sample_seed(args.seed, s.key)))
+        boxes[s.key] = [float(v) for v in out.boxes[0, 0]]
+    return boxes
+
+
+# --- atomic files -------------------------------------------------------------------------------
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def save_png(path: Path, image: Image.Image) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+# --- running ------------------------------------------------------------------------------------
+def method_settings(args, method: Method) -> dict:
+    common = {"kind": method.kind, "folder": method.folder, "steps": args.steps, "resolution": args.resolution,
+              "seed": args.seed}
+    if method.is_editor:
+        return common
+    return {**common, "mode": args.mode, "margin": args.margin, "boxes": args.boxes or args.checkpoint}
+
+
+def check_settings(out: Path, settings: dict) -> None:
+    """Resuming with other settings would mix edits made differently: refuse, naming the method."""
+    path = out / "settings.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    for name, now in settings.items():
+        if name in old and old[name] != now:
+            changed = sorted(k for k in now if old[name].get(k) != now[k])
+            raise UsageError(f"{out}: method {name!r} was run with other settings ({', '.join(changed)}); "
+                             "use another --out or another method name")
+    write_json(path, {**old, **settings})
+
+
+def run_method(args, method: Method, samples: list[Sample], boxes: dict, out: Path) -> None:
+    folder = out / "edits" / method.name
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = [s for s in samples if not (folder / f"{s.key}.json").is_file()]
+    if not todo:
+        print(f"{method.name}: all {len(samples)} edits already done")
+        return
+    options = dict(device=args.device, steps=args.steps, resolution=args.resolution)
+    try:
+        model = (load_editor if method.is_editor else load_backend)(method.kind, method.folder, **options)
+    except (BackendFolderError, ValueError) as err:
+        raise UsageError(f"--methods {method.name}: {err}") from None
+    for s in tqdm(todo, desc=method.name, disable=None):
+        image, seed = s.image(), sample_seed(args.seed, s.key)
+        if method.is_editor:
+            result = model.edit(image, s.category, seed=seed)
+            record = result.record()
+            record["box"] = record["region"]
+        else:
+            result = model.insert(image, s.category, box=boxes[s.key], seed=seed, mode=args.mode, margin=args.margin)
+            record = result.record()
+        record.update(key=s.key, category=s.category, source=s.source, method=method.name, kind=method.kind)
+        (folder / f"{s.key}.scores.json").unlink(missing_ok=True)  # scores of an unfinished earlier attempt
+        save_png(folder / f"{s.key}.png", result.image)
+        write_json(folder / f"{s.key}.json", record)  # last: its presence marks the edit as done
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- scoring ------------------------------------------------------------------------------------
+def mean_ci95(values: list[float]) -> dict:
+    """Mean and Student-t 95 % interval of the mean (None bounds for fewer than 2 values)."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) == 0:
+        return {"mean": None, "ci95": [None, None], "n": 0}
+    mean = float(v.mean())
+    if len(v) < 2:
+        return {"mean": mean, "ci95": [None, None], "n": 1}
+    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    return {"mean": mean, "ci95": [mean - half, mean + half], "n": int(len(v))}
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+
+
+def score(args, methods: list[Method], samples: list[Sample], out: Path) -> dict:
+    """Background SSIM outside the scored box and CLIP of the box crop. The scored box is the GenLoc box
+    for back-ends and the changed region for editors; an editor edit with no changed region is scored
+    on the whole image (SSIM of everything but one corner pixel, CLIP of the whole picture) and counted.
+    Scores are kept next to each edit (`{key}.scores.json`) and only missing ones are computed."""
+    from metrics.inpainting import ForegroundCLIPScore, background_ssim
+
+    clip, clip_id = None, None
+    if args.clip_weights:
+        clip = ForegroundCLIPScore(args.clip_weights, args.clip_model, args.clip_config).to(args.device)
+        clip_id = {"weights": str(args.clip_weights), "model": args.clip_model, "config": args.clip_config}
+    else:
+        print("no --clip-weights: foreground CLIP score not computed (pass local open_clip weights to add it)")
+    edits, summary = [], {}
+    for method in methods:
+        ssim, clips, no_region = [], [], 0
+        for s in tqdm(samples, desc=f"scoring {method.name}", disable=None):
+            folder = out / "edits" / method.name
+            record = json.loads((folder / f"{s.key}.json").read_text())
+            cache = folder / f"{s.key}.scores.json"
+            scores = json.loads(cache.read_text()) if cache.is_file() else {}
+            if scores.get("clip") != clip_id:
+                scores.pop("clip_score", None)
+            todo = "background_ssim" not in scores or (clip is not None and "clip_score" not in scores)
+            if todo:
+                original, edit = to_tensor(s.image()), to_tensor(Image.open(folder / f"{s.key}.png"))
+                h, w = original.shape[-2:]
+                if record["box"] is None:
+                    ssim_box, clip_box = torch.tensor([[0.0, 0.0, 1 / w, 1 / h]]), torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+                else:
+                    ssim_box = clip_box = torch.tensor([record["box"]]) / torch.tensor([w, h, w, h])
+                if "background_ssim" not in scores:
+                    scores["background_ssim"] = background_ssim(edit, original, ssim_box).item()
+                if clip is not None and "clip_score" not in scores:
+                    scores["clip_score"] = clip.scores(edit.to(args.device), clip_box, [s.category]).item()
+                scores["clip"] = clip_id
+                write_json(cache, scores)
+            no_region += record["box"] is None
+            row = {"method": method.name, "key": s.key, "category": s.category, "box": record["box"],
+                   "background_ssim": scores["background_ssim"]}
+            ssim.append(scores["background_ssim"])
+            if clip is not None:
+                row["clip_score"] = scores["clip_score"]
+                clips.append(scores["clip_score"])
+            edits.append(row)
+        summary[method.name] = {"kind": method.kind, "folder": method.folder, "background_ssim": mean_ci95(ssim),
+                                "clip_score": mean_ci95(clips) if clip is not None else None,
+                                "no_region": no_region if method.is_editor else None}
+    return {"methods": summary, "edits": edits, "num_images": len(samples), "clip": clip_id}
+
+
+def markdown(results: dict) -> str:
+    def cell(stat):
+        if stat is None or stat["mean"] is None:
+            return "-"
+        lo, hi = stat["ci95"]
+        return f"{stat['mean']:.3f}" + ("" if lo is None else f" [{lo:.3f}, {hi:.3f}]")
+
+    lines = [f"Insertion on {results['num_images']} images: mean [95 % t-interval].", "",
+             "| method | kind | background SSIM | foreground CLIP | editor: no changed region |", "|---|---|---|---|---|"]
+    for name, m in results["methods"].items():
+        lines.append(f"| {name} | {m['kind']} | {cell(m['background_ssim'])} | {cell(m['clip_score'])} | "
+                     f"{'-' if m['no_region'] is None else m['no_region']} |")
+    return "\n".join(lines) + "\n"
+
+
+def grid(methods: list[Method], samples: list[Sample], out: Path, rows: int, cell: int) -> Image.Image:
+    """Fig. 7 style: one row per image, columns input + methods, the scored box outlined in red."""
+    samples = samples[:rows]
+    header = 22
+    font = ImageFont.load_default(size=13)
+    sheet = Image.new("RGB", ((len(methods) + 1) * cell, header + len(samples) * cell), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, title in enumerate(["input"] + [m.name for m in methods]):
+        draw.text((c * cell + 4, 4), title[: cell // 7], fill="black", font=font)
+    for r, s in enumerate(samples):
+        original = s.image()
+        pictures = [(original, None)]
+        for m in methods:
+            record = json.loads((out / "edits" / m.name / f"{s.key}.json").read_text())
+            pictures.append((Image.open(out / "edits" / m.name / f"{s.key}.png").convert("RGB"), record["box"]))
+        for c, (picture, box) in enumerate(pictures):
+            scale = cell / max(picture.size)
+            small = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
+                                   Image.BICUBIC)
+            x, y = c * cell + (cell - small.width) // 2, header + r * cell + (cell - small.height) // 2
+            sheet.paste(small, (x, y))
+            if box is not None:
+                draw.rectangle([x + box[0] * scale, y + box[1] * scale, x + box[2] * scale - 1, y + box[3] * scale - 1],
+                               outline=(255, 0, 0), width=2)
+        draw.text((4, header + r * cell + 4), s.category, fill=(255, 255, 0), font=font, stroke_width=2,
+                  stroke_fill="black")
+    return sheet
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        methods = parse_methods(args.methods)
+        samples = read_samples(Path(args.images), args.split)[: args.limit]
+        if not samples:
+            raise UsageError(f"--images {args.images}: no (image, category) samples")
+        needs_boxes = any(not m.is_editor for m in methods)
+        if needs_boxes and not (args.checkpoint or args.boxes):
+            raise UsageError("the back-end methods need GenLoc boxes: pass --checkpoint CKPT (a train.py checkpoint) "
+                             "or --boxes PREDICTIONS.jsonl")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        check_settings(out, {m.name: method_settings(args, m) for m in methods})
+        boxes = genloc_boxes(args, samples) if needs_boxes else {}
+        if boxes:
+            write_json(out / "boxes.json", boxes)
+        for method in methods:
+            run_method(args, method, samples, boxes, out)
+    except UsageError as err:
+        parser.error(str(err))
+    results = score(args, methods, samples, out)
+    results["settings"] = json.loads((out / "settings.json").read_text())
+    write_json(out / "results.json", results)
+    write_atomic(out / "results.md", markdown(results).encode())
+    save_png(out / "grid.png", grid(methods, samples, out, args.grid_rows, args.grid_cell))
+    print(markdown(results))
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'grid.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
