@@ -1,8 +1,12 @@
-"""Pure-PyTorch GenLoc location model (no Lightning): tokenizer, config/presets, model + sampler."""
+"""Pure-PyTorch GenLoc location model (no Lightning): tokenizer, config/presets, model + sampler,
+Hub-style model files and the one-call placement API."""
 from .box_tokenizer import BoxTokenizer
 from .config import LocationModelConfig
-from .location_model import LocationModel, SampleOutput, naive_reference_decode
+from .hub import GenLocModel, ModelFilesError, load_model
+from .location_model import ExtentMask, LocationModel, SampleOutput, naive_reference_decode
+from .placement import NoValidSetError, Placement, PlacementSet, place, place_many
 from .pretrained import PretrainedWeightsError
 
-__all__ = ["BoxTokenizer", "LocationModelConfig", "LocationModel", "SampleOutput", "naive_reference_decode",
-           "PretrainedWeightsError"]
+__all__ = ["BoxTokenizer", "LocationModelConfig", "LocationModel", "SampleOutput", "ExtentMask",
+           "naive_reference_decode", "PretrainedWeightsError", "GenLocModel", "ModelFilesError", "load_model",
+           "place", "place_many", "Placement", "PlacementSet", "NoValidSetError"]
