@@ -90,11 +90,11 @@ def _from_pil(img: Image.Image) -> tuple[Image.Image, list[str]]:
     mode = img.mode
     if mode == "RGB":
         return img.copy(), []
-    if mode in ("L", "1"):
+    if mode in ("L", "1") or (mode == "P" and "transparency" not in img.info):  # lossless
         return img.convert("RGB"), []
     if mode.startswith("I;16") or mode in ("I", "F"):  # 16-bit PNGs open as I;16 (or I)
         return _from_array(np.asarray(img), f"{mode} image", sixteen_bit=mode != "F")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La", "P"):
         return _from_array(np.asarray(img.convert("RGBA")), f"{mode} image")
     if mode == "CMYK":
         return img.convert("RGB"), ["CMYK image converted to RGB with PIL's plain formula (no colour profile)"]
