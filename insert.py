@@ -195,7 +195,8 @@ def insert_several(args, image: Image.Image, pipe, clip, out: Path) -> int:
         return ins.image
 
     try:
-        result = place_many(model, image, args.category, max_iou=args.max_iou, regions=[args.region] * len(args.category),
+        result = place_many(model, image, args.category, max_iou=args.max_iou,
+                            regions=[args.region] * len(args.category),
                             inpainter=inpaint if pipe is not None else None, seed=args.seed)
     except NoValidSetError as err:
         print(f"insert.py: {err}", file=sys.stderr)
@@ -215,9 +216,11 @@ def insert_several(args, image: Image.Image, pipe, clip, out: Path) -> int:
             before, ins = step
             ins.image.save(out / f"edit_{i}.png")
             box_norm = torch.tensor([rec["box_norm"]])
-            rec.update(edit=f"edit_{i}.png", prompt=ins.prompt, mask_box=list(ins.mask_box), inpainter=str(args.inpainter),
-                       backend=args.backend, steps=args.steps, dilate=args.dilate, feather=args.feather)
-            rec["metrics"]["background_ssim"] = background_ssim(to_tensor(ins.image), to_tensor(before), box_norm).item()
+            rec.update(edit=f"edit_{i}.png", prompt=ins.prompt, mask_box=list(ins.mask_box),
+                       inpainter=str(args.inpainter), backend=args.backend, steps=args.steps, dilate=args.dilate,
+                       feather=args.feather)
+            ssim = background_ssim(to_tensor(ins.image), to_tensor(before), box_norm)
+            rec["metrics"]["background_ssim"] = ssim.item()
             if clip is not None:
                 rec["metrics"]["clip_score"] = clip.scores(to_tensor(ins.image), box_norm, [category]).item()
         (out / f"edit_{i}.json").write_text(json.dumps(rec, indent=2))

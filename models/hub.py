@@ -110,7 +110,7 @@ def preset_name(cfg: LocationModelConfig) -> str:
 
 def model_card(cfg: LocationModelConfig, model_id: str, run: Optional[dict] = None) -> str:
     """README.md of a model folder: what the model is, how it was trained (``run``, from
-    scripts/export.py: ``stages``, ``metrics``, ``checkpoint``), licence, paper and a usage snippet
+    scripts/export.py: ``stages``, ``metrics``, ``metrics_files``, ``checkpoint``), licence, paper and a usage snippet
     that runs as written from the GenLoc repository root with a ``photo.jpg`` beside it."""
     run = run or {}
     lines = [
@@ -138,8 +138,9 @@ def model_card(cfg: LocationModelConfig, model_id: str, run: Optional[dict] = No
                          f"`{st.get('data', '?')}` | {st.get('steps', '?')} |")
     metrics = run.get("metrics") or {}
     if metrics:
-        lines += ["", "## Metrics", "", f"From `{run.get('metrics_file', 'metrics.json')}` (the last stage's "
-                  "validation metrics; `val/plausible_rate` is the toy-scene oracle's).", "",
+        sources = ", ".join(f"`{f}`" for f in run.get("metrics_files", ["metrics.json"]))
+        lines += ["", "## Metrics", "", f"From {sources}: `val/*` are the last stage's validation metrics, `eval/*` "
+                  "those of evaluate.py (TPR/FPR at the largest n); `plausible_rate` is the toy-scene oracle's.", "",
                   "| metric | value |", "|---|---|"]
         lines += [f"| `{k}` | {v:.4f} |" for k, v in sorted(card_metrics(metrics).items())]
     lines += [

@@ -184,7 +184,8 @@ def normalised_size(size, image_size: tuple[int, int], num_bins: int) -> Optiona
     if size is None:
         return None
     if not isinstance(size, (tuple, list)) or len(size) != 2:
-        raise ValueError(f"size must be (width, height) in pixels, each a number, a (min, max) pair or None; got {size!r}")
+        raise ValueError(f"size must be (width, height) in pixels, each a number, a (min, max) pair or None; "
+                         f"got {size!r}")
     out = []
     for value, extent, axis in zip(size, image_size, ("width", "height")):
         if value is None:

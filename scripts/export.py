@@ -46,7 +46,7 @@ def stage_info(run_dir: Path) -> tuple[dict, str | None]:
 
 def run_info(checkpoint: Path, eval_metrics: Path | None) -> dict:
     """What the model card says about the run: stages (oldest first), metrics, sources."""
-    info: dict = {"checkpoint": str(checkpoint), "stages": [], "metrics": {}}
+    info: dict = {"checkpoint": str(checkpoint), "stages": [], "metrics": {}, "metrics_files": []}
     run_dir = checkpoint.resolve().parent.parent if checkpoint.parent.name == "checkpoints" else None
     seen = set()
     current = run_dir
@@ -57,7 +57,7 @@ def run_info(checkpoint: Path, eval_metrics: Path | None) -> dict:
         current = Path(parent).resolve().parent.parent if parent else None
     if run_dir is not None and (run_dir / "metrics.json").is_file():
         info["metrics"] = json.loads((run_dir / "metrics.json").read_text())
-        info["metrics_file"] = str(checkpoint.parent.parent / "metrics.json")
+        info["metrics_files"].append(str(checkpoint.parent.parent / "metrics.json"))
     if eval_metrics is not None:
         try:
             doc = json.loads(eval_metrics.read_text())
@@ -70,7 +70,7 @@ def run_info(checkpoint: Path, eval_metrics: Path | None) -> dict:
         if doc.get("plausible_rate") is not None:
             picked["eval/plausible_rate"] = doc["plausible_rate"]
         info["metrics"].update(picked)
-        info["metrics_file"] = f"{info.get('metrics_file', 'metrics.json')} and {eval_metrics}"
+        info["metrics_files"].append(str(eval_metrics))
     return info
 
 
@@ -139,7 +139,8 @@ def main(argv=None) -> int:
     except ExportError as err:
         print(f"export: error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote model folder {out} ({', '.join(FILES)})" + (f"; pushed to {args.push_to_hub}" if args.push_to_hub else ""))
+    pushed = f"; pushed to {args.push_to_hub}" if args.push_to_hub else ""
+    print(f"wrote model folder {out} ({', '.join(FILES)}){pushed}")
     print(f"load it with: GenLocModel.from_pretrained({str(out)!r})")
     return 0
 

@@ -256,3 +256,19 @@ def test_export_replaces_an_earlier_export_and_pushes_the_folder(run, tmp_path, 
     assert calls == [("create", "someone/genloc-toy", True), ("upload", sorted(FILES), "someone/genloc-toy")]
     assert sorted(os.listdir(out)) == sorted(FILES) and (out / "model.safetensors").read_bytes() == first
     assert "GenLocModel.from_pretrained('someone/genloc-toy')" in (out / "README.md").read_text()
+
+
+def test_card_adds_the_evaluation_metrics_of_evaluate_py(run, tmp_path, capsys):
+    doc = {"ns": [10, 100], "metrics": {"tpr@10": 0.2, "tpr@100": 0.61, "fpr@100": 0.07, "tpr_shared@100": 0.3,
+                                        "fpr_shared@100": 0.035}, "plausible_rate": 0.85}
+    (tmp_path / "eval.json").write_text(json.dumps(doc))
+    out = tmp_path / "m"
+    assert export_script.main(["--checkpoint", str(run[0]), "--out", str(out), "--eval", str(tmp_path / "eval.json")]) == 0
+    card = (out / "README.md").read_text()
+    for key, value in [("eval/tpr@100", 0.61), ("eval/fpr@100", 0.07), ("eval/plausible_rate", 0.85),
+                       ("val/loss", 3.5)]:
+        assert f"| `{key}` | {value:.4f} |" in card
+    assert f"`{tmp_path / 'eval.json'}`" in card and "eval/tpr@10`" not in card
+    (tmp_path / "bad.json").write_text("{}")
+    assert export_script.main(["--checkpoint", str(run[0]), "--out", str(out), "--eval", str(tmp_path / "bad.json")]) == 2
+    assert "not a metrics.json written by evaluate.py" in capsys.readouterr().err
