@@ -1,6 +1,7 @@
 """TPR-FPR evaluation (SPEC §4) of a checkpoint, of any method's predictions file, or of a baseline.
 
     python evaluate.py --checkpoint runs/x/checkpoints/last.ckpt --data data/toy/toy-opa --split test
+    python evaluate.py --checkpoint runs/toy_model --data data/toy/toy-opa --split val --given-size
     python evaluate.py --predictions preds.jsonl --annotations fopa_test_data_pair.csv
     python evaluate.py --baseline random_gt_size --annotations data/opa --split test
     python evaluate.py --baseline blind --data data/toy/toy-opa --split val
@@ -14,6 +15,12 @@ Checkpoint mode scores the boxes it just wrote exactly as predictions mode would
 When the annotations are a shard folder whose kind has a plausibility oracle (``{split}.json``
 "source", see ``datamodules.kinds``; the toy scenes have one), metrics.json also holds the oracle's
 plausible rate of the scored boxes, overall and per class.
+``--checkpoint`` also takes a model folder or a Hub id (``scripts/export.py``).
+``--given-size`` (ours, SPEC §8; the FOPA / TopNet / GracoNet setting): the labelled boxes of a
+sample are split into groups of one foreground size (OPA: one group per foreground and scale;
+pooled samples may hold several), and for each group N boxes of exactly that size (to within half
+a bin; sizes are clamped to 1..num_bins-1 bins) are drawn, so the model only chooses where. Each
+group is scored as its own sample (key ``{key}@{w}x{h}``); every labelled box still counts once.
 """
 from __future__ import annotations
 
@@ -202,16 +209,45 @@ def _positive_pools(train: list[dict] | None) -> dict[str, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- checkpoint sampling
-def sample_checkpoint(args) -> dict[str, np.ndarray]:
-    """N boxes (pixels) per sample of ``--data/--split`` from the checkpoint's batched sampler,
-    one seeded generator over the whole pass (same checkpoint, data and batch size -> same boxes)."""
+def size_groups(samples: list[dict]) -> list[dict]:
+    """Each sample split by labelled box size (w, h): one sample per size with the positives and
+    negatives of that size and ``given_size``; key ``{key}@{w}x{h}`` (see module docstring)."""
+    groups = []
+    for s in samples:
+        by_size: dict[tuple, dict] = {}
+        for field in ("positives", "negatives"):
+            for box in s[field]:
+                wh = (round(box[2] - box[0], 6), round(box[3] - box[1], 6))
+                group = by_size.setdefault(wh, {**s, "key": f"{s['key']}@{wh[0]:g}x{wh[1]:g}", "positives": [],
+                                                "negatives": [], "given_size": wh, "source_key": s["key"]})
+                group[field].append(box)
+        groups.extend(by_size.values())
+    return groups
+
+
+def given_sizes(groups: list[dict], sizes: torch.Tensor, owners: list[int], num_bins: int) -> torch.Tensor:
+    """Normalised exact ``(w, w, h, h)`` per group row for `LocationModel.sample`, clamped to 1..num_bins-1 bins."""
+    wh = torch.tensor([g["given_size"] for g in groups], dtype=torch.float64)
+    norm = wh / sizes[owners].double().cpu()
+    norm = norm.clamp(1.0 / num_bins, (num_bins - 1.0) / num_bins)
+    return norm[:, [0, 0, 1, 1]]
+
+
+def sample_checkpoint(args, groups: list[dict] | None = None) -> dict[str, np.ndarray]:
+    """N boxes (pixels) per sample of ``--data/--split`` from the model's batched sampler, one
+    seeded generator over the whole pass (same model, data and batch size -> same boxes). With
+    ``groups`` (`size_groups`), N boxes of each group's size per group, keyed by group."""
     from datamodules import ShardDataModule
-    from lightning_modules.checkpoint import CheckpointError, load_location_model
+    from lightning_modules.checkpoint import CheckpointError
+    from models.hub import ModelFilesError, load_model
 
     try:
-        model = load_location_model(args.checkpoint).to(args.device)
-    except CheckpointError as e:
+        model = load_model(args.checkpoint, args.device)
+    except (CheckpointError, ModelFilesError) as e:
         raise EvaluationError(str(e)) from None
+    by_key: dict[str, list[dict]] = {}
+    for g in groups or []:
+        by_key.setdefault(g["source_key"], []).append(g)
     dm = ShardDataModule(args.data, image_size=model.cfg.image_size, batch_size=args.batch_size,
                          num_workers=args.num_workers, seed=args.seed, flip_prob=0.0, train_split=None,
                          val_split=None, test_split=args.split)
@@ -220,6 +256,9 @@ def sample_checkpoint(args) -> dict[str, np.ndarray]:
     preds: dict[str, np.ndarray] = {}
     with torch.no_grad():
         for batch in tqdm(dm.test_dataloader(), desc="sampling", disable=args.no_progress, leave=False):
+            if groups is not None:
+                _sample_groups(model, batch, by_key, args, generator, preds)
+                continue
             out = model.sample(batch["image"].to(args.device), batch["category"], n=args.num_samples,
                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                generator=generator, image_sizes=batch["size"].to(args.device))
@@ -228,6 +267,26 @@ def sample_checkpoint(args) -> dict[str, np.ndarray]:
                     raise EvaluationError(f"the {args.split} loader of {args.data} yielded key {key!r} twice")
                 preds[key] = boxes
     return preds
+
+
+def _sample_groups(model, batch: dict, by_key: dict, args, generator, preds: dict) -> None:
+    """One `LocationModel.sample` call for all size groups of a batch (rows = groups)."""
+    owners, rows = [], []
+    for i, key in enumerate(batch["key"]):
+        for g in by_key.get(key, []):
+            owners.append(i)
+            rows.append(g)
+    if not rows:
+        return
+    idx = torch.tensor(owners)
+    out = model.sample(batch["image"][idx].to(args.device), [batch["category"][i] for i in owners],
+                       n=args.num_samples, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       generator=generator, image_sizes=batch["size"][idx].to(args.device),
+                       size=given_sizes(rows, batch["size"], owners, model.cfg.num_bins).to(args.device))
+    for g, boxes in zip(rows, out.boxes.double().cpu().numpy()):
+        if g["key"] in preds:
+            raise EvaluationError(f"the {args.split} loader of {args.data} yielded key {g['source_key']!r} twice")
+        preds[g["key"]] = boxes
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -307,7 +366,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--checkpoint", help="Lightning checkpoint of a location model (samples boxes)")
+    mode.add_argument("--checkpoint", help="location model to sample boxes from: a Lightning checkpoint, a model "
+                                           "folder (scripts/export.py) or a Hub id")
     mode.add_argument("--predictions", help="JSONL predictions {key, boxes (pixels)} of any method")
     mode.add_argument("--baseline", choices=BASELINES, help="built-in seeded baseline (blind: random training "
                       "positives of the same class, from --train-split of the shard folder)")
@@ -331,10 +391,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--allow-missing", action="store_true", help="score annotated samples without predictions as empty")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--given-size", action="store_true",
+                   help="(with --checkpoint) draw boxes of each labelled foreground size: the model only picks where")
     args = p.parse_args(argv)
     args.ns = args.ns or [n for n in range(10, args.num_samples + 1, 10)] or [args.num_samples]
     if max(args.ns) > args.num_samples:
         p.error(f"--ns goes up to {max(args.ns)} but --num-samples is {args.num_samples}")
+    if args.given_size and not args.checkpoint:
+        p.error("--given-size needs --checkpoint (it constrains the model's sampler)")
     if args.checkpoint and not (args.data or args.annotations):
         p.error("--checkpoint needs --data (shard folder)")
     if (args.predictions or args.baseline) and not (args.annotations or args.data):
@@ -355,8 +419,12 @@ def main(argv=None) -> dict | None:
     ann_path = args.annotations or args.data
     samples = load_annotations(ann_path, args.split)
     settings: dict = {"iou_threshold": args.iou_threshold, "annotations": str(ann_path), "split": args.split}
+    settings["protocol"] = "given-size" if args.given_size else "free-size"
+    if args.given_size:
+        settings["source_samples"] = len(samples)
+        samples = size_groups(samples)
     if args.checkpoint:
-        preds = sample_checkpoint(args)
+        preds = sample_checkpoint(args, samples if args.given_size else None)
         label = args.name or Path(args.checkpoint).stem
         settings.update(mode="checkpoint", checkpoint=str(args.checkpoint), sampling={
             "num_samples": args.num_samples, "temperature": args.temperature, "top_k": args.top_k,

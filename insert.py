@@ -3,15 +3,23 @@ local diffusers inpainting pipeline draw the object inside each box.
 
     python insert.py --image photo.jpg --category cup --checkpoint runs/.../last.ckpt \
         --inpainter /models/sd-inpainting --n 4 --region left --out out/
+    python insert.py --image photo.jpg --category cup plate --checkpoint runs/toy_model --inpainter DIR
 
 Writes to --out: `edit_{i}.png` (only with an inpainter), `overlay.png` (all boxes drawn),
 `edit_{i}.json` per box and `records.json` (all records). Pixels outside each edit's `mask_box` are
 identical to the input. Without --inpainter the boxes, overlay and records are still written.
+`--checkpoint` takes a Lightning checkpoint, a model folder (scripts/export.py) or a Hub id.
+
+Several categories place one object each (`models.placement.place_many`): pairwise IoU at most
+`--max-iou`, inserted one after another, each box sampled on the image with the earlier objects
+already drawn; `edit_{i}.png` is the image after objects 0..i and its record's metrics compare it
+with the image before object i.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -28,8 +36,8 @@ COLORS = [(255, 0, 0), (0, 255, 0), (0, 128, 255), (255, 255, 0), (255, 0, 255),
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image", required=True, help="background photo")
-    p.add_argument("--category", required=True, help='object class, e.g. "cup"')
-    p.add_argument("--checkpoint", help="location-model Lightning checkpoint (train.py output)")
+    p.add_argument("--category", required=True, nargs="+", help='object class, e.g. "cup"; several: one object each')
+    p.add_argument("--checkpoint", help="location model: Lightning checkpoint (train.py), model folder or Hub id")
     p.add_argument("--inpainter", help="local diffusers pipeline folder of the --backend (e.g. a Stable Diffusion inpainting checkpoint)")
     p.add_argument("--backend", choices=BACKENDS, default="sd",
                    help="sd: AutoPipelineForInpainting (SD 1.5/2, SDXL, Kandinsky); flux-fill: FluxFillPipeline; "
@@ -39,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "image; auto: crop when the box is smaller than the resolution")
     p.add_argument("--margin", type=float, default=CROP_MARGIN,
                    help="crop mode: context on each side, as a fraction of the box's long side")
-    p.add_argument("--n", type=int, default=4, help="number of boxes / edits")
+    p.add_argument("--n", type=int, help="number of boxes / edits for one category (default 4)")
+    p.add_argument("--max-iou", type=float, default=0.0, help="several categories: largest IoU between two objects")
     p.add_argument("--region", help=f"restrict boxes to {'|'.join(REGIONS)} or pixels x1,y1,x2,y2")
     p.add_argument("--out", default="insert_out", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="box sampling seed; edit i uses seed + i")
@@ -55,14 +64,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def sample_boxes(checkpoint: str, image: Image.Image, category: str, n: int, region, seed: int) -> torch.Tensor:
-    """`n` boxes (pixels of `image`, `[n,4]`) from the location model, inside normalised `region` if given."""
-    from lightning_modules.checkpoint import CheckpointError, load_location_model
+def load_model(source: str):
+    """The location model of a checkpoint, model folder or Hub id; errors end the program in one line."""
+    from lightning_modules.checkpoint import CheckpointError
+    from models.hub import ModelFilesError, load_model as load
 
     try:
-        model = load_location_model(checkpoint)
-    except CheckpointError as err:
+        return load(source)
+    except (CheckpointError, ModelFilesError) as err:
         raise SystemExit(f"insert.py: error: {err}") from None
+
+
+def model_source_ok(source: str | None) -> bool:
+    """An existing file or folder, or something shaped like a Hub id (owner/name)."""
+    return bool(source) and (Path(source).exists() or re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None
+                             and not source.endswith(".ckpt"))
+
+
+def sample_boxes(checkpoint: str, image: Image.Image, category: str, n: int, region, seed: int) -> torch.Tensor:
+    """`n` boxes (pixels of `image`, `[n,4]`) from the location model, inside normalised `region` if given."""
+    model = load_model(checkpoint)
     s = model.cfg.image_size
     x = torch.from_numpy(np.asarray(image.resize((s, s), Image.BICUBIC), dtype=np.float32) / 255.0)
     out = model.sample(
@@ -92,22 +113,26 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    image = Image.open(args.image).convert("RGB")
+    from models.placement import to_rgb_image
+
+    try:
+        image, notes = to_rgb_image(args.image)
+    except (OSError, ValueError) as err:
+        parser.error(f"--image {args.image}: {err}")
+    for note in notes:
+        print(f"note: {note}")
     w, h = image.size
     try:
         region = parse_region(args.region, image.size)
     except ValueError as err:
         parser.error(str(err))
-    if not args.checkpoint or not Path(args.checkpoint).is_file():
+    if not model_source_ok(args.checkpoint):
         parser.error(f"location model checkpoint {args.checkpoint or '(none given)'} not found: pass --checkpoint CKPT "
-                     "(a train.py checkpoint; `make train` makes one)")
-    boxes = sample_boxes(args.checkpoint, image, args.category, args.n, region, args.seed)
-
+                     "(a train.py checkpoint or a model folder; `make train` makes both)")
+    several = len(args.category) > 1
+    if several and args.n is not None:
+        parser.error("--n applies to one category; several categories get one box each")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    colors = [COLORS[i % len(COLORS)] for i in range(len(boxes))]
-    draw_overlay(image, boxes.tolist(), colors).save(out / "overlay.png")
-
     pipe = None
     if args.inpainter and Path(args.inpainter).is_dir():
         try:
@@ -124,11 +149,17 @@ def main(argv=None) -> int:
         from metrics.inpainting import ForegroundCLIPScore
 
         clip = ForegroundCLIPScore(args.clip_weights, args.clip_model, args.clip_config).to(args.device)
+    if several:
+        return insert_several(args, image, pipe, clip, out)
+    boxes = sample_boxes(args.checkpoint, image, args.category[0], args.n or 4, region, args.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    colors = [COLORS[i % len(COLORS)] for i in range(len(boxes))]
+    draw_overlay(image, boxes.tolist(), colors).save(out / "overlay.png")
 
     records = []
     for i, box in enumerate(boxes.tolist()):
         rec = {
-            "index": i, "image": str(args.image), "image_size": [w, h], "category": args.category,
+            "index": i, "image": str(args.image), "image_size": [w, h], "category": args.category[0],
             "region": args.region, "region_norm": None if region is None else list(region),
             "box": box, "box_norm": [box[0] / w, box[1] / h, box[2] / w, box[3] / h],
             "color": list(colors[i]), "checkpoint": str(args.checkpoint), "seed": args.seed + i,
@@ -137,7 +168,7 @@ def main(argv=None) -> int:
         if pipe is not None:
             from metrics.inpainting import background_ssim
 
-            ins = pipe.insert(image, args.category, box=box, seed=args.seed + i, mode=args.mode, margin=args.margin,
+            ins = pipe.insert(image, args.category[0], box=box, seed=args.seed + i, mode=args.mode, margin=args.margin,
                               dilate=args.dilate, feather=args.feather)
             ins.image.save(out / f"edit_{i}.png")
             box_norm = torch.tensor([rec["box_norm"]])
@@ -145,11 +176,61 @@ def main(argv=None) -> int:
                        steps=args.steps, dilate=args.dilate, feather=args.feather)
             rec["metrics"]["background_ssim"] = background_ssim(to_tensor(ins.image), to_tensor(image), box_norm).item()
             if clip is not None:
-                rec["metrics"]["clip_score"] = clip.scores(to_tensor(ins.image), box_norm, [args.category]).item()
+                rec["metrics"]["clip_score"] = clip.scores(to_tensor(ins.image), box_norm, [args.category[0]]).item()
         (out / f"edit_{i}.json").write_text(json.dumps(rec, indent=2))
         records.append(rec)
     (out / "records.json").write_text(json.dumps(records, indent=2))
     print(f"wrote {len(records)} record(s) to {out}")
+    return 0
+
+
+def insert_several(args, image: Image.Image, pipe, clip, out: Path) -> int:
+    """One object per category via `place_many`, inserted one after another when a pipeline is given."""
+    from metrics.inpainting import background_ssim
+    from models.placement import NoValidSetError, place_many
+
+    model = load_model(args.checkpoint)
+    w, h = image.size
+    insertions = []
+
+    def inpaint(current: Image.Image, box, category: str, seed: int) -> Image.Image:
+        ins = pipe.insert(current, category, box=box, seed=seed, mode=args.mode, margin=args.margin,
+                          dilate=args.dilate, feather=args.feather)
+        insertions.append((current, ins))
+        return ins.image
+
+    try:
+        result = place_many(model, image, args.category, max_iou=args.max_iou,
+                            regions=[args.region] * len(args.category),
+                            inpainter=inpaint if pipe is not None else None, seed=args.seed)
+    except NoValidSetError as err:
+        print(f"insert.py: {err}", file=sys.stderr)
+        return 1
+    out.mkdir(parents=True, exist_ok=True)
+    boxes = result.boxes.tolist()
+    colors = [COLORS[i % len(COLORS)] for i in range(len(boxes))]
+    draw_overlay(image, boxes, colors).save(out / "overlay.png")
+    done = insertions[-len(boxes):] if pipe is not None else [None] * len(boxes)  # the successful round's edits
+    records = []
+    for i, (box, category, step) in enumerate(zip(boxes, args.category, done)):
+        rec = {"index": i, "image": str(args.image), "image_size": [w, h], "category": category, "region": args.region,
+               "box": box, "box_norm": [box[0] / w, box[1] / h, box[2] / w, box[3] / h], "color": list(colors[i]),
+               "checkpoint": str(args.checkpoint), "seed": args.seed + i, "log_prob": float(result.log_probs[i]),
+               "max_iou": args.max_iou, "edit": None, "prompt": None, "mask_box": None, "metrics": {}}
+        if step is not None:
+            before, ins = step
+            ins.image.save(out / f"edit_{i}.png")
+            box_norm = torch.tensor([rec["box_norm"]])
+            rec.update(ins.record(), box=box, edit=f"edit_{i}.png", inpainter=str(args.inpainter),
+                       backend=args.backend, steps=args.steps, dilate=args.dilate, feather=args.feather)
+            ssim = background_ssim(to_tensor(ins.image), to_tensor(before), box_norm)
+            rec["metrics"]["background_ssim"] = ssim.item()
+            if clip is not None:
+                rec["metrics"]["clip_score"] = clip.scores(to_tensor(ins.image), box_norm, [category]).item()
+        (out / f"edit_{i}.json").write_text(json.dumps(rec, indent=2))
+        records.append(rec)
+    (out / "records.json").write_text(json.dumps(records, indent=2))
+    print(f"wrote {len(records)} object(s) to {out}" + ("" if pipe is not None else " (boxes only: no inpainter)"))
     return 0
 
 

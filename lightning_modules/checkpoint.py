@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from models import LocationModel, LocationModelConfig
+from models import LocationModelConfig
+from models.hub import GenLocModel, ModelFilesError, model_from_state_dict
 
 
 class CheckpointError(RuntimeError):
@@ -37,15 +38,15 @@ def model_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
     return {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
 
 
-def load_location_model(path: str | Path) -> LocationModel:
-    """Rebuild the LocationModel of a checkpoint, in eval mode, on the CPU."""
+def load_location_model(path: str | Path) -> GenLocModel:
+    """Rebuild the LocationModel of a checkpoint, in eval mode, on the CPU; every weight comes from
+    the checkpoint (no pretrained weights are fetched, see `models.hub.model_from_state_dict`)."""
     ckpt = read_checkpoint(path)
-    model = LocationModel(LocationModelConfig.from_dict(ckpt["hyper_parameters"]["model_config"]))
     try:
-        model.load_state_dict(model_state_dict(ckpt))
-    except RuntimeError as err:
-        raise CheckpointError(f"checkpoint {path} does not match its model config: {str(err)[:500]}") from None
-    return model.eval()
+        return model_from_state_dict(LocationModelConfig.from_dict(ckpt["hyper_parameters"]["model_config"]),
+                                     model_state_dict(ckpt), f"checkpoint {path}")
+    except ModelFilesError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def atomic_save(checkpoint: dict, path: str | Path) -> None:

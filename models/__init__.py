@@ -1,9 +1,13 @@
-"""Pure-PyTorch GenLoc location model (no Lightning): tokenizer, config/presets, model + sampler."""
+"""Pure-PyTorch GenLoc location model (no Lightning): tokenizer, config/presets, model + sampler,
+Hub-style model files and the one-call placement API."""
 from .box_tokenizer import BoxTokenizer
 from .config import LocationModelConfig
-from .location_model import LocationModel, SampleOutput
+from .hub import GenLocModel, ModelFilesError, load_model
+from .location_model import ExtentMask, LocationModel, SampleOutput
+from .placement import NoValidSetError, Placement, PlacementSet, place, place_many
 from .pretrained import PretrainedWeightsError
 from .sampling import draw_tokens, filter_logits
 
-__all__ = ["BoxTokenizer", "LocationModelConfig", "LocationModel", "SampleOutput", "PretrainedWeightsError",
-           "draw_tokens", "filter_logits"]
+__all__ = ["BoxTokenizer", "LocationModelConfig", "LocationModel", "SampleOutput", "ExtentMask", "PretrainedWeightsError",
+           "draw_tokens", "filter_logits", "GenLocModel", "ModelFilesError", "load_model", "place", "place_many",
+           "Placement", "PlacementSet", "NoValidSetError"]

@@ -4,7 +4,8 @@ toy data (generated once) -> toy_pretrain (MLE, toy-pipe) -> toy_finetune (MLE, 
 -> toy_dpo (DPO, toy-opa pairs, frozen toy_finetune reference) -> evaluation (evaluate.py) on toy-opa
 val of both models and two baselines (uniform random boxes; image-blind: random training boxes of
 the class): oracle plausible rate of 100 sampled boxes per image (the toy data kind's oracle),
-TPR/FPR@100, and the TPR-FPR curves in one plot. Every stage resumes from its last.ckpt, so a re-run only finishes
+TPR/FPR@100, and the TPR-FPR curves in one plot -> the DPO model exported as a model folder
+(`<log_root>/toy_model`, see scripts/export.py). Every stage resumes from its last.ckpt, so a re-run only finishes
 what is missing. Extra `key=value` arguments are passed to every stage (e.g. `log_root=/tmp/runs`).
 """
 from __future__ import annotations
@@ -90,6 +91,12 @@ def main(argv: list[str]) -> int:
     (out / "results.md").write_text(summary + "\n")
     (out / "results.json").write_text(json.dumps({"stages": stages, "rows": rows}, indent=1, default=str))
     print("\n" + summary)
+    from scripts.export import export
+
+    model_dir = export(Path(stages["toy_dpo"]["run_dir"]) / "checkpoints" / "last.ckpt", Path(cfg.log_root) / "toy_model",
+                       eval_metrics=out / "dpo" / "metrics.json")
+    print(f"\nexported the DPO model to {model_dir}: GenLocModel.from_pretrained({str(model_dir)!r}), "
+          "then place(...) / place_many(...) (README, 'Use a trained model')")
     return 0
 
 

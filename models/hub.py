@@ -1,0 +1,273 @@
+"""Location-model files in the Hugging Face Hub convention (SPEC §8), pure PyTorch.
+
+A model folder (or Hub repo) holds exactly `FILES`: ``config.json`` (the `LocationModelConfig`),
+``model.safetensors`` (every weight, frozen encoders included) and ``README.md`` (the model card).
+`GenLocModel` is the `LocationModel` with `huggingface_hub.PyTorchModelHubMixin`: ``save_pretrained``,
+``push_to_hub`` and ``from_pretrained(folder_or_repo_id)``.
+
+The saved config names no weight source (``*_weights: null``): the safetensors file holds the
+weights, so loading never fetches a pretrained ViT, CLIP or GPT-2. What a weight source decided
+about the architecture is kept in the config instead (`portable_config`).
+"""
+import contextlib
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Optional, Union
+
+from huggingface_hub import PyTorchModelHubMixin, ModelCard
+
+from .config import PRESETS, LocationModelConfig
+from .location_model import LocationModel
+from .pretrained import hub_offline
+
+FILES = ("config.json", "model.safetensors", "README.md")
+PAPER_URL = "https://arxiv.org/abs/2410.13564"
+_POSITIONS = "decoder.transformer.wpe.weight"
+
+
+class ModelFilesError(FileNotFoundError):
+    """A model folder or Hub id that cannot be loaded; the message says why and what to do."""
+
+
+@contextlib.contextmanager
+def weights_from_state_dict():
+    """Build a model whose weights are loaded next: open_clip's "No pretrained weights loaded ...
+    initialized randomly" warning would be false, so it is filtered out (only that message)."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
+def portable_config(cfg: LocationModelConfig) -> LocationModelConfig:
+    """The config that rebuilds ``cfg``'s architecture with no weight source.
+
+    A timm tag picks the model's preprocessing (mean/std), so it moves into the model name
+    (``vit_base_patch16_224.augreg2_in21k_ft_in1k``: timm reads the tag without downloading); an
+    open_clip tag trained with QuickGELU (``openai``) selects the ``-quickgelu`` model config; GPT-2's
+    extra positions are dropped on loading (`model_from_state_dict`). ``compile_decoder`` is a
+    machine choice, not part of the model, and is switched off.
+    """
+    vit, clip_model = cfg.vit, cfg.clip_model
+    if cfg.vit_weights and not Path(cfg.vit_weights).expanduser().exists() and "." not in vit:
+        vit = f"{vit}.{cfg.vit_weights}"
+    if cfg.clip_weights and not Path(cfg.clip_weights).expanduser().exists():
+        import open_clip
+
+        quick = bool((open_clip.get_pretrained_cfg(clip_model, cfg.clip_weights) or {}).get("quick_gelu"))
+        if quick and not clip_model.endswith("-quickgelu"):
+            clip_model = f"{clip_model}-quickgelu"
+            if open_clip.get_model_config(clip_model) is None:
+                raise ValueError(f"open_clip weights {cfg.clip_model}/{cfg.clip_weights} use QuickGELU but open_clip "
+                                 f"has no model config {clip_model!r} to rebuild it without the weights")
+    return dataclasses.replace(cfg, vit=vit, vit_weights=None, clip_model=clip_model, clip_weights=None,
+                               gpt2_weights=None, compile_decoder=False)
+
+
+def model_from_state_dict(cfg: LocationModelConfig, state: dict, source: str) -> "GenLocModel":
+    """The model of ``cfg`` with the weights of ``state`` (strict), built without fetching any weights.
+
+    A pretrained GPT-2 keeps 1024 position rows; the model uses only the first ``prefix + 5``, so
+    the rest are dropped. ``source`` names the file in error messages.
+    """
+    with weights_from_state_dict():
+        model = GenLocModel(portable_config(cfg))
+    rows = model.decoder.transformer.wpe.weight.shape[0]
+    if _POSITIONS in state and state[_POSITIONS].shape[0] > rows:
+        state = {**state, _POSITIONS: state[_POSITIONS][:rows]}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ModelFilesError(f"{source}: the weights do not match its model config: {str(err)[:500]}") from None
+    return model.eval()
+
+
+def load_model(source: Union[str, Path], device: str = "cpu") -> "GenLocModel":
+    """A location model from a Lightning checkpoint file, a model folder or a Hub id, in eval mode."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        from lightning_modules.checkpoint import load_location_model  # plain torch.load, no Lightning import
+
+        return load_location_model(path).to(device)
+    return GenLocModel.from_pretrained(str(source), map_location=device)
+
+
+def preset_name(cfg: LocationModelConfig) -> str:
+    """The preset whose architecture ``cfg`` has (weight sources and training options aside), or "custom"."""
+    def shape(c: LocationModelConfig) -> tuple:
+        return (c.image_size, c.num_bins, c.vit.split(".")[0], c.vit_kwargs, c.clip_model.removesuffix("-quickgelu"),
+                c.gpt2_n_layer, c.gpt2_n_embd, c.gpt2_n_head)
+
+    return next((name for name in PRESETS if shape(LocationModelConfig.preset(name)) == shape(cfg)), "custom")
+
+
+def model_card(cfg: LocationModelConfig, model_id: str, run: Optional[dict] = None) -> str:
+    """README.md of a model folder: what the model is, how it was trained (``run``, from
+    scripts/export.py: ``stages``, ``metrics``, ``metrics_files``, ``checkpoint``), licence, paper and a usage snippet
+    that runs as written from the GenLoc repository root with a ``photo.jpg`` beside it."""
+    run = run or {}
+    lines = [
+        "---", "library_name: genloc", "license: apache-2.0",
+        "tags:", "- object-placement", "- object-insertion", "- pytorch_model_hub_mixin", "---", "",
+        f"# GenLoc location model `{model_id}`", "",
+        "A generative location model for spatially aware object insertion, re-implementing *Generative Location "
+        f"Modeling for Spatially Aware Object Insertion* (Yun et al., [arXiv 2410.13564]({PAPER_URL})): given a "
+        "background image and an object class, it samples plausible bounding boxes for the object (ViT image "
+        "tokens + CLIP text embedding as prefix of a GPT-2 decoder emitting x1, y1, x2, y2 as quantised tokens).", "",
+        "## Model", "",
+        f"- preset: `{preset_name(cfg)}`; image {cfg.image_size} px, {cfg.num_bins} bins per coordinate, "
+        f"image encoder `{cfg.vit}`, text encoder `{cfg.clip_model}`, GPT-2 {cfg.gpt2_n_layer} layers x "
+        f"{cfg.gpt2_n_embd}, relative extents: {cfg.relative_extents}",
+        "- files: `config.json` (the model config), `model.safetensors` (every weight, frozen encoders "
+        "included: loading downloads nothing), this card",
+    ]
+    if run.get("checkpoint"):
+        lines.append(f"- exported from `{run['checkpoint']}`")
+    stages = run.get("stages") or []
+    if stages:
+        lines += ["", "## Training", "", "| stage | experiment | objective | data | steps |", "|---|---|---|---|---|"]
+        for i, st in enumerate(stages, 1):
+            lines.append(f"| {i} | `{st.get('experiment', '?')}` | {st.get('objective', '?')} | "
+                         f"`{st.get('data', '?')}` | {st.get('steps', '?')} |")
+    metrics = run.get("metrics") or {}
+    if metrics:
+        sources = ", ".join(f"`{f}`" for f in run.get("metrics_files", ["metrics.json"]))
+        lines += ["", "## Metrics", "", f"From {sources}: `val/*` are the last stage's validation metrics, `eval/*` "
+                  "those of evaluate.py (TPR/FPR at the largest n); `plausible_rate` is the toy-scene oracle's.", "",
+                  "| metric | value |", "|---|---|"]
+        lines += [f"| `{k}` | {v:.4f} |" for k, v in sorted(card_metrics(metrics).items())]
+    lines += [
+        "", "## Usage", "",
+        "Run from the root of the GenLoc repository (its `models` package holds the code), with a `photo.jpg`:", "",
+        "```python",
+        "from models import GenLocModel, place, place_many",
+        "",
+        f"model = GenLocModel.from_pretrained({model_id!r})",
+        'boxes = place(model, "photo.jpg", "person", n=5, seed=0)  # pixel boxes of photo.jpg + log-probabilities',
+        "print(boxes.boxes, boxes.log_probs)",
+        'group = place_many(model, "photo.jpg", ["car", "person"], seed=0)  # one box each, no overlap',
+        "print(group.boxes)",
+        "```", "",
+        "`place` also takes `region=\"left\"` or pixel `(x1, y1, x2, y2)`, `size=(w, h)` in pixels, "
+        "`aspect_ratio=w/h`, `temperature`, `top_k`, `top_p` and `distinct=True` (distinct boxes ranked by "
+        "probability); all constraints are masks during decoding.", "",
+        "## Licence", "",
+        "Code and weights: Apache-2.0. Training data keep their own licences.", "",
+    ]
+    return "\n".join(lines)
+
+
+def card_metrics(metrics: dict) -> dict:
+    """The metrics a model card shows: validation, DPO reward and evaluation numbers (curve points
+    ``name@n`` only at the largest ``n``), plus the final training loss."""
+    numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    largest: dict = {}
+    for key in numeric:
+        name, _, n = key.partition("@")
+        if n.isdigit():
+            largest[name] = max(largest.get(name, 0), int(n))
+    shown = {}
+    for key, value in numeric.items():
+        name, _, n = key.partition("@")
+        if not (key.startswith(("val/", "rewards/", "logps/", "eval/")) or key == "train/loss"):
+            continue
+        if n.isdigit() and int(n) != largest[name]:
+            continue
+        shown[key] = value
+    return shown
+
+
+class GenLocModel(LocationModel, PyTorchModelHubMixin, library_name="genloc", license="apache-2.0",
+                  paper_url=PAPER_URL, tags=["object-placement", "object-insertion"]):
+    """`LocationModel` that saves and loads as a model folder / Hub repo (see module docstring)."""
+
+    def __init__(self, config: LocationModelConfig):
+        super().__init__(config)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        from safetensors.torch import save_model
+
+        config = portable_config(self.cfg).to_dict()
+        (Path(save_directory) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_model(self, str(Path(save_directory) / "model.safetensors"))
+
+    def generate_model_card(self, *args, **kwargs) -> ModelCard:
+        """``model_card_kwargs`` of ``save_pretrained``: ``model_id`` and ``run`` (see `model_card`)."""
+        return ModelCard(model_card(self.cfg, kwargs.get("model_id", "path/to/model"), kwargs.get("run")))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, Path], *, revision: Optional[str] = None,
+                        cache_dir: Optional[Union[str, Path]] = None, local_files_only: bool = False,
+                        token: Optional[Union[str, bool]] = None, map_location: str = "cpu",
+                        **unused) -> "GenLocModel":
+        """Load a model folder or a Hub repo id (downloaded into the hub cache unless offline).
+
+        Needs neither Lightning nor the training config; raises `ModelFilesError` naming the folder
+        or id and what to do (offline and not cached: names ``HF_HUB_OFFLINE``).
+        """
+        if unused:
+            raise TypeError(f"unexpected arguments {sorted(unused)}")
+        source = str(pretrained_model_name_or_path)
+        folder = Path(source).expanduser()
+        if folder.is_dir():
+            files = {name: folder / name for name in FILES[:2]}
+            missing = [name for name, path in files.items() if not path.is_file()]
+            if missing:
+                raise ModelFilesError(f"{folder} is not a GenLoc model folder: {', '.join(missing)} missing "
+                                      "(export one with `python -m scripts.export --checkpoint CKPT --out DIR`)")
+        elif folder.exists():
+            raise ModelFilesError(f"{source} is a file, not a model folder; pass the folder that holds "
+                                  f"{' and '.join(FILES[:2])} (or give a checkpoint where a checkpoint is accepted)")
+        else:
+            files = {name: _download(source, name, revision, cache_dir, local_files_only, token) for name in FILES[:2]}
+        try:
+            cfg = LocationModelConfig.from_dict(json.loads(Path(files["config.json"]).read_text()))
+        except (ValueError, TypeError) as err:
+            raise ModelFilesError(f"{files['config.json']}: not a GenLoc model config ({err})") from None
+        from safetensors.torch import load_model
+
+        with weights_from_state_dict():
+            model = cls(cfg)
+        try:
+            load_model(model, str(files["model.safetensors"]), strict=True, device=map_location)
+        except Exception as err:  # shape mismatch, missing keys, corrupt file
+            raise ModelFilesError(f"{files['model.safetensors']}: weights do not fit {files['config.json']} "
+                                  f"({type(err).__name__}: {str(err)[:300]})") from None
+        model._text_cache.clear()
+        return model.eval()
+
+
+def _download(repo_id: str, filename: str, revision, cache_dir, local_files_only: bool, token) -> str:
+    """One file of a Hub model repo via the hub cache; offline (or ``local_files_only``) never
+    touches the network."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.errors import (EntryNotFoundError, HFValidationError, LocalEntryNotFoundError,
+                                        OfflineModeIsEnabled, RepositoryNotFoundError)
+
+    offline = hub_offline() or local_files_only
+    try:
+        return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
+                               local_files_only=offline, token=token)
+    except HFValidationError:
+        raise ModelFilesError(f"{repo_id!r} is neither a model folder nor a Hub repo id (owner/name)") from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        if not offline:
+            raise ModelFilesError(f"could not download {filename} of {repo_id!r} from the Hub (no network?); "
+                                  f"pass a local model folder instead") from None
+        raise ModelFilesError(
+            f"model {repo_id!r} is not a local folder and its {filename} is not in the hub cache "
+            f"({cache_dir or HF_HUB_CACHE}), and HF_HUB_OFFLINE=1 (or local_files_only) forbids downloading it: "
+            f"run once with network access and without HF_HUB_OFFLINE (or `hf download {repo_id}`), "
+            "or pass a model folder") from None
+    except RepositoryNotFoundError:
+        raise ModelFilesError(f"Hub repo {repo_id!r} not found (or private: log in with `hf auth login`)") from None
+    except EntryNotFoundError:
+        raise ModelFilesError(f"Hub repo {repo_id!r} has no {filename}: not a GenLoc model repo") from None

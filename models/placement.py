@@ -1,0 +1,362 @@
+"""One-call placement on your own images (SPEC §8), pure PyTorch.
+
+    result = place(model, "photo.jpg", "cup", n=10, region="left", size=(120, 80), seed=0)
+    result.boxes      # FloatTensor[n, 4]: x1, y1, x2, y2 in photo.jpg's own pixels
+    result.log_probs  # FloatTensor[n]: log-probability of each box under the masked model
+    group = place_many(model, "photo.jpg", ["cup", "plate"])   # one box each, pairwise IoU <= 0
+
+Images may be a path, a PIL image, a numpy array (H x W [x C], uint8 / uint16 / float in [0, 1]) or a
+tensor (C x H x W, uint8 or float in [0, 1]) of any size and mode; a list of images is one batched
+call. Every image is converted to 8-bit RGB and resized exactly as the training data were (PIL
+bilinear to the model's square input); conversions that change values (alpha, CMYK, 16-bit) are
+reported in ``notes`` and as a warning. Region, size and aspect ratio are masks during decoding
+(`LocationModel.sample`), so the boxes' log-probabilities stay those of the masked model.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .inpainting import REGIONS
+from .location_model import LocationModel
+
+ImageLike = Union[str, Path, Image.Image, np.ndarray, Tensor]
+Range = Union[float, tuple[float, float], None]
+# (image, pixel box, category, seed) -> edited image of the same size
+Inpainter = Callable[[Image.Image, list, str, int], Image.Image]
+
+
+class NoValidSetError(RuntimeError):
+    """`place_many` found no set of boxes meeting its constraints within its sampling budget."""
+
+
+@dataclass
+class Placement:
+    """Boxes for one image, in that image's own pixels."""
+
+    boxes: Tensor       # FloatTensor[k, 4] x1, y1, x2, y2 (bin centres, pixels)
+    log_probs: Tensor   # FloatTensor[k]: each box's log-probability under the masked sampling distribution
+    tokens: Tensor      # LongTensor[k, 4] coordinate ids
+    counts: Tensor      # LongTensor[k]: how many of the n draws gave this box (1 each unless distinct)
+    image_size: tuple[int, int]  # (width, height)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PlacementSet:
+    """One box per object from `place_many`; ``image`` is the edited image when an inpainter ran."""
+
+    boxes: Tensor       # FloatTensor[k, 4] pixels, object i's box in row i
+    log_probs: Tensor   # FloatTensor[k]: each box's log-probability under the model (before the overlap rule)
+    categories: list[str]
+    image: Image.Image
+    attempts: int       # sampling rounds used (1 = the first round gave a valid set)
+    notes: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------ images
+def to_rgb_image(image: ImageLike) -> tuple[Image.Image, list[str]]:
+    """Any supported image -> (8-bit RGB PIL image of the same size, notes on lossy conversions)."""
+    if isinstance(image, (str, Path)):
+        path = Path(image).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"image {path} not found")
+        with Image.open(path) as opened:
+            opened.load()
+            return _from_pil(opened)
+    if isinstance(image, Image.Image):
+        return _from_pil(image)
+    if isinstance(image, np.ndarray):
+        return _from_array(image, "numpy array (H x W [x C])")
+    if isinstance(image, Tensor):
+        t = image.detach().cpu()
+        if t.ndim == 3:
+            t = t.permute(1, 2, 0)  # C x H x W -> H x W x C
+        elif t.ndim != 2:
+            raise ValueError(f"tensor image must be C x H x W or H x W, got shape {tuple(image.shape)}")
+        return _from_array(t.numpy(), "tensor (C x H x W)")
+    raise TypeError(f"unsupported image type {type(image).__name__}: give a path, PIL image, numpy array or tensor")
+
+
+def _from_pil(img: Image.Image) -> tuple[Image.Image, list[str]]:
+    mode = img.mode
+    if mode == "RGB":
+        return img.copy(), []
+    if mode in ("L", "1") or (mode == "P" and "transparency" not in img.info):  # lossless
+        return img.convert("RGB"), []
+    if mode.startswith("I;16") or mode in ("I", "F"):  # 16-bit PNGs open as I;16 (or I)
+        return _from_array(np.asarray(img), f"{mode} image", sixteen_bit=mode != "F")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La", "P"):
+        return _from_array(np.asarray(img.convert("RGBA")), f"{mode} image")
+    if mode == "CMYK":
+        return img.convert("RGB"), ["CMYK image converted to RGB with PIL's plain formula (no colour profile)"]
+    try:
+        return img.convert("RGB"), [f"{mode} image converted to RGB"]
+    except ValueError:
+        raise ValueError(f"cannot convert a PIL image of mode {mode!r} to RGB; convert it first") from None
+
+
+def _from_array(a: np.ndarray, what: str, sixteen_bit: bool = False) -> tuple[Image.Image, list[str]]:
+    """H x W or H x W x C (C = 1, 3 or 4) -> RGB: uint8 / 255, uint16 (and PIL's 16-bit modes, which
+    arrive as 32-bit ints) / 65535, float in [0, 1]; alpha composited over white."""
+    notes = []
+    if a.ndim == 3 and a.shape[-1] in (1, 3, 4):
+        channels = a.shape[-1]
+    elif a.ndim == 2:
+        a, channels = a[..., None], 1
+    else:
+        raise ValueError(f"{what}: shape {a.shape} is not H x W or H x W x C with C in (1, 3, 4)")
+    if a.dtype == np.uint8:
+        x = a.astype(np.float64) / 255.0
+    elif (a.dtype.kind == "u" and a.dtype.itemsize == 2) or (sixteen_bit and a.dtype.kind in "iu"):
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ValueError(f"{what}: values outside the 16-bit range 0..65535")
+        x = a.astype(np.float64) / 65535.0
+        notes.append(f"{what} of {a.dtype} values read as 16-bit (0..65535) and scaled to 8-bit")
+    elif a.dtype.kind == "f":
+        if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+            raise ValueError(f"{what}: float values must lie in [0, 1], got range "
+                             f"[{np.nanmin(a):.4g}, {np.nanmax(a):.4g}]; scale it (e.g. / 255) first")
+        x = a.astype(np.float64)
+    else:
+        raise ValueError(f"{what}: unsupported dtype {a.dtype}, its value range is ambiguous "
+                         "(use uint8, uint16 or float in [0, 1])")
+    if channels == 4:
+        alpha = x[..., 3:4]
+        if (alpha < 1).any():
+            notes.append(f"{what}: transparent pixels composited over white")
+        x = x[..., :3] * alpha + (1.0 - alpha)
+    elif channels == 1:
+        x = np.repeat(x, 3, axis=-1)
+    rgb = np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(rgb, "RGB"), notes
+
+
+def model_input(model: LocationModel, images: Sequence[Image.Image]) -> Tensor:
+    """RGB PIL images -> ``FloatTensor[B, 3, S, S]`` in [0, 1], resized as the datamodules do."""
+    s = model.cfg.image_size
+    arrays = [np.asarray(img.resize((s, s), Image.BILINEAR), dtype=np.float32) / 255.0 for img in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+# ------------------------------------------------------------------------------------------ constraints
+def normalised_region(region, size: tuple[int, int]) -> Optional[tuple[float, float, float, float]]:
+    """None, a word (`left|right|top|bottom`) or pixels ``(x1, y1, x2, y2)`` / ``"x1,y1,x2,y2"`` -> normalised."""
+    if region is None:
+        return None
+    if isinstance(region, str):
+        if region in REGIONS:
+            return REGIONS[region]
+        try:
+            region = [float(v) for v in region.split(",")]
+        except ValueError:
+            raise ValueError(f"region {region!r} is neither one of {sorted(REGIONS)} nor pixels x1,y1,x2,y2") from None
+    values = [float(v) for v in region]
+    w, h = size
+    if len(values) != 4 or not (0 <= values[0] < values[2] <= w and 0 <= values[1] < values[3] <= h):
+        raise ValueError(f"region {region!r} is not a pixel box x1,y1,x2,y2 inside the {w}x{h} image")
+    return (values[0] / w, values[1] / h, values[2] / w, values[3] / h)
+
+
+def _range(value: Range, name: str) -> tuple[float, float]:
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be a number or a (min, max) pair, got {value!r}")
+        lo, hi = float(value[0]), float(value[1])
+    else:
+        lo = hi = float(value)
+    if not (0 < lo <= hi) or math.isnan(hi):
+        raise ValueError(f"{name} must be positive with min <= max, got {value!r}")
+    return lo, hi
+
+
+def normalised_size(size, image_size: tuple[int, int], num_bins: int) -> Optional[tuple[float, float, float, float]]:
+    """Pixel ``(w, h)`` -- each a number (exact), a ``(min, max)`` pair or None (free) -- -> normalised
+    ``(w_min, w_max, h_min, h_max)``; sizes the model cannot draw (below half a bin, above the image) are errors."""
+    if size is None:
+        return None
+    if not isinstance(size, (tuple, list)) or len(size) != 2:
+        raise ValueError(f"size must be (width, height) in pixels, each a number, a (min, max) pair or None; "
+                         f"got {size!r}")
+    out = []
+    for value, extent, axis in zip(size, image_size, ("width", "height")):
+        if value is None:
+            out += [0.0, 1.0]
+            continue
+        lo, hi = _range(value, f"size {axis}")
+        bin_px = extent / num_bins
+        if hi < 0.5 * bin_px or lo > (num_bins - 0.5) * bin_px:
+            raise ValueError(f"size {axis} {value!r} px cannot be drawn in a {extent}-px {axis}: the model's boxes "
+                             f"span 1 to {num_bins - 1} bins of {bin_px:.3g} px")
+        out += [lo / extent, hi / extent]
+    return tuple(out)
+
+
+def normalised_aspect(aspect_ratio: Range, image_size: tuple[int, int]) -> Optional[tuple[float, float]]:
+    """Pixel ``w / h`` (a number, or a ``(min, max)`` range) -> the ratio of normalised extents."""
+    if aspect_ratio is None:
+        return None
+    lo, hi = _range(aspect_ratio, "aspect_ratio")
+    w, h = image_size
+    return lo * h / w, hi * h / w
+
+
+# ------------------------------------------------------------------------------------------ place
+def place(model: LocationModel, image: Union[ImageLike, Sequence[ImageLike]], category: Union[str, Sequence[str]],
+          n: int = 10, region=None, size=None, aspect_ratio: Range = None, temperature: float = 1.0,
+          top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = 0,
+          distinct: bool = False) -> Union[Placement, list[Placement]]:
+    """Sample ``n`` boxes for ``category`` in ``image`` (one `Placement`), or in each image of a list
+    (a list of `Placement`, one batched model call; ``category`` a name or one per image).
+
+    ``region``: `left|right|top|bottom` or pixels ``(x1, y1, x2, y2)``; ``size``: pixel ``(w, h)``,
+    each exact, a ``(min, max)`` range or None; ``aspect_ratio``: pixel ``w / h``, exact or
+    ``(min, max)``. Exact sizes and ratios hold to within half a bin per box side. ``distinct``
+    merges draws that gave the same box: each distinct box once, with its probability and the
+    number of draws that gave it (``counts``), ranked by probability.
+    """
+    single = not isinstance(image, (list, tuple))
+    images = [image] if single else list(image)
+    categories = [category] * len(images) if isinstance(category, str) else list(category)
+    if len(categories) != len(images):
+        raise ValueError(f"{len(images)} images but {len(categories)} categories")
+    results = _sample(model, images, categories, n, [region] * len(images), [size] * len(images),
+                      [aspect_ratio] * len(images), temperature, top_k, top_p, seed)
+    if distinct:
+        results = [merge_identical(r) for r in results]
+    return results[0] if single else results
+
+
+def _sample(model, images, categories, n, regions, sizes, aspects, temperature, top_k, top_p, seed) -> list[Placement]:
+    """One batched `LocationModel.sample` over images (each with its own region / size / aspect ratio)."""
+    converted = [to_rgb_image(img) for img in images]
+    for _, notes in converted:
+        for note in notes:
+            warnings.warn(note, stacklevel=3)
+    pil = [c[0] for c in converted]
+    dims = [img.size for img in pil]
+    nb = model.cfg.num_bins
+    region = [normalised_region(r, d) for r, d in zip(regions, dims)]
+    size = [normalised_size(s, d, nb) for s, d in zip(sizes, dims)]
+    aspect = [normalised_aspect(a, d) for a, d in zip(aspects, dims)]
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    out = model.sample(
+        model_input(model, pil).to(device), categories, n=n, temperature=temperature, top_k=top_k, top_p=top_p,
+        region=_stack(region, (0.0, 0.0, 1.0, 1.0)), size=_stack(size, (0.0, 1.0, 0.0, 1.0)),
+        aspect_ratio=_stack(aspect, (0.0, math.inf)), generator=generator,
+        image_sizes=torch.tensor(dims, device=device))
+    return [Placement(out.boxes[i].float().cpu(), out.log_probs[i].cpu(), out.tokens[i].cpu(),
+                      torch.ones(n, dtype=torch.long), dims[i], converted[i][1]) for i in range(len(pil))]
+
+
+def _stack(values: list, free: tuple) -> Optional[Tensor]:
+    """Per-image constraints -> a ``[B, k]`` tensor (``free`` where an image has none), or None if none has any."""
+    if all(v is None for v in values):
+        return None
+    return torch.tensor([free if v is None else v for v in values], dtype=torch.float64)
+
+
+def merge_identical(result: Placement) -> Placement:
+    """Identical token boxes merged: each distinct box once, with its log-probability and its count
+    among the draws, ranked by probability (then count)."""
+    unique, inverse, counts = torch.unique(result.tokens, dim=0, return_inverse=True, return_counts=True)
+    first = torch.full((len(unique),), len(inverse), dtype=torch.long).scatter_reduce(
+        0, inverse, torch.arange(len(inverse)), reduce="amin")
+    log_probs = result.log_probs[first]
+    order = sorted(range(len(unique)), key=lambda i: (-float(log_probs[i]), -int(counts[i])))
+    idx = first[order]
+    return Placement(result.boxes[idx], result.log_probs[idx], result.tokens[idx], counts[order],
+                     result.image_size, result.notes)
+
+
+# ------------------------------------------------------------------------------------------ place_many
+def token_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU ``[len(a), len(b)]`` of token boxes (exact integers; equal to the IoU of the decoded boxes
+    in normalised or pixel coordinates, which only scale each axis)."""
+    a, b = a[:, None].double(), b[None].double()
+    iw = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp(min=0)
+    ih = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp(min=0)
+    inter = iw * ih
+    area = lambda t: (t[..., 2] - t[..., 0]) * (t[..., 3] - t[..., 1])  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+def place_many(model: LocationModel, image: ImageLike, categories: Sequence[str], max_iou: float = 0.0,
+               regions: Optional[Sequence] = None, sizes: Optional[Sequence] = None,
+               aspect_ratios: Optional[Sequence] = None, inpainter: Optional[Inpainter] = None,
+               candidates: int = 100, attempts: int = 10, temperature: float = 1.0, top_k: Optional[int] = None,
+               top_p: Optional[float] = None, seed: int = 0) -> PlacementSet:
+    """One box per category, each drawn by the model, pairwise IoU <= ``max_iou`` (0: no overlap).
+
+    Objects are placed in order: object ``i`` takes the first of ``candidates`` draws whose IoU with
+    every earlier box is within ``max_iou`` -- a draw from the model conditioned on not overlapping.
+    ``regions`` / ``sizes`` / ``aspect_ratios`` give one constraint per object (None entries: free),
+    as in `place`. With an ``inpainter`` (``(image, box, category, seed) -> image``) each object is
+    drawn into the image before the next one is sampled on the edited image. A round in which some
+    object has no valid draw starts over (from the original image); after ``attempts`` rounds
+    `NoValidSetError` is raised -- overlapping boxes are never returned.
+    """
+    categories = list(categories)
+    k = len(categories)
+    if k == 0 or isinstance(categories[0], (list, tuple)) or any(not isinstance(c, str) for c in categories):
+        raise ValueError(f"categories must be a non-empty list of class names, got {categories!r}")
+    if not 0.0 <= max_iou <= 1.0:
+        raise ValueError(f"max_iou must be in [0, 1], got {max_iou!r}")
+    if candidates < 1 or attempts < 1:
+        raise ValueError(f"candidates and attempts must be >= 1, got {candidates} and {attempts}")
+    per_object = {}
+    for name, values in (("regions", regions), ("sizes", sizes), ("aspect_ratios", aspect_ratios)):
+        values = [None] * k if values is None else list(values)
+        if len(values) != k:
+            raise ValueError(f"{name} has {len(values)} entries for {k} categories (one per object, None = free)")
+        per_object[name] = values
+    original, notes = to_rgb_image(image)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    for attempt in range(attempts):
+        round_seed = seed + 1_000_003 * attempt
+        if inpainter is None:  # the image never changes: all objects' candidates in one batched call
+            draws = _sample(model, [original] * k, categories, candidates, per_object["regions"], per_object["sizes"],
+                            per_object["aspect_ratios"], seed=round_seed, **options)
+        current, chosen = original, []
+        for i in range(k):
+            if inpainter is not None:
+                draw = _sample(model, [current], [categories[i]], candidates, [per_object["regions"][i]],
+                               [per_object["sizes"][i]], [per_object["aspect_ratios"][i]], seed=round_seed + i,
+                               **options)[0]
+            else:
+                draw = draws[i]
+            ok = torch.ones(candidates, dtype=torch.bool)
+            if chosen:
+                earlier = torch.stack([c.tokens for c in chosen])
+                ok = (token_iou(draw.tokens, earlier) <= max_iou + 1e-12).all(1)
+            if not ok.any():
+                break
+            j = int(ok.nonzero()[0])
+            chosen.append(Placement(draw.boxes[j], draw.log_probs[j], draw.tokens[j], torch.tensor(1),
+                                    draw.image_size))
+            if inpainter is not None:
+                current = inpainter(current, draw.boxes[j].tolist(), categories[i], seed + i)
+                if not isinstance(current, Image.Image) or current.size != original.size:
+                    raise TypeError("the inpainter must return a PIL image of the input's size")
+        if len(chosen) == k:
+            return PlacementSet(torch.stack([c.boxes for c in chosen]), torch.stack([c.log_probs for c in chosen]),
+                                categories, current, attempt + 1, notes)
+    raise NoValidSetError(
+        f"no valid set for {categories} within {attempts} rounds of {candidates} draws per object: every round "
+        f"had an object with no box at IoU <= {max_iou} from the earlier ones (inside its region). Allow more "
+        f"overlap (max_iou), give larger or separate regions, or raise candidates / attempts")

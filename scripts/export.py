@@ -1,0 +1,149 @@
+"""Export a trained checkpoint as a model folder (config.json, model.safetensors, README.md) and
+optionally push it to the Hugging Face Hub.
+
+    python -m scripts.export --checkpoint runs/toy_dpo/default/checkpoints/last.ckpt --out runs/toy_model
+    python -m scripts.export --checkpoint CKPT --out DIR --push-to-hub user/genloc-toy
+
+The model card lists the training stages (followed back through each run's ``init_from`` /
+``dpo.reference``), the metrics of the run's ``metrics.json`` and, with ``--eval``, those of an
+evaluate.py ``metrics.json``. The folder is written under a temporary name and renamed, so ``DIR``
+never holds half an export; an existing ``DIR`` is replaced only if it is a model folder.
+Bad input: one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from models.hub import FILES
+
+
+class ExportError(RuntimeError):
+    """Bad input; the message says what is wrong and what to do."""
+
+
+def stage_info(run_dir: Path) -> tuple[dict, str | None]:
+    """(one stage's row for the model card, the checkpoint it started from) from ``run_dir/config.yaml``."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    stage = OmegaConf.select(cfg, "stage", default="mle")
+    if stage == "dpo":
+        objective = (f"DPO (beta {OmegaConf.select(cfg, 'dpo.beta')}, "
+                     f"sft_weight {OmegaConf.select(cfg, 'dpo.sft_weight', default=0)})")
+        parent = OmegaConf.select(cfg, "dpo.reference")
+    else:
+        objective, parent = "MLE", OmegaConf.select(cfg, "init_from")
+    row = {"experiment": OmegaConf.select(cfg, "experiment", default=run_dir.parent.name), "objective": objective,
+           "data": OmegaConf.select(cfg, "data.data_dir", default="?"),
+           "steps": OmegaConf.select(cfg, "trainer.max_steps", default="?")}
+    return row, parent
+
+
+def run_info(checkpoint: Path, eval_metrics: Path | None) -> dict:
+    """What the model card says about the run: stages (oldest first), metrics, sources."""
+    info: dict = {"checkpoint": str(checkpoint), "stages": [], "metrics": {}, "metrics_files": []}
+    run_dir = checkpoint.resolve().parent.parent if checkpoint.parent.name == "checkpoints" else None
+    seen = set()
+    current = run_dir
+    while current is not None and (current / "config.yaml").is_file() and current not in seen:
+        seen.add(current)
+        row, parent = stage_info(current)
+        info["stages"].insert(0, row)
+        current = Path(parent).resolve().parent.parent if parent else None
+    if run_dir is not None and (run_dir / "metrics.json").is_file():
+        info["metrics"] = json.loads((run_dir / "metrics.json").read_text())
+        info["metrics_files"].append(str(checkpoint.parent.parent / "metrics.json"))
+    if eval_metrics is not None:
+        try:
+            doc = json.loads(eval_metrics.read_text())
+            metrics = doc["metrics"]
+        except (OSError, json.JSONDecodeError, KeyError) as err:
+            raise ExportError(f"--eval {eval_metrics}: not a metrics.json written by evaluate.py ({err})") from None
+        n = max(doc.get("ns") or [100])
+        picked = {f"eval/{k}": metrics[k] for k in (f"tpr@{n}", f"fpr@{n}", f"tpr_shared@{n}", f"fpr_shared@{n}")
+                  if k in metrics}
+        if doc.get("plausible_rate") is not None:
+            picked["eval/plausible_rate"] = doc["plausible_rate"]
+        info["metrics"].update(picked)
+        info["metrics_files"].append(str(eval_metrics))
+    return info
+
+
+def export(checkpoint: str | Path, out: str | Path, push_to_hub: str | None = None,
+           eval_metrics: str | Path | None = None) -> Path:
+    """Write the model folder ``out`` from ``checkpoint`` (atomically) and push it if asked."""
+    from lightning_modules.checkpoint import CheckpointError, load_location_model
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    if out.exists() and (not out.is_dir() or not set(os.listdir(out)) <= set(FILES)):
+        raise ExportError(f"--out {out} exists and is not a model folder; choose a new or empty folder")
+    try:
+        model = load_location_model(checkpoint)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
+    info = run_info(checkpoint, Path(eval_metrics) if eval_metrics else None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, model_card_kwargs={"model_id": push_to_hub or str(out), "run": info})
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(partial, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(partial, out)
+    if push_to_hub:
+        push(out, push_to_hub)
+    return out
+
+
+def push(folder: Path, repo_id: str) -> str:
+    """Upload the exported folder as it is (create the repo if needed)."""
+    from huggingface_hub import HfApi
+
+    from models.pretrained import hub_offline
+
+    if hub_offline():
+        raise ExportError(f"cannot push to {repo_id}: HF_HUB_OFFLINE=1 forbids network access; unset it "
+                          f"(the folder {folder} is written)")
+    api = HfApi()
+    try:
+        repo = api.create_repo(repo_id, exist_ok=True).repo_id
+        return api.upload_folder(folder_path=str(folder), repo_id=repo, commit_message="Upload GenLoc location model")
+    except Exception as err:  # auth, network, bad id: say so in one line; the folder stays written
+        raise ExportError(f"push to {repo_id} failed ({type(err).__name__}: {str(err)[:300]}); the folder {folder} "
+                          "is written; log in with `hf auth login` and retry") from None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="Lightning checkpoint written by train.py")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the folder to this Hub repo (owner/name)")
+    p.add_argument("--eval", metavar="METRICS_JSON", help="evaluate.py metrics.json whose TPR/FPR go into the card")
+    args = p.parse_args(argv)
+    if not Path(args.checkpoint).is_file():
+        p.error(f"--checkpoint {args.checkpoint} not found (train a model first: `make train`)")
+    if args.eval and not Path(args.eval).is_file():
+        p.error(f"--eval {args.eval} not found")
+    try:
+        out = export(args.checkpoint, args.out, args.push_to_hub, args.eval)
+    except ExportError as err:
+        print(f"export: error: {err}", file=sys.stderr)
+        return 2
+    pushed = f"; pushed to {args.push_to_hub}" if args.push_to_hub else ""
+    print(f"wrote model folder {out} ({', '.join(FILES)}){pushed}")
+    print(f"load it with: GenLocModel.from_pretrained({str(out)!r})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
