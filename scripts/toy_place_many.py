@@ -10,11 +10,30 @@ the toy oracle, pairwise non-overlapping, and both; for (a) also how often no va
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import tarfile
 import time
 
 import torch
-from PIL import Image
+
+
+def samples_with_images(data_dir, split: str):
+    """(annotation, RGB image) of every sample of a split, in shard order."""
+    from datamodules.shards import decode_image, shard_paths
+
+    for path in shard_paths(data_dir, split):
+        with tarfile.open(path, "r") as tar:
+            parts: dict[str, dict[str, bytes]] = {}
+            for member in tar:
+                if member.isfile():
+                    key, ext = os.path.basename(member.name).split(".", 1)
+                    parts.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        for key, files in parts.items():
+            image = next((files[e] for e in ("png", "jpg", "jpeg") if e in files), None)
+            if "json" in files and image is not None:
+                yield {"key": key, **json.loads(files["json"])}, decode_image(image).convert("RGB")
 
 
 def main(argv=None) -> int:
@@ -30,30 +49,30 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    from datamodules.shards import ShardFormatError, iter_annotations
-    from datamodules.toy import is_plausible, render_scene
+    from datamodules.kinds import data_kind
+    from datamodules.shards import ShardFormatError, read_split_info
     from models.hub import ModelFilesError, load_model
     from models.placement import NoValidSetError, place, place_many, token_iou
     from lightning_modules.checkpoint import CheckpointError
 
     try:
         model = load_model(args.model)
-        samples = [s for s in iter_annotations(args.data, args.split) if "scene" in (s.get("meta") or {})]
+        plausible_fn = data_kind(read_split_info(args.data, args.split).get("source")).plausible
+        samples = list(samples_with_images(args.data, args.split))
     except (CheckpointError, ModelFilesError, ShardFormatError, FileNotFoundError) as err:
         print(f"toy_place_many: error: {err}", file=sys.stderr)
         return 2
     samples = samples[:args.limit] if args.limit else samples
-    if not samples:
-        print(f"toy_place_many: error: no toy scenes in {args.data} ({args.split})", file=sys.stderr)
+    if not samples or plausible_fn is None:
+        print(f"toy_place_many: error: no samples with a plausibility oracle in {args.data} ({args.split}); "
+              "it needs toy shards (python -m datamodules.toy)", file=sys.stderr)
         return 2
     k = len(args.categories)
     off_diagonal = ~torch.eye(k, dtype=torch.bool)
     counts = {m: {"plausible": 0, "apart": 0, "both": 0} for m in ("place_many", "independent")}
     no_set = 0
     start = time.perf_counter()
-    for i, s in enumerate(samples):
-        scene = s["meta"]["scene"]
-        image = Image.fromarray(render_scene(scene))
+    for i, (s, image) in enumerate(samples):
         seed = args.seed + i
         results = {"independent": place(model, [image] * k, args.categories, n=1, seed=seed)}
         try:
@@ -65,7 +84,8 @@ def main(argv=None) -> int:
         for method, result in results.items():
             boxes = group.boxes if method == "place_many" else torch.cat([r.boxes for r in result])
             norm = boxes / torch.tensor([image.width, image.height] * 2)
-            plausible = all(bool(is_plausible(scene, c, b.numpy())) for c, b in zip(args.categories, norm))
+            plausible = all(bool(plausible_fn(s["meta"], c, b[None].double().numpy())[0])
+                            for c, b in zip(args.categories, norm))
             tokens = (norm * model.cfg.num_bins - 0.5).round().long()
             apart = bool((token_iou(tokens, tokens)[off_diagonal] <= args.max_iou + 1e-12).all())
             counts[method]["plausible"] += plausible
