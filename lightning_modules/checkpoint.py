@@ -136,13 +136,6 @@ def load_model_weights(model: LocationModel, path: str | Path) -> None:
         model.load_state_dict(model_state_dict(ckpt))
     except RuntimeError as err:
         raise CheckpointError(f"init_from {path} does not fit this model: {str(err).splitlines()[0][:300]}") from None
-        details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {model_config.get(k)!r}" for k in differ[:5])
-        raise CheckpointError(f"checkpoint {path} was written with another model config ({details}); resuming it "
-                              "would not be this run. Use another run_name, or resume=false to start over")
-    saved_stage = "dpo" if "beta" in ckpt["hyper_parameters"] else "mle"
-    if saved_stage != stage:
-        raise CheckpointError(f"checkpoint {path} is a {saved_stage} checkpoint but this run is stage={stage}; "
-                              "use another run_name (or init_from / dpo.reference to start from it)")
 
 
 def save_model_checkpoint(model: LocationModel, path: str | Path, **hyper_parameters) -> None:
