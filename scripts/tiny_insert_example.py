@@ -23,10 +23,10 @@ PHOTO = Path("tests/fixtures/libcom/controllable_composition/background/00000004
 
 def main(out: Path = Path("docs/insert_example")) -> None:
     """Runs from the repository root with repository-relative paths, so the JSON records it writes
-    name no machine's folders; the two tiny models live in ``out/work`` only while it runs."""
+    name no machine's folders; the two tiny models live in ``out/scratch`` only while it runs."""
     os.chdir(ROOT)
     out.mkdir(parents=True, exist_ok=True)
-    work = out / "work"
+    work = out / "scratch"
     save_tiny_sd_inpainter(work / "tiny_sd_inpaint")
     torch.manual_seed(0)
     save_model_checkpoint(LocationModel(LocationModelConfig.preset("tiny")), work / "tiny_random.ckpt")
