@@ -184,6 +184,35 @@ def _config_type(hint: Any) -> Any:
     return Any
 
 
+def _has_literal(hint: Any) -> bool:
+    return typing.get_origin(hint) is typing.Literal or any(_has_literal(a) for a in typing.get_args(hint))
+
+
+def _allowed(hint: Any, value: Any) -> bool:
+    """Whether a config value fits an annotation that names exact choices (Literal)."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in typing.get_args(hint))
+    if origin in (Union, types.UnionType):
+        return any(_allowed(a, value) for a in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint in PRIMITIVES:
+        return isinstance(value, hint) and not (hint is not bool and isinstance(value, bool))
+    return not isinstance(value, (str, int, float, bool)) or value is None  # a class: not expressible as a scalar
+
+
+def _choices(hint: Any) -> list[str]:
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return [repr(a) for a in typing.get_args(hint)]
+    if origin in (Union, types.UnionType):
+        return [c for a in typing.get_args(hint) for c in _choices(a)]
+    if hint is type(None):
+        return ["null"]
+    return [f"any {hint.__name__}"] if hint in PRIMITIVES else []
+
+
 def _default(value: Any) -> Any:
     """A signature default as a config value (tuples become lists)."""
     if isinstance(value, tuple):
@@ -335,6 +364,14 @@ def _validate(cfg: DictConfig) -> None:
     sections += [(f"callbacks.{name}", section) for name, section in cfg.callbacks.items()]
     for key, section in sections:
         target = locate(section._target_)
+        try:
+            hints = typing.get_type_hints(target.__init__ if isinstance(target, type) else target)
+        except Exception:
+            hints = {}
+        for name, hint in hints.items():
+            if name in section and _has_literal(hint) and not _allowed(hint, section[name]):
+                raise ConfigError(f"config key '{key}.{name}': {section[name]!r} is not allowed; choose one of "
+                                  f"{', '.join(_choices(hint))}")
         for path, rules in RANGES.items():
             if target is not locate(path) and not (isinstance(target, type) and issubclass(target, locate(path))):
                 continue

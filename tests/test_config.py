@@ -145,3 +145,14 @@ def test_module_choice_sets_pairs_and_model_source():
     assert locate(load_config([]).module._target_) is MLEModule
     assert locate(load_config(["experiment=toy_dpo"]).module._target_) is DPOModule
     assert DPOModule.trains_on_pairs and not MLEModule.trains_on_pairs
+
+
+@pytest.mark.parametrize("override, ok", [("trainer.precision=bf17", False), ("trainer.precision=bf16-mixed", True),
+                                          ("trainer.deterministic=maybe", False), ("trainer.deterministic=warn", True),
+                                          ("callbacks.lr_monitor.logging_interval=week", False)])
+def test_literal_choices_of_a_constructor_are_checked(override, ok):
+    if ok:
+        load_config([override])
+    else:
+        with pytest.raises(ConfigError, match=r"not allowed; choose one of"):
+            load_config([override])
