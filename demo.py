@@ -233,8 +233,18 @@ def place_boxes(backends: Backends, image, categories: str, n: int, temperature:
     doc = {"image_size": [w, h], "model": backends.source, "categories": names, "n": n,
            "temperature": float(temperature), "region": list(region) if isinstance(region, tuple) else region,
            "seed": int(seed), "boxes": records, "notes": notes}
-    return Placed(photo, draw_boxes(photo, records), heat_map(photo, torch.cat(centres).numpy()), records, doc, notes,
-                  time.perf_counter() - start)
+    heat = heat_map(photo, torch.cat(centres).numpy(), region_box(region, photo.size))
+    return Placed(photo, draw_boxes(photo, records), heat, records, doc, notes, time.perf_counter() - start)
+
+
+def region_box(region, size: tuple[int, int]):
+    """A region as `parse_region` gives it (None, a word or a pixel box) -> pixel box, or None."""
+    if region is None:
+        return None
+    if isinstance(region, str):
+        x1, y1, x2, y2 = REGIONS[region]
+        return x1 * size[0], y1 * size[1], x2 * size[0], y2 * size[1]
+    return region
 
 
 def draw_boxes(photo: Image.Image, records: list[dict]) -> Image.Image:
@@ -256,8 +266,9 @@ def draw_boxes(photo: Image.Image, records: list[dict]) -> Image.Image:
     return out
 
 
-def heat_map(photo: Image.Image, centres: np.ndarray) -> Image.Image:
-    """Density of box centres (pixels, ``[N, 2]``), smoothed, as a colour map over the greyed photo."""
+def heat_map(photo: Image.Image, centres: np.ndarray, region=None) -> Image.Image:
+    """Density of box centres (pixels, ``[N, 2]``), smoothed, as a colour map over the greyed photo;
+    the region (a pixel box), if any, outlined in white."""
     from matplotlib import colormaps
     from scipy.ndimage import gaussian_filter
 
@@ -272,7 +283,11 @@ def heat_map(photo: Image.Image, centres: np.ndarray) -> Image.Image:
     colour = colormaps["inferno"](d[..., 0])[..., :3] * 255.0
     grey = np.asarray(photo.convert("L").convert("RGB"), dtype=np.float32) * 0.6
     alpha = np.clip(d * 1.5, 0, 0.85)
-    return Image.fromarray(np.rint(grey * (1 - alpha) + colour * alpha).astype(np.uint8), "RGB")
+    out = Image.fromarray(np.rint(grey * (1 - alpha) + colour * alpha).astype(np.uint8), "RGB")
+    if region is not None:
+        x0, y0, x1, y1 = pixel_rect(region, photo.size)
+        ImageDraw.Draw(out).rectangle([x0, y0, x1 - 1, y1 - 1], outline=(255, 255, 255), width=2)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ insert

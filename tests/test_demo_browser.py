@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 
 from benchmarks.demo_latency import (chromium, demo_server, fetch, file_url, full_page_screenshot, message, press,
@@ -54,6 +55,15 @@ def test_place_then_insert_in_a_real_browser(page):
     _, text = press(page, "place", "boxes", timeout=120)
     assert text.startswith("Error: No category") and "Traceback" not in text
 
+    shown_photo = page.find_element(By.CSS_SELECTOR, "#photo img")  # two clicks: a region box
+    for dx, dy in ((-150, -60), (150, 200)):
+        ActionChains(page).move_to_element_with_offset(shown_photo, dx, dy).click().perform()
+    region = wait_for(page, "const v = document.querySelector('#region-pixels textarea').value; "
+                            "return /^\\d+,\\d+,\\d+,\\d+$/.test(v) ? v : null;", 30)
+    assert page.execute_script("return document.querySelector('#region input').value") == "pixel box"
+    rx1, ry1, rx2, ry2 = (float(v) for v in region.split(","))
+    assert 0 <= rx1 < rx2 <= w and 0 <= ry1 < ry2 <= h
+
     set_text(page, "categories", "person")
     set_text(page, "n", str(N))
     _, text = press(page, "place", "boxes", timeout=120)
@@ -61,7 +71,9 @@ def test_place_then_insert_in_a_real_browser(page):
 
     doc = json.loads(fetch(file_url(page, "boxes-json")))
     boxes = [r["box"] for r in doc["boxes"]]
-    assert doc["image_size"] == [w, h] and len(boxes) == N
+    assert doc["image_size"] == [w, h] and len(boxes) == N and doc["region"] == [rx1, ry1, rx2, ry2]
+    assert all(rx1 - 1e-6 <= x1 and ry1 - 1e-6 <= y1 and x2 <= rx2 + 1e-6 and y2 <= ry2 + 1e-6
+               for x1, y1, x2, y2 in boxes)
     assert validate_boxes(boxes, (w, h)).valid.all() and all(0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h for x1, y1, x2, y2 in boxes)
     assert all(r["category"] == "person" and np.isclose(r["prob"], np.exp(r["log_prob"])) for r in doc["boxes"])
 
