@@ -35,7 +35,7 @@ from models.inpainters import BACKENDS, DEFAULT_STEPS
 from models.inpainting import REGIONS, pixel_rect
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_MODEL = "runs/toy_model"
+DEFAULT_MODEL = "runs/toy_model"  # in the repository root
 # Real photos shipped with the tests (licences in tests/fixtures/PROVENANCE.md).
 EXAMPLES = [ROOT / "tests" / "fixtures" / "libcom" / "controllable_composition" / "background" / name
             for name in ("000000460450.png", "000000049931.png")] + \
@@ -84,8 +84,9 @@ def training_classes(source: str) -> list[str] | None:
         data_dir = OmegaConf.select(OmegaConf.load(path.parent.parent / "config.yaml"), "data.data_dir")
         folders = [data_dir] if data_dir else []
     classes = set()
-    for folder in folders:
-        for split in sorted(Path(folder).glob("*.json")) if Path(folder).is_dir() else []:
+    for folder in folders:  # relative folders: to where training ran, usually the repository root
+        folder = next((f for f in (Path(folder), ROOT / folder) if f.is_dir()), None)
+        for split in sorted(folder.glob("*.json")) if folder else []:
             try:
                 classes.update(json.loads(split.read_text()).get("categories") or [])
             except (OSError, json.JSONDecodeError, AttributeError):
@@ -101,15 +102,15 @@ def load_backends(model: str | None, inpainter: str | None, backend: str, device
     from models.inpainters import BackendFolderError, load_backend
 
     out = Backends(source=model or DEFAULT_MODEL)
-    if model is None and not Path(DEFAULT_MODEL).exists():
+    if model is None and not (ROOT / DEFAULT_MODEL).exists():
         out.model_note = (f"No location model at `{DEFAULT_MODEL}`: run `make train` (it trains the toy model and "
                           f"exports it there), or restart with `--model FOLDER | HUB_ID | CHECKPOINT`.")
     else:
         try:
-            out.model = load_model(out.source, device=device)
+            out.model = load_model(model or ROOT / DEFAULT_MODEL, device=device)
         except (CheckpointError, ModelFilesError, OSError) as err:
             raise DemoError(f"--model {out.source}: {err}") from None
-        out.classes = training_classes(out.source)
+        out.classes = training_classes(model or str(ROOT / DEFAULT_MODEL))
         cfg = out.model.cfg
         known = f"trained on: {', '.join(out.classes)}" if out.classes else "open vocabulary (its training classes are unknown here)"
         out.model_note = f"Location model `{out.source}` ({cfg.image_size} px, {cfg.num_bins} bins; {known})."
@@ -308,11 +309,10 @@ def insert_boxes(backends: Backends, placed: Placed | None, choice: str, seed: i
         raise DemoError("Nothing placed yet: press Place first, then pick a box.")
     if choice == ALL:
         chosen = placed.records
+    elif str(choice).isdigit() and int(choice) < len(placed.records):
+        chosen = [placed.records[int(choice)]]
     else:
-        try:
-            chosen = [placed.records[int(choice)]]
-        except (TypeError, ValueError, IndexError):
-            raise DemoError(f"Box {choice!r} is not one of the placed boxes: pick one from the list.") from None
+        raise DemoError(f"Box {choice!r} is not one of the placed boxes: pick one from the list.")
     start = time.perf_counter()
     current, done = placed.image, []
     for step, rec in enumerate(chosen):
@@ -390,7 +390,7 @@ def build_app(backends: Backends, out_root: Path):
             return first, gr.skip(), gr.skip(), "First corner set: click the opposite corner."
         return first, box, PIXEL_BOX, f"Region box {box}."
 
-    with gr.Blocks(title="GenLoc demo") as app:
+    with gr.Blocks(title="GenLoc demo", analytics_enabled=False) as app:  # the page never calls home
         gr.Markdown("# GenLoc: where could the object go?\n" + backends.model_note + "  \n" + backends.inpainter_note,
                     elem_id="status")
         placed_state, corner_state = gr.State(None), gr.State(None)

@@ -125,8 +125,9 @@ def test_errors_are_one_message_saying_what_to_do(backends, tmp_path):
     placed = demo.place_boxes(backends, str(PHOTO), "person", 2, 1.0)
     with pytest.raises(demo.DemoError, match="press Place first"):
         demo.insert_boxes(demo.Backends(inpainter=object()), None, "0")
-    with pytest.raises(demo.DemoError, match="not one of the placed boxes"):
-        demo.insert_boxes(demo.Backends(inpainter=object()), placed, "7")
+    for choice in ("7", "-1", None):
+        with pytest.raises(demo.DemoError, match="not one of the placed boxes"):
+            demo.insert_boxes(demo.Backends(inpainter=object()), placed, choice)
 
 
 def test_error_messages_never_show_a_stack_trace(capsys):
@@ -157,11 +158,18 @@ def test_training_classes_come_from_the_data_the_card_names(tmp_path, monkeypatc
     assert demo.training_classes(str(folder)) == ["bird", "car", "person"]
     monkeypatch.chdir(ROOT)
     assert demo.training_classes(str(folder)) is None  # the data is not on this machine: open vocabulary
+    monkeypatch.setattr(demo, "ROOT", tmp_path)  # relative to the repository root, from anywhere
+    assert demo.training_classes(str(folder)) == ["bird", "car", "person"]
     assert demo.training_classes("owner/name") is None
+    checkpoint = tmp_path / "runs" / "toy_finetune" / "default" / "checkpoints" / "last.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"")  # only its run's config.yaml is read
+    (checkpoint.parent.parent / "config.yaml").write_text(f"data:\n  data_dir: {data}\n")
+    assert demo.training_classes(str(checkpoint)) == ["bird", "car", "person"]
 
 
 def test_default_model_missing_is_a_note_and_a_bad_source_exits_2(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo, "ROOT", tmp_path)  # a repository without runs/toy_model
     loaded = demo.load_backends(None, None, "sd", "cpu", 2)
     assert loaded.model is None and "make train" in loaded.model_note and "--model" in loaded.model_note
     with pytest.raises(demo.DemoError, match="Insert is off. Restart with `--inpainter DIR --backend"):
