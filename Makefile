@@ -7,7 +7,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export OMP_NUM_THREADS ?= 1
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: venv test test-fast train bench clean
+.PHONY: venv test test-fast train bench demo clean
 
 venv: .venv/.installed
 
@@ -28,6 +28,11 @@ train: venv
 
 bench: venv
 	$(PY) -m benchmarks.run_all
+
+# The demo page on http://127.0.0.1:7860 (the venv's test extra includes the demo's Gradio);
+# options go through ARGS, e.g. make demo ARGS="--model runs/toy_model --inpainter DIR --backend sd"
+demo: venv
+	$(PY) demo.py $(ARGS)
 
 clean:
 	rm -rf runs data/toy

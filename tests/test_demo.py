@@ -1,0 +1,185 @@
+"""The demo page's plain functions (no browser, no Gradio): Place on a real photo, regions, the heat
+map, Insert with a tiny random pipeline, the training classes of a model, and every error as one
+message (bad image, unknown class, no model, no inpainter, out of memory)."""
+import json
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import demo
+from conftest import FIXTURES, ROOT
+from models import GenLocModel, LocationModelConfig
+from models.boxes import pixel_rect
+from models.hub import model_card
+from tiny_inpainters import save_sd
+
+PHOTO = FIXTURES / "opa_sample" / "eval_opascore_examples" / "composite_1.jpg"   # 640 x 427
+
+
+@pytest.fixture(scope="module")
+def backends():
+    torch.manual_seed(0)
+    model = GenLocModel(LocationModelConfig.preset("tiny", relative_extents=True)).eval()
+    return demo.Backends(model=model, model_note="tiny", source="tiny")
+
+
+@pytest.fixture(scope="module")
+def inpainter(tmp_path_factory):
+    from models.inpainters import load_backend
+
+    return load_backend("sd", save_sd(tmp_path_factory.mktemp("sd") / "sd"), steps=2)
+
+
+def _rect_mask(box, size):
+    x0, y0, x1, y1 = pixel_rect(box, size)
+    mask = np.zeros(size[::-1], bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def test_place_draws_n_boxes_per_category_inside_the_photo_and_nothing_outside_them(backends):
+    placed = demo.place_boxes(backends, str(PHOTO), "person, car", n=5, temperature=1.0, seed=3)
+    w, h = placed.image.size
+    assert (w, h) == (640, 427) and placed.boxes_image.size == placed.heat_image.size == (w, h)
+    assert [r["category"] for r in placed.records] == ["person"] * 5 + ["car"] * 5
+    assert [r["index"] for r in placed.records] == list(range(10))
+    for cat in ("person", "car"):
+        probs = [r["log_prob"] for r in placed.records if r["category"] == cat]
+        assert probs == sorted(probs, reverse=True)  # most probable first
+    for r in placed.records:
+        x1, y1, x2, y2 = r["box"]
+        assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
+        assert r["prob"] == pytest.approx(np.exp(r["log_prob"]))
+    original = np.asarray(placed.image)
+    changed = (np.asarray(placed.boxes_image) != original).any(-1)
+    inside = np.logical_or.reduce([_rect_mask(r["box"], (w, h)) for r in placed.records])
+    assert changed.any() and not changed[~inside].any()
+    doc = json.loads(json.dumps(placed.doc))  # the JSON download holds the same boxes
+    assert doc["boxes"] == placed.records and doc["n"] == 5 and doc["categories"] == ["person", "car"]
+    again = demo.place_boxes(backends, str(PHOTO), "person, car", n=5, temperature=1.0, seed=3)
+    assert again.records == placed.records  # seeded
+
+
+def test_regions_from_words_pixels_and_two_clicks_hold_every_box(backends):
+    placed = demo.place_boxes(backends, str(PHOTO), "person", 8, 1.0, "left", seed=0)
+    assert all(r["box"][2] <= 320 + 1e-6 for r in placed.records)
+    first, box = demo.corner_click(None, 400.0, 300.0)
+    assert box is None and first == [400.0, 300.0]
+    first, box = demo.corner_click(first, 100.0, 50.0)
+    assert first is None and box == "100,50,400,300"
+    placed = demo.place_boxes(backends, str(PHOTO), "person", 8, 1.0, demo.PIXEL_BOX, box, seed=0)
+    for x1, y1, x2, y2 in (r["box"] for r in placed.records):
+        assert 100 - 1e-6 <= x1 and 50 - 1e-6 <= y1 and x2 <= 400 + 1e-6 and y2 <= 300 + 1e-6
+    assert placed.doc["region"] == [100.0, 50.0, 400.0, 300.0]
+
+
+def test_heat_map_is_bright_where_the_centres_are_and_outlines_the_region():
+    photo = Image.new("RGB", (200, 100), (128, 128, 128))
+    centres = np.array([[150.0, 25.0]] * 50)
+    heat = np.asarray(demo.heat_map(photo, centres), dtype=float).sum(-1)
+    y, x = np.unravel_index(heat.argmax(), heat.shape)
+    assert abs(x - 150) <= 4 and abs(y - 25) <= 4 and heat.max() > 2 * heat[75, 50]
+    assert heat[75, 50] == 3 * round(128 * 0.6)  # no centre near: the greyed photo, no colour
+    outlined = np.asarray(demo.heat_map(photo, centres, (10, 20, 60, 80)))
+    assert (outlined[50, 10] == 255).all() and (outlined[50, 35] == np.asarray(demo.heat_map(photo, centres))[50, 35]).all()
+
+
+def test_insert_changes_only_the_chosen_box_and_all_inserts_every_box(backends, inpainter):
+    with_inpainter = demo.Backends(model=backends.model, inpainter=inpainter, source="tiny")
+    placed = demo.place_boxes(with_inpainter, str(PHOTO), "person, car", 2, 1.0, seed=1)
+    original = np.asarray(placed.image)
+    one = demo.insert_boxes(with_inpainter, placed, "1", seed=0)
+    box = _rect_mask(placed.records[1]["box"], placed.image.size)
+    after = np.asarray(one.after)
+    assert (after[~box] == original[~box]).all() and (after[box] != original[box]).any()
+    assert one.before is placed.image and one.doc["inserted"][0]["index"] == 1
+    assert one.doc["inserted"][0]["insertion"]["prompt"] == "a photo of a person"
+    every = demo.insert_boxes(with_inpainter, placed, demo.ALL, seed=0)
+    assert [r["category"] for r in every.records] == ["person", "person", "car", "car"]
+    union = np.logical_or.reduce([_rect_mask(r["box"], placed.image.size) for r in placed.records])
+    assert (np.asarray(every.after)[~union] == original[~union]).all()
+
+
+def test_errors_are_one_message_saying_what_to_do(backends, tmp_path):
+    bad = tmp_path / "photo.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(demo.DemoError, match="Cannot read the photo photo.png.*Upload a PNG"):
+        demo.place_boxes(backends, str(bad), "person", 5, 1.0)
+    with pytest.raises(demo.DemoError, match="No photo"):
+        demo.place_boxes(backends, None, "person", 5, 1.0)
+    with pytest.raises(demo.DemoError, match="No category"):
+        demo.place_boxes(backends, str(PHOTO), " , ", 5, 1.0)
+    known = demo.Backends(model=backends.model, classes=["car", "person"], source="tiny")
+    with pytest.raises(demo.DemoError, match="Unknown class 'zebra' for this model: it was trained on car, person"):
+        demo.place_boxes(known, str(PHOTO), "car, zebra", 5, 1.0)
+    with pytest.raises(demo.DemoError, match="not x1,y1,x2,y2 pixels inside the 640x427 photo"):
+        demo.place_boxes(backends, str(PHOTO), "person", 5, 1.0, demo.PIXEL_BOX, "10,10,700,50")
+    with pytest.raises(demo.DemoError, match="n must be between"):
+        demo.place_boxes(backends, str(PHOTO), "person", 0, 1.0)
+    with pytest.raises(demo.DemoError, match="Temperature must be positive"):
+        demo.place_boxes(backends, str(PHOTO), "person", 5, 0.0)
+    no_model = demo.Backends(model_note="No location model at `runs/toy_model`: run `make train`")
+    with pytest.raises(demo.DemoError, match="make train"):
+        demo.place_boxes(no_model, str(PHOTO), "person", 5, 1.0)
+    placed = demo.place_boxes(backends, str(PHOTO), "person", 2, 1.0)
+    with pytest.raises(demo.DemoError, match="press Place first"):
+        demo.insert_boxes(demo.Backends(inpainter=object()), None, "0")
+    for choice in ("7", "-1", None):
+        with pytest.raises(demo.DemoError, match="not one of the placed boxes"):
+            demo.insert_boxes(demo.Backends(inpainter=object()), placed, choice)
+
+
+def test_error_messages_never_show_a_stack_trace(capsys):
+    assert demo.error_message(demo.DemoError("No photo.")) == "**Error:** No photo."
+    oom = demo.error_message(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert oom.startswith("**Error: out of memory.**") and "Lower n" in oom
+    assert demo.error_message(RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate: out of memory"))\
+        .startswith("**Error: out of memory.**")
+    try:
+        {}["missing"]
+    except KeyError as err:
+        text = demo.error_message(err)
+    assert text.startswith("**Error:** unexpected KeyError") and "Traceback" not in text and "\n" not in text
+    assert "Traceback" in capsys.readouterr().err  # the details go to the server's log
+
+
+def test_training_classes_come_from_the_data_the_card_names(tmp_path, monkeypatch):
+    data = tmp_path / "data" / "toy-opa"
+    data.mkdir(parents=True)
+    (data / "train.json").write_text(json.dumps({"categories": ["person", "car"]}))
+    (data / "val.json").write_text(json.dumps({"categories": ["bird"]}))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    cfg = LocationModelConfig.preset("tiny")
+    run = {"stages": [{"experiment": "toy_finetune", "objective": "MLE", "data": "data/toy-opa", "steps": 2}]}
+    (folder / "README.md").write_text(model_card(cfg, "model", run))
+    monkeypatch.chdir(tmp_path)  # the card's data folders are relative to where training ran
+    assert demo.training_classes(str(folder)) == ["bird", "car", "person"]
+    monkeypatch.chdir(ROOT)
+    assert demo.training_classes(str(folder)) is None  # the data is not on this machine: open vocabulary
+    monkeypatch.setattr(demo, "ROOT", tmp_path)  # relative to the repository root, from anywhere
+    assert demo.training_classes(str(folder)) == ["bird", "car", "person"]
+    assert demo.training_classes("owner/name") is None
+    checkpoint = tmp_path / "runs" / "toy_finetune" / "default" / "checkpoints" / "last.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"")  # only its run's config.yaml is read
+    (checkpoint.parent.parent / "config.yaml").write_text(f"data:\n  data_dir: {data}\n")
+    assert demo.training_classes(str(checkpoint)) == ["bird", "car", "person"]
+
+
+def test_default_model_missing_is_a_note_and_a_bad_source_exits_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "ROOT", tmp_path)  # a repository without runs/toy_model
+    loaded = demo.load_backends(None, None, "sd", "cpu", 2)
+    assert loaded.model is None and "make train" in loaded.model_note and "--model" in loaded.model_note
+    with pytest.raises(demo.DemoError, match="Insert is off. Restart with `--inpainter DIR --backend"):
+        demo.insert_boxes(loaded, None, "0")
+    torch.manual_seed(0)
+    GenLocModel(LocationModelConfig.preset("tiny")).save_pretrained(tmp_path / "model")
+    with pytest.raises(demo.DemoError, match=r"--inpainter .*none: sd back-end: folder .* does not exist"):
+        demo.load_backends(str(tmp_path / "model"), str(tmp_path / "none"), "sd", "cpu", 2)
+    for args, expected in ((["--model", str(tmp_path / "none")], "--model"), (["--steps", "0"], "--steps must be >= 1")):
+        with pytest.raises(SystemExit) as exit_:
+            demo.main(args)
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and expected in err.splitlines()[-1] and "Traceback" not in err
