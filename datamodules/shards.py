@@ -505,7 +505,11 @@ def read_split_info(data_dir, split: str) -> SplitInfo:
         info = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ShardFormatError(f"{path} is not valid json ({e}); re-run the conversion") from e
-    n, s = int(info.get("num_samples", 0)), int(info.get("num_shards", 0))
+    try:
+        n, s = int(info.get("num_samples", 0)), int(info.get("num_shards", 0))
+    except (AttributeError, TypeError, ValueError):
+        raise ShardFormatError(f"{path} is not a split file (a json object with whole numbers num_samples and "
+                               f"num_shards); re-run the conversion") from None
     if n <= 0 or s <= 0:
         raise ShardFormatError(f"empty split: {path} says num_samples={n}, num_shards={s}; "
                                f"re-run the conversion or pick another split")
@@ -526,10 +530,11 @@ def shard_paths(data_dir, split: str) -> list[str]:
 
 def iter_annotations(data_dir, split: str):
     """Yield annotation-only samples (json; no image decode): dicts with ``key`` plus the json
-    fields (category, width, height, positives, negatives, source, meta) in pixel xyxy."""
+    fields (category, width, height, positives, negatives, source, meta) in pixel xyxy, and the
+    ``shard`` they came from."""
     for p in read_split_info(data_dir, split).paths:
         with tarfile.open(p, "r") as tar:
             for member in tar:
                 if member.isfile() and member.name.endswith(".json"):
                     key = os.path.basename(member.name).split(".", 1)[0]
-                    yield {"key": key, **json.loads(tar.extractfile(member).read())}
+                    yield {"key": key, **json.loads(tar.extractfile(member).read()), "shard": p}
