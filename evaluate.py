@@ -523,7 +523,7 @@ def plot_results(files: list[str], out: Path, labels: list[str] | None) -> None:
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--checkpoint", help="location model to sample boxes from: a Lightning checkpoint, a model "

@@ -34,7 +34,7 @@ COLORS = [(255, 0, 0), (0, 255, 0), (0, 128, 255), (255, 255, 0), (255, 0, 255),
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="insert.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image", required=True, help="background photo")
     p.add_argument("--category", required=True, nargs="+", help='object class, e.g. "cup"; several: one object each')
     p.add_argument("--checkpoint", help="location model: Lightning checkpoint (train.py), model folder or Hub id")
