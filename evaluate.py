@@ -10,7 +10,8 @@
 Evaluation modes write ``predictions.jsonl`` (not in predictions mode), ``metrics.json`` and
 ``tpr_fpr.png`` into ``--out``. Predictions and annotations are pixel ``x1,y1,x2,y2`` boxes; keys
 must match the annotation keys (shard ``__key__``, or ``opa-{bg}-{category}`` /
-``opa-{bg}-fg{fg_id}`` for raw OPA / FOPA label files, see ``datamodules.opa_labels``).
+``opa-{bg}-fg{fg_id}`` for raw OPA / FOPA label files, see ``datamodules.opa_labels``; keys are
+tar-safe, ``opa-1-traffic%20light``, and a prediction key written with the raw name is accepted).
 Checkpoint mode scores the boxes it just wrote exactly as predictions mode would re-score them.
 When the annotations are a shard folder whose kind has a plausibility oracle (``{split}.json``
 "source", see ``datamodules.kinds``; the toy scenes have one), metrics.json also holds the oracle's

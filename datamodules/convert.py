@@ -13,6 +13,7 @@ Bad inputs (missing folders or columns, malformed label rows) raise `ConversionE
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import json
@@ -73,6 +74,7 @@ def _run_units(fn, units: list[tuple], workers: int, desc: str, progress: bool, 
             return results
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else None)
+        gc.freeze()  # forked children would otherwise copy every inherited object their collector touches
         pool = ProcessPoolExecutor(min(workers, len(units)) or 1, mp_context=context)
         try:
             futures = {pool.submit(fn, *unit): weight for unit, weight in zip(units, weights)}
@@ -82,6 +84,7 @@ def _run_units(fn, units: list[tuple], workers: int, desc: str, progress: bool, 
             return [f.result() for f in futures]
         finally:
             pool.shutdown(cancel_futures=True)
+            gc.unfreeze()
     finally:
         bar.close()
 

@@ -176,6 +176,25 @@ def test_killed_conversions_leave_no_staging_folder_behind(tmp_path):
     assert read_split_info(out, "train")["num_samples"] == 1 and not build.stage.exists()
 
 
+def test_two_conversions_into_one_folder_at_once_leave_one_complete_output(opa, tmp_path):
+    import multiprocessing
+
+    out = tmp_path / "out"
+    context = multiprocessing.get_context("fork")
+    procs = [context.Process(target=convert_opa, args=(opa, out), kwargs={"num_shards": n, "progress": False})
+             for n in (2, 3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert [p.exitcode for p in procs] == [0, 0]
+    for split in ("train", "test"):
+        info = read_split_info(out, split)                       # json and shards of one conversion
+        assert len(list(iter_annotations(out, split))) == info["num_samples"]
+        assert len(list(out.glob(f"{split}-*"))) == info["num_shards"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".build")]
+
+
 # ------------------------------------------------------------------------------------------ stale splits
 def test_held_out_split_is_removed_when_its_parent_is_rewritten_without_it(opa, tmp_path, capsys):
     out = tmp_path / "out"
