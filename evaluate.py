@@ -10,7 +10,8 @@
 Evaluation modes write ``predictions.jsonl`` (not in predictions mode), ``metrics.json`` and
 ``tpr_fpr.png`` into ``--out``. Predictions and annotations are pixel ``x1,y1,x2,y2`` boxes; keys
 must match the annotation keys (shard ``__key__``, or ``opa-{bg}-{category}`` /
-``opa-{bg}-fg{fg_id}`` for raw OPA / FOPA label files, see ``datamodules.opa_labels``).
+``opa-{bg}-fg{fg_id}`` for raw OPA / FOPA label files, see ``datamodules.opa_labels``; keys are
+tar-safe, ``opa-1-traffic%20light``, and a prediction key written with the raw name is accepted).
 Checkpoint mode scores the boxes it just wrote exactly as predictions mode would re-score them.
 When the annotations are a shard folder whose kind has a plausibility oracle (``{split}.json``
 "source", see ``datamodules.kinds``; the toy scenes have one), metrics.json also holds the oracle's
@@ -21,14 +22,27 @@ sample are split into groups of one foreground size (OPA: one group per foregrou
 pooled samples may hold several), and for each group N boxes of exactly that size (to within half
 a bin; sizes are clamped to 1..num_bins-1 bins) are drawn, so the model only chooses where. Each
 group is scored as its own sample (key ``{key}@{w}x{h}``); every labelled box still counts once.
+
+Inputs are checked like training inputs, by the one box rule of `models.boxes`: a shard sample with
+a broken labelled box is skipped and counted (as the training pipeline skips it), a broken box of a
+label file is dropped and counted (as the converters drop it); a key found twice in a split is an
+error naming both shards. Predicted boxes that break the rule (swapped corners, x/y/w/h order,
+normalised coordinates, another image size) are scored as given -- they hit nothing -- with a
+warning saying what they look like; when no predicted box is valid nothing is scored (exit 2).
+Only the first max(--ns) boxes of each prediction line are kept. When some sample has fewer boxes
+than max(--ns), the curve stops at the fewest any sample has (with a warning), so a point "@n"
+always means n boxes per sample. Every error is one line and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import math
 import sys
+import tarfile
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,7 +51,7 @@ import torch
 from tqdm import tqdm
 
 from metrics.tpr_fpr import DEFAULT_NS, TPRFPR, result_curves
-from models.boxes import denormalise, normalise, xyxy_to_xywh
+from models.boxes import PROBLEMS, denormalise, normalise, validate_boxes, xywh_to_xyxy, xyxy_to_xywh
 
 BASELINES = ("random", "random_gt_size", "blind")
 
@@ -56,9 +70,21 @@ def load_annotations(path, split: str = "test") -> list[dict]:
     path = Path(path)
     if path.is_dir():
         try:
-            return list(iter_annotations(path, split))
+            samples = list(iter_annotations(path, split))
         except ShardFormatError as e:
             raise EvaluationError(str(e)) from None
+        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+            raise EvaluationError(f"{_broken_shard(path, split)}: unreadable ({type(e).__name__}: {e}); the shard is "
+                                  f"truncated or corrupt: re-run the conversion of split '{split}'") from None
+        first: dict[str, str] = {}
+        for s in samples:
+            shard = s.pop("shard")
+            if s["key"] in first:
+                where = f"twice in {shard}" if first[s["key"]] == shard else f"in {first[s['key']]} and in {shard}"
+                raise EvaluationError(f"key {s['key']!r} appears {where}: keys must be unique in split '{split}' "
+                                      "(a stale or copied shard?); re-run the conversion")
+            first[s["key"]] = shard
+        return samples
     if not path.is_file():
         raise EvaluationError(f"annotations {path} not found (give a shard folder, an OPA csv or a FOPA label file)")
     if path.suffix.lower() == ".json":
@@ -76,6 +102,66 @@ def load_annotations(path, split: str = "test") -> list[dict]:
     else:
         raise EvaluationError(f"{path}: unsupported annotation file (use a shard folder, .csv or FOPA .json)")
     return [asdict(s) for s in samples]
+
+
+def _broken_shard(path: Path, split: str) -> str:
+    """The first shard of a split that cannot be read to the end (for the error message)."""
+    from datamodules.shards import read_split_info
+
+    for shard in read_split_info(path, split).paths:
+        try:
+            with tarfile.open(shard, "r") as tar:
+                for member in tar:
+                    if member.isfile() and member.name.endswith(".json"):
+                        json.loads(tar.extractfile(member).read())
+        except (tarfile.TarError, OSError, EOFError, ValueError):
+            return shard
+    return str(path)
+
+
+def check_annotations(samples: list[dict], from_shards: bool) -> tuple[list[dict], Counter, Counter]:
+    """Labelled boxes by the one box rule (image size known; else only order and finiteness), valid
+    boxes clipped to the image. Returns (kept samples, skipped samples by reason, dropped boxes by
+    reason): shard samples with a broken box are skipped (the training pipeline skips them), broken
+    boxes of label files are dropped (the converters drop them)."""
+    kept, skipped, dropped = [], Counter(), Counter()
+    examples: dict[str, str] = {}
+    for s in samples:
+        checked, problems = {}, Counter()
+        known = bool(s.get("width") and s.get("height"))
+        for field in ("positives", "negatives"):
+            what = f"{field[:-1]} box"
+            try:
+                boxes = np.asarray(s.get(field) or [], np.float64).reshape(-1, 4)
+            except (TypeError, ValueError):
+                problems[f"{what}: not a list of [x1, y1, x2, y2]"] += 1
+                continue
+            size = (float(s["width"]), float(s["height"])) if known else _extent(boxes)
+            check = validate_boxes(boxes, size)
+            problems.update({f"{what}: {p}": n for p, n in check.counts().items()})
+            checked[field] = (check.clipped if known else check.boxes)[check.valid].tolist()
+        if problems and from_shards:
+            reason = problems.most_common(1)[0][0]
+            skipped[reason] += 1
+            examples.setdefault(reason, s["key"])
+            continue
+        dropped.update(problems)
+        kept.append({**s, **checked})
+    for reasons, what in ((skipped, "skipped samples whose labelled box breaks the box rule (training skips them)"),
+                          (dropped, "dropped labelled boxes that break the box rule (the converters drop them)")):
+        if reasons:
+            detail = "; ".join(f"{n} x {r}" + (f" (e.g. key {examples[r]!r})" if r in examples else "")
+                               for r, n in reasons.most_common(3))
+            print(f"warning: {what}: {detail}", file=sys.stderr)
+    return kept, skipped, dropped
+
+
+def _extent(boxes: np.ndarray) -> tuple[float, float]:
+    """A frame holding every finite box (images of unknown size: only order and finiteness are checked)."""
+    finite = boxes[np.isfinite(boxes).all(-1)]
+    if not len(finite):
+        return 1.0, 1.0
+    return max(float(np.abs(finite[:, [0, 2]]).max()), 1.0), max(float(np.abs(finite[:, [1, 3]]).max()), 1.0)
 
 
 def annotation_kind(path, split: str):
@@ -103,8 +189,9 @@ def image_size_of(sample: dict) -> tuple[float, float, bool]:
 
 
 # ----------------------------------------------------------------------------- predictions
-def read_predictions(path) -> dict[str, np.ndarray]:
-    """``{"key", "boxes"}`` per JSONL line -> key -> float64 ``[N, 4]``; errors name the line."""
+def read_predictions(path, max_boxes: int | None = None) -> dict[str, np.ndarray]:
+    """``{"key", "boxes"}`` per JSONL line -> key -> float64 ``[N, 4]``; errors name the line. Read a
+    line at a time, keeping only the first ``max_boxes`` boxes of each (the rest never count)."""
     path = Path(path)
     if not path.is_file():
         raise EvaluationError(f"predictions file {path} not found")
@@ -116,7 +203,7 @@ def read_predictions(path) -> dict[str, np.ndarray]:
             try:
                 rec = json.loads(line)
                 key = str(rec["key"])
-                boxes = np.asarray(rec["boxes"], np.float64).reshape(-1, 4)
+                boxes = np.asarray(rec["boxes"][:max_boxes], np.float64).reshape(-1, 4)
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 raise EvaluationError(f"{path}:{lineno}: expected {{\"key\": str, \"boxes\": [[x1,y1,x2,y2], ...]}} "
                                       f"({type(e).__name__}: {e})") from None
@@ -130,10 +217,84 @@ def read_predictions(path) -> dict[str, np.ndarray]:
     return preds
 
 
+NORMALISED = "within [0, 1] in a larger image"
+
+
+def check_predictions(preds: dict[str, np.ndarray], samples: list[dict]) -> dict:
+    """Predicted boxes by the one box rule against their sample's image (and boxes that fit in
+    [0, 1] of a larger image, which look normalised): a warning saying what the broken boxes look
+    like, an error when none is usable. Returns the counts for metrics.json."""
+    total, problems, suspects = 0, Counter(), Counter()
+    for s in samples:
+        boxes = preds.get(s["key"])
+        if boxes is None or not len(boxes):
+            continue
+        w, h, known = image_size_of(s)
+        size = (w, h) if known else _extent(np.concatenate([boxes, np.asarray(s["positives"] + s["negatives"],
+                                                                               np.float64).reshape(-1, 4)]))
+        check = validate_boxes(boxes, size)
+        total += len(boxes)
+        problems.update(check.counts())
+        bad = ~check.valid
+        tiny = check.valid & (boxes <= 1.0).all(-1) & (min(size) > 2)
+        problems[NORMALISED] += int(tiny.sum())
+        if tiny.any():
+            suspects["normalised"] += int(tiny.sum())
+        if bad.any() and validate_boxes(xywh_to_xyxy(boxes[bad]), size).valid.all():
+            suspects["xywh"] += int(bad.sum())
+        if bad.any() and validate_boxes(boxes[bad][:, [2, 3, 0, 1]], size).valid.all():
+            suspects["swapped"] += int(bad.sum())
+    if total == 0:
+        raise EvaluationError("the predictions hold no box for any annotated sample: nothing to score")
+    problems = +problems
+    broken = sum(problems.values())
+    if broken:
+        hint = {"normalised": "they look normalised to [0, 1]: give pixel coordinates of the image",
+                "xywh": "they look like x, y, width, height: give x1, y1, x2, y2",
+                "swapped": "they look like x2, y2, x1, y1 (corners swapped): give x1, y1, x2, y2"}
+        likely = [hint[k] for k, n in suspects.most_common() if n >= 0.5 * broken]
+        if not likely and problems[PROBLEMS[2]] >= 0.5 * broken:
+            likely = ["are they normalised, or xywh, or for another image size?"]
+        detail = ", ".join(f"{n} {p}" for p, n in problems.most_common())
+        message = (f"{100 * broken / total:.0f} % of the predicted boxes lie outside their image or are not boxes "
+                   f"({detail}; of {total}): " + ("; ".join(likely) or "they count as misses"))
+        if broken == total:
+            raise EvaluationError(f"no predicted box is usable, nothing sensible to score: {message}")
+        print(f"warning: {message}", file=sys.stderr)
+    return {"boxes": total, "broken": dict(problems)}
+
+
+def reported_ns(preds: dict[str, np.ndarray], samples: list[dict], ns: list[int]) -> list[int]:
+    """The curve points every sample can honour: when some sample has fewer boxes than max(ns), the
+    points stop at the fewest boxes any sample with boxes has (a warning says so)."""
+    counts = [len(preds[s["key"]]) for s in samples if s["key"] in preds]
+    fewest = min((c for c in counts if c), default=0)
+    if fewest == 0:
+        raise EvaluationError("no annotated sample has a predicted box: nothing to score")
+    if fewest >= max(ns):
+        return list(ns)
+    short = sum(1 for c in counts if c < max(ns))
+    kept = [n for n in ns if n < fewest] + [fewest]
+    print(f"warning: {short} samples have fewer than {max(ns)} predicted boxes (fewest: {fewest}); the curve is "
+          f"reported up to n = {fewest} (points {kept}); give every sample {max(ns)} boxes to score @{max(ns)}",
+          file=sys.stderr)
+    return kept
+
+
 def write_predictions(path, preds: dict[str, np.ndarray]) -> None:
     with open(path, "w") as f:
         for key, boxes in preds.items():
             f.write(json.dumps({"key": key, "boxes": np.asarray(boxes, np.float64).tolist()}) + "\n")
+
+
+def annotation_keys(preds: dict, samples: list[dict]) -> dict:
+    """Prediction keys written with the raw category name (``opa-1-traffic light``) renamed to the
+    tar-safe annotation key (``opa-1-traffic%20light``, `datamodules.shards.safe_key`) when only
+    that one matches an annotation."""
+    from datamodules.shards import safe_key
+
+    keys = {s["key"] for s in samples}
+    return {k if k in keys or safe_key(k) not in keys else safe_key(k): v for k, v in preds.items()}
 
 
 def match_keys(preds: dict, samples: list[dict], allow_missing: bool) -> dict:
@@ -363,7 +524,7 @@ def plot_results(files: list[str], out: Path, labels: list[str] | None) -> None:
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--checkpoint", help="location model to sample boxes from: a Lightning checkpoint, a model "
@@ -394,6 +555,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--given-size", action="store_true",
                    help="(with --checkpoint) draw boxes of each labelled foreground size: the model only picks where")
     args = p.parse_args(argv)
+    checks = (("--num-samples", args.num_samples, args.num_samples >= 1, ">= 1"),
+              ("--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature > 0, "> 0"),
+              ("--top-k", args.top_k, args.top_k is None or args.top_k >= 1, ">= 1"),
+              ("--top-p", args.top_p, args.top_p is None or 0 < args.top_p <= 1, "in (0, 1]"),
+              ("--iou-threshold", args.iou_threshold, 0 < args.iou_threshold <= 1, "in (0, 1]"),
+              ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
+              ("--num-workers", args.num_workers, args.num_workers >= 0, ">= 0"))
+    for flag, value, ok, allowed in checks:
+        if not ok:
+            p.error(f"{flag} must be {allowed}, got {value}")
+    if args.ns and (min(args.ns) < 1 or sorted(set(args.ns)) != args.ns):
+        p.error(f"--ns must be increasing whole numbers >= 1, got {args.ns}")
     args.ns = args.ns or [n for n in range(10, args.num_samples + 1, 10)] or [args.num_samples]
     if max(args.ns) > args.num_samples:
         p.error(f"--ns goes up to {max(args.ns)} but --num-samples is {args.num_samples}")
@@ -417,8 +590,11 @@ def main(argv=None) -> dict | None:
     out_dir = Path(args.out)
     t0 = time.perf_counter()
     ann_path = args.annotations or args.data
-    samples = load_annotations(ann_path, args.split)
-    settings: dict = {"iou_threshold": args.iou_threshold, "annotations": str(ann_path), "split": args.split}
+    samples, skipped, dropped = check_annotations(load_annotations(ann_path, args.split), Path(ann_path).is_dir())
+    if not samples:
+        raise EvaluationError(f"no sample of {ann_path} (split {args.split}) has valid labelled boxes: nothing to score")
+    settings: dict = {"iou_threshold": args.iou_threshold, "annotations": str(ann_path), "split": args.split,
+                      "skipped_samples": dict(skipped), "dropped_boxes": dict(dropped)}
     settings["protocol"] = "given-size" if args.given_size else "free-size"
     if args.given_size:
         settings["source_samples"] = len(samples)
@@ -430,7 +606,7 @@ def main(argv=None) -> dict | None:
             "num_samples": args.num_samples, "temperature": args.temperature, "top_k": args.top_k,
             "top_p": args.top_p, "seed": args.seed, "batch_size": args.batch_size})
     elif args.predictions:
-        preds = read_predictions(args.predictions)
+        preds = read_predictions(args.predictions, max(args.ns))
         label = args.name or Path(args.predictions).stem
         settings.update(mode="predictions", predictions=str(args.predictions))
     else:
@@ -441,7 +617,11 @@ def main(argv=None) -> dict | None:
                         sampling={"num_samples": args.num_samples, "seed": args.seed})
         if train is not None:
             settings["train_split"] = args.train_split
+    preds = annotation_keys(preds, samples)
     keys = match_keys(preds, samples, args.allow_missing)
+    if args.predictions is not None:
+        settings["prediction_check"] = check_predictions(preds, samples)
+        args.ns = reported_ns(preds, samples, args.ns)
     if args.predictions is None:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_predictions(out_dir / "predictions.jsonl", {s["key"]: preds[s["key"]] for s in samples})
@@ -469,4 +649,5 @@ if __name__ == "__main__":
     try:
         main()
     except EvaluationError as e:
-        sys.exit(f"error: {e}")
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -34,7 +34,7 @@ COLORS = [(255, 0, 0), (0, 255, 0), (0, 128, 255), (255, 255, 0), (255, 0, 255),
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="insert.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image", required=True, help="background photo")
     p.add_argument("--category", required=True, nargs="+", help='object class, e.g. "cup"; several: one object each')
     p.add_argument("--checkpoint", help="location model: Lightning checkpoint (train.py), model folder or Hub id")
@@ -82,12 +82,13 @@ def model_source_ok(source: str | None) -> bool:
 
 
 def sample_boxes(checkpoint: str, image: Image.Image, category: str, n: int, region, seed: int) -> torch.Tensor:
-    """`n` boxes (pixels of `image`, `[n,4]`) from the location model, inside normalised `region` if given."""
+    """`n` boxes (pixels of `image`, `[n,4]`) from the location model, inside normalised `region` if given.
+    The image reaches the model resized as the training data were (`models.placement.model_input`)."""
+    from models.placement import model_input
+
     model = load_model(checkpoint)
-    s = model.cfg.image_size
-    x = torch.from_numpy(np.asarray(image.resize((s, s), Image.BICUBIC), dtype=np.float32) / 255.0)
     out = model.sample(
-        x.permute(2, 0, 1)[None], [category], n=n,
+        model_input(model, [image]), [category], n=n,
         region=None if region is None else torch.tensor(region, dtype=torch.float32),
         generator=torch.Generator().manual_seed(seed), image_sizes=torch.tensor([image.size]),
     )
@@ -110,9 +111,28 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
 
 
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Numbers and folders checked before anything heavy is loaded: one line, exit code 2."""
+    checks = (("--n", args.n, args.n is None or args.n >= 1, ">= 1"),
+              ("--max-iou", args.max_iou, 0.0 <= args.max_iou <= 1.0, "in [0, 1]"),
+              ("--steps", args.steps, args.steps >= 1, ">= 1"),
+              ("--margin", args.margin, args.margin >= 0, ">= 0"),
+              ("--dilate", args.dilate, args.dilate >= 0, ">= 0"),
+              ("--feather", args.feather, args.feather >= 0, ">= 0"),
+              ("--resolution", args.resolution, args.resolution is None or args.resolution >= 8, ">= 8"),
+              ("--guidance", args.guidance, args.guidance is None or args.guidance >= 0, ">= 0"))
+    for flag, value, ok, allowed in checks:
+        if not ok:
+            parser.error(f"{flag} must be {allowed}, got {value}")
+    if args.inpainter is not None and not Path(args.inpainter).is_dir():
+        parser.error(f"--inpainter {args.inpainter}: no such folder; pass a local diffusers inpainting folder, or "
+                     "leave --inpainter out to write boxes only")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_arguments(parser, args)
     from models.placement import to_rgb_image
 
     try:
@@ -134,16 +154,15 @@ def main(argv=None) -> int:
         parser.error("--n applies to one category; several categories get one box each")
     out = Path(args.out)
     pipe = None
-    if args.inpainter and Path(args.inpainter).is_dir():
+    if args.inpainter:
         try:
             pipe = load_backend(args.backend, args.inpainter, device=args.device, steps=args.steps,
                                 guidance_scale=args.guidance, resolution=args.resolution)
         except (BackendFolderError, ValueError) as err:
             parser.error(str(err))
     else:
-        what = f"inpainter folder {args.inpainter} not found" if args.inpainter else "no --inpainter"
-        print(f"{what}: wrote boxes, overlay and records only; pass --inpainter DIR, a local diffusers inpainting "
-              "folder (e.g. a Stable Diffusion inpainting checkpoint saved with save_pretrained)")
+        print("no --inpainter: wrote boxes, overlay and records only; pass --inpainter DIR, a local diffusers "
+              "inpainting folder (e.g. a Stable Diffusion inpainting checkpoint saved with save_pretrained)")
     clip = None
     if pipe is not None and args.clip_weights:
         from metrics.inpainting import ForegroundCLIPScore

@@ -106,6 +106,16 @@ def memory_rows(out: str) -> list:
                 f"{r['sample_mib']:.0f} MiB")]
 
 
+def convert_rows(out: str) -> list:
+    r = result_json(out)
+    return [row(f"converters, --workers 2 / 1 on real photos: OPA ({r['opa_samples']} samples), PIPE ({r['pipe_rows']} rows)",
+                f"{r['opa_ratio']:.2f}x, {r['pipe_ratio']:.2f}x ({r['cpus']} cores)", ">= 1.6x",
+                min(r["opa_ratio"], r["pipe_ratio"]) >= 1.6),
+            row(f"PIPE conversion, peak RSS above the imports: {r['memory_rows']} rows ({r['parquet_mib']:.0f} MiB "
+                f"parquet) ({r['small_rows']} rows)", f"{r['peak_mib'] - r['imports_mib']:.0f} MiB "
+                f"({r['small_increase_mib']:.0f} MiB)")]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile row (~2 min on CPU)")
@@ -119,6 +129,7 @@ def main(argv=None) -> int:
         ("dpo_step", ["--threads", "1", "--iters", "6"], 180, dpo_rows),
         ("eval_speed", (["--labels", args.labels] if args.labels else []) + ["--threads", "1"], 180, eval_rows),
         ("memory", ["--quick"], 300, memory_rows),
+        ("convert_speed", ["--quick"], 300, convert_rows),
     ]
     rows, notes, start = [], [], time.perf_counter()
     inductor_cache = tempfile.TemporaryDirectory()  # cold torch.compile: what a first run pays

@@ -4,7 +4,10 @@ One `LabelledSample` is one (background, category) evaluation/training unit with
 box of that pair pooled, boxes in background pixels ``x1,y1,x2,y2``. When the category of a
 foreground is unknown (FOPA files carry no category; pass an fg_id -> category map to fix that),
 boxes are pooled per (background, foreground id) instead: key ``opa-{bg_id}-fg{fg_id}`` and
-category ``""``. Duplicate boxes are kept (each labelled box counts once in TPR/FPR).
+category ``""``. Keys are made tar-safe by `datamodules.shards.safe_key` (any category name works:
+``opa-1-traffic light`` -> ``opa-1-traffic%20light``). Duplicate boxes are kept (each labelled box
+counts once in TPR/FPR). A malformed file raises `LabelFileError` naming the file, the line (csv:
+the file's own line number, header = line 1; json: the entry index) and the column.
 """
 from __future__ import annotations
 
@@ -17,7 +20,16 @@ import numpy as np
 
 from models.boxes import fopa_centre_to_xyxy, xywh_to_xyxy
 
-__all__ = ["LabelledSample", "read_fopa_pairs", "read_opa_csv"]
+from .shards import safe_key
+
+__all__ = ["LabelledSample", "LabelFileError", "read_fopa_pairs", "read_opa_csv"]
+
+OPA_COLUMNS = ("fg_id", "bg_id", "position", "label")
+FOPA_COLUMNS = ("imgID", "annID", "scID", "scale", "newWidth", "newHeight", "pos_label", "neg_label")
+
+
+class LabelFileError(ValueError):
+    """A label file that cannot be read; the message names the file, line and column and the fix."""
 
 
 @dataclass
@@ -51,7 +63,7 @@ class _Pool:
     def add(self, bg_id, fg_id, boxes, label: int, width=None, height=None, category=None, extra=None):
         bg_id, fg_id = str(bg_id).strip(), str(fg_id).strip()
         cat = category or self.categories.get(fg_id, "")
-        key = f"opa-{bg_id}-{cat}" if cat else f"opa-{bg_id}-fg{fg_id}"
+        key = safe_key(f"opa-{bg_id}-{cat}" if cat else f"opa-{bg_id}-fg{fg_id}")
         s = self.samples.get(key)
         if s is None:
             s = LabelledSample(key, bg_id, cat, [], [], None, None,
@@ -71,16 +83,51 @@ class _Pool:
         return list(self.samples.values())
 
 
+def _missing_columns(path: Path, header, required) -> None:
+    missing = [c for c in required if c not in (header or [])]
+    if missing:
+        raise LabelFileError(f"{path}: missing column(s) {missing} (the header has {list(header or [])}); "
+                             f"expected columns {', '.join(required)}")
+
+
 def _fopa_rows(path: Path):
+    """(where, row) with ``where`` = "line N" (csv) or "entry N" (json)."""
     if path.suffix.lower() == ".json":
-        with open(path) as f:
-            yield from json.load(f)
+        try:
+            with open(path) as f:
+                rows = json.load(f)
+        except ValueError as e:
+            raise LabelFileError(f"{path}: not valid json ({e})") from None
+        if not isinstance(rows, list):
+            raise LabelFileError(f"{path}: expected a json list of FOPA rows, got {type(rows).__name__}")
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise LabelFileError(f"{path}: entry {i} is {type(row).__name__}, expected an object with "
+                                     f"{', '.join(FOPA_COLUMNS)}")
+            _missing_columns(path, list(row), FOPA_COLUMNS)
+            yield f"entry {i}", row
         return
     with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            row["pos_label"] = json.loads(row["pos_label"] or "[]")
-            row["neg_label"] = json.loads(row["neg_label"] or "[]")
-            yield row
+        reader = csv.DictReader(f)
+        _missing_columns(path, reader.fieldnames, FOPA_COLUMNS)
+        for row in reader:
+            where = f"line {reader.line_num}"
+            for column in ("pos_label", "neg_label"):
+                try:
+                    row[column] = json.loads(row[column] or "[]")
+                except ValueError:
+                    raise LabelFileError(f"{path}: {where}, column {column}: {row[column]!r} is not a json list "
+                                         "of [cx, cy] centres; fix or remove the row") from None
+            yield where, row
+
+
+def _field(path: Path, where: str, row: dict, column: str, parse):
+    """``parse(row[column])``, or a `LabelFileError` naming file, line and column."""
+    try:
+        return parse(row[column])
+    except (ValueError, TypeError, IndexError) as e:
+        raise LabelFileError(f"{path}: {where}, column {column}: {row[column]!r} is malformed "
+                             f"({type(e).__name__}: {e}); fix or remove the row") from None
 
 
 def read_fopa_pairs(path, categories: dict[str, str] | None = None) -> list[LabelledSample]:
@@ -93,14 +140,14 @@ def read_fopa_pairs(path, categories: dict[str, str] | None = None) -> list[Labe
     if not path.is_file():
         raise FileNotFoundError(f"FOPA label file not found: {path}")
     pool = _Pool(categories)
-    for i, row in enumerate(_fopa_rows(path)):
-        try:
-            w, h = int(row["newWidth"]), int(row["newHeight"])
-            group = {"row": i, "fg_src_img_id": str(row["imgID"]), "scale": float(row["scale"]), "w": w, "h": h}
-            pos = _fopa_boxes(row["pos_label"], w, h)
-            neg = _fopa_boxes(row["neg_label"], w, h)
-        except (KeyError, ValueError, TypeError, IndexError) as e:
-            raise ValueError(f"{path}: malformed FOPA row {i}: {e!r}") from e
+    for i, (where, row) in enumerate(_fopa_rows(path)):
+        def field(column, parse):
+            return _field(path, where, row, column, parse)
+
+        w, h = field("newWidth", int), field("newHeight", int)
+        group = {"row": i, "fg_src_img_id": str(row["imgID"]), "scale": field("scale", float), "w": w, "h": h}
+        pos = field("pos_label", lambda centres: _fopa_boxes(centres, w, h))
+        neg = field("neg_label", lambda centres: _fopa_boxes(centres, w, h))
         pool.add(row["scID"], row["annID"], pos, 1, extra=group)
         pool.add(row["scID"], row["annID"], neg, 0)
     return pool.result()
@@ -119,15 +166,29 @@ def read_opa_csv(path, categories: dict[str, str] | None = None) -> list[Labelle
         raise FileNotFoundError(f"OPA csv not found: {path}")
     pool = _Pool(categories)
     with open(path, newline="") as f:
-        for i, row in enumerate(csv.DictReader(f)):
+        reader = csv.DictReader(f)
+        _missing_columns(path, reader.fieldnames, OPA_COLUMNS)
+        for row in reader:
+            where = f"{path}: line {reader.line_num}"
             try:
-                x, y, w, h = json.loads(row["position"])
+                position = json.loads(row["position"])
+                x, y, w, h = (float(v) for v in position)
+            except (ValueError, TypeError):
+                raise LabelFileError(f"{where}, column position: {row['position']!r} is not [x, y, w, h] (4 numbers "
+                                     "in pixels); fix or remove the row") from None
+            try:
                 label = int(float(row["label"]))
-            except (KeyError, ValueError, TypeError) as e:
-                raise ValueError(f"{path}: malformed OPA row {i}: {e!r}") from e
+            except (ValueError, TypeError):
+                label = None
+            if label not in (0, 1):
+                raise LabelFileError(f"{where}, column label: {row['label']!r} is not 0 or 1; fix or remove the row")
             cat = None if categories else (row.get("category") or row.get("foreground_category") or None)
-            width = row.get("width") or None
-            height = row.get("height") or None
+            try:
+                width = int(row["width"]) if row.get("width") else None
+                height = int(row["height"]) if row.get("height") else None
+            except ValueError:
+                raise LabelFileError(f"{where}, columns width/height: {row.get('width')!r} x {row.get('height')!r} "
+                                     "are not whole numbers of pixels") from None
             pool.add(row["bg_id"], row["fg_id"], [xywh_to_xyxy([x, y, w, h]).tolist()], label,
                      width=width, height=height, category=cat)
     return pool.result()

@@ -7,9 +7,10 @@
 
 Images may be a path, a PIL image, a numpy array (H x W [x C], uint8 / uint16 / float in [0, 1]) or a
 tensor (C x H x W, uint8 or float in [0, 1]) of any size and mode; a list of images is one batched
-call. Every image is converted to 8-bit RGB and resized exactly as the training data were (PIL
-bilinear to the model's square input); conversions that change values (alpha, CMYK, 16-bit) are
-reported in ``notes`` and as a warning. Region, size and aspect ratio are masks during decoding
+call. Every image is converted to 8-bit RGB by `to_rgb_image` (the one conversion of the framework:
+the shard writer uses it too) and resized exactly as the training data were (PIL bilinear to the
+model's square input); conversions that change values (alpha, CMYK, LAB, 16-bit, float) are reported
+in ``notes`` and as a warning. Region, size and aspect ratio are masks during decoding
 (`LocationModel.sample`), so the boxes' log-probabilities stay those of the masked model.
 """
 from __future__ import annotations
@@ -92,12 +93,31 @@ def _from_pil(img: Image.Image) -> tuple[Image.Image, list[str]]:
         return img.copy(), []
     if mode in ("L", "1") or (mode == "P" and "transparency" not in img.info):  # lossless
         return img.convert("RGB"), []
-    if mode.startswith("I;16") or mode in ("I", "F"):  # 16-bit PNGs open as I;16 (or I)
-        return _from_array(np.asarray(img), f"{mode} image", sixteen_bit=mode != "F")
+    if mode.startswith("I;16"):  # 16-bit PNGs and TIFFs
+        return _from_array(np.asarray(img), f"{mode} image", sixteen_bit=True)
+    if mode == "I":
+        a = np.asarray(img)
+        if a.size and a.min() >= 0 and a.max() <= 255:  # 8-bit values widened to 32 bits by a conversion
+            image, notes = _from_array(a.astype(np.uint8), "I image")
+            return image, notes + ["I image with values 0..255 read as 8-bit"]
+        return _from_array(a, "I image", sixteen_bit=True)
+    if mode == "F":
+        a = np.asarray(img)
+        if a.size and np.isfinite(a).all() and a.min() >= 0 and 1 < a.max() <= 255:  # PIL's own scale for F
+            image, notes = _from_array(a / 255.0, "F image")
+            return image, notes + ["F image with values up to 255 read as 8-bit (0..255)"]
+        image, notes = _from_array(a, "F image")
+        return image, notes + ["F image read as values in [0, 1]"]
     if mode in ("RGBA", "LA", "PA", "RGBa", "La", "P"):
         return _from_array(np.asarray(img.convert("RGBA")), f"{mode} image")
     if mode == "CMYK":
         return img.convert("RGB"), ["CMYK image converted to RGB with PIL's plain formula (no colour profile)"]
+    if mode == "LAB":  # PIL's own LAB -> RGB only relabels the channels
+        from PIL import ImageCms
+
+        lab_to_srgb = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"),
+                                              "LAB", "RGB")
+        return ImageCms.applyTransform(img, lab_to_srgb), ["LAB image converted to sRGB (D50 white point)"]
     try:
         return img.convert("RGB"), [f"{mode} image converted to RGB"]
     except ValueError:
@@ -105,8 +125,8 @@ def _from_pil(img: Image.Image) -> tuple[Image.Image, list[str]]:
 
 
 def _from_array(a: np.ndarray, what: str, sixteen_bit: bool = False) -> tuple[Image.Image, list[str]]:
-    """H x W or H x W x C (C = 1, 3 or 4) -> RGB: uint8 / 255, uint16 (and PIL's 16-bit modes, which
-    arrive as 32-bit ints) / 65535, float in [0, 1]; alpha composited over white."""
+    """H x W or H x W x C (C = 1, 3 or 4) -> RGB: uint8 / 255, uint16 (and PIL's 32-bit "I" mode holding
+    16-bit values) / 65535, float in [0, 1]; alpha composited over white."""
     notes = []
     if a.ndim == 3 and a.shape[-1] in (1, 3, 4):
         channels = a.shape[-1]

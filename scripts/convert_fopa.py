@@ -3,7 +3,8 @@
 
 Box top-left = (cx - w//2, cy - h//2). Without --categories (fg_id -> category, json object or
 csv with fg_id,category) samples are pooled per (background, foreground) with category "".
-Example:
+The split (and 'val' with --val-fraction) is staged and swapped in only when complete: a failed
+run leaves the previous output as it was. Example:
   python -m scripts.convert_fopa --labels test_data_pair.csv --backgrounds /data/OPA/background \\
       --categories fg_categories.json --out data/opa --split test
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from datamodules.convert import convert_fopa, load_category_map
+from scripts.convert_common import add_common_arguments, run
 
 
 def main(argv=None):
@@ -24,12 +25,17 @@ def main(argv=None):
     ap.add_argument("--split", required=True, help="split name to write, e.g. train or test")
     ap.add_argument("--num-shards", type=int, default=16)
     ap.add_argument("--val-fraction", type=float, default=0.0, help="hold out backgrounds as split 'val'")
-    ap.add_argument("--no-progress", action="store_true")
+    add_common_arguments(ap)
     a = ap.parse_args(argv)
-    cats = load_category_map(a.categories) if a.categories else None
-    for w in convert_fopa(a.labels, a.backgrounds, a.out, a.split, cats, a.num_shards, a.val_fraction,
-                          progress=not a.no_progress):
-        print(w.summary())
+
+    def convert():
+        from datamodules.convert import convert_fopa, load_category_map
+
+        cats = load_category_map(a.categories) if a.categories else None
+        return convert_fopa(a.labels, a.backgrounds, a.out, a.split, cats, a.num_shards, a.val_fraction,
+                            progress=not a.no_progress, workers=a.workers)
+
+    return run(ap, a, convert)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,17 @@
 """Convert the OPA release (train_set.csv / test_set.csv, background/, foreground/) into shards.
 
 One sample per (background, category) with every labelled box pooled; category = the folder name
-of foreground/<category>/<fg_id>.jpg. Example:
-  python -m scripts.convert_opa --opa-root /data/OPA --out data/opa --val-fraction 0.05
+of foreground/<category>/<fg_id>.jpg. All splits are written into a hidden staging folder and
+swapped in together only when every one is complete: a failed run leaves the previous output as
+it was; a 'val' split held out from 'train' by an earlier run is removed when 'train' is rewritten
+without --val-fraction. Example:
+  python -m scripts.convert_opa --opa-root /data/OPA --out data/opa --val-fraction 0.05 --workers 2
 """
 from __future__ import annotations
 
 import argparse
 
-from datamodules.convert import convert_opa
+from scripts.convert_common import add_common_arguments, run
 
 
 def main(argv=None):
@@ -20,12 +23,19 @@ def main(argv=None):
     ap.add_argument("--num-shards", type=int, default=16, help="shards per split (>= ranks x workers; default 16)")
     ap.add_argument("--val-fraction", type=float, default=0.0,
                     help="hold out this fraction of training backgrounds as split 'val' (default 0)")
-    ap.add_argument("--no-progress", action="store_true")
+    add_common_arguments(ap)
     a = ap.parse_args(argv)
-    writers = convert_opa(a.opa_root, a.out, [s for s in a.splits.split(",") if s], a.num_shards, a.val_fraction,
-                          progress=not a.no_progress)
-    for w in writers:
-        print(w.summary())
+    splits = [s for s in a.splits.split(",") if s]
+    if not splits:
+        ap.error("--splits names no split")
+
+    def convert():
+        from datamodules.convert import convert_opa
+
+        return convert_opa(a.opa_root, a.out, splits, a.num_shards, a.val_fraction, progress=not a.no_progress,
+                           workers=a.workers)
+
+    return run(ap, a, convert)
 
 
 if __name__ == "__main__":

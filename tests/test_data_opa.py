@@ -93,8 +93,8 @@ def make_opa_release(root):
 
 def test_convert_opa_release(tmp_path):
     make_opa_release(tmp_path / "OPA")
-    writers = convert_opa(tmp_path / "OPA", tmp_path / "out", progress=False)
-    assert [w.written for w in writers] == [1, 1]
+    report = convert_opa(tmp_path / "OPA", tmp_path / "out", progress=False)
+    assert [s.written for s in report.splits] == [1, 1]
     info = read_split_info(tmp_path / "out", "test")
     assert info["num_samples"] == 1 and info["categories"] == ["airplane"] and info["source"] == "opa"
     (s,) = list(iter_annotations(tmp_path / "out", "test"))
@@ -106,7 +106,7 @@ def test_convert_fopa_counts_match_sample_groups(tmp_path):
     (tmp_path / "bg").mkdir()
     shutil.copy(BG, tmp_path / "bg" / "000000580029.png")  # FOPA's zero-padded naming
     (w,) = convert_fopa(FOPA_ROWS, tmp_path / "bg", tmp_path / "out", "test", AIRPLANES, num_shards=4,
-                        progress=False)
+                        progress=False).splits
     assert sum(w.dropped.values()) == 0
     exp = expected_by(lambda g: "opa-580029-airplane" if g["fg_id"] in AIRPLANES else f"opa-580029-fg{g['fg_id']}")
     got = {s["key"]: s for s in iter_annotations(tmp_path / "out", "test")}

@@ -53,7 +53,7 @@ def pipe_files(tmp_path_factory):
 
 def test_pipe_mask_and_difference_boxes(pipe_files, tmp_path):
     w = convert_pipe([pipe_files / "pipe.parquet"], tmp_path, "train", mask_paths=[pipe_files / "masks.parquet"],
-                     batch_rows=1, progress=False)
+                     batch_rows=1, progress=False)["train"]
     assert w.written == 2
     assert w.dropped == {"no mask and difference area < 64 px": 1, "unreadable source image": 1}
     assert dict(w.box_sources) == {"mask": 1, "difference": 1}
@@ -73,8 +73,8 @@ def test_pipe_min_area_and_threshold_drop_everything_without_masks(pipe_files, t
     for kw in ({"min_area": 80 * 60 + 1}, {"diff_threshold": 255}):
         with pytest.raises(ShardFormatError, match="difference area"):
             convert_pipe([pipe_files / "pipe.parquet"], tmp_path, "train", progress=False, **kw)
-        assert not (tmp_path / "train.json").exists() and not list(tmp_path.glob("*.tar*"))
-    w = convert_pipe([pipe_files / "pipe.parquet"], tmp_path, "train", min_area=80 * 60 - 400, progress=False)
+        assert not (tmp_path / "train.json").exists() and not list(tmp_path.glob("**/*.tar*"))
+    w = convert_pipe([pipe_files / "pipe.parquet"], tmp_path, "train", min_area=80 * 60 - 400, progress=False)["train"]
     assert w.written == 2
 
 

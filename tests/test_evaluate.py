@@ -23,6 +23,11 @@ def _write_jsonl(path, records):
     return path
 
 
+def padded(boxes, n=100):
+    """``boxes`` followed by boxes that match nothing, ``n`` in all."""
+    return list(boxes) + [FAR] * (n - len(boxes))
+
+
 def test_fopa_labels_pool_like_the_sample_groups_file():
     """The FOPA rows parse to the boxes of the independently derived sample_groups.csv."""
     samples = {s["key"]: s for s in evaluate.load_annotations(FOPA_CSV)}
@@ -51,7 +56,8 @@ def test_real_opa_sample_scored_by_hand(tmp_path):
     # fg 157816: after 10 boxes matching nothing, the left half of the positive [338,148,533,227]:
     # inter 97.5*79, union 195*79 -> IoU exactly 0.5, a hit, but only from n=20 on
     records["opa-580029-fg157816"] = [FAR] * 10 + [[338, 148, 435.5, 227]]
-    preds = _write_jsonl(tmp_path / "p.jsonl", [{"key": k, "boxes": b} for k, b in records.items()])
+    # every sample gets 100 boxes (a point "@n" needs n boxes per sample): the rest match nothing
+    preds = _write_jsonl(tmp_path / "p.jsonl", [{"key": k, "boxes": padded(b)} for k, b in records.items()])
 
     doc = evaluate.main(["--predictions", str(preds), "--annotations", str(FOPA_CSV), "--out", str(tmp_path / "o"),
                          "--no-progress"])
@@ -67,8 +73,8 @@ def test_real_opa_sample_scored_by_hand(tmp_path):
     for n in range(20, 101, 10):
         assert m[f"tpr@{n}"] == pytest.approx(7 / 133) and m[f"fpr@{n}"] == pytest.approx(1 / 143)
         assert m[f"tpr_shared@{n}"] == pytest.approx(7 / 276) and m[f"precision@{n}"] == pytest.approx(7 / 8)
-    # predictions per n: 7 + 1 + min(n, 11)
-    assert m["num_predictions@10"] == 18 and m["num_predictions@100"] == 19
+    # predictions per n: n for each of the 35 samples
+    assert m["num_predictions@10"] == 350 and m["num_predictions@100"] == 3500
     written = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert written["curves"]["tpr"][1] == pytest.approx(7 / 133) and written["iou_threshold"] == 0.5
     assert written["curves"]["fpr_shared"][0] == pytest.approx(1 / 276)
@@ -78,7 +84,7 @@ def test_real_opa_sample_scored_by_hand(tmp_path):
 
 def test_cli_predictions_mode_subprocess_and_key_errors(tmp_path):
     samples = evaluate.load_annotations(FOPA_CSV)
-    good = _write_jsonl(tmp_path / "good.jsonl", [{"key": s["key"], "boxes": s["negatives"]} for s in samples])
+    good = _write_jsonl(tmp_path / "good.jsonl", [{"key": s["key"], "boxes": padded(s["negatives"])} for s in samples])
     out = tmp_path / "cli"
     proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--predictions", str(good),
                            "--annotations", str(FOPA_CSV), "--out", str(out), "--no-progress", "--name", "negs"],
@@ -88,7 +94,7 @@ def test_cli_predictions_mode_subprocess_and_key_errors(tmp_path):
     assert doc["method"] == "negs" and doc["metrics"]["fpr@100"] == 1.0 and (out / "tpr_fpr.png").is_file()
 
     # a missing key is an error naming it; extra keys are reported and ignored
-    partial = _write_jsonl(tmp_path / "partial.jsonl", [{"key": s["key"], "boxes": []} for s in samples[1:]]
+    partial = _write_jsonl(tmp_path / "partial.jsonl", [{"key": s["key"], "boxes": padded([])} for s in samples[1:]]
                            + [{"key": "opa-1-nope", "boxes": [FAR]}])
     proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--predictions", str(partial),
                            "--annotations", str(FOPA_CSV), "--out", str(tmp_path / "x"), "--no-progress"],

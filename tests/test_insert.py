@@ -135,6 +135,33 @@ def test_insert_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert "checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--n", "0"], "--n must be >= 1"), (["--n", "-3"], "--n must be >= 1"),
+    (["--max-iou", "1.5"], "--max-iou must be in [0, 1]"), (["--steps", "0"], "--steps must be >= 1"),
+    (["--inpainter", "sd-inpaintnig"], "--inpainter sd-inpaintnig: no such folder"),
+])
+def test_bad_arguments_fail_at_once_before_any_model_loads(argv, says, stub_sampler, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(insert, "sample_boxes", lambda *a, **k: pytest.fail("the location model was used"))
+    monkeypatch.setattr(insert, "load_backend", lambda *a, **k: pytest.fail("an inpainter was loaded"))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        insert.main(["--image", str(PHOTO), "--category", "cat", "--checkpoint", str(stub_sampler), "--out", str(out),
+                     *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and err[-1].startswith(f"insert.py: error: {says}") and not out.exists()
+
+
+@pytest.mark.parametrize("content", [b"just some text, not a picture", "truncated"])
+def test_image_that_is_not_an_image_is_a_one_line_error(content, stub_sampler, tmp_path, capsys):
+    path = tmp_path / "photo.png"
+    path.write_bytes(PHOTO.read_bytes()[:300] if content == "truncated" else content)
+    with pytest.raises(SystemExit) as exc:
+        insert.main(["--image", str(path), "--category", "cat", "--checkpoint", str(stub_sampler),
+                     "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and err[-1].startswith(f"insert.py: error: --image {path}")
+
+
 def test_gligen_backend_keeps_background(tmp_path):
     with pytest.warns(FutureWarning, match="deprecated"):
         inpainter = load_backend("gligen", save_tiny_gligen(tmp_path / "gligen"), steps=2)
