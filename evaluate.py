@@ -245,6 +245,8 @@ def sample_checkpoint(args, groups: list[dict] | None = None) -> dict[str, np.nd
         model = load_model(args.checkpoint, args.device)
     except (CheckpointError, ModelFilesError) as e:
         raise EvaluationError(str(e)) from None
+    if args.batch_size is None:
+        args.batch_size = model.sampling_batch_size(args.num_samples, args.sampling_memory * 2 ** 30)
     by_key: dict[str, list[dict]] = {}
     for g in groups or []:
         by_key.setdefault(g["source_key"], []).append(g)
@@ -270,14 +272,14 @@ def sample_checkpoint(args, groups: list[dict] | None = None) -> dict[str, np.nd
 
 
 def _sample_groups(model, batch: dict, by_key: dict, args, generator, preds: dict) -> None:
-    """One `LocationModel.sample` call for all size groups of a batch (rows = groups)."""
-    owners, rows = [], []
-    for i, key in enumerate(batch["key"]):
-        for g in by_key.get(key, []):
-            owners.append(i)
-            rows.append(g)
-    if not rows:
-        return
+    """`LocationModel.sample` calls of at most ``args.batch_size`` size groups (rows) for a batch."""
+    pairs = [(i, g) for i, key in enumerate(batch["key"]) for g in by_key.get(key, [])]
+    for start in range(0, len(pairs), args.batch_size):
+        owners, rows = map(list, zip(*pairs[start:start + args.batch_size]))
+        _sample_group_rows(model, batch, owners, rows, args, generator, preds)
+
+
+def _sample_group_rows(model, batch: dict, owners: list[int], rows: list[dict], args, generator, preds: dict) -> None:
     idx = torch.tensor(owners)
     out = model.sample(batch["image"][idx].to(args.device), [batch["category"][i] for i in owners],
                        n=args.num_samples, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -386,7 +388,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per sampling call (default: as many as --sampling-memory allows)")
+    p.add_argument("--sampling-memory", type=float, default=4.0, metavar="GIB",
+                   help="memory budget of one sampling call in GiB, sizes the batch when --batch-size is not "
+                        "given (default 4)")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--allow-missing", action="store_true", help="score annotated samples without predictions as empty")
@@ -397,6 +403,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.ns = args.ns or [n for n in range(10, args.num_samples + 1, 10)] or [args.num_samples]
     if max(args.ns) > args.num_samples:
         p.error(f"--ns goes up to {max(args.ns)} but --num-samples is {args.num_samples}")
+    if args.sampling_memory <= 0 or (args.batch_size is not None and args.batch_size < 1):
+        p.error("--sampling-memory must be > 0 GiB and --batch-size >= 1")
     if args.given_size and not args.checkpoint:
         p.error("--given-size needs --checkpoint (it constrains the model's sampler)")
     if args.checkpoint and not (args.data or args.annotations):

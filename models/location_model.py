@@ -503,6 +503,25 @@ class LocationModel(nn.Module):
         logits = logits.masked_fill(~self.allowed_tokens(step, prev, bounds, extents), float("-inf"))
         return draw_tokens(filter_logits(logits, temperature, top_k, top_p), generator)
 
+    def sampling_bytes_per_image(self, n: int) -> int:
+        """Upper estimate of the memory one image adds to a `sample` call with ``n`` boxes (cascade
+        decoder, the model's dtype): its pixels and image-encoder activations, its prefix keys/values,
+        the ``n`` samples' box-token keys/values and one layer's step activations, doubled for
+        allocator slack and transient copies. Sizes a sampling batch from a memory budget."""
+        cfg, item = self.cfg, self.image_proj.weight.element_size()
+        tokens, width = self.num_image_tokens + 1, self.image_encoder.num_features
+        encoder_heads = getattr(getattr(self.image_encoder.blocks[0], "attn", None), "num_heads", 1)
+        heads, d, layers = cfg.gpt2_n_head, cfg.gpt2_n_embd, cfg.gpt2_n_layer
+        plen = self.prefix_len + 1
+        encoder = 3 * cfg.image_size ** 2 * 4 + (12 * tokens * width + 2 * encoder_heads * tokens ** 2) * item
+        prefix = (2 * layers * plen * d + 12 * plen * d + 2 * heads * plen ** 2) * item
+        boxes = n * (2 * layers * 3 * d + 3 * heads * (plen + 3) + 12 * d + 8 * self.tokenizer.vocab_size) * item
+        return 2 * (encoder + prefix + boxes)
+
+    def sampling_batch_size(self, n: int, budget_bytes: float) -> int:
+        """Images per `sample` call of ``n`` boxes within ``budget_bytes`` (at least 1)."""
+        return max(1, int(budget_bytes // self.sampling_bytes_per_image(n)))
+
     def _sample_output(self, tokens: Tensor, log_probs: Tensor, image_sizes: Optional[Tensor]) -> SampleOutput:
         boxes_norm = self.tokenizer.decode(tokens)
         boxes = boxes_norm
