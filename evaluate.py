@@ -51,14 +51,14 @@ def load_annotations(path, split: str = "test") -> list[dict]:
     """Annotation dicts ``{key, category, positives, negatives, width, height, meta}`` (pixel xyxy)
     from a shard folder (json only, no image decode), a raw OPA csv, or a FOPA pair csv/json."""
     from datamodules import opa_labels
-    from datamodules.shards import ShardFormatError, iter_annotations
+    from datamodules.shards import ShardFormatError, is_url, iter_annotations
 
-    path = Path(path)
-    if path.is_dir():
+    if is_url(path) or Path(path).is_dir():
         try:
             return list(iter_annotations(path, split))
         except ShardFormatError as e:
             raise EvaluationError(str(e)) from None
+    path = Path(path)
     if not path.is_file():
         raise EvaluationError(f"annotations {path} not found (give a shard folder, an OPA csv or a FOPA label file)")
     if path.suffix.lower() == ".json":
@@ -81,9 +81,10 @@ def load_annotations(path, split: str = "test") -> list[dict]:
 def annotation_kind(path, split: str):
     """The `DataKind` of a shard folder's split (its ``{split}.json`` "source"); no hooks for label files."""
     from datamodules.kinds import data_kind
-    from datamodules.shards import read_split_info
+    from datamodules.shards import is_url, read_split_info
 
-    return data_kind(read_split_info(path, split).get("source") if Path(path).is_dir() else None)
+    shards = is_url(path) or Path(path).is_dir()
+    return data_kind(read_split_info(path, split).get("source") if shards else None)
 
 
 def _read_labels(reader, path):
@@ -374,7 +375,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode.add_argument("--baseline", choices=BASELINES, help="built-in seeded baseline (blind: random training "
                       "positives of the same class, from --train-split of the shard folder)")
     mode.add_argument("--plot", nargs="+", metavar="METRICS_JSON", help="draw several result files on one plot")
-    p.add_argument("--data", help="shard folder (checkpoint mode; also accepted as --annotations)")
+    p.add_argument("--data", help="shard folder or URL (https://, s3://, gs://, ..., pipe:...{}; checkpoint mode; "
+                                  "also accepted as --annotations)")
     p.add_argument("--annotations", help="shard folder, raw OPA csv, or FOPA *_data_pair.csv / *_pair_new.json")
     p.add_argument("--split", default="test", help="shard split (default: test)")
     p.add_argument("--train-split", default="train", help="shard split the blind baseline draws from (default: train)")
@@ -411,7 +413,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--checkpoint needs --data (shard folder)")
     if (args.predictions or args.baseline) and not (args.annotations or args.data):
         p.error("--predictions/--baseline need --annotations (shard folder or OPA/FOPA label file)")
-    if args.baseline == "blind" and not Path(args.annotations or args.data).is_dir():
+    from datamodules.shards import is_url
+
+    if args.baseline == "blind" and not (is_url(args.annotations or args.data)
+                                         or Path(args.annotations or args.data).is_dir()):
         p.error("--baseline blind draws training boxes from --train-split of a shard folder: give --data/--annotations "
                 "as a shard folder")
     return args
