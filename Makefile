@@ -7,7 +7,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export OMP_NUM_THREADS ?= 1
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: venv test test-fast train bench clean
+.PHONY: venv test test-fast train bench bench-gpu clean
 
 venv: .venv/.installed
 
@@ -28,6 +28,11 @@ train: venv
 
 bench: venv
 	$(PY) -m benchmarks.run_all
+
+# Paper preset on one CUDA GPU, a few minutes: step times, sampling, memory, largest batch
+# (results/gpu_check/gpu_check.md and .json). Without a GPU: $(PY) -m benchmarks.gpu_check --quick
+bench-gpu: venv
+	$(PY) -m benchmarks.gpu_check
 
 clean:
 	rm -rf runs data/toy
