@@ -1,5 +1,6 @@
-"""`make bench`: every benchmark in quick mode, each in its own subprocess, then ONE table of
-ratios (measured, target, met) in Markdown. About 3-5 minutes on 2 shared CPU cores.
+"""`make bench`: every benchmark in quick mode (the GPU check in its CPU smoke-test mode), each in
+its own subprocess, then ONE table of ratios (measured, target, met) in Markdown. About 3-5
+minutes on 2 shared CPU cores.
 
     .venv/bin/python -m benchmarks.run_all [--skip-compile] [--labels CSV]
 
@@ -113,12 +114,19 @@ def memory_rows(out: str) -> list:
                 f"{r['sample_mib']:.0f} MiB ({r['sample_copied_mib']:.0f} MiB)")]
 
 
+def gpu_check_rows(out: str) -> list:
+    seconds = float(re.search(r"random weights, (\d+) s in all", out).group(1))
+    return [row("gpu_check --quick (CPU smoke test of make bench-gpu, tiny preset)", f"ran, {seconds:.0f} s", "runs",
+                True)]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile row (~2 min on CPU)")
     parser.add_argument("--labels", help="OPA/FOPA label file for the evaluation row (default: eval_speed.py's, shipped "
                         "in benchmarks/data/)")
     args = parser.parse_args(argv)
+    gpu_check_out = tempfile.TemporaryDirectory()
     plan = [
         ("sampling", ["--quick"], 300, sampling_rows),
         ("train_step", ["--quick"] + ([] if args.skip_compile else ["--compile"]), 420, train_rows),
@@ -126,6 +134,7 @@ def main(argv=None) -> int:
         ("dpo_step", ["--threads", "1", "--iters", "6"], 180, dpo_rows),
         ("eval_speed", (["--labels", args.labels] if args.labels else []) + ["--threads", "1"], 180, eval_rows),
         ("memory", ["--quick"], 300, memory_rows),
+        ("gpu_check", ["--quick", "--out", gpu_check_out.name], 180, gpu_check_rows),
     ]
     rows, notes, start = [], [], time.perf_counter()
     inductor_cache = tempfile.TemporaryDirectory()  # cold torch.compile: what a first run pays
@@ -141,6 +150,7 @@ def main(argv=None) -> int:
             rows.append(row(f"{script} FAILED", str(err)[:120], "runs", False))
     total = time.perf_counter() - start
     inductor_cache.cleanup()
+    gpu_check_out.cleanup()
     width = max(len(r[0]) for r in rows)
     print(f"| {'benchmark':<{width}} | measured | target | met |")
     print(f"|{'-' * (width + 2)}|---|---|---|")
