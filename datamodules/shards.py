@@ -6,6 +6,9 @@ and ``pair_shard_sizes`` (samples with >=1 positive and >=1 negative) so loaders
 per-shard counts without reading the tars).
 The json is written last and shards are renamed from temporary names only when complete, so an
 interrupted conversion never looks complete.
+Readers (`read_split_info`, `iter_annotations`, the pipeline through `open_binary`) also take a URL
+for the folder: anything fsspec opens (``https://``, ``s3://``, ``gs://``, ``file://``, ``memory://``)
+or a ``pipe:`` command with ``{}`` for the file name (docs/multinode.md).
 """
 from __future__ import annotations
 
@@ -286,7 +289,8 @@ def open_binary(location: str):
     if "://" not in location:
         return open(location, "rb")
     fs, path = _filesystem(location)
-    streamed = {"block_size": 0} if type(fs).__name__ == "HTTPFileSystem" else {}
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    streamed = {"block_size": 0} if {"http", "https"} & set(protocols) else {}  # one GET, no range requests
     return fs.open(path, "rb", **streamed)
 
 
