@@ -7,7 +7,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export OMP_NUM_THREADS ?= 1
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: venv test test-fast train bench demo clean
+.PHONY: venv test test-fast train bench bench-gpu demo clean
 
 venv: .venv/.installed
 
@@ -33,6 +33,11 @@ bench: venv
 # options go through ARGS, e.g. make demo ARGS="--model runs/toy_model --inpainter DIR --backend sd"
 demo: venv
 	$(PY) demo.py $(ARGS)
+
+# Paper preset on one CUDA GPU, a few minutes: step times, sampling, memory, largest batch
+# (results/gpu_check/gpu_check.md and .json). Without a GPU: $(PY) -m benchmarks.gpu_check --quick
+bench-gpu: venv
+	$(PY) -m benchmarks.gpu_check
 
 clean:
 	rm -rf runs data/toy

@@ -56,6 +56,12 @@ from models.boxes import PROBLEMS, denormalise, normalise, validate_boxes, xywh_
 BASELINES = ("random", "random_gt_size", "blind")
 
 
+# Images per sampling call unless the memory budget allows fewer: one seeded generator runs over
+# the whole pass, so a seed's boxes depend on the batch size; a fixed ceiling keeps results
+# comparable across machines.
+MAX_SAMPLING_BATCH = 32
+
+
 class EvaluationError(RuntimeError):
     """Bad inputs; the message says what is wrong and how to fix it."""
 
@@ -65,10 +71,9 @@ def load_annotations(path, split: str = "test") -> list[dict]:
     """Annotation dicts ``{key, category, positives, negatives, width, height, meta}`` (pixel xyxy)
     from a shard folder (json only, no image decode), a raw OPA csv, or a FOPA pair csv/json."""
     from datamodules import opa_labels
-    from datamodules.shards import ShardFormatError, iter_annotations
+    from datamodules.shards import ShardFormatError, is_url, iter_annotations
 
-    path = Path(path)
-    if path.is_dir():
+    if is_url(path) or Path(path).is_dir():
         try:
             samples = list(iter_annotations(path, split))
         except ShardFormatError as e:
@@ -85,6 +90,7 @@ def load_annotations(path, split: str = "test") -> list[dict]:
                                       "(a stale or copied shard?); re-run the conversion")
             first[s["key"]] = shard
         return samples
+    path = Path(path)
     if not path.is_file():
         raise EvaluationError(f"annotations {path} not found (give a shard folder, an OPA csv or a FOPA label file)")
     if path.suffix.lower() == ".json":
@@ -106,11 +112,11 @@ def load_annotations(path, split: str = "test") -> list[dict]:
 
 def _broken_shard(path: Path, split: str) -> str:
     """The first shard of a split that cannot be read to the end (for the error message)."""
-    from datamodules.shards import read_split_info
+    from datamodules.shards import open_binary, read_split_info
 
     for shard in read_split_info(path, split).paths:
         try:
-            with tarfile.open(shard, "r") as tar:
+            with open_binary(shard) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
                 for member in tar:
                     if member.isfile() and member.name.endswith(".json"):
                         json.loads(tar.extractfile(member).read())
@@ -167,9 +173,10 @@ def _extent(boxes: np.ndarray) -> tuple[float, float]:
 def annotation_kind(path, split: str):
     """The `DataKind` of a shard folder's split (its ``{split}.json`` "source"); no hooks for label files."""
     from datamodules.kinds import data_kind
-    from datamodules.shards import read_split_info
+    from datamodules.shards import is_url, read_split_info
 
-    return data_kind(read_split_info(path, split).get("source") if Path(path).is_dir() else None)
+    shards = is_url(path) or Path(path).is_dir()
+    return data_kind(read_split_info(path, split).get("source") if shards else None)
 
 
 def _read_labels(reader, path):
@@ -406,6 +413,12 @@ def sample_checkpoint(args, groups: list[dict] | None = None) -> dict[str, np.nd
         model = load_model(args.checkpoint, args.device)
     except (CheckpointError, ModelFilesError) as e:
         raise EvaluationError(str(e)) from None
+    if args.batch_size is None:
+        fits = model.sampling_batch_size(args.num_samples, args.sampling_memory * 2 ** 30)
+        args.batch_size = min(MAX_SAMPLING_BATCH, fits)
+        if fits < MAX_SAMPLING_BATCH:
+            print(f"note: --sampling-memory {args.sampling_memory:g} GiB fits {fits} images per sampling call; the "
+                  f"boxes drawn for a seed depend on this batch size (recorded in metrics.json)", file=sys.stderr)
     by_key: dict[str, list[dict]] = {}
     for g in groups or []:
         by_key.setdefault(g["source_key"], []).append(g)
@@ -431,14 +444,14 @@ def sample_checkpoint(args, groups: list[dict] | None = None) -> dict[str, np.nd
 
 
 def _sample_groups(model, batch: dict, by_key: dict, args, generator, preds: dict) -> None:
-    """One `LocationModel.sample` call for all size groups of a batch (rows = groups)."""
-    owners, rows = [], []
-    for i, key in enumerate(batch["key"]):
-        for g in by_key.get(key, []):
-            owners.append(i)
-            rows.append(g)
-    if not rows:
-        return
+    """`LocationModel.sample` calls of at most ``args.batch_size`` size groups (rows) for a batch."""
+    pairs = [(i, g) for i, key in enumerate(batch["key"]) for g in by_key.get(key, [])]
+    for start in range(0, len(pairs), args.batch_size):
+        owners, rows = map(list, zip(*pairs[start:start + args.batch_size]))
+        _sample_group_rows(model, batch, owners, rows, args, generator, preds)
+
+
+def _sample_group_rows(model, batch: dict, owners: list[int], rows: list[dict], args, generator, preds: dict) -> None:
     idx = torch.tensor(owners)
     out = model.sample(batch["image"][idx].to(args.device), [batch["category"][i] for i in owners],
                        n=args.num_samples, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -533,7 +546,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode.add_argument("--baseline", choices=BASELINES, help="built-in seeded baseline (blind: random training "
                       "positives of the same class, from --train-split of the shard folder)")
     mode.add_argument("--plot", nargs="+", metavar="METRICS_JSON", help="draw several result files on one plot")
-    p.add_argument("--data", help="shard folder (checkpoint mode; also accepted as --annotations)")
+    p.add_argument("--data", help="shard folder or URL (https://, s3://, gs://, ..., pipe:...{}; checkpoint mode; "
+                                  "also accepted as --annotations)")
     p.add_argument("--annotations", help="shard folder, raw OPA csv, or FOPA *_data_pair.csv / *_pair_new.json")
     p.add_argument("--split", default="test", help="shard split (default: test)")
     p.add_argument("--train-split", default="train", help="shard split the blind baseline draws from (default: train)")
@@ -547,7 +561,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"images per sampling call (default: {MAX_SAMPLING_BATCH}, fewer when --sampling-memory "
+                        "allows fewer); the boxes drawn for a seed depend on it, so it is recorded")
+    p.add_argument("--sampling-memory", type=float, default=4.0, metavar="GIB",
+                   help="memory budget of one sampling call in GiB, sizes the batch when --batch-size is not "
+                        "given (default 4)")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--allow-missing", action="store_true", help="score annotated samples without predictions as empty")
@@ -560,7 +579,8 @@ def parse_args(argv=None) -> argparse.Namespace:
               ("--top-k", args.top_k, args.top_k is None or args.top_k >= 1, ">= 1"),
               ("--top-p", args.top_p, args.top_p is None or 0 < args.top_p <= 1, "in (0, 1]"),
               ("--iou-threshold", args.iou_threshold, 0 < args.iou_threshold <= 1, "in (0, 1]"),
-              ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
+              ("--batch-size", args.batch_size, args.batch_size is None or args.batch_size >= 1, ">= 1"),
+              ("--sampling-memory", args.sampling_memory, args.sampling_memory > 0, "> 0 GiB"),
               ("--num-workers", args.num_workers, args.num_workers >= 0, ">= 0"))
     for flag, value, ok, allowed in checks:
         if not ok:
@@ -576,7 +596,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--checkpoint needs --data (shard folder)")
     if (args.predictions or args.baseline) and not (args.annotations or args.data):
         p.error("--predictions/--baseline need --annotations (shard folder or OPA/FOPA label file)")
-    if args.baseline == "blind" and not Path(args.annotations or args.data).is_dir():
+    from datamodules.shards import is_url
+
+    if args.baseline == "blind" and not (is_url(args.annotations or args.data)
+                                         or Path(args.annotations or args.data).is_dir()):
         p.error("--baseline blind draws training boxes from --train-split of a shard folder: give --data/--annotations "
                 "as a shard folder")
     return args

@@ -1,10 +1,18 @@
-"""Boxes/s of the KV-cached, prefix-shared sampler vs the naive uncached decode, side by side.
+"""Boxes/s of the sampler's two KV-cached decoders and of the naive uncached decode, side by side.
 
-Both decode the same prefixes (image/text encoding is shared and excluded) for ``--boxes`` boxes
-per image over a batch of images, for the `tiny` and `paper` presets with random weights.
+- cascade: `LocationModel.sample`'s default: each image's prefix + BOS through GPT-2 once, its
+  keys/values kept once and attended to in place by the image's boxes;
+- copied cache: ``sample(cascade=False)``, the earlier decoder: the same prefix cache copied for
+  each box;
+- naive: `tests/reference_decode.py`, the whole sequence re-run every step for every box.
 
-    .venv/bin/python -m benchmarks.sampling            # tiny: 8 images, paper: 2 (1 on CPU) x 100 boxes
-    .venv/bin/python -m benchmarks.sampling --quick    # seconds: fewer images, 10 paper boxes
+All decode the same prefixes (image/text encoding is shared and excluded) for ``--boxes`` boxes per
+image over a batch of images, `tiny` and `paper` presets with random weights. Cascade and copied
+cache alternate call by call (medians), so machine load hits both alike. The naive decode costs
+the same per box at any box count, so it is timed once on ``--naive-boxes`` boxes per image.
+
+    python -m benchmarks.sampling            # tiny: 8 images, paper: 1 (8 on GPU) x 100 boxes
+    python -m benchmarks.sampling --quick    # about a minute: tiny 2 images, naive paper on 10 boxes
 """
 from __future__ import annotations
 
@@ -22,23 +30,28 @@ from models import LocationModel, LocationModelConfig  # noqa: E402
 from tests.reference_decode import naive_reference_decode  # noqa: E402
 
 
-def _timed(fn, device: torch.device, repeats: int, warmup: bool = True) -> float:
-    """Median wall seconds of ``fn()`` over ``repeats`` calls, after an optional warm-up call."""
-    if warmup:
+def _seconds(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def alternating_medians(fns: dict, device: torch.device, repeats: int) -> dict:
+    """Median wall seconds of each of ``fns`` after one warm-up call each, the calls interleaved."""
+    for fn in fns.values():
         fn()
-    times = []
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            times[name].append(_seconds(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench(preset: str, images: int, boxes: int, device: torch.device, repeats: int) -> dict:
+def bench(preset: str, images: int, boxes: int, naive_boxes: int, device: torch.device, repeats: int) -> dict:
     torch.manual_seed(0)
     cfg = LocationModelConfig.preset(preset, vit_weights=None, clip_weights=None, gpt2_weights=None)
     model = LocationModel(cfg).to(device).eval()
@@ -47,23 +60,23 @@ def bench(preset: str, images: int, boxes: int, device: torch.device, repeats: i
         prefix = model.build_prefix(model.encode_images(pixels), model.encode_texts(["dog"] * images))
     bounds = model.region_bounds(None, images, device)
 
-    def cached():
-        with torch.no_grad():
-            model._decode_cached(prefix, boxes, bounds, 1.0, None, None, None)
+    def decoder(method):
+        def run():
+            with torch.no_grad():
+                method(prefix, boxes, bounds, 1.0, None, None, None)
+        return run
 
-    def naive():
-        naive_reference_decode(model, prefix, boxes)
-
-    t_cached = _timed(cached, device, repeats)
-    t_naive = _timed(naive, device, 1, warmup=False)  # seconds to minutes per call; start-up cost is noise
+    t = alternating_medians({"cascade": decoder(model._decode_cascade), "copied": decoder(model._decode_cached)},
+                            device, repeats)
+    t_naive = _seconds(lambda: naive_reference_decode(model, prefix, naive_boxes), device)
     total = images * boxes
-    return dict(preset=preset, images=images, boxes=boxes, cached=total / t_cached, naive=total / t_naive,
-                ratio=t_naive / t_cached)
+    return dict(preset=preset, images=images, boxes=boxes, naive_boxes=naive_boxes, cascade=total / t["cascade"],
+                copied=total / t["copied"], naive=images * naive_boxes / t_naive)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small batches (1 paper image x 10 boxes), about a minute on 2 CPU cores")
+    parser.add_argument("--quick", action="store_true", help="tiny 2 images, naive paper decode on 10 boxes per image")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (on a shared 2-core machine 2 threads stall each other ~10x)")
@@ -74,15 +87,18 @@ def main() -> None:
     device = torch.device(args.device)
     cpu = device.type == "cpu"
     if args.quick:
-        runs = [("tiny", 2, args.boxes), ("paper", 1, 10)]
+        runs = [("tiny", 2, args.boxes, args.boxes), ("paper", 1, args.boxes, 10)]
     else:
-        runs = [("tiny", 8, args.boxes), ("paper", 1 if cpu else 8, args.boxes)]
+        runs = [("tiny", 8, args.boxes, args.boxes), ("paper", 1 if cpu else 8, args.boxes, args.boxes)]
     print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__}")
-    print(f"{'preset':<7}{'images':>7}{'boxes/img':>10}{'cached boxes/s':>16}{'naive boxes/s':>15}{'speed-up':>10}")
-    for preset, images, boxes in runs:
-        r = bench(preset, images, boxes, device, args.repeats)
-        print(f"{r['preset']:<7}{r['images']:>7}{r['boxes']:>10}{r['cached']:>16.0f}{r['naive']:>15.1f}"
-              f"{r['ratio']:>9.1f}x", flush=True)
+    print(f"{'preset':<7}{'images':>7}{'boxes/img':>10}{'cascade boxes/s':>17}{'copied boxes/s':>16}"
+          f"{'naive boxes/s':>15}{'cascade/copied':>16}{'cascade/naive':>15}")
+    for preset, images, boxes, naive_boxes in runs:
+        r = bench(preset, images, boxes, naive_boxes, device, args.repeats)
+        note = "" if naive_boxes == boxes else f"   (naive timed on {naive_boxes} boxes/img)"
+        print(f"{r['preset']:<7}{r['images']:>7}{r['boxes']:>10}{r['cascade']:>17.0f}{r['copied']:>16.0f}"
+              f"{r['naive']:>15.1f}{r['cascade'] / r['copied']:>15.2f}x{r['cascade'] / r['naive']:>14.1f}x{note}",
+              flush=True)
 
 
 if __name__ == "__main__":

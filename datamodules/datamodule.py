@@ -9,19 +9,20 @@ next batch instead of replaying the epoch from its start.
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 
 import lightning as L
 
 from .kinds import data_kind
 from .pipeline import EpochLoader, ShardStream
-from .shards import ShardFormatError, read_split_info
+from .shards import ShardFormatError, is_url, member, read_split_info, split_file_exists
 
 __all__ = ["ShardDataModule"]
 
 
 class ShardDataModule(L.LightningDataModule):
-    """Train/val/test loaders over ``{split}-*.tar`` + ``{split}.json`` in ``data_dir``.
+    """Train/val/test loaders over ``{split}-*.tar`` + ``{split}.json`` in ``data_dir``: a local folder
+    or a URL fsspec can read (``https://``, ``s3://``, ``gs://``, ``file://``, ``memory://``, ...) or a
+    ``pipe:`` command with ``{}`` for the file name (see `datamodules.shards.member`).
 
     A split set to None is skipped (e.g. ``val_split=None`` for data without a validation split).
     ``pairs=True`` keeps samples with >=1 positive and >=1 negative and adds ``chosen`` /
@@ -45,15 +46,17 @@ class ShardDataModule(L.LightningDataModule):
         self._resume: dict | None = None
 
     def missing_splits(self) -> list[str]:
-        """`{split}.json` files of the configured splits that do not exist."""
+        """`{split}.json` files of the configured splits that do not exist (local folder or URL; a URL
+        that cannot be reached raises ShardFormatError instead of reading as missing)."""
         hp = self.hparams
         splits = [s for s in (hp.train_split, hp.val_split) if s is not None]
-        return [str(Path(self.data_dir) / f"{s}.json") for s in splits if not (Path(self.data_dir) / f"{s}.json").is_file()]
+        return [member(self.data_dir, f"{s}.json") for s in splits if not split_file_exists(self.data_dir, s)]
 
     def prepare_data(self) -> None:
-        """Let the data kind write missing data (toy scenes); real shards come from scripts/convert_*.py."""
+        """Let the data kind write missing data (toy scenes) into a local folder; real shards come from
+        scripts/convert_*.py (and are uploaded by the user when data_dir is a URL)."""
         prepare = data_kind(self.hparams.kind).prepare
-        if prepare is not None and self.missing_splits():
+        if prepare is not None and not is_url(self.data_dir) and self.missing_splits():
             prepare(self.data_dir, self.hparams.seed)
 
     def _rank_world(self) -> tuple[int, int]:

@@ -20,7 +20,9 @@ DDP safety:
 - Eval loaders read each sample exactly once over all ranks (shards split by rank then worker),
   in order, without flip; the last batch of a worker may be short.
 - A corrupt sample (unreadable image/json, size mismatch, invalid box) or tar is skipped, logged
-  with its key and reason, and counted in shared memory (`ShardStream.num_skipped`).
+  with its key and reason, and counted in shared memory (`ShardStream.num_skipped`). The same holds
+  for shards read from a URL (`datamodules.shards.open_binary`: fsspec or a pipe: command): a shard
+  that cannot be opened or that breaks off mid-stream is a counted skip.
 - Mid-epoch resume: ``set_skip(n)`` (shared memory, read with the epoch) makes the next train
   iteration drop exactly the epoch's first ``n`` batches and continue with batch ``n``, bit for bit
   as the uninterrupted epoch would; worker ``w`` then plays reader ``(w + n) % num_workers``,
@@ -39,13 +41,14 @@ from itertools import islice
 import numpy as np
 import torch
 import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from models.boxes import hflip, normalise, validate_boxes
 
 from .kinds import data_kind
-from .shards import ShardFormatError, read_split_info
+from .shards import ShardFormatError, open_binary, read_split_info
 
 log = logging.getLogger("datamodules")
 
@@ -219,6 +222,28 @@ class ShardStream(IterableDataset):
         log.warning("skipping unreadable tar data in %s/%s: %s", self.data_dir, self.split, exn)
         return True
 
+    def _open_shards(self, sources):
+        """``{url}`` -> ``{url, stream}`` through `open_binary` (local file, fsspec URL or pipe:); a shard
+        that cannot be opened is a counted skip, and each stream is closed once its tar is read."""
+        for source in sources:
+            try:
+                stream = open_binary(source["url"])
+            except Exception as exn:
+                self._tar_error(exn)
+                continue
+            try:
+                yield {**source, "stream": stream}
+            finally:
+                try:
+                    stream.close()
+                except Exception as exn:  # a pipe: command that failed after its last byte
+                    self._tar_error(exn)
+
+    def _tar_samples(self, sources):
+        """Shard URLs -> raw tar samples (webdataset's tar expansion and key grouping)."""
+        files = tar_file_expander(self._open_shards(sources), handler=self._tar_error)
+        return group_by_keys(files, handler=self._tar_error)
+
     def _samples(self, src, epoch: int, worker: int):
         """Decode, flip, pair; skip (count + log) corrupt samples."""
         slot = (worker + 1) % _MAX_SLOTS
@@ -248,7 +273,7 @@ class ShardStream(IterableDataset):
         pass never borrows samples of the next one (which would break per-epoch coverage)."""
         for i, shards in enumerate(self._passes(epoch, worker, nworkers)):
             urls = [{"url": p} for p in shards]
-            stages = [lambda urls=urls: iter(urls), wds.tarfile_to_samples(handler=self._tar_error)]
+            stages = [lambda urls=urls: iter(urls), self._tar_samples]
             if self.train and self.shuffle_buffer > 1:
                 rng = random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}-{i}-buffer")
                 stages.append(wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng))

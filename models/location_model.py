@@ -383,14 +383,17 @@ class LocationModel(nn.Module):
     def sample(self, images: Tensor, categories: Sequence[str], n: int = 100, temperature: float = 1.0,
                top_k: Optional[int] = None, top_p: Optional[float] = None, region: Optional[Tensor] = None,
                generator: Optional[torch.Generator] = None, image_sizes: Optional[Tensor] = None,
-               size: Optional[Tensor] = None, aspect_ratio: Optional[Tensor] = None) -> SampleOutput:
+               size: Optional[Tensor] = None, aspect_ratio: Optional[Tensor] = None,
+               cascade: bool = True) -> SampleOutput:
         """Draw ``n`` valid boxes per (image, category) in one batched, KV-cached decode.
 
         ``region``, ``size`` and ``aspect_ratio`` (normalised, see `region_bounds` and `extent_mask`)
         are masks during decoding, never filters applied afterwards.
 
-        The prefix of each image (plus BOS) goes through GPT-2 once; its KV cache is then repeated
-        for the ``n`` samples, which decode the remaining steps together, one token per step.
+        The prefix of each image (plus BOS) goes through GPT-2 once. With ``cascade`` (the default,
+        `_decode_cascade`) its keys/values are kept once per image and the ``n`` samples attend to
+        them in place; ``cascade=False`` (`_decode_cached`) copies that KV cache ``n`` times, the
+        earlier decoder kept for comparison (same tokens and log-probs, ``n`` times the cache memory).
         Runs in eval mode (restored afterwards); ``generator`` must live on the model's device.
         See `SampleOutput` for what ``log_probs`` means.
         """
@@ -404,7 +407,8 @@ class LocationModel(nn.Module):
             bounds = self.region_bounds(region, prefix.shape[0], prefix.device)
             extents = self.extent_mask(size, aspect_ratio, prefix.shape[0], prefix.device)
             self.check_extents_fit(bounds, extents)
-            tokens, log_probs = self._decode_cached(prefix, n, bounds, temperature, top_k, top_p, generator, extents)
+            decode = self._decode_cascade if cascade else self._decode_cached
+            tokens, log_probs = decode(prefix, n, bounds, temperature, top_k, top_p, generator, extents)
         finally:
             self.train(was_training)
         return self._sample_output(tokens, log_probs, image_sizes)
@@ -433,6 +437,64 @@ class LocationModel(nn.Module):
                 logits = out.logits[:, -1]
         return tokens.view(batch, n, 4), total.view(batch, n)
 
+    def _decode_cascade(self, prefix: Tensor, n: int, bounds: Tensor, temperature: float, top_k: Optional[int],
+                        top_p: Optional[float], generator: Optional[torch.Generator],
+                        extents: Optional[ExtentMask] = None) -> tuple[Tensor, Tensor]:
+        """`_decode_cached` without copying the prefix cache: each image's prefix keys/values stay
+        ``[B, H, P + 1, d]`` and only the box tokens' keys/values are kept per sample."""
+        batch = prefix.shape[0]
+        bos = self.input_embeds(torch.empty(batch, 0, dtype=torch.long, device=prefix.device))
+        out = self.decoder(inputs_embeds=torch.cat([prefix, bos], dim=1), use_cache=True, logits_to_keep=1)
+        shared = [(layer.keys, layer.values) for layer in out.cache.layers]
+        own: list[Optional[tuple[Tensor, Tensor]]] = [None] * len(shared)
+        first_position = prefix.shape[1] + 1
+        logits = out.logits[:, -1].repeat_interleave(n, dim=0)
+        bounds = bounds.repeat_interleave(n, dim=0)
+        extents = None if extents is None else extents.repeat_interleave(n)
+        tokens = torch.empty(batch * n, 0, dtype=torch.long, device=prefix.device)
+        total = torch.zeros(batch * n, device=prefix.device)
+        for step in range(4):
+            token, logp = self._sample_step(logits, step, tokens, bounds, temperature, top_k, top_p, generator,
+                                            extents)
+            tokens = torch.cat([tokens, token[:, None]], dim=1)
+            total += logp
+            if step < 3:
+                hidden = self.input_embeds(tokens)[:, -1].view(batch, n, -1)
+                logits = self._cascade_step(hidden, first_position + step, shared, own).reshape(batch * n, -1)
+        return tokens.view(batch, n, 4), total.view(batch, n)
+
+    def _cascade_step(self, hidden: Tensor, position: int, shared: list[tuple[Tensor, Tensor]],
+                      own: list[Optional[tuple[Tensor, Tensor]]]) -> Tensor:
+        """One token per sample through GPT-2's blocks (eval mode: no dropout): ``hidden`` ``[B, n, D]``
+        input embeddings at ``position`` -> logits ``[B, n, vocab]``.
+
+        Attention of a sample's query is one softmax over [its image's prefix keys (``shared[i]``,
+        ``[B, H, P + 1, d]``); its own box-token keys (``own[i]``, ``[B, H, n, t, d]``, extended here)]:
+        a batched matmul per image for the prefix part, an elementwise product for the own part,
+        the scores concatenated (``[B, H, n, P + 1 + t]``) for the joint softmax.
+        """
+        gpt2 = self.decoder.transformer
+        batch, n, width = hidden.shape
+        x = hidden + gpt2.wpe.weight[position].to(hidden.dtype)
+        for i, block in enumerate(gpt2.h):
+            attn = block.attn
+            heads = attn.num_heads
+            q, k, v = attn.c_attn(block.ln_1(x)).split(width, dim=-1)
+            q, k, v = (t.view(batch, n, heads, -1).transpose(1, 2) for t in (q, k, v))  # [B, H, n, d]
+            if own[i] is None:
+                own[i] = (k[..., None, :], v[..., None, :])
+            else:
+                own[i] = (torch.cat([own[i][0], k[..., None, :]], dim=3), torch.cat([own[i][1], v[..., None, :]], dim=3))
+            own_k, own_v = own[i]
+            prefix_k, prefix_v = shared[i]
+            scores = torch.cat([q @ prefix_k.transpose(-1, -2), (q[..., None, :] * own_k).sum(-1)], dim=-1)
+            weights = (scores * attn.scaling).softmax(dim=-1).to(prefix_v.dtype)
+            plen = prefix_k.shape[2]
+            context = weights[..., :plen] @ prefix_v + (weights[..., plen:, None] * own_v).sum(3)
+            x = x + attn.c_proj(context.transpose(1, 2).reshape(batch, n, width))
+            x = x + block.mlp(block.ln_2(x))
+        return self.decoder.lm_head(gpt2.ln_f(x))
+
     def _sample_step(self, logits: Tensor, step: int, prev: Tensor, bounds: Tensor, temperature: float,
                      top_k: Optional[int], top_p: Optional[float], generator: Optional[torch.Generator],
                      extents: Optional[ExtentMask] = None) -> tuple[Tensor, Tensor]:
@@ -440,6 +502,25 @@ class LocationModel(nn.Module):
         logits = self.step_logits(step, logits.float(), prev)
         logits = logits.masked_fill(~self.allowed_tokens(step, prev, bounds, extents), float("-inf"))
         return draw_tokens(filter_logits(logits, temperature, top_k, top_p), generator)
+
+    def sampling_bytes_per_image(self, n: int) -> int:
+        """Upper estimate of the memory one image adds to a `sample` call with ``n`` boxes (cascade
+        decoder, the model's dtype): its pixels and image-encoder activations, its prefix keys/values,
+        the ``n`` samples' box-token keys/values and one layer's step activations, doubled for
+        allocator slack and transient copies. Sizes a sampling batch from a memory budget."""
+        cfg, item = self.cfg, self.image_proj.weight.element_size()
+        tokens, width = self.num_image_tokens + 1, self.image_encoder.num_features
+        encoder_heads = getattr(getattr(self.image_encoder.blocks[0], "attn", None), "num_heads", 1)
+        heads, d, layers = cfg.gpt2_n_head, cfg.gpt2_n_embd, cfg.gpt2_n_layer
+        plen = self.prefix_len + 1
+        encoder = 3 * cfg.image_size ** 2 * 4 + (12 * tokens * width + 2 * encoder_heads * tokens ** 2) * item
+        prefix = (2 * layers * plen * d + 12 * plen * d + 2 * heads * plen ** 2) * item
+        boxes = n * (2 * layers * 3 * d + 3 * heads * (plen + 3) + 12 * d + 8 * self.tokenizer.vocab_size) * item
+        return 2 * (encoder + prefix + boxes)
+
+    def sampling_batch_size(self, n: int, budget_bytes: float) -> int:
+        """Images per `sample` call of ``n`` boxes within ``budget_bytes`` (at least 1)."""
+        return max(1, int(budget_bytes // self.sampling_bytes_per_image(n)))
 
     def _sample_output(self, tokens: Tensor, log_probs: Tensor, image_sizes: Optional[Tensor]) -> SampleOutput:
         boxes_norm = self.tokenizer.decode(tokens)

@@ -1,6 +1,8 @@
-"""KV-cached, prefix-shared sampler: exactness against a naive decode, validity, regions, seeds."""
+"""KV-cached, prefix-shared sampler (cascade and the earlier copied-cache decoder): exactness against
+a naive decode and each other, validity, regions, seeds, and what the cascade never materialises."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import LocationModel, LocationModelConfig, SampleOutput, draw_tokens, filter_logits
 from tests.reference_decode import naive_reference_decode
@@ -30,13 +32,19 @@ SETTINGS = [
     dict(),
     dict(temperature=0.7, top_k=12, top_p=0.8),
     dict(temperature=1.5, region=torch.tensor([[0.5, 0.0, 1.0, 0.5], [0.1, 0.1, 0.4, 0.9], [0.0, 0.0, 1.0, 1.0]])),
+    dict(size=torch.tensor([[0.2, 0.2, 0.1, 0.5], [0.0, 1.0, 0.0, 1.0], [0.05, 0.3, 0.3, 0.3]]),
+         aspect_ratio=torch.tensor([0.5, 2.0]), region=torch.tensor([0.0, 0.2, 0.6, 1.0]), top_p=0.9),
 ]
+SETTING_IDS = ["plain", "temp-topk-topp", "region", "size-aspect-region"]
+DECODERS = pytest.mark.parametrize("cascade", [True, False], ids=["cascade", "copied-cache"])
 
 
-@pytest.mark.parametrize("kwargs", SETTINGS, ids=["plain", "temp-topk-topp", "region"])
-def test_cached_sampler_equals_naive_reference_exactly(model64, kwargs):
+@DECODERS
+@pytest.mark.parametrize("kwargs", SETTINGS, ids=SETTING_IDS)
+def test_sampler_equals_naive_reference_exactly(model64, kwargs, cascade):
     images, categories = _inputs()
-    out = model64.sample(images, categories, n=8, generator=torch.Generator().manual_seed(7), **kwargs)
+    out = model64.sample(images, categories, n=8, generator=torch.Generator().manual_seed(7), cascade=cascade,
+                         **kwargs)
     with torch.no_grad():
         prefix = model64.build_prefix(model64.encode_images(images), model64.encode_texts(categories))
     tokens, log_probs = naive_reference_decode(model64, prefix, 8, generator=torch.Generator().manual_seed(7),
@@ -45,9 +53,18 @@ def test_cached_sampler_equals_naive_reference_exactly(model64, kwargs):
     torch.testing.assert_close(out.log_probs, log_probs, atol=0, rtol=0)
 
 
-def test_cached_sampler_matches_naive_reference_in_float32(model):
+@pytest.mark.parametrize("kwargs", SETTINGS, ids=SETTING_IDS)
+def test_cascade_equals_copied_cache_decoder_exactly(model64, kwargs):
     images, categories = _inputs()
-    out = model.sample(images, categories, n=8, generator=torch.Generator().manual_seed(3))
+    a = model64.sample(images, categories, n=30, generator=torch.Generator().manual_seed(5), **kwargs)
+    b = model64.sample(images, categories, n=30, generator=torch.Generator().manual_seed(5), cascade=False, **kwargs)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.log_probs, b.log_probs)
+
+
+@DECODERS
+def test_sampler_matches_naive_reference_in_float32(model, cascade):
+    images, categories = _inputs()
+    out = model.sample(images, categories, n=8, generator=torch.Generator().manual_seed(3), cascade=cascade)
     with torch.no_grad():
         prefix = model.build_prefix(model.encode_images(images), model.encode_texts(categories))
     tokens, log_probs = naive_reference_decode(model, prefix, 8, generator=torch.Generator().manual_seed(3))
@@ -55,16 +72,52 @@ def test_cached_sampler_matches_naive_reference_in_float32(model):
     torch.testing.assert_close(out.log_probs, log_probs, atol=1e-5, rtol=0)
 
 
-def test_prefix_runs_once_per_image_then_one_token_steps(model):
+@pytest.mark.parametrize("relative", [False, True], ids=["absolute", "relative-extents"])
+def test_cascade_matches_copied_cache_decoder_in_float32(relative):
+    torch.manual_seed(1)
+    model = LocationModel(LocationModelConfig.preset("tiny", relative_extents=relative)).eval()
+    images, categories = _inputs(4)
+    kwargs = dict(n=100, temperature=1.2, size=torch.tensor([0.1, 0.6, 0.1, 0.6]))
+    a = model.sample(images, categories, generator=torch.Generator().manual_seed(2), **kwargs)
+    b = model.sample(images, categories, generator=torch.Generator().manual_seed(2), cascade=False, **kwargs)
+    assert torch.equal(a.tokens, b.tokens)
+    torch.testing.assert_close(a.log_probs, b.log_probs, atol=1e-5, rtol=0)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an operator returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+@DECODERS
+def test_prefix_runs_once_and_only_the_copied_cache_decoder_repeats_it(model, cascade):
     shapes = []
     handle = model.decoder.transformer.register_forward_pre_hook(
         lambda mod, args, kwargs: shapes.append(tuple(kwargs["inputs_embeds"].shape)), with_kwargs=True)
+    largest = _LargestTensor()
     try:
-        model.sample(*_inputs(), n=50)
+        with largest:
+            model.sample(*_inputs(), n=50, cascade=cascade)
     finally:
         handle.remove()
     d = model.cfg.gpt2_n_embd
-    assert shapes == [(3, model.prefix_len + 1, d)] + [(150, 1, d)] * 3
+    prefix_copies = 3 * 50 * (model.prefix_len + 1) * d  # one layer's keys for every sample
+    if cascade:  # GPT-2's forward runs once (prefix + BOS); the one-token steps attend to that cache in place
+        assert shapes == [(3, model.prefix_len + 1, d)]
+        assert largest.numel < prefix_copies / 4
+    else:
+        assert shapes == [(3, model.prefix_len + 1, d)] + [(150, 1, d)] * 3
+        assert largest.numel >= prefix_copies
 
 
 def _assert_valid(out, num_bins, region=None):

@@ -1,0 +1,412 @@
+"""The GPU check: one command that measures what a paper-scale run needs on one GPU, in a few minutes.
+
+`paper` preset (ViT-B/16 224, CLIP ViT-B/32 text, GPT-2 small) with random weights on synthetic
+batches (random images, random valid boxes):
+
+- MLE and DPO training steps (zero_grad, loss, backward, clipping 1.0, AdamW) in fp32 and in
+  bf16-mixed (autocast around the loss, as Lightning's ``precision=bf16-mixed``): ms per step,
+  samples/s, peak memory;
+- sampling ``--boxes`` boxes per image with the cascade decoder and with the copied-cache decoder
+  (``sample(cascade=False)``) at each of ``--sample-images`` batch sizes: boxes/s, peak memory
+  (an out-of-memory is a row saying so), and the sampler's own memory estimate;
+- the largest training batch that fits, MLE and DPO, per precision: batch 1, 2, 4, ... until a
+  step runs out of memory (caught) or ``--max-batch``.
+
+Writes ``gpu_check.md`` (a Markdown table) and ``gpu_check.json`` into ``--out``, and prints the table.
+Sections that would start after ``--time-budget`` seconds are skipped and listed as such.
+
+    python -m benchmarks.gpu_check              # CUDA, paper preset (make bench-gpu)
+    python -m benchmarks.gpu_check --quick      # CPU smoke test: tiny preset and shapes, under a minute
+
+Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU (weights, gradients and optimizer
+state included; "resident" is what was allocated before the measured calls) and the process's
+peak RSS on a CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from benchmarks.dpo_step import OPTIM, make_batch  # noqa: E402
+from lightning_modules.checkpoint import save_model_checkpoint  # noqa: E402
+from lightning_modules.dpo import DPOModule  # noqa: E402
+from lightning_modules.mle import MLEModule  # noqa: E402
+from models import LocationModelConfig  # noqa: E402
+
+GIB = 2 ** 30
+CLIP = 1.0  # configs/schema.py TrainerSection.gradient_clip_val
+PRECISIONS = ("fp32", "bf16-mixed")
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """CUDA's allocator, cuBLAS/cuDNN workspaces or the CPU allocator running out."""
+    text = str(error).lower()
+    return (isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "alloc_failed" in text
+            or "can't allocate memory" in text)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _proc_status(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024.0
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """Peak memory in bytes of the ``with`` block: CUDA allocator peak, or the process's peak RSS on
+    a CPU (its high-water mark reset through ``/proc/self/clear_refs`` where Linux allows it)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self.resident = device, None, None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.resident = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+            self.resident = _proc_status("VmRSS")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.peak = _proc_status("VmHWM")
+
+
+def seconds(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def to_device(value, device: torch.device):
+    """Tensors, also inside lists and dicts, moved to ``device`` (what Lightning does to a batch)."""
+    if torch.is_tensor(value):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [to_device(v, device) for v in value]
+    return value
+
+
+class Trainee:
+    """A module plus its AdamW over the trainable parameters; ``step(batch, precision)`` is one
+    training step of the module's objective."""
+
+    def __init__(self, module, objective: str):
+        self.module, self.objective = module, objective
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=OPTIM["lr"], betas=tuple(OPTIM["betas"]),
+                                           weight_decay=OPTIM["weight_decay"])
+
+    def step(self, batch: dict, precision: str) -> None:
+        device = batch["image"].device
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            if self.objective == "mle":
+                loss = self.module.box_nll(batch)[1]
+            else:
+                loss = self.module.dpo_metrics(batch)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, CLIP)
+        self.optimizer.step()
+
+    def reset(self, device: torch.device) -> None:
+        """After an out-of-memory error: drop gradients and cached blocks."""
+        self.optimizer.zero_grad(set_to_none=True)
+        free_memory(device)
+
+
+def row(section: str, variant: str, precision: str, batch: str, ms=None, rate=None, unit="", peak=None,
+        resident=None, note="") -> dict:
+    return {"section": section, "variant": variant, "precision": precision, "batch": batch, "ms": ms,
+            "rate": rate, "unit": unit, "peak_gib": None if peak is None else peak / GIB,
+            "resident_gib": None if resident is None else resident / GIB, "note": note}
+
+
+def time_steps(trainee: Trainee, batch: dict, precision: str, steps: int, device: torch.device) -> dict:
+    """Median step time after two warm-up steps, with the peak memory of the timed steps."""
+    for _ in range(2):
+        trainee.step(batch, precision)
+    with PeakMemory(device) as memory:
+        times = [seconds(lambda: trainee.step(batch, precision), device) for _ in range(steps)]
+    size = len(batch["key"])
+    median = statistics.median(times)
+    return row("train step", trainee.objective.upper(), precision, str(size), 1e3 * median, size / median,
+               "samples/s", memory.peak, memory.resident)
+
+
+def largest_batch(trainee: Trainee, precision: str, image_size: int, max_batch: int, device: torch.device) -> dict:
+    """Batch 1, 2, 4, ... one step each until a step runs out of memory or ``max_batch`` is reached."""
+    fits, failed, peak = 0, None, None
+    size = 1
+    while size <= max_batch:
+        oom = False
+        try:
+            batch = to_device(make_batch(size, image_size, seed=size), device)
+            with PeakMemory(device) as memory:
+                trainee.step(batch, precision)
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if not out_of_memory(error):
+                raise
+            oom = True
+        batch = None
+        if oom:
+            trainee.reset(device)
+            failed = size
+            break
+        fits, peak = size, memory.peak
+        size *= 2
+    note = f"batch {failed} ran out of memory" if failed else f"stopped at --max-batch {max_batch}"
+    return row("largest batch", trainee.objective.upper(), precision, str(fits), peak=peak, note=note)
+
+
+def sampling_rows(model, images: int, boxes: int, repeats: int, device: torch.device) -> list[dict]:
+    """Cascade vs copied-cache decoding of ``images x boxes`` boxes (median of ``repeats`` calls)."""
+    pixels = torch.rand(images, 3, model.cfg.image_size, model.cfg.image_size, device=device,
+                        generator=torch.Generator(device).manual_seed(0))
+    categories = [("car", "bird", "lamp", "person")[i % 4] for i in range(images)]
+    estimate = images * model.sampling_bytes_per_image(boxes)
+    rows = []
+    for cascade in (True, False):
+        name = "cascade" if cascade else "copied cache"
+        shape = f"{images} img x {boxes}"
+        oom = False
+        try:
+            with PeakMemory(device) as memory:
+                model.sample(pixels, categories, n=boxes, cascade=cascade)
+            median = statistics.median(
+                seconds(lambda: model.sample(pixels, categories, n=boxes, cascade=cascade), device)
+                for _ in range(repeats))
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if not out_of_memory(error):
+                raise
+            oom = True
+        if oom:
+            free_memory(device)
+            rows.append(row("sampling", name, "fp32", shape, note="out of memory"))
+            continue
+        note = f"estimate {estimate / GIB:.2f} GiB above resident" if cascade else ""
+        rows.append(row("sampling", name, "fp32", shape, 1e3 * median, images * boxes / median, "boxes/s",
+                        memory.peak, memory.resident, note))
+    return rows
+
+
+class Budget:
+    """Wall-clock budget: sections that would start after it are skipped and reported."""
+
+    def __init__(self, seconds_: float):
+        self.start, self.limit, self.skipped = time.perf_counter(), seconds_, []
+
+    def allows(self, what: str) -> bool:
+        if time.perf_counter() - self.start < self.limit:
+            return True
+        self.skipped.append(what)
+        return False
+
+
+def run(args, device: torch.device) -> dict:
+    preset = "tiny" if args.quick else "paper"
+    overrides = {} if args.quick else dict(vit_weights=None, clip_weights=None, gpt2_weights=None)
+    config = LocationModelConfig.preset(preset, **overrides).to_dict()
+    image_size = config["image_size"]
+    budget = Budget(args.time_budget)
+    rows: list[dict] = []
+    torch.manual_seed(0)
+    batch = to_device(make_batch(args.batch_size, image_size), device)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mle = MLEModule(model_config=config, optim=OPTIM)
+        reference = Path(tmp) / "mle.ckpt"
+        save_model_checkpoint(mle.model, reference)
+        trainee = Trainee(mle.to(device).train(), "mle")
+        for precision in PRECISIONS:
+            if budget.allows(f"MLE step {precision}"):
+                rows.append(time_steps(trainee, batch, precision, args.steps, device))
+                print(f"MLE step {precision}: {rows[-1]['ms']:.1f} ms", file=sys.stderr, flush=True)
+        model = mle.model.eval()
+        for images in args.sample_images:
+            if budget.allows(f"sampling {images} images"):
+                rows += sampling_rows(model, images, args.boxes, args.repeats, device)
+                print(f"sampling {images} images done", file=sys.stderr, flush=True)
+        mle.train()
+        for precision in PRECISIONS:
+            if budget.allows(f"largest MLE batch {precision}"):
+                rows.append(largest_batch(trainee, precision, image_size, args.max_batch, device))
+                print(f"largest MLE batch {precision}: {rows[-1]['batch']}", file=sys.stderr, flush=True)
+        del trainee, mle, model
+        free_memory(device)
+
+        if budget.allows("DPO"):
+            dpo = DPOModule(optim=OPTIM, beta=0.1, reference=str(reference)).to(device).train()
+            dpo._reference()  # the frozen reference follows the policy's device
+            trainee = Trainee(dpo, "dpo")
+            for precision in PRECISIONS:
+                if budget.allows(f"DPO step {precision}"):
+                    rows.append(time_steps(trainee, batch, precision, args.steps, device))
+                    print(f"DPO step {precision}: {rows[-1]['ms']:.1f} ms", file=sys.stderr, flush=True)
+            for precision in PRECISIONS:
+                if budget.allows(f"largest DPO batch {precision}"):
+                    rows.append(largest_batch(trainee, precision, image_size, args.max_batch, device))
+                    print(f"largest DPO batch {precision}: {rows[-1]['batch']}", file=sys.stderr, flush=True)
+            del trainee, dpo
+            free_memory(device)
+
+    return {"device": describe(device), "preset": preset, "settings": {
+                "batch_size": args.batch_size, "steps": args.steps, "boxes": args.boxes,
+                "sample_images": args.sample_images, "repeats": args.repeats, "max_batch": args.max_batch,
+                "time_budget_s": args.time_budget},
+            "seconds": time.perf_counter() - budget.start, "skipped": budget.skipped, "rows": rows}
+
+
+def describe(device: torch.device) -> dict:
+    info = {"type": device.type, "torch": torch.__version__, "python": platform.python_version()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(name=props.name, memory_gib=props.total_memory / GIB, cuda=torch.version.cuda,
+                    capability=f"{props.major}.{props.minor}", tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
+    else:
+        info.update(name=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+    return info
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(result: dict) -> str:
+    d = result["device"]
+    lines = [f"GPU check on {d['name']} ({d['type']}"
+             + (f", {d['memory_gib']:.0f} GiB, CUDA {d['cuda']}" if d["type"] == "cuda" else "")
+             + f"), torch {d['torch']}, `{result['preset']}` preset, random weights, "
+               f"{result['seconds']:.0f} s in all.", "",
+             "| section | variant | precision | batch | ms | rate | peak GiB | resident GiB | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        rate = "-" if r["rate"] is None else f"{r['rate']:.1f} {r['unit']}"
+        lines.append(f"| {r['section']} | {r['variant']} | {r['precision']} | {r['batch']} | {_fmt(r['ms'], '.1f')} "
+                     f"| {rate} | {_fmt(r['peak_gib'], '.2f')} | {_fmt(r['resident_gib'], '.2f')} | {r['note']} |")
+    ratios = sampling_ratios(result["rows"], memory=d["type"] == "cuda")
+    if ratios:
+        lines += ["", "Sampling, cascade / copied cache: " + "; ".join(ratios)]
+    if result["skipped"]:
+        lines += ["", f"Skipped (time budget {result['settings']['time_budget_s']:.0f} s): "
+                  + ", ".join(result["skipped"])]
+    return "\n".join(lines) + "\n"
+
+
+def sampling_ratios(rows: list[dict], memory: bool) -> list[str]:
+    """``"<batch>: <speed ratio>x boxes/s, <memory ratio>x less peak memory above resident"`` per batch;
+    the memory ratio only with ``memory`` (a CUDA allocator peak: a CPU's RSS reuses freed pages)."""
+    by_batch: dict[str, dict] = {}
+    for r in rows:
+        if r["section"] == "sampling":
+            by_batch.setdefault(r["batch"], {})[r["variant"]] = r
+    out = []
+    for shape, pair in by_batch.items():
+        cascade, copied = pair.get("cascade"), pair.get("copied cache")
+        if not cascade or not copied or cascade["rate"] is None:
+            continue
+        if copied["rate"] is None:
+            out.append(f"{shape}: copied cache ran out of memory")
+            continue
+        text = f"{shape}: {cascade['rate'] / copied['rate']:.2f}x boxes/s"
+        if memory:
+            above = (copied["peak_gib"] - copied["resident_gib"]) / max(cascade["peak_gib"] - cascade["resident_gib"], 1e-9)
+            text += f", {above:.1f}x less peak memory above resident"
+        out.append(text)
+    return out
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CPU smoke test: tiny preset, small batches, no GPU needed")
+    p.add_argument("--device", help="default: cuda (--quick: cpu)")
+    p.add_argument("--out", default="results/gpu_check", help="folder for gpu_check.md and gpu_check.json")
+    p.add_argument("--batch-size", type=int, help="training batch of the step timings (default 64, quick 4)")
+    p.add_argument("--steps", type=int, help="timed steps per setting (default 10, quick 2)")
+    p.add_argument("--boxes", type=int, default=100, help="boxes per image when sampling (default 100)")
+    p.add_argument("--sample-images", type=int, nargs="+", help="sampling batch sizes (default 8 64, quick 2 4)")
+    p.add_argument("--repeats", type=int, help="timed sampling calls per row (default 3, quick 1)")
+    p.add_argument("--max-batch", type=int, help="largest training batch tried (default 4096, quick 16)")
+    p.add_argument("--time-budget", type=float, default=270.0,
+                   help="seconds after which remaining sections are skipped (default 270)")
+    args = p.parse_args(argv)
+    quick = args.quick
+    for name, full, small in (("batch_size", 64, 4), ("steps", 10, 2), ("sample_images", [8, 64], [2, 4]),
+                              ("repeats", 3, 1), ("max_batch", 4096, 16)):
+        if getattr(args, name) is None:
+            setattr(args, name, small if quick else full)
+    args.device = args.device or ("cpu" if quick else "cuda")
+    numbers = [args.batch_size, args.steps, args.boxes, args.repeats, args.max_batch, *args.sample_images]
+    if min(numbers) < 1 or args.time_budget <= 0:
+        p.error("--batch-size, --steps, --boxes, --sample-images, --repeats and --max-batch must be >= 1, "
+                "--time-budget > 0")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("no CUDA device is visible (torch.cuda.is_available() is False): run on a GPU machine, or use "
+                "--quick for the CPU smoke test")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    result = run(args, device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(result)
+    write_atomic(out / "gpu_check.json", json.dumps(result, indent=1))
+    write_atomic(out / "gpu_check.md", table)
+    print(table)
+    print(f"wrote {out / 'gpu_check.md'} and {out / 'gpu_check.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""benchmarks/gpu_check.py keeps working where no GPU is: its CPU quick mode end to end, and the
+pieces a GPU run depends on (out-of-memory detection, batch search, the report)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks import gpu_check
+from conftest import ROOT
+
+
+@pytest.mark.slow
+def test_quick_mode_writes_every_row(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--quick", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert result["preset"] == "tiny" and result["device"]["type"] == "cpu" and not result["skipped"]
+    steps = {(r["variant"], r["precision"]): r for r in result["rows"] if r["section"] == "train step"}
+    assert set(steps) == {(v, p) for v in ("MLE", "DPO") for p in ("fp32", "bf16-mixed")}
+    assert all(r["ms"] > 0 and r["rate"] == pytest.approx(4 / (r["ms"] / 1e3)) for r in steps.values())
+    sampling = [(r["variant"], r["batch"]) for r in result["rows"] if r["section"] == "sampling"]
+    assert sampling == [("cascade", "2 img x 100"), ("copied cache", "2 img x 100"),
+                        ("cascade", "4 img x 100"), ("copied cache", "4 img x 100")]
+    largest = [r for r in result["rows"] if r["section"] == "largest batch"]
+    assert len(largest) == 4 and all(r["batch"] == "16" and "--max-batch 16" in r["note"] for r in largest)
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert table in proc.stdout and "| train step | DPO | bf16-mixed | 4 |" in table
+    assert "Sampling, cascade / copied cache: 2 img x 100:" in table
+
+
+def test_out_of_memory_is_recognised_and_other_errors_are_not():
+    assert gpu_check.out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert gpu_check.out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert gpu_check.out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: "
+                                                "can't allocate memory: you tried to allocate 1099511627776 bytes"))
+    assert not gpu_check.out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+class _FakeTrainee:
+    """Runs out of memory from a given batch size on, like a GPU would."""
+
+    objective = "mle"
+
+    def __init__(self, limit):
+        self.limit, self.sizes, self.resets = limit, [], 0
+
+    def step(self, batch, precision):
+        self.sizes.append(len(batch["key"]))
+        if len(batch["key"]) > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    def reset(self, device):
+        self.resets += 1
+
+
+def test_batch_search_doubles_until_out_of_memory_and_recovers():
+    trainee = _FakeTrainee(limit=5)
+    r = gpu_check.largest_batch(trainee, "fp32", 8, max_batch=64, device=torch.device("cpu"))
+    assert trainee.sizes == [1, 2, 4, 8] and trainee.resets == 1
+    assert r["batch"] == "4" and r["note"] == "batch 8 ran out of memory"
+    capped = gpu_check.largest_batch(_FakeTrainee(limit=100), "fp32", 8, max_batch=8, device=torch.device("cpu"))
+    assert capped["batch"] == "8" and capped["note"] == "stopped at --max-batch 8"
+    with pytest.raises(RuntimeError, match="shapes"):
+        class Broken(_FakeTrainee):
+            def step(self, batch, precision):
+                raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+        gpu_check.largest_batch(Broken(0), "fp32", 8, max_batch=8, device=torch.device("cpu"))
+
+
+def test_report_ratios_and_bad_arguments(capsys):
+    rows = [gpu_check.row("sampling", "cascade", "fp32", "8 img x 100", 10.0, 80000.0, "boxes/s", 3 * 2**30, 2**30),
+            gpu_check.row("sampling", "copied cache", "fp32", "8 img x 100", 20.0, 40000.0, "boxes/s",
+                          11 * 2**30, 2**30),
+            gpu_check.row("sampling", "cascade", "fp32", "64 img x 100", 50.0, 128000.0, "boxes/s", 8 * 2**30, 2**30),
+            gpu_check.row("sampling", "copied cache", "fp32", "64 img x 100", note="out of memory")]
+    assert gpu_check.sampling_ratios(rows, memory=True) == [
+        "8 img x 100: 2.00x boxes/s, 5.0x less peak memory above resident", "64 img x 100: copied cache ran out of memory"]
+    assert gpu_check.sampling_ratios(rows, memory=False)[0] == "8 img x 100: 2.00x boxes/s"
+    for argv in (["--quick", "--steps", "0"], ["--quick", "--sample-images", "2", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            gpu_check.parse_args(argv)
+        assert exit_info.value.code == 2
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            gpu_check.parse_args([])
+        assert "no CUDA device is visible" in capsys.readouterr().err
