@@ -33,7 +33,7 @@ def samples_with_images(data_dir, split: str):
         for key, files in parts.items():
             image = next((files[e] for e in ("png", "jpg", "jpeg") if e in files), None)
             if "json" in files and image is not None:
-                yield {"key": key, **json.loads(files["json"])}, decode_image(image).convert("RGB")
+                yield {"key": key, **json.loads(files["json"])}, decode_image(image).image
 
 
 def main(argv=None) -> int:
