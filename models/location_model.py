@@ -422,20 +422,12 @@ class LocationModel(nn.Module):
         out = self.decoder(inputs_embeds=torch.cat([prefix, bos], dim=1), use_cache=True, logits_to_keep=1)
         cache = out.cache
         cache.batch_repeat_interleave(n)
-        logits = out.logits[:, -1].repeat_interleave(n, dim=0)
-        bounds = bounds.repeat_interleave(n, dim=0)
-        extents = None if extents is None else extents.repeat_interleave(n)
-        tokens = torch.empty(batch * n, 0, dtype=torch.long, device=prefix.device)
-        total = torch.zeros(batch * n, device=prefix.device)
-        for step in range(4):
-            token, logp = self._sample_step(logits, step, tokens, bounds, temperature, top_k, top_p, generator,
-                                            extents)
-            tokens = torch.cat([tokens, token[:, None]], dim=1)
-            total += logp
-            if step < 3:
-                out = self.decoder(inputs_embeds=self.input_embeds(tokens)[:, -1:], cache=cache, use_cache=True)
-                logits = out.logits[:, -1]
-        return tokens.view(batch, n, 4), total.view(batch, n)
+
+        def next_logits(tokens: Tensor, step: int) -> Tensor:
+            return self.decoder(inputs_embeds=self.input_embeds(tokens)[:, -1:], cache=cache, use_cache=True).logits[:, -1]
+
+        return self._draw_boxes(out.logits[:, -1], n, bounds, extents, (temperature, top_k, top_p), generator,
+                                next_logits)
 
     def _decode_cascade(self, prefix: Tensor, n: int, bounds: Tensor, temperature: float, top_k: Optional[int],
                         top_p: Optional[float], generator: Optional[torch.Generator],
@@ -448,19 +440,31 @@ class LocationModel(nn.Module):
         shared = [(layer.keys, layer.values) for layer in out.cache.layers]
         own: list[Optional[tuple[Tensor, Tensor]]] = [None] * len(shared)
         first_position = prefix.shape[1] + 1
-        logits = out.logits[:, -1].repeat_interleave(n, dim=0)
+
+        def next_logits(tokens: Tensor, step: int) -> Tensor:
+            hidden = self.input_embeds(tokens)[:, -1].view(batch, n, -1)
+            return self._cascade_step(hidden, first_position + step, shared, own).reshape(batch * n, -1)
+
+        return self._draw_boxes(out.logits[:, -1], n, bounds, extents, (temperature, top_k, top_p), generator,
+                                next_logits)
+
+    def _draw_boxes(self, first_logits: Tensor, n: int, bounds: Tensor, extents: Optional[ExtentMask],
+                    filters: tuple, generator: Optional[torch.Generator], next_logits) -> tuple[Tensor, Tensor]:
+        """The four sampling steps shared by both decoders: ``first_logits`` ``[B, vocab]`` after BOS,
+        ``next_logits(tokens, step)`` the logits after step ``step``'s token. Returns tokens
+        ``[B, n, 4]`` and summed log-probs ``[B, n]``."""
+        batch = first_logits.shape[0]
+        logits = first_logits.repeat_interleave(n, dim=0)
         bounds = bounds.repeat_interleave(n, dim=0)
         extents = None if extents is None else extents.repeat_interleave(n)
-        tokens = torch.empty(batch * n, 0, dtype=torch.long, device=prefix.device)
-        total = torch.zeros(batch * n, device=prefix.device)
+        tokens = torch.empty(batch * n, 0, dtype=torch.long, device=first_logits.device)
+        total = torch.zeros(batch * n, device=first_logits.device)
         for step in range(4):
-            token, logp = self._sample_step(logits, step, tokens, bounds, temperature, top_k, top_p, generator,
-                                            extents)
+            token, logp = self._sample_step(logits, step, tokens, bounds, *filters, generator, extents)
             tokens = torch.cat([tokens, token[:, None]], dim=1)
             total += logp
             if step < 3:
-                hidden = self.input_embeds(tokens)[:, -1].view(batch, n, -1)
-                logits = self._cascade_step(hidden, first_position + step, shared, own).reshape(batch * n, -1)
+                logits = next_logits(tokens, step)
         return tokens.view(batch, n, 4), total.view(batch, n)
 
     def _cascade_step(self, hidden: Tensor, position: int, shared: list[tuple[Tensor, Tensor]],
