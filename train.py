@@ -22,13 +22,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import lightning as L  # noqa: E402
-from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 
 from configs.schema import ConfigError, instantiate, internal_args, load_config, locate, model_config  # noqa: E402
 from datamodules.shards import ShardFormatError  # noqa: E402
 from lightning_modules.checkpoint import CheckpointError  # noqa: E402
-from lightning_modules.run_files import (RunLock, config_changes_on_resume, newest_last_checkpoint,  # noqa: E402
-                                         remove_stale_partials, write_metrics, write_text_atomic)
+from lightning_modules.run_files import (RunLock, config_changes_on_resume, is_global_rank_zero,  # noqa: E402
+                                         newest_last_checkpoint, remove_stale_partials, write_metrics,
+                                         write_text_atomic)
 from models.pretrained import PretrainedWeightsError  # noqa: E402
 
 log = logging.getLogger("genloc.train")
@@ -98,7 +98,7 @@ def train(cfg: DictConfig, extra_callbacks: list = ()) -> dict:
     warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     directory = run_dir(cfg)
-    with RunLock(directory, enabled=rank_zero_only.rank == 0):
+    with RunLock(directory, enabled=is_global_rank_zero()):
         return _fit(cfg, module_cls, datamodule, directory, extra_callbacks)
 
 
@@ -112,7 +112,7 @@ def _fit(cfg: DictConfig, module_cls: type, datamodule, directory: Path, extra_c
     saved = read_checkpoint(last) if last else None  # a corrupt last.ckpt is an error, never a restart
     if saved is not None:
         check_config_unchanged(cfg, directory)
-    if rank_zero_only.rank == 0:
+    if is_global_rank_zero():
         for stale in remove_stale_partials(checkpoints):
             log.warning("removed %s, left by a save that was killed", stale)
 

@@ -29,6 +29,17 @@ RESUME_MAY_CHANGE = (
 )
 
 
+def is_global_rank_zero() -> bool:
+    """Whether this process will be global rank 0, known before the Trainer exists: torchrun's
+    RANK, SLURM's SLURM_PROCID, else Lightning's launcher (NODE_RANK of the node, LOCAL_RANK of the
+    process within it; unset on the process that launches the others)."""
+    for var in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var]) == 0
+    node = os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0"))
+    return int(node or 0) == 0 and int(os.environ.get("LOCAL_RANK", "0") or 0) == 0
+
+
 class RunLock:
     """An exclusive `flock` on `<run_dir>/.lock` for the life of a run (released by the OS if the
     process dies), so two runs can never write one folder. Only global rank zero takes it."""

@@ -157,3 +157,16 @@ def test_leftover_of_a_killed_save_is_removed_at_the_next_start(tiny_toy_data, t
     (ckpts / ".last.ckpt.1234abcd.partial").write_bytes(b"torn")
     assert _main(_args(data, tmp_path, steps=2), capsys)[0] == 0
     assert not list(ckpts.glob(".*partial")) and _step(ckpts / "last.ckpt") == 2
+
+
+@pytest.mark.parametrize("env, zero", [({}, True), ({"LOCAL_RANK": "1"}, False), ({"NODE_RANK": "1"}, False),
+                                       ({"NODE_RANK": "0", "LOCAL_RANK": "0"}, True), ({"RANK": "3"}, False),
+                                       ({"RANK": "0", "NODE_RANK": "1"}, True), ({"SLURM_PROCID": "2"}, False)])
+def test_only_the_future_global_rank_zero_takes_the_run_lock(env, zero, monkeypatch):
+    from lightning_modules.run_files import is_global_rank_zero
+
+    for var in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK", "NODE_RANK", "GROUP_RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert is_global_rank_zero() is zero
