@@ -5,7 +5,7 @@ optionally push it to the Hugging Face Hub.
     python -m scripts.export --checkpoint CKPT --out DIR --push-to-hub user/genloc-toy
 
 The model card lists the training stages (followed back through each run's ``init_from`` /
-``dpo.reference``), the metrics of the run's ``metrics.json`` and, with ``--eval``, those of an
+``module.reference``), the metrics of the run's ``metrics.json`` and, with ``--eval``, those of an
 evaluate.py ``metrics.json``. The folder is written under a temporary name and renamed, so ``DIR``
 never holds half an export; an existing ``DIR`` is replaced only if it is a model folder.
 Bad input: one line on stderr and exit status 2.
@@ -31,13 +31,13 @@ def stage_info(run_dir: Path) -> tuple[dict, str | None]:
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    stage = OmegaConf.select(cfg, "stage", default="mle")
-    if stage == "dpo":
-        objective = (f"DPO (beta {OmegaConf.select(cfg, 'dpo.beta')}, "
-                     f"sft_weight {OmegaConf.select(cfg, 'dpo.sft_weight', default=0)})")
-        parent = OmegaConf.select(cfg, "dpo.reference")
+    parent = OmegaConf.select(cfg, "init_from")
+    if str(OmegaConf.select(cfg, "module._target_", default="")).endswith("DPOModule"):
+        objective = (f"DPO (beta {OmegaConf.select(cfg, 'module.beta')}, "
+                     f"sft_weight {OmegaConf.select(cfg, 'module.sft_weight', default=0)})")
+        parent = parent or OmegaConf.select(cfg, "module.reference")  # the policy starts from the reference
     else:
-        objective, parent = "MLE", OmegaConf.select(cfg, "init_from")
+        objective = "MLE"
     row = {"experiment": OmegaConf.select(cfg, "experiment", default=run_dir.parent.name), "objective": objective,
            "data": OmegaConf.select(cfg, "data.data_dir", default="?"),
            "steps": OmegaConf.select(cfg, "trainer.max_steps", default="?")}

@@ -272,3 +272,26 @@ def test_card_adds_the_evaluation_metrics_of_evaluate_py(run, tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{}")
     assert export_script.main(["--checkpoint", str(run[0]), "--out", str(out), "--eval", str(tmp_path / "bad.json")]) == 2
     assert "not a metrics.json written by evaluate.py" in capsys.readouterr().err
+
+
+def test_model_card_follows_the_stages_back_through_init_from_and_the_reference(tmp_path):
+    """The card's training table comes from each run's config.yaml: DPO -> its reference -> init_from."""
+    from omegaconf import OmegaConf
+
+    from configs.schema import load_config
+    from scripts.export import run_info
+
+    def run(name, extra):
+        cfg = load_config([f"experiment={name}", f"log_root={tmp_path}"] + extra)
+        folder = tmp_path / name / "default"
+        (folder / "checkpoints").mkdir(parents=True)
+        OmegaConf.save(cfg, folder / "config.yaml")
+        return folder / "checkpoints" / "last.ckpt"
+
+    run("toy_pretrain", [])
+    run("toy_finetune", [])
+    dpo = run("toy_dpo", [])
+    stages = run_info(dpo, None)["stages"]
+    assert [s["experiment"] for s in stages] == ["toy_pretrain", "toy_finetune", "toy_dpo"]
+    assert [s["objective"].split(" ")[0] for s in stages] == ["MLE", "MLE", "DPO"]
+    assert stages[-1]["objective"] == "DPO (beta 0.2, sft_weight 1.0)"
