@@ -97,6 +97,8 @@ def train(cfg: DictConfig, extra_callbacks: list = ()) -> dict:
     # the frozen encoders are in eval mode on purpose.
     warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # The run folder holds this run's own checkpoints by design (resumed from, locked against others).
+    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
     directory = run_dir(cfg)
     with RunLock(directory, enabled=is_global_rank_zero()):
         return _fit(cfg, module_cls, datamodule, directory, extra_callbacks)
