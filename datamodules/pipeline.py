@@ -46,6 +46,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from models.boxes import hflip, normalise, validate_boxes
+from models.placement import to_rgb_image
 
 from .kinds import data_kind
 from .shards import ShardFormatError, open_binary, read_split_info
@@ -95,7 +96,9 @@ def decode_sample(sample: dict, image_size: int) -> dict:
         if img.size != (w, h):
             raise CorruptSample(f"image is {img.size[0]}x{img.size[1]} but json says {w}x{h}")
         img.draft("RGB", (image_size, image_size))  # JPEG: decode at a reduced scale when much larger
-        img = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+        if img.mode != "RGB":  # the framework's one conversion: 16-bit, alpha, CMYK ... keep their values
+            img = to_rgb_image(img)[0]
+        img = img.resize((image_size, image_size), Image.BILINEAR)
     except CorruptSample:
         raise
     except Exception as e:  # PIL raises many types for broken files

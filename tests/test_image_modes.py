@@ -9,6 +9,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageCms
 from skimage import color
 from skimage import data as skdata
@@ -167,3 +168,18 @@ def test_decode_image_reports_format_mode_and_notes():
     with pytest.raises(Exception):
         decode_image(CASES["RGB png"][0][:200])                 # truncated: fails at once, not in a worker
     assert json.dumps(decode_image(CASES["L png"][0]).notes) == "[]"
+
+
+def test_training_pipeline_reads_a_sixteen_bit_shard_image_with_its_values():
+    """Shards from other tools may hold 16-bit PNGs: the pipeline converts them like the writer does."""
+    from datamodules.pipeline import decode_sample
+
+    values = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257)  # 0..65535 ramp
+    buf = io.BytesIO()
+    Image.fromarray(values).save(buf, format="PNG")
+    ann = {"category": "cup", "width": 16, "height": 16, "positives": [[1, 1, 8, 8]], "negatives": []}
+    sample = {"__key__": "k", "png": buf.getvalue(), "json": json.dumps(ann).encode()}
+    image = decode_sample(sample, 16)["image"]
+    expected = torch.from_numpy(np.round(values / 257.0).astype(np.float32) / 255.0)
+    torch.testing.assert_close(image[0], expected, atol=1 / 255, rtol=0)
+    assert float(image.mean()) < 0.6  # a plain convert("RGB") clips the ramp to near-white
