@@ -172,8 +172,6 @@ def test_decode_image_reports_format_mode_and_notes():
 
 def test_training_pipeline_reads_a_sixteen_bit_shard_image_with_its_values():
     """Shards from other tools may hold 16-bit PNGs: the pipeline converts them like the writer does."""
-    from datamodules.pipeline import decode_sample
-
     values = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257)  # 0..65535 ramp
     buf = io.BytesIO()
     Image.fromarray(values).save(buf, format="PNG")
