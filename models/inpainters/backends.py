@@ -7,7 +7,7 @@ import json
 import torch
 
 from models.inpainters.base import (BackendFolderError, Inpainter, call_accepted, default_dtype,
-                                    require_pipeline_folder, to_pil)
+                                    open_pipeline, require_pipeline_folder, to_pil)
 
 SD_LAYOUT = ("a diffusers inpainting pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
              "scheduler/; e.g. stable-diffusion-inpainting, stable-diffusion-2-inpainting, "
@@ -34,11 +34,9 @@ class SDInpainter(Inpainter):
 
         folder = require_pipeline_folder(folder, cls.name, SD_LAYOUT)
         try:
-            pipe = AutoPipelineForInpainting.from_pretrained(folder, dtype=dtype or default_dtype(device),
-                                                            local_files_only=True)
+            pipe = open_pipeline(AutoPipelineForInpainting, folder, dtype or default_dtype(device))
         except (ValueError, OSError) as err:
             raise BackendFolderError(f"{cls.name} back-end: cannot load {folder} ({err}); expected {SD_LAYOUT}") from None
-        pipe.set_progress_bar_config(disable=True)
         return cls(pipe.to(device), **options)
 
     def native_resolution(self) -> int:
@@ -77,8 +75,7 @@ class FluxFillInpainter(Inpainter):
                                      f"not a FluxFillPipeline; expected {FLUX_LAYOUT}")
         if dtype is None and torch.device(device).type == "cuda":
             dtype = torch.bfloat16  # FLUX is trained in bf16; fp16 overflows
-        pipe = FluxFillPipeline.from_pretrained(folder, dtype=dtype or torch.float32, local_files_only=True)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = open_pipeline(FluxFillPipeline, folder, dtype or torch.float32)
         return cls(pipe.to(device), **options)
 
     def native_resolution(self) -> int:
@@ -115,12 +112,10 @@ class GLIGENInpainter(Inpainter):
         if pipeline_class_name(folder) != "StableDiffusionGLIGENPipeline":
             raise BackendFolderError(f"{cls.name} back-end: {folder} holds a {pipeline_class_name(folder)!r}; "
                                      f"expected {GLIGEN_LAYOUT}")
-        pipe = StableDiffusionGLIGENPipeline.from_pretrained(folder, dtype=dtype or default_dtype(device),
-                                                            local_files_only=True)
+        pipe = open_pipeline(StableDiffusionGLIGENPipeline, folder, dtype or default_dtype(device))
         if pipe.unet.config.in_channels != 9:
             raise BackendFolderError(f"{cls.name} back-end: {folder} is GLIGEN generation (UNet with "
                                      f"{pipe.unet.config.in_channels} input channels), not inpainting; expected {GLIGEN_LAYOUT}")
-        pipe.set_progress_bar_config(disable=True)
         return cls(pipe.to(device), **options)
 
     def native_resolution(self) -> int:

@@ -43,6 +43,13 @@ def require_pipeline_folder(folder, backend: str, layout: str, parts=()) -> Path
     return folder
 
 
+def open_pipeline(pipeline_cls, folder: Path, dtype: torch.dtype):
+    """A diffusers pipeline from a local folder only (never the Hub), its progress bar off."""
+    pipe = pipeline_cls.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def default_dtype(device) -> torch.dtype:
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 

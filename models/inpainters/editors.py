@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.inpainters.base import (BackendFolderError, DEFAULT_STEPS, default_dtype, require_pipeline_folder,
-                                    to_pil)
+from models.inpainters.base import (BackendFolderError, DEFAULT_STEPS, default_dtype, open_pipeline,
+                                    require_pipeline_folder, to_pil)
 from models.inpainting import working_size
 
 EDIT_TEMPLATE = "add a {}"
@@ -90,12 +90,10 @@ class InstructEditor:
         from diffusers import StableDiffusionInstructPix2PixPipeline
 
         folder = require_pipeline_folder(folder, cls.name, LAYOUT, parts=("unet",))
-        pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(folder, dtype=dtype or default_dtype(device),
-                                                                     local_files_only=True)
+        pipe = open_pipeline(StableDiffusionInstructPix2PixPipeline, folder, dtype or default_dtype(device))
         if pipe.unet.config.in_channels != 8:
             raise BackendFolderError(f"{cls.name}: {folder}/unet has {pipe.unet.config.in_channels} input channels, "
                                      f"an instruction editor's has 8; expected {LAYOUT}")
-        pipe.set_progress_bar_config(disable=True)
         return cls(pipe.to(device), **options)
 
     def __init__(self, pipe, *, steps: int = DEFAULT_STEPS, guidance_scale: float = 7.5,

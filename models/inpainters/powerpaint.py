@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from models.inpainters.base import BackendFolderError, Inpainter, default_dtype, require_pipeline_folder, to_pil
+from models.inpainters.base import (BackendFolderError, Inpainter, default_dtype, open_pipeline,
+                                    require_pipeline_folder, to_pil)
 
 TASK_WORDS = ("P_obj", "P_ctxt", "P_shape")  # order of the release's extra text-encoder rows
 VECTORS_PER_WORD = 10
@@ -69,13 +70,11 @@ class PowerPaintInpainter(Inpainter):
         from diffusers import StableDiffusionInpaintPipeline
 
         folder = require_pipeline_folder(folder, cls.name, LAYOUT, parts=("unet", "text_encoder", "tokenizer"))
-        pipe = StableDiffusionInpaintPipeline.from_pretrained(folder, dtype=dtype or default_dtype(device),
-                                                             local_files_only=True)
+        pipe = open_pipeline(StableDiffusionInpaintPipeline, folder, dtype or default_dtype(device))
         if pipe.unet.config.in_channels != 9:
             raise BackendFolderError(f"powerpaint back-end: {folder}/unet has {pipe.unet.config.in_channels} input "
                                      f"channels, PowerPaint v1's has 9; expected {LAYOUT}")
         add_task_tokens(pipe.tokenizer, pipe.text_encoder, folder)
-        pipe.set_progress_bar_config(disable=True)
         return cls(pipe.to(device), **options)
 
     def __init__(self, pipe, *, tradeoff: float = 1.0, prompt_b: str | None = None, negative_b: str | None = None,
