@@ -97,7 +97,7 @@ def training_classes(source: str) -> list[str] | None:
 def load_backends(model: str | None, inpainter: str | None, backend: str, device: str, steps: int) -> Backends:
     """Load the location model and the inpainter. Missing defaults become notes shown in the page;
     a source given explicitly that cannot be loaded raises DemoError (the CLI exits 2 with it)."""
-    from lightning_modules.checkpoint import CheckpointError
+    from models.checkpoint import CheckpointError
     from models.hub import ModelFilesError, load_model
     from models.inpainters import BackendFolderError, load_backend
 
@@ -130,7 +130,7 @@ def load_backends(model: str | None, inpainter: str | None, backend: str, device
 # ------------------------------------------------------------------------------------------ inputs
 def read_image(image) -> tuple[Image.Image, list[str]]:
     """The uploaded photo (a path or PIL image) as 8-bit RGB, with notes on lossy conversions."""
-    from models.placement import to_rgb_image
+    from models.images import to_rgb_image
 
     if image is None:
         raise DemoError("No photo: upload one or pick an example.")

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_model(source: str):
     """The location model of a checkpoint, model folder or Hub id; errors end the program in one line."""
-    from lightning_modules.checkpoint import CheckpointError
+    from models.checkpoint import CheckpointError
     from models.hub import ModelFilesError, load_model as load
 
     try:
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_arguments(parser, args)
-    from models.placement import to_rgb_image
+    from models.images import to_rgb_image
 
     try:
         image, notes = to_rgb_image(args.image)

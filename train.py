@@ -25,7 +25,7 @@ import lightning as L  # noqa: E402
 
 from configs.schema import ConfigError, instantiate, internal_args, load_config, locate, model_config  # noqa: E402
 from datamodules.shards import ShardFormatError  # noqa: E402
-from lightning_modules.checkpoint import CheckpointError  # noqa: E402
+from models.checkpoint import CheckpointError  # noqa: E402
 from lightning_modules.run_files import (RunLock, config_changes_on_resume, is_global_rank_zero,  # noqa: E402
                                          newest_last_checkpoint, remove_stale_partials, write_metrics,
                                          write_text_atomic)
@@ -107,7 +107,8 @@ def train(cfg: DictConfig, extra_callbacks: list = ()) -> dict:
 def _fit(cfg: DictConfig, module_cls: type, datamodule, directory: Path, extra_callbacks) -> dict:
     from callbacks.preemption import Preemption
     from callbacks.reproducible import ReproducibleSteps
-    from lightning_modules.checkpoint import check_resumable, load_model_weights, read_checkpoint
+    from lightning_modules.checkpoint import check_resumable, load_model_weights
+    from models.checkpoint import read_checkpoint
 
     checkpoints = directory / "checkpoints"
     last = newest_last_checkpoint(checkpoints) if cfg.resume else None

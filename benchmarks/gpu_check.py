@@ -42,7 +42,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from benchmarks.dpo_step import OPTIM, make_batch  # noqa: E402
-from lightning_modules.checkpoint import save_model_checkpoint  # noqa: E402
+from models.checkpoint import save_model_checkpoint  # noqa: E402
 from lightning_modules.dpo import DPOModule  # noqa: E402
 from lightning_modules.mle import MLEModule  # noqa: E402
 from models import LocationModelConfig  # noqa: E402

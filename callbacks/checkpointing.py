@@ -7,7 +7,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from lightning_modules.checkpoint import atomic_save
+from models.checkpoint import atomic_save
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

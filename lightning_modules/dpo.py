@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.checkpoint import model_state_dict, read_checkpoint
+from models.checkpoint import model_state_dict, read_checkpoint
 from lightning_modules.dpo_loss import check_dpo_args, dpo_loss
 from lightning_modules.mle import LocationLightningModule
 from models import LocationModel

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_modules.checkpoint import CheckpointError
+from models.checkpoint import CheckpointError
 
 # Keys a resumed run may change: how and how long it runs, not what it learns.
 RESUME_MAY_CHANGE = (

@@ -200,7 +200,8 @@ def genloc_boxes(args, samples: list[Sample]) -> dict[str, list[float]]:
         if missing:
             raise UsageError(f"--boxes {args.boxes}: no box for {len(missing)} sample(s), e.g. {missing[0]!r}")
         return {s.key: found[s.key] for s in samples}
-    from lightning_modules.checkpoint import CheckpointError, load_location_model
+    from models.checkpoint import CheckpointError
+    from models.hub import load_location_model
 
     try:
         model = load_location_model(args.checkpoint)

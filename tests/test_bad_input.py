@@ -20,7 +20,7 @@ from configs.schema import load_config
 from conftest import tiny_run_overrides
 from datamodules import ShardDataModule
 from datamodules.pipeline import decode_sample
-from lightning_modules.checkpoint import CheckpointError, save_model_checkpoint
+from models.checkpoint import CheckpointError, save_model_checkpoint
 from models import LocationModel, LocationModelConfig
 
 

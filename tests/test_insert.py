@@ -11,7 +11,7 @@ from skimage import data
 
 import insert
 from conftest import FIXTURES
-from lightning_modules.checkpoint import save_model_checkpoint
+from models.checkpoint import save_model_checkpoint
 from metrics.inpainting import background_ssim
 from models.inpainters import load_backend
 from models.inpainting import box_mask, mask_bbox, parse_region, pixel_rect, working_size
