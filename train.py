@@ -26,9 +26,9 @@ import lightning as L  # noqa: E402
 from configs.schema import ConfigError, instantiate, internal_args, load_config, locate, model_config  # noqa: E402
 from datamodules.shards import ShardFormatError  # noqa: E402
 from models.checkpoint import CheckpointError  # noqa: E402
+from models.files import write_atomic  # noqa: E402
 from lightning_modules.run_files import (RunLock, config_changes_on_resume, is_global_rank_zero,  # noqa: E402
-                                         newest_last_checkpoint, remove_stale_partials, write_metrics,
-                                         write_text_atomic)
+                                         newest_last_checkpoint, remove_stale_partials, write_metrics)
 from models.pretrained import PretrainedWeightsError  # noqa: E402
 
 log = logging.getLogger("genloc.train")
@@ -130,7 +130,7 @@ def _fit(cfg: DictConfig, module_cls: type, datamodule, directory: Path, extra_c
     callbacks = build_callbacks(cfg, directory, [ReproducibleSteps(cfg.seed), preemption]) + list(extra_callbacks)
     trainer = build_trainer(cfg, directory, callbacks)
     if trainer.is_global_zero:
-        write_text_atomic(directory / "config.yaml", OmegaConf.to_yaml(cfg))
+        write_atomic(directory / "config.yaml", OmegaConf.to_yaml(cfg))
     with preemption.handling_sigusr1():
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last else None)
     metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if v.numel() == 1}

@@ -89,3 +89,9 @@ def read_jsonl(path: PathLike) -> Iterator[tuple[int, dict]]:
             if not isinstance(rec, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
             yield lineno, rec
+
+
+def save_image(path: PathLike, image, format: str = "PNG", **options) -> None:
+    """``image.save`` (a PIL image) atomically; ``options`` go to PIL (e.g. ``optimize=True``)."""
+    with atomic_path(path) as partial:
+        image.save(partial, format=format, **options)
