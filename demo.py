@@ -204,6 +204,7 @@ def place_boxes(backends: Backends, image, categories: str, n: int, temperature:
     """Sample ``n`` boxes per category (one batched model call, plus the heat map's draws); each
     category's boxes are listed most probable first."""
     from models.placement import place
+    from models.sampling import check_filter_args
 
     if backends.model is None:
         raise DemoError(backends.model_note)
@@ -213,8 +214,10 @@ def place_boxes(backends: Backends, image, categories: str, n: int, temperature:
     n = int(n)
     if not 1 <= n <= HEAT_DRAWS:
         raise DemoError(f"n must be between 1 and {HEAT_DRAWS}, got {n}.")
-    if not (math.isfinite(float(temperature)) and float(temperature) > 0):
-        raise DemoError(f"Temperature must be positive, got {temperature}.")
+    try:
+        check_filter_args(float(temperature))
+    except (TypeError, ValueError):
+        raise DemoError(f"Temperature must be positive (a finite number), got {temperature}.") from None
     region = parse_region(region_choice, region_pixels, photo.size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # conversion notes are shown in the page instead

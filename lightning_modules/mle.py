@@ -6,6 +6,7 @@ import torch
 
 from lightning_modules.optim import AdamWCosine
 from models import LocationModel, LocationModelConfig
+from models.config import ArgumentError
 
 
 def flatten_boxes(box_lists: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +74,12 @@ def module_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def check_args(label_sigma_bins: float = 0.0) -> None:
+    """MLEModule's argument check, run by the constructor and by the config before anything is built."""
+    if not label_sigma_bins >= 0:
+        raise ArgumentError("label_sigma_bins", label_sigma_bins, ">= 0")
+
+
 class MLEModule(LocationLightningModule):
     """Maximum likelihood on positive boxes; all positives of a sample count, one box = one sequence.
 
@@ -82,9 +89,8 @@ class MLEModule(LocationLightningModule):
     """
 
     def __init__(self, model_config: dict, optim: dict, label_sigma_bins: float = 0.0):
+        check_args(label_sigma_bins)
         super().__init__(model_config, optim)
-        if not label_sigma_bins >= 0:
-            raise ValueError(f"label_sigma_bins must be >= 0, got {label_sigma_bins!r}")
         self.save_hyperparameters()
 
     def box_nll(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
