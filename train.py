@@ -90,6 +90,15 @@ def train(cfg: DictConfig, extra_callbacks: list = ()) -> dict:
     module_cls = locate(cfg.module._target_)
     datamodule = build_datamodule(cfg, module_cls)
     L.seed_everything(cfg.seed, workers=True)
+    directory = run_dir(cfg)
+    with RunLock(directory, enabled=is_global_rank_zero()), warnings.catch_warnings():
+        ignore_false_lightning_warnings()
+        return _fit(cfg, module_cls, datamodule, directory, extra_callbacks)
+
+
+def ignore_false_lightning_warnings() -> None:
+    """Lightning warnings that are wrong for this setup; set inside `train`'s `catch_warnings`, so
+    the caller's filters are back once it returns."""
     # Lightning only knows stateful DataLoaders; ours restore the position through the datamodule's
     # state_dict, so its "dataloader is not resumable" warning on a mid-epoch resume is wrong here.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
@@ -99,9 +108,6 @@ def train(cfg: DictConfig, extra_callbacks: list = ()) -> dict:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     # The run folder holds this run's own checkpoints by design (resumed from, locked against others).
     warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
-    directory = run_dir(cfg)
-    with RunLock(directory, enabled=is_global_rank_zero()):
-        return _fit(cfg, module_cls, datamodule, directory, extra_callbacks)
 
 
 def _fit(cfg: DictConfig, module_cls: type, datamodule, directory: Path, extra_callbacks) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lightning_modules.mle import MODULE_KEY, OLD_MODULE_PATHS, module_path
 from models.checkpoint import CheckpointError, model_state_dict, read_checkpoint
 from models.location_model import LocationModel
 
@@ -21,18 +22,15 @@ def _config_differences(saved: dict, wanted: dict, ignore=()) -> list[str]:
 
 
 def saved_module(ckpt: dict) -> str:
-    """Import path of the LightningModule that wrote a checkpoint (older files: told by their hparams)."""
-    from lightning_modules.mle import MODULE_KEY
-
+    """Class path (`module_path`) of the LightningModule that wrote a checkpoint; older files: their
+    old spelling of it (`OLD_MODULE_PATHS`), or, with none recorded, told by their hparams."""
     if MODULE_KEY in ckpt:
-        return ckpt[MODULE_KEY]
-    return "lightning_modules.dpo.DPOModule" if "beta" in ckpt["hyper_parameters"] else "lightning_modules.mle.MLEModule"
+        return OLD_MODULE_PATHS.get(ckpt[MODULE_KEY], ckpt[MODULE_KEY])
+    return "lightning_modules.DPOModule" if "beta" in ckpt["hyper_parameters"] else "lightning_modules.MLEModule"
 
 
 def check_resumable(ckpt: dict, path: str | Path, model_config: dict, module_cls: type) -> None:
     """Refuse to resume a run from a checkpoint another config wrote (different model or module)."""
-    from lightning_modules.mle import module_path
-
     differ = _config_differences(ckpt["hyper_parameters"]["model_config"], model_config)
     if differ:
         raise CheckpointError(f"checkpoint {path} was written with another model config ({', '.join(differ[:5])}); "

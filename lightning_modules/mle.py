@@ -1,6 +1,8 @@
 """MLE stage (PIPE pre-training, OPA fine-tuning): teacher-forced NLL of every positive box."""
 from __future__ import annotations
 
+import importlib
+
 import lightning as L
 import torch
 
@@ -67,10 +69,18 @@ class LocationLightningModule(L.LightningModule):
 
 
 MODULE_KEY = "genloc_module"
+# Spellings of a class path that earlier checkpoints recorded -> the one spelling (`module_path`).
+OLD_MODULE_PATHS = {"lightning_modules.mle.MLEModule": "lightning_modules.MLEModule",
+                    "lightning_modules.dpo.DPOModule": "lightning_modules.DPOModule"}
 
 
 def module_path(cls: type) -> str:
-    """The import path of a module class, as written into its checkpoints."""
+    """The class path of a module, spelled as configs name it (``_target_: lightning_modules.MLEModule``)
+    and as its checkpoints record it: the package's name for it where the package exports the class,
+    else its full import path."""
+    package = importlib.import_module(cls.__module__.split(".")[0])
+    if getattr(package, cls.__qualname__, None) is cls:
+        return f"{package.__name__}.{cls.__qualname__}"
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
