@@ -127,3 +127,9 @@ def test_the_data_converters_load_no_model_stack():
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_the_image_conversion_and_the_writer_load_no_torch():
+    code = "import sys, models.images, models.files; print([m for m in ('torch', 'models.location_model') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
