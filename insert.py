@@ -6,8 +6,9 @@ local diffusers inpainting pipeline draw the object inside each box.
     python insert.py --image photo.jpg --category cup plate --checkpoint runs/toy_model --inpainter DIR
 
 Writes to --out: `edit_{i}.png` (only with an inpainter), `overlay.png` (all boxes drawn),
-`edit_{i}.json` per box and `records.json` (all records). Pixels outside each edit's `mask_box` are
-identical to the input. Without --inpainter the boxes, overlay and records are still written.
+`edit_{i}.json` per box and `records.json` (all records), each written atomically. Pixels outside
+each edit's `mask_box` are identical to the input. Without --inpainter the boxes, overlay and
+records are still written.
 `--checkpoint` takes a Lightning checkpoint, a model folder (scripts/export.py) or a Hub id.
 
 Several categories place one object each (`models.placement.place_many`): pairwise IoU at most
@@ -18,7 +19,6 @@ with the image before object i.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from models.drawing import colour, draw_boxes
+from models.files import save_image, write_json
 from models.inpainters import BACKENDS, CROP_MARGIN, DEFAULT_STEPS, MODES, BackendFolderError, load_backend
 from models.inpainting import REGIONS, parse_region
 
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
         return insert_several(args, image, pipe, clip, out)
     boxes = sample_boxes(args.checkpoint, image, args.category[0], args.n or 4, args.region, args.seed)
     out.mkdir(parents=True, exist_ok=True)
-    draw_overlay(image, boxes.tolist()).save(out / "overlay.png")
+    save_image(out / "overlay.png", draw_overlay(image, boxes.tolist()))
 
     records = []
     for i, box in enumerate(boxes.tolist()):
@@ -174,16 +175,16 @@ def main(argv=None) -> int:
 
             ins = pipe.insert(image, args.category[0], box=box, seed=args.seed + i, mode=args.mode, margin=args.margin,
                               dilate=args.dilate, feather=args.feather)
-            ins.image.save(out / f"edit_{i}.png")
+            save_image(out / f"edit_{i}.png", ins.image)
             box_norm = torch.tensor([rec["box_norm"]])
             rec.update(ins.record(), box=box, edit=f"edit_{i}.png", inpainter=str(args.inpainter), backend=args.backend,
                        steps=args.steps, dilate=args.dilate, feather=args.feather)
             rec["metrics"]["background_ssim"] = background_ssim(to_tensor(ins.image), to_tensor(image), box_norm).item()
             if clip is not None:
                 rec["metrics"]["clip_score"] = clip.scores(to_tensor(ins.image), box_norm, [args.category[0]]).item()
-        (out / f"edit_{i}.json").write_text(json.dumps(rec, indent=2))
+        write_json(out / f"edit_{i}.json", rec, indent=2)
         records.append(rec)
-    (out / "records.json").write_text(json.dumps(records, indent=2))
+    write_json(out / "records.json", records, indent=2)
     print(f"wrote {len(records)} record(s) to {out}")
     return 0
 
@@ -212,7 +213,7 @@ def insert_several(args, image: Image.Image, pipe, clip, out: Path) -> int:
         return 1
     out.mkdir(parents=True, exist_ok=True)
     boxes = result.boxes.tolist()
-    draw_overlay(image, boxes).save(out / "overlay.png")
+    save_image(out / "overlay.png", draw_overlay(image, boxes))
     done = insertions[-len(boxes):] if pipe is not None else [None] * len(boxes)  # the successful round's edits
     records = []
     for i, (box, category, step) in enumerate(zip(boxes, args.category, done)):
@@ -222,7 +223,7 @@ def insert_several(args, image: Image.Image, pipe, clip, out: Path) -> int:
                "max_iou": args.max_iou, "edit": None, "prompt": None, "mask_box": None, "metrics": {}}
         if step is not None:
             before, ins = step
-            ins.image.save(out / f"edit_{i}.png")
+            save_image(out / f"edit_{i}.png", ins.image)
             box_norm = torch.tensor([rec["box_norm"]])
             rec.update(ins.record(), box=box, edit=f"edit_{i}.png", inpainter=str(args.inpainter),
                        backend=args.backend, steps=args.steps, dilate=args.dilate, feather=args.feather)
@@ -230,9 +231,9 @@ def insert_several(args, image: Image.Image, pipe, clip, out: Path) -> int:
             rec["metrics"]["background_ssim"] = ssim.item()
             if clip is not None:
                 rec["metrics"]["clip_score"] = clip.scores(to_tensor(ins.image), box_norm, [category]).item()
-        (out / f"edit_{i}.json").write_text(json.dumps(rec, indent=2))
+        write_json(out / f"edit_{i}.json", rec, indent=2)
         records.append(rec)
-    (out / "records.json").write_text(json.dumps(records, indent=2))
+    write_json(out / "records.json", records, indent=2)
     print(f"wrote {len(records)} object(s) to {out}" + ("" if pipe is not None else " (boxes only: no inpainter)"))
     return 0
 
