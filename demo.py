@@ -17,7 +17,6 @@ The app's logic lives in plain functions (`place_boxes`, `insert_boxes`, ...), t
 import argparse
 import json
 import math
-import os
 import re
 import sys
 import tempfile
@@ -31,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from models.drawing import colour, draw_boxes
+from models.files import save_image, write_json
 from models.inpainters import BACKENDS, DEFAULT_STEPS
 from models.inpainting import REGIONS, pixel_rect
 
@@ -48,7 +49,6 @@ ALL = "all"
 # distribution far better than the n boxes shown.
 HEAT_DRAWS = 256
 HEAT_GRID = 64  # heat map cells along the image's long side
-COLORS = [(255, 0, 0), (0, 255, 0), (0, 128, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255), (255, 128, 0)]
 
 
 class DemoError(ValueError):
@@ -97,7 +97,7 @@ def training_classes(source: str) -> list[str] | None:
 def load_backends(model: str | None, inpainter: str | None, backend: str, device: str, steps: int) -> Backends:
     """Load the location model and the inpainter. Missing defaults become notes shown in the page;
     a source given explicitly that cannot be loaded raises DemoError (the CLI exits 2 with it)."""
-    from lightning_modules.checkpoint import CheckpointError
+    from models.checkpoint import CheckpointError
     from models.hub import ModelFilesError, load_model
     from models.inpainters import BackendFolderError, load_backend
 
@@ -130,7 +130,7 @@ def load_backends(model: str | None, inpainter: str | None, backend: str, device
 # ------------------------------------------------------------------------------------------ inputs
 def read_image(image) -> tuple[Image.Image, list[str]]:
     """The uploaded photo (a path or PIL image) as 8-bit RGB, with notes on lossy conversions."""
-    from models.placement import to_rgb_image
+    from models.images import to_rgb_image
 
     if image is None:
         raise DemoError("No photo: upload one or pick an example.")
@@ -204,6 +204,7 @@ def place_boxes(backends: Backends, image, categories: str, n: int, temperature:
     """Sample ``n`` boxes per category (one batched model call, plus the heat map's draws); each
     category's boxes are listed most probable first."""
     from models.placement import place
+    from models.sampling import check_filter_args
 
     if backends.model is None:
         raise DemoError(backends.model_note)
@@ -213,8 +214,10 @@ def place_boxes(backends: Backends, image, categories: str, n: int, temperature:
     n = int(n)
     if not 1 <= n <= HEAT_DRAWS:
         raise DemoError(f"n must be between 1 and {HEAT_DRAWS}, got {n}.")
-    if not (math.isfinite(float(temperature)) and float(temperature) > 0):
-        raise DemoError(f"Temperature must be positive, got {temperature}.")
+    try:
+        check_filter_args(float(temperature))
+    except (TypeError, ValueError):
+        raise DemoError(f"Temperature must be positive (a finite number), got {temperature}.") from None
     region = parse_region(region_choice, region_pixels, photo.size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # conversion notes are shown in the page instead
@@ -230,12 +233,12 @@ def place_boxes(backends: Backends, image, categories: str, n: int, temperature:
             i = len(records)
             records.append({"index": i, "category": name, "box": box,
                             "box_norm": [box[0] / w, box[1] / h, box[2] / w, box[3] / h],
-                            "log_prob": log_prob, "prob": math.exp(log_prob), "color": list(COLORS[i % len(COLORS)])})
+                            "log_prob": log_prob, "prob": math.exp(log_prob), "color": list(colour(i))})
     doc = {"image_size": [w, h], "model": backends.source, "categories": names, "n": n,
            "temperature": float(temperature), "region": list(region) if isinstance(region, tuple) else region,
            "seed": int(seed), "boxes": records, "notes": notes}
     heat = heat_map(photo, torch.cat(centres).numpy(), region_box(region, photo.size))
-    return Placed(photo, draw_boxes(photo, records), heat, records, doc, notes, time.perf_counter() - start)
+    return Placed(photo, draw_records(photo, records), heat, records, doc, notes, time.perf_counter() - start)
 
 
 def region_box(region, size: tuple[int, int]):
@@ -248,23 +251,10 @@ def region_box(region, size: tuple[int, int]):
     return region
 
 
-def draw_boxes(photo: Image.Image, records: list[dict]) -> Image.Image:
-    """Each box outlined inside its pixel rectangle with its index and probability; nothing is drawn
-    outside the boxes, so every other pixel is the photo's."""
-    out = photo.copy()
-    draw = ImageDraw.Draw(out)
-    width = max(2, round(max(photo.size) / 250))
-    for rec in records:
-        x0, y0, x1, y1 = pixel_rect(rec["box"], photo.size)
-        color = tuple(rec["color"])
-        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=color, width=width)
-        label = f"{rec['index']} {rec['category']} {rec['prob']:.1e}"
-        tag = Image.new("RGB", (8 + 7 * len(label), 14), color)
-        ImageDraw.Draw(tag).text((3, 1), label, fill=(0, 0, 0))
-        fit = tag.crop((0, 0, max(0, min(tag.width, x1 - x0)), max(0, min(tag.height, y1 - y0))))
-        if fit.width and fit.height:
-            out.paste(fit, (x0, y0))
-    return out
+def draw_records(photo: Image.Image, records: list[dict]) -> Image.Image:
+    """Each box with its index, class and probability (`models.drawing.draw_boxes`)."""
+    return draw_boxes(photo, [rec["box"] for rec in records], [rec["color"] for rec in records],
+                      [f"{rec['index']} {rec['category']} {rec['prob']:.1e}" for rec in records])
 
 
 def heat_map(photo: Image.Image, centres: np.ndarray, region=None) -> Image.Image:
@@ -324,22 +314,15 @@ def insert_boxes(backends: Backends, placed: Placed | None, choice: str, seed: i
 
 
 # ------------------------------------------------------------------------------------------ files
-def write_file(folder: Path, name: str, write) -> str:
-    """``write(path)`` to a temporary name in ``folder``, then rename: a download is never half written."""
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / name
-    partial = folder / f".{name}.partial{final.suffix}"
-    write(partial)
-    os.replace(partial, final)
-    return str(final)
-
-
 def save_json(folder: Path, name: str, doc: dict) -> str:
-    return write_file(folder, name, lambda p: p.write_text(json.dumps(doc, indent=2)))
+    """Downloads are written atomically (`models.files`): never half written."""
+    write_json(folder / name, doc, indent=2)
+    return str(folder / name)
 
 
 def save_png(folder: Path, name: str, image: Image.Image) -> str:
-    return write_file(folder, name, lambda p: image.save(p, format="PNG"))
+    save_image(folder / name, image)
+    return str(folder / name)
 
 
 def error_message(err: BaseException) -> str:

@@ -6,8 +6,9 @@ local diffusers inpainting pipeline draw the object inside each box.
     python insert.py --image photo.jpg --category cup plate --checkpoint runs/toy_model --inpainter DIR
 
 Writes to --out: `edit_{i}.png` (only with an inpainter), `overlay.png` (all boxes drawn),
-`edit_{i}.json` per box and `records.json` (all records). Pixels outside each edit's `mask_box` are
-identical to the input. Without --inpainter the boxes, overlay and records are still written.
+`edit_{i}.json` per box and `records.json` (all records), each written atomically. Pixels outside
+each edit's `mask_box` are identical to the input. Without --inpainter the boxes, overlay and
+records are still written.
 `--checkpoint` takes a Lightning checkpoint, a model folder (scripts/export.py) or a Hub id.
 
 Several categories place one object each (`models.placement.place_many`): pairwise IoU at most
@@ -18,19 +19,18 @@ with the image before object i.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from models.drawing import colour, draw_boxes
+from models.files import save_image, write_json
 from models.inpainters import BACKENDS, CROP_MARGIN, DEFAULT_STEPS, MODES, BackendFolderError, load_backend
-from models.inpainting import REGIONS, parse_region, pixel_rect
-
-COLORS = [(255, 0, 0), (0, 255, 0), (0, 128, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255), (255, 128, 0)]
+from models.inpainting import REGIONS, parse_region
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_model(source: str):
     """The location model of a checkpoint, model folder or Hub id; errors end the program in one line."""
-    from lightning_modules.checkpoint import CheckpointError
+    from models.checkpoint import CheckpointError
     from models.hub import ModelFilesError, load_model as load
 
     try:
@@ -81,30 +81,17 @@ def model_source_ok(source: str | None) -> bool:
                              and not source.endswith(".ckpt"))
 
 
-def sample_boxes(checkpoint: str, image: Image.Image, category: str, n: int, region, seed: int) -> torch.Tensor:
-    """`n` boxes (pixels of `image`, `[n,4]`) from the location model, inside normalised `region` if given.
-    The image reaches the model resized as the training data were (`models.placement.model_input`)."""
-    from models.placement import model_input
+def sample_boxes(source: str, image: Image.Image, category: str, n: int, region: str | None, seed: int) -> torch.Tensor:
+    """`n` boxes (pixels of `image`, `[n,4]`) from the location model, inside `region` (a word or
+    pixels ``x1,y1,x2,y2``) if given: `models.place`, the one photo -> boxes path."""
+    from models.placement import place
 
-    model = load_model(checkpoint)
-    out = model.sample(
-        model_input(model, [image]), [category], n=n,
-        region=None if region is None else torch.tensor(region, dtype=torch.float32),
-        generator=torch.Generator().manual_seed(seed), image_sizes=torch.tensor([image.size]),
-    )
-    return out.boxes[0].float()
+    return place(load_model(source), image, category, n=n, region=region, seed=seed).boxes
 
 
-def draw_overlay(image: Image.Image, boxes, colors) -> Image.Image:
-    """All boxes outlined on a copy of `image` (outline drawn inward from each box's pixel rectangle)."""
-    overlay = image.copy()
-    draw = ImageDraw.Draw(overlay)
-    width = max(2, round(max(image.size) / 200))
-    for i, (box, color) in enumerate(zip(boxes, colors)):
-        x0, y0, x1, y1 = pixel_rect(box, image.size)
-        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=color, width=width)
-        draw.text((x0 + width + 1, y0 + width + 1), str(i), fill=color)
-    return overlay
+def draw_overlay(image: Image.Image, boxes: list) -> Image.Image:
+    """All boxes outlined on a copy of `image`, each labelled with its index."""
+    return draw_boxes(image, boxes, labels=[str(i) for i in range(len(boxes))])
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -133,7 +120,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_arguments(parser, args)
-    from models.placement import to_rgb_image
+    from models.images import to_rgb_image
 
     try:
         image, notes = to_rgb_image(args.image)
@@ -170,10 +157,9 @@ def main(argv=None) -> int:
         clip = ForegroundCLIPScore(args.clip_weights, args.clip_model, args.clip_config).to(args.device)
     if several:
         return insert_several(args, image, pipe, clip, out)
-    boxes = sample_boxes(args.checkpoint, image, args.category[0], args.n or 4, region, args.seed)
+    boxes = sample_boxes(args.checkpoint, image, args.category[0], args.n or 4, args.region, args.seed)
     out.mkdir(parents=True, exist_ok=True)
-    colors = [COLORS[i % len(COLORS)] for i in range(len(boxes))]
-    draw_overlay(image, boxes.tolist(), colors).save(out / "overlay.png")
+    save_image(out / "overlay.png", draw_overlay(image, boxes.tolist()))
 
     records = []
     for i, box in enumerate(boxes.tolist()):
@@ -181,7 +167,7 @@ def main(argv=None) -> int:
             "index": i, "image": str(args.image), "image_size": [w, h], "category": args.category[0],
             "region": args.region, "region_norm": None if region is None else list(region),
             "box": box, "box_norm": [box[0] / w, box[1] / h, box[2] / w, box[3] / h],
-            "color": list(colors[i]), "checkpoint": str(args.checkpoint), "seed": args.seed + i,
+            "color": list(colour(i)), "checkpoint": str(args.checkpoint), "seed": args.seed + i,
             "edit": None, "prompt": None, "mask_box": None, "metrics": {},
         }
         if pipe is not None:
@@ -189,16 +175,16 @@ def main(argv=None) -> int:
 
             ins = pipe.insert(image, args.category[0], box=box, seed=args.seed + i, mode=args.mode, margin=args.margin,
                               dilate=args.dilate, feather=args.feather)
-            ins.image.save(out / f"edit_{i}.png")
+            save_image(out / f"edit_{i}.png", ins.image)
             box_norm = torch.tensor([rec["box_norm"]])
             rec.update(ins.record(), box=box, edit=f"edit_{i}.png", inpainter=str(args.inpainter), backend=args.backend,
                        steps=args.steps, dilate=args.dilate, feather=args.feather)
             rec["metrics"]["background_ssim"] = background_ssim(to_tensor(ins.image), to_tensor(image), box_norm).item()
             if clip is not None:
                 rec["metrics"]["clip_score"] = clip.scores(to_tensor(ins.image), box_norm, [args.category[0]]).item()
-        (out / f"edit_{i}.json").write_text(json.dumps(rec, indent=2))
+        write_json(out / f"edit_{i}.json", rec, indent=2)
         records.append(rec)
-    (out / "records.json").write_text(json.dumps(records, indent=2))
+    write_json(out / "records.json", records, indent=2)
     print(f"wrote {len(records)} record(s) to {out}")
     return 0
 
@@ -227,18 +213,17 @@ def insert_several(args, image: Image.Image, pipe, clip, out: Path) -> int:
         return 1
     out.mkdir(parents=True, exist_ok=True)
     boxes = result.boxes.tolist()
-    colors = [COLORS[i % len(COLORS)] for i in range(len(boxes))]
-    draw_overlay(image, boxes, colors).save(out / "overlay.png")
+    save_image(out / "overlay.png", draw_overlay(image, boxes))
     done = insertions[-len(boxes):] if pipe is not None else [None] * len(boxes)  # the successful round's edits
     records = []
     for i, (box, category, step) in enumerate(zip(boxes, args.category, done)):
         rec = {"index": i, "image": str(args.image), "image_size": [w, h], "category": category, "region": args.region,
-               "box": box, "box_norm": [box[0] / w, box[1] / h, box[2] / w, box[3] / h], "color": list(colors[i]),
+               "box": box, "box_norm": [box[0] / w, box[1] / h, box[2] / w, box[3] / h], "color": list(colour(i)),
                "checkpoint": str(args.checkpoint), "seed": args.seed + i, "log_prob": float(result.log_probs[i]),
                "max_iou": args.max_iou, "edit": None, "prompt": None, "mask_box": None, "metrics": {}}
         if step is not None:
             before, ins = step
-            ins.image.save(out / f"edit_{i}.png")
+            save_image(out / f"edit_{i}.png", ins.image)
             box_norm = torch.tensor([rec["box_norm"]])
             rec.update(ins.record(), box=box, edit=f"edit_{i}.png", inpainter=str(args.inpainter),
                        backend=args.backend, steps=args.steps, dilate=args.dilate, feather=args.feather)
@@ -246,9 +231,9 @@ def insert_several(args, image: Image.Image, pipe, clip, out: Path) -> int:
             rec["metrics"]["background_ssim"] = ssim.item()
             if clip is not None:
                 rec["metrics"]["clip_score"] = clip.scores(to_tensor(ins.image), box_norm, [category]).item()
-        (out / f"edit_{i}.json").write_text(json.dumps(rec, indent=2))
+        write_json(out / f"edit_{i}.json", rec, indent=2)
         records.append(rec)
-    (out / "records.json").write_text(json.dumps(records, indent=2))
+    write_json(out / "records.json", records, indent=2)
     print(f"wrote {len(records)} object(s) to {out}" + ("" if pipe is not None else " (boxes only: no inpainter)"))
     return 0
 

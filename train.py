@@ -25,10 +25,10 @@ import lightning as L  # noqa: E402
 
 from configs.schema import ConfigError, instantiate, internal_args, load_config, locate, model_config  # noqa: E402
 from datamodules.shards import ShardFormatError  # noqa: E402
-from lightning_modules.checkpoint import CheckpointError  # noqa: E402
+from models.checkpoint import CheckpointError  # noqa: E402
+from models.files import write_atomic  # noqa: E402
 from lightning_modules.run_files import (RunLock, config_changes_on_resume, is_global_rank_zero,  # noqa: E402
-                                         newest_last_checkpoint, remove_stale_partials, write_metrics,
-                                         write_text_atomic)
+                                         newest_last_checkpoint, remove_stale_partials, write_metrics)
 from models.pretrained import PretrainedWeightsError  # noqa: E402
 
 log = logging.getLogger("genloc.train")
@@ -90,6 +90,15 @@ def train(cfg: DictConfig, extra_callbacks: list = ()) -> dict:
     module_cls = locate(cfg.module._target_)
     datamodule = build_datamodule(cfg, module_cls)
     L.seed_everything(cfg.seed, workers=True)
+    directory = run_dir(cfg)
+    with RunLock(directory, enabled=is_global_rank_zero()), warnings.catch_warnings():
+        ignore_false_lightning_warnings()
+        return _fit(cfg, module_cls, datamodule, directory, extra_callbacks)
+
+
+def ignore_false_lightning_warnings() -> None:
+    """Lightning warnings that are wrong for this setup; set inside `train`'s `catch_warnings`, so
+    the caller's filters are back once it returns."""
     # Lightning only knows stateful DataLoaders; ours restore the position through the datamodule's
     # state_dict, so its "dataloader is not resumable" warning on a mid-epoch resume is wrong here.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
@@ -99,15 +108,13 @@ def train(cfg: DictConfig, extra_callbacks: list = ()) -> dict:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     # The run folder holds this run's own checkpoints by design (resumed from, locked against others).
     warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
-    directory = run_dir(cfg)
-    with RunLock(directory, enabled=is_global_rank_zero()):
-        return _fit(cfg, module_cls, datamodule, directory, extra_callbacks)
 
 
 def _fit(cfg: DictConfig, module_cls: type, datamodule, directory: Path, extra_callbacks) -> dict:
     from callbacks.preemption import Preemption
     from callbacks.reproducible import ReproducibleSteps
-    from lightning_modules.checkpoint import check_resumable, load_model_weights, read_checkpoint
+    from lightning_modules.checkpoint import check_resumable, load_model_weights
+    from models.checkpoint import read_checkpoint
 
     checkpoints = directory / "checkpoints"
     last = newest_last_checkpoint(checkpoints) if cfg.resume else None
@@ -129,7 +136,7 @@ def _fit(cfg: DictConfig, module_cls: type, datamodule, directory: Path, extra_c
     callbacks = build_callbacks(cfg, directory, [ReproducibleSteps(cfg.seed), preemption]) + list(extra_callbacks)
     trainer = build_trainer(cfg, directory, callbacks)
     if trainer.is_global_zero:
-        write_text_atomic(directory / "config.yaml", OmegaConf.to_yaml(cfg))
+        write_atomic(directory / "config.yaml", OmegaConf.to_yaml(cfg))
     with preemption.handling_sigusr1():
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last else None)
     metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if v.numel() == 1}

@@ -27,6 +27,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from models.files import save_image
+
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = ROOT / "tests" / "fixtures" / "libcom" / "controllable_composition" / "background" / "000000460450.png"
 TARGET_S = 3.0
@@ -188,9 +190,7 @@ def full_page_screenshot(driver, path: Path) -> None:
         "format": "png", "captureBeyondViewport": True,
         "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}})
     image = Image.open(BytesIO(base64.b64decode(shot["data"]))).convert("RGB")
-    partial = path.with_name(f".{path.name}.partial")
-    image.quantize(256, method=Image.Quantize.MEDIANCUT).save(partial, format="PNG", optimize=True)
-    os.replace(partial, path)
+    save_image(path, image.quantize(256, method=Image.Quantize.MEDIANCUT), optimize=True)
 
 
 def main(argv=None) -> None:

@@ -42,7 +42,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from benchmarks.dpo_step import OPTIM, make_batch  # noqa: E402
-from lightning_modules.checkpoint import save_model_checkpoint  # noqa: E402
+from models.checkpoint import save_model_checkpoint  # noqa: E402
+from models.files import write_atomic  # noqa: E402
 from lightning_modules.dpo import DPOModule  # noqa: E402
 from lightning_modules.mle import MLEModule  # noqa: E402
 from models import LocationModelConfig  # noqa: E402
@@ -353,12 +354,6 @@ def sampling_ratios(rows: list[dict], memory: bool) -> list[str]:
             text += f", {above:.1f}x less peak memory above resident"
         out.append(text)
     return out
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from lightning_modules.checkpoint import atomic_save
+from models.checkpoint import atomic_save
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

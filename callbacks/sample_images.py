@@ -2,23 +2,27 @@
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.utils import draw_bounding_boxes, make_grid
+from PIL import Image
+from torchvision.utils import make_grid
 
+from models import drawing
 from models.boxes import denormalise
 
 from .schedule import EveryNValidations
 
 
 def draw_boxes(image: torch.Tensor, positives: torch.Tensor, samples: torch.Tensor, size: int = 128) -> torch.Tensor:
-    """uint8 [3,size,size] picture of one image ([3,H,W] in [0,1]) with normalised boxes drawn on it."""
+    """uint8 [3,size,size] picture of one image ([3,H,W] in [0,1]) with normalised boxes drawn on it
+    by the applications' drawer (`models.drawing`): positives green, samples red on top."""
     picture = F.interpolate(image[None].float().cpu(), size=(size, size), mode="bilinear", align_corners=False)[0]
-    picture = (picture.clamp(0, 1) * 255).to(torch.uint8)
-    for boxes, colour in ((positives, "lime"), (samples, "red")):
-        if len(boxes):
-            picture = draw_bounding_boxes(picture, denormalise(boxes.cpu(), (size, size)).round(), colors=colour, width=1)
-    return picture
+    picture = Image.fromarray((picture.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy(), "RGB")
+    boxes = denormalise(torch.cat([positives.cpu(), samples.cpu()]).double(), (size, size)).tolist()
+    colours = [(0, 255, 0)] * len(positives) + [(255, 0, 0)] * len(samples)
+    picture = drawing.draw_boxes(picture, boxes, colours, width=1)
+    return torch.from_numpy(np.array(picture)).permute(2, 0, 1)
 
 
 class SampleImagesCallback(L.Callback):

@@ -19,6 +19,7 @@ from torchmetrics import MeanMetric
 
 from datamodules.kinds import DataKind, data_kind
 from metrics.tpr_fpr import DEFAULT_NS, TPRFPR, result_curves
+from models.sampling import check_filter_args
 
 from .schedule import EveryNValidations
 
@@ -66,6 +67,7 @@ class TprFprCallback(L.Callback):
             raise ValueError(f"ns go up to {max(self.ns)} but num_samples is {num_samples}")
         self.iou_threshold = iou_threshold
         self.max_eval_samples = max_eval_samples
+        check_filter_args(temperature, top_k, top_p)
         self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
         self.seed = seed
         self.log_curve = log_curve

@@ -30,7 +30,7 @@ from typing import Any, Optional, Union
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from models.config import LocationModelConfig
+from models.config import ArgumentError, LocationModelConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent
 GROUPS = ("model", "data", "module", "optim", "trainer", "callbacks")
@@ -73,9 +73,8 @@ def _optional_at_least(low):
     return (lambda v: v is None or v >= low), f"null or >= {low}"
 
 
-def _between(low, high, high_open=False):
-    return ((lambda v: low <= v < high) if high_open else (lambda v: low <= v <= high),
-            f"[{low}, {high}{')' if high_open else ']'}")
+def _between(low, high):
+    return (lambda v: low <= v <= high), f"[{low}, {high}]"
 
 
 # Arguments whose type alone admits nonsense, by constructor: (predicate, what is allowed).
@@ -85,11 +84,6 @@ RANGES: dict[str, dict[str, tuple[typing.Callable[[Any], bool], str]]] = {
         "batch_size": _at_least(1), "num_workers": _at_least(0), "shuffle_buffer": _at_least(1),
         "flip_prob": _between(0.0, 1.0), "eval_batch_size": _optional_at_least(1),
     },
-    "lightning_modules.AdamWCosine": {
-        "lr": _at_least(0.0), "weight_decay": _at_least(0.0), "warmup_steps": _at_least(0),
-        "min_lr_ratio": _between(0.0, 1.0),
-        "betas": ((lambda v: len(v) == 2 and all(0 <= b < 1 for b in v)), "two values in [0, 1), e.g. [0.9, 0.95]"),
-    },
     "lightning.Trainer": {
         "max_steps": _at_least(1),
         "val_check_interval": ((lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
@@ -97,21 +91,25 @@ RANGES: dict[str, dict[str, tuple[typing.Callable[[Any], bool], str]]] = {
         "log_every_n_steps": _optional_at_least(1), "accumulate_grad_batches": _at_least(1),
         "gradient_clip_val": _optional_at_least(0.0), "num_sanity_val_steps": _optional_at_least(-1),
     },
-    "lightning_modules.MLEModule": {"label_sigma_bins": _at_least(0.0)},
-    "lightning_modules.DPOModule": {
-        "beta": ((lambda v: v > 0), "> 0"), "label_smoothing": _between(0.0, 0.5, high_open=True),
-        "sft_weight": _at_least(0.0),
-    },
     "callbacks.TprFprCallback": {
         "every_n_val_epochs": _at_least(0), "num_samples": _at_least(1), "max_eval_samples": _optional_at_least(1),
-        "iou_threshold": ((lambda v: 0 < v <= 1), "(0, 1]"), "temperature": ((lambda v: v > 0), "> 0"),
-        "top_k": _optional_at_least(1), "top_p": ((lambda v: v is None or 0 < v <= 1), "null or (0, 1]"),
+        "iou_threshold": ((lambda v: 0 < v <= 1), "(0, 1]"),
     },
     "callbacks.SampleImagesCallback": {
         "every_n_val_epochs": _at_least(0), "num_images": _at_least(1), "boxes_per_image": _at_least(1),
     },
     "callbacks.InpaintingCallback": {"every_n_val_epochs": _at_least(0), "num_images": _at_least(1), "steps": _at_least(1)},
     "callbacks.FinalCheckpoint": {"save_top_k": _at_least(-1), "every_n_train_steps": _optional_at_least(0)},
+}
+
+
+# Constructors that check their own arguments, by the function that does it without building
+# anything: called on a section's keys before anything is built, an `ArgumentError` names the key.
+ARGUMENT_CHECKS = {
+    "lightning_modules.AdamWCosine": "lightning_modules.optim.AdamWCosine",  # a plain dataclass
+    "lightning_modules.MLEModule": "lightning_modules.mle.check_args",
+    "lightning_modules.DPOModule": "lightning_modules.dpo.check_args",
+    "callbacks.TprFprCallback": "models.sampling.check_filter_args",
 }
 
 
@@ -373,16 +371,39 @@ def _validate(cfg: DictConfig) -> None:
                 raise ConfigError(f"config key '{key}.{name}': {section[name]!r} is not allowed; choose one of "
                                   f"{', '.join(_choices(hint))}")
         for path, rules in RANGES.items():
-            if target is not locate(path) and not (isinstance(target, type) and issubclass(target, locate(path))):
+            if not _builds(target, path):
                 continue
             for name, (ok, allowed) in rules.items():
                 value = section.get(name)
                 if name in section and not OmegaConf.is_missing(section, name) and not ok(value):
                     raise ConfigError(f"config key '{key}.{name}': {value!r} is out of range; allowed: {allowed}")
+        _check_arguments(key, section, target)
     try:
         model_config(cfg)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"config key 'model': {err}") from None
+
+
+def _builds(target: Any, path: str) -> bool:
+    obj = locate(path)
+    return target is obj or (isinstance(target, type) and isinstance(obj, type) and issubclass(target, obj))
+
+
+def _check_arguments(key: str, section: DictConfig, target: Any) -> None:
+    """The constructor's own argument check (`ARGUMENT_CHECKS`) on the section's values."""
+    for path, check_path in ARGUMENT_CHECKS.items():
+        if not _builds(target, path):
+            continue
+        check = locate(check_path)
+        names = inspect.signature(check).parameters
+        values = OmegaConf.to_container(section, resolve=True)
+        try:
+            check(**{name: value for name, value in values.items() if name in names})
+        except ArgumentError as err:
+            raise ConfigError(f"config key '{key}.{err.name}': {err.value!r} is out of range; "
+                              f"allowed: {err.allowed}") from None
+        except ValueError as err:  # a combination of keys, e.g. label_smoothing with loss_type=ipo
+            raise ConfigError(f"config key '{key}': {err}") from None
 
 
 def model_config(cfg: DictConfig) -> LocationModelConfig:

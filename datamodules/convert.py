@@ -19,7 +19,6 @@ import io
 import json
 import multiprocessing
 import re
-from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from models.placement import to_rgb_image
+from models.images import to_rgb_image
 
 from .opa_labels import LabelledSample, read_fopa_pairs, read_opa_csv
 from .shards import ShardBuild, ShardWriter, SplitStats, safe_key

@@ -46,7 +46,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from models.boxes import hflip, normalise, validate_boxes
-from models.placement import to_rgb_image
+from models.images import to_rgb_image
 
 from .kinds import data_kind
 from .shards import ShardFormatError, open_binary, read_split_info

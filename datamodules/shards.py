@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image
 
 from models.boxes import validate_boxes
-from models.placement import to_rgb_image
+from models.images import to_rgb_image
 
 __all__ = ["ShardWriter", "ShardBuild", "SplitStats", "SplitInfo", "read_split_info", "shard_paths",
            "iter_annotations", "ShardFormatError", "decode_image", "safe_key", "is_url", "member", "open_binary",

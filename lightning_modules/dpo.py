@@ -23,10 +23,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.checkpoint import model_state_dict, read_checkpoint
+from models.checkpoint import model_state_dict, read_checkpoint
 from lightning_modules.dpo_loss import check_dpo_args, dpo_loss
 from lightning_modules.mle import LocationLightningModule
 from models import LocationModel
+from models.config import ArgumentError
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected")
@@ -44,6 +45,13 @@ class FrozenReference(nn.Module):
         return super().train(False)
 
 
+def check_args(beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0, sft_weight: float = 0.0) -> None:
+    """DPOModule's argument check, run by the constructor and by the config before anything is built."""
+    check_dpo_args(beta, loss_type, label_smoothing)
+    if not sft_weight >= 0:
+        raise ArgumentError("sft_weight", sft_weight, ">= 0")
+
+
 class DPOModule(LocationLightningModule):
     """DPO on `chosen`/`rejected` boxes of pair batches; `reference` is an MLE checkpoint path.
 
@@ -59,9 +67,7 @@ class DPOModule(LocationLightningModule):
     def __init__(self, optim: dict, beta: float, reference: str, loss_type: str = "sigmoid",
                  label_smoothing: float = 0.0, precompute_reference: bool = False,
                  disable_dropout: bool = True, model_config: Optional[dict] = None, sft_weight: float = 0.0):
-        check_dpo_args(beta, loss_type, label_smoothing)
-        if sft_weight < 0:
-            raise ValueError(f"DPOModule: sft_weight must be >= 0, got {sft_weight}")
+        check_args(beta, loss_type, label_smoothing, sft_weight)
         ckpt = read_checkpoint(reference)
         ref_config = dict(ckpt["hyper_parameters"]["model_config"])
         if model_config is not None and dict(model_config) != ref_config:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from models.config import ArgumentError
+
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 
@@ -44,13 +46,14 @@ def dpo_loss(
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
-def check_dpo_args(beta: float, loss_type: str, label_smoothing: float) -> None:
-    """Fail early (at module construction) on settings the losses cannot honour."""
+def check_dpo_args(beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> None:
+    """Fail early (at module construction, and in the config before anything is built) on settings
+    the losses cannot honour."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"dpo loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if not beta > 0:
-        raise ValueError(f"dpo beta must be > 0, got {beta!r}")
+        raise ArgumentError("beta", beta, "> 0")
     if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"dpo label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
+        raise ArgumentError("label_smoothing", label_smoothing, "[0, 0.5)")
     if label_smoothing and loss_type != "sigmoid":
         raise ValueError(f"dpo label_smoothing is only defined for loss_type=sigmoid, not {loss_type!r}")

@@ -1,11 +1,14 @@
 """MLE stage (PIPE pre-training, OPA fine-tuning): teacher-forced NLL of every positive box."""
 from __future__ import annotations
 
+import importlib
+
 import lightning as L
 import torch
 
 from lightning_modules.optim import AdamWCosine
 from models import LocationModel, LocationModelConfig
+from models.config import ArgumentError
 
 
 def flatten_boxes(box_lists: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,11 +69,25 @@ class LocationLightningModule(L.LightningModule):
 
 
 MODULE_KEY = "genloc_module"
+# Spellings of a class path that earlier checkpoints recorded -> the one spelling (`module_path`).
+OLD_MODULE_PATHS = {"lightning_modules.mle.MLEModule": "lightning_modules.MLEModule",
+                    "lightning_modules.dpo.DPOModule": "lightning_modules.DPOModule"}
 
 
 def module_path(cls: type) -> str:
-    """The import path of a module class, as written into its checkpoints."""
+    """The class path of a module, spelled as configs name it (``_target_: lightning_modules.MLEModule``)
+    and as its checkpoints record it: the package's name for it where the package exports the class,
+    else its full import path."""
+    package = importlib.import_module(cls.__module__.split(".")[0])
+    if getattr(package, cls.__qualname__, None) is cls:
+        return f"{package.__name__}.{cls.__qualname__}"
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def check_args(label_sigma_bins: float = 0.0) -> None:
+    """MLEModule's argument check, run by the constructor and by the config before anything is built."""
+    if not label_sigma_bins >= 0:
+        raise ArgumentError("label_sigma_bins", label_sigma_bins, ">= 0")
 
 
 class MLEModule(LocationLightningModule):
@@ -82,9 +99,8 @@ class MLEModule(LocationLightningModule):
     """
 
     def __init__(self, model_config: dict, optim: dict, label_sigma_bins: float = 0.0):
+        check_args(label_sigma_bins)
         super().__init__(model_config, optim)
-        if not label_sigma_bins >= 0:
-            raise ValueError(f"label_sigma_bins must be >= 0, got {label_sigma_bins!r}")
         self.save_hyperparameters()
 
     def box_nll(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from models.config import ArgumentError
+
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """LR multiplier: linear warmup to 1, then cosine decay to `min_ratio` at `total_steps`."""
@@ -29,7 +31,7 @@ class AdamWCosine:
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, allowed: str) -> None:
             if not ok:
-                raise ValueError(f"optim.{key}: {getattr(self, key)!r} is out of range; allowed: {allowed}")
+                raise ArgumentError(key, getattr(self, key), allowed)
 
         need(self.lr >= 0, "lr", ">= 0")
         need(self.weight_decay >= 0, "weight_decay", ">= 0")

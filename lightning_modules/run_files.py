@@ -10,12 +10,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_modules.checkpoint import CheckpointError
+from models.checkpoint import CheckpointError
+from models.files import write_atomic
 
 # Keys a resumed run may change: how and how long it runs, not what it learns.
 RESUME_MAY_CHANGE = (
@@ -86,22 +86,6 @@ def remove_stale_partials(checkpoint_dir: Path) -> list[Path]:
     return stale
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a unique temporary file in the same folder and rename: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _flatten(node, prefix: str = "") -> dict:
     if isinstance(node, dict):
         out = {}
@@ -126,5 +110,5 @@ def write_metrics(path: Path, metrics: dict, global_step: int) -> bool:
     previous result is never replaced by an empty one. Returns whether it was written."""
     if not metrics:
         return False
-    write_text_atomic(path, json.dumps({**metrics, "trainer/global_step": global_step}, indent=1))
+    write_atomic(path, json.dumps({**metrics, "trainer/global_step": global_step}, indent=1))
     return True

@@ -1,13 +1,28 @@
 """Pure-PyTorch GenLoc location model (no Lightning): tokenizer, config/presets, model + sampler,
-Hub-style model files and the one-call placement API."""
-from .box_tokenizer import BoxTokenizer
-from .config import LocationModelConfig
-from .hub import GenLocModel, ModelFilesError, load_model
-from .location_model import ExtentMask, LocationModel, SampleOutput
-from .placement import NoValidSetError, Placement, PlacementSet, place, place_many
-from .pretrained import PretrainedWeightsError
-from .sampling import draw_tokens, filter_logits
+Hub-style model files and the one-call placement API.
 
-__all__ = ["BoxTokenizer", "LocationModelConfig", "LocationModel", "SampleOutput", "ExtentMask", "PretrainedWeightsError",
-           "draw_tokens", "filter_logits", "GenLocModel", "ModelFilesError", "load_model", "place", "place_many",
-           "Placement", "PlacementSet", "NoValidSetError"]
+Names are loaded on first use (PEP 562), so ``import models.images`` or ``import models.files``
+does not load torch's model stack."""
+import importlib
+
+_EXPORTS = {
+    "BoxTokenizer": "box_tokenizer", "LocationModelConfig": "config",
+    "GenLocModel": "hub", "ModelFilesError": "hub", "load_model": "hub",
+    "ExtentMask": "location_model", "LocationModel": "location_model", "SampleOutput": "location_model",
+    "NoValidSetError": "placement", "Placement": "placement", "PlacementSet": "placement", "place": "placement",
+    "place_many": "placement", "PretrainedWeightsError": "pretrained", "draw_tokens": "sampling",
+    "filter_logits": "sampling",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

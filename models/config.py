@@ -9,6 +9,15 @@ from typing import Any, Optional
 TINY_CLIP_MODEL = "genloc-tiny-text"
 
 
+class ArgumentError(ValueError):
+    """An argument out of its range. Constructors raise it from their own checks; the training config
+    (configs/schema.py) calls the same checks before building anything and names the config key."""
+
+    def __init__(self, name: str, value: Any, allowed: str):
+        super().__init__(f"{name}: {value!r} is out of range; allowed: {allowed}")
+        self.name, self.value, self.allowed = name, value, allowed
+
+
 @dataclass
 class LocationModelConfig:
     """Everything needed to build a `LocationModel`; stored in checkpoints via `to_dict()`.

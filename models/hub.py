@@ -18,6 +18,7 @@ from typing import Optional, Union
 
 from huggingface_hub import PyTorchModelHubMixin, ModelCard
 
+from .checkpoint import CheckpointError, model_state_dict, read_checkpoint
 from .config import PRESETS, LocationModelConfig
 from .location_model import LocationModel
 from .pretrained import hub_offline
@@ -89,12 +90,22 @@ def model_from_state_dict(cfg: LocationModelConfig, state: dict, source: str) ->
     return model.eval()
 
 
+def load_location_model(path: Union[str, Path]) -> "GenLocModel":
+    """Rebuild the LocationModel of a checkpoint (`models.checkpoint`), in eval mode, on the CPU; every
+    weight comes from the checkpoint (no pretrained weights are fetched, see `model_from_state_dict`)."""
+    ckpt = read_checkpoint(path)
+    try:
+        return model_from_state_dict(LocationModelConfig.from_dict(ckpt["hyper_parameters"]["model_config"]),
+                                     model_state_dict(ckpt), f"checkpoint {path}")
+    except ModelFilesError as err:
+        raise CheckpointError(str(err)) from None
+
+
 def load_model(source: Union[str, Path], device: str = "cpu") -> "GenLocModel":
-    """A location model from a Lightning checkpoint file, a model folder or a Hub id, in eval mode."""
+    """The one loader of a trained location model: a checkpoint file, a model folder or a Hub id, in
+    eval mode. Errors are `CheckpointError` or `ModelFilesError`, each naming the source."""
     path = Path(source).expanduser()
     if path.is_file():
-        from lightning_modules.checkpoint import load_location_model  # plain torch.load, no Lightning import
-
         return load_location_model(path).to(device)
     return GenLocModel.from_pretrained(str(source), map_location=device)
 

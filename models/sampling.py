@@ -2,20 +2,28 @@
 sampler, the tests' naive reference decoder and any other decoder apply the very same code."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from .config import ArgumentError
 
-def check_filter_args(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
-    """Raise ValueError naming the first setting `filter_logits` cannot honour."""
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+
+def check_filter_args(temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None) -> None:
+    """The one check of the sampling settings (sampler, callbacks, config, demo): `ArgumentError`
+    (a ValueError) naming the first one `filter_logits` cannot honour."""
+    try:
+        ok = math.isfinite(temperature) and temperature > 0
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ArgumentError("temperature", temperature, "a finite number > 0")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise ArgumentError("top_k", top_k, "null or a whole number >= 1")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+        raise ArgumentError("top_p", top_p, "null or (0, 1]")
 
 
 def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,

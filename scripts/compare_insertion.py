@@ -37,6 +37,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from models.drawing import draw_boxes
+from models.files import read_jsonl, save_image, write_atomic, write_json
 from models.inpainters import BACKENDS, CROP_MARGIN, DEFAULT_STEPS, EDITORS, MODES, BackendFolderError, load_backend, load_editor
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+\-]+$")
@@ -74,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="shard split to read when --images is a shard folder")
     p.add_argument("--methods", nargs="+", required=True, metavar="NAME=KIND:FOLDER",
                    help=f"KIND: a back-end ({', '.join(BACKENDS)}) or an editor ({', '.join(EDITORS)})")
-    p.add_argument("--checkpoint", help="GenLoc location-model checkpoint: one box per image for the back-ends")
+    p.add_argument("--checkpoint", help="GenLoc location model (checkpoint, model folder or Hub id): one box per "
+                                        "image for the back-ends, sampled by models.place")
     p.add_argument("--boxes", help="instead of --checkpoint: a predictions JSONL ({key, boxes: [[x1,y1,x2,y2], ...]}, "
                                    "pixels; the first box of each key is used)")
     p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
@@ -181,57 +184,42 @@ def genloc_boxes(args, samples: list[Sample]) -> dict[str, list[float]]:
     """One pixel box per image: sampled by the location model, or the first box of a predictions file."""
     if args.boxes:
         found = {}
-        with open(args.boxes) as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    box = [float(v) for v in rec["boxes"][0]] if rec.get("boxes") else None
-                    key = str(rec["key"])
-                except (ValueError, KeyError, TypeError, IndexError):
-                    raise UsageError(f"--boxes {args.boxes} line {n}: not a {{\"key\", \"boxes\": [[x1,y1,x2,y2], ...]}} "
-                                     "JSON record (evaluate.py's predictions format)") from None
-                if box is not None:
-                    if len(box) != 4 or not box[0] < box[2] or not box[1] < box[3]:
-                        raise UsageError(f"--boxes {args.boxes} line {n}: {box} is not a pixel box x1,y1,x2,y2 with x1<x2, y1<y2")
-                    found[key] = box
+        for n, rec in _jsonl_records(args.boxes):
+            try:
+                box = [float(v) for v in rec["boxes"][0]] if rec.get("boxes") else None
+                key = str(rec["key"])
+            except (ValueError, KeyError, TypeError, IndexError):
+                raise UsageError(f"--boxes {args.boxes} line {n}: not a {{\"key\", \"boxes\": [[x1,y1,x2,y2], ...]}} "
+                                 "JSON record (evaluate.py's predictions format)") from None
+            if box is not None:
+                if len(box) != 4 or not box[0] < box[2] or not box[1] < box[3]:
+                    raise UsageError(f"--boxes {args.boxes} line {n}: {box} is not a pixel box x1,y1,x2,y2 with x1<x2, y1<y2")
+                found[key] = box
         missing = [s.key for s in samples if s.key not in found]
         if missing:
             raise UsageError(f"--boxes {args.boxes}: no box for {len(missing)} sample(s), e.g. {missing[0]!r}")
         return {s.key: found[s.key] for s in samples}
-    from lightning_modules.checkpoint import CheckpointError, load_location_model
+    from models.checkpoint import CheckpointError
+    from models.hub import ModelFilesError, load_model
+    from models.placement import place
 
     try:
-        model = load_location_model(args.checkpoint)
-    except CheckpointError as err:
-        raise UsageError(str(err)) from None
-    side = model.cfg.image_size
+        model = load_model(args.checkpoint)
+    except (CheckpointError, ModelFilesError) as err:
+        raise UsageError(f"--checkpoint {args.checkpoint}: {err}") from None
     boxes = {}
     for s in tqdm(samples, desc="GenLoc boxes", disable=None):
-        image = s.image()
-        x = torch.from_numpy(np.asarray(image.resize((side, side), Image.BICUBIC), dtype=np.float32) / 255.0)
-        out = model.sample(x.permute(2, 0, 1)[None], [s.category], n=1, image_sizes=torch.tensor([image.size]),
-                           generator=torch.Generator().manual_seed(sample_seed(args.seed, s.key)))
-        boxes[s.key] = [float(v) for v in out.boxes[0, 0]]
+        placed = place(model, s.image(), s.category, n=1, seed=sample_seed(args.seed, s.key))
+        boxes[s.key] = [float(v) for v in placed.boxes[0]]
     return boxes
 
 
-# --- atomic files -------------------------------------------------------------------------------
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj) -> None:
-    write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
-
-
-def save_png(path: Path, image: Image.Image) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+def _jsonl_records(path: str):
+    """`models.files.read_jsonl`, with a missing file or a line that is not JSON as a UsageError."""
+    try:
+        yield from read_jsonl(path)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--boxes {err}" if isinstance(err, ValueError) else f"--boxes {path}: {err.strerror}") from None
 
 
 # --- running ------------------------------------------------------------------------------------
@@ -278,7 +266,7 @@ def run_method(args, method: Method, samples: list[Sample], boxes: dict, out: Pa
             record = result.record()
         record.update(key=s.key, category=s.category, source=s.source, method=method.name, kind=method.kind)
         (folder / f"{s.key}.scores.json").unlink(missing_ok=True)  # scores of an unfinished earlier attempt
-        save_png(folder / f"{s.key}.png", result.image)
+        save_image(folder / f"{s.key}.png", result.image)
         write_json(folder / f"{s.key}.json", record)  # last: its presence marks the edit as done
     del model
     if torch.cuda.is_available():
@@ -389,11 +377,9 @@ def grid(methods: list[Method], samples: list[Sample], out: Path, rows: int, cel
             scale = cell / max(picture.size)
             small = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
                                    Image.BICUBIC)
-            x, y = c * cell + (cell - small.width) // 2, header + r * cell + (cell - small.height) // 2
-            sheet.paste(small, (x, y))
             if box is not None:
-                draw.rectangle([x + box[0] * scale, y + box[1] * scale, x + box[2] * scale - 1, y + box[3] * scale - 1],
-                               outline=(255, 0, 0), width=2)
+                small = draw_boxes(small, [[v * scale for v in box]], colours=[(255, 0, 0)], width=2)
+            sheet.paste(small, (c * cell + (cell - small.width) // 2, header + r * cell + (cell - small.height) // 2))
         draw.text((4, header + r * cell + 4), s.category, fill=(255, 255, 0), font=font, stroke_width=2,
                   stroke_fill="black")
     return sheet
@@ -409,8 +395,8 @@ def main(argv=None) -> int:
             raise UsageError(f"--images {args.images}: no (image, category) samples")
         needs_boxes = any(not m.is_editor for m in methods)
         if needs_boxes and not (args.checkpoint or args.boxes):
-            raise UsageError("the back-end methods need GenLoc boxes: pass --checkpoint CKPT (a train.py checkpoint) "
-                             "or --boxes PREDICTIONS.jsonl")
+            raise UsageError("the back-end methods need GenLoc boxes: pass --checkpoint MODEL (a train.py checkpoint, "
+                             "model folder or Hub id) or --boxes PREDICTIONS.jsonl")
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         check_settings(out, {m.name: method_settings(args, m) for m in methods})
@@ -424,8 +410,8 @@ def main(argv=None) -> int:
     results = score(args, methods, samples, out)
     results["settings"] = json.loads((out / "settings.json").read_text())
     write_json(out / "results.json", results)
-    write_atomic(out / "results.md", markdown(results).encode())
-    save_png(out / "grid.png", grid(methods, samples, out, args.grid_rows, args.grid_cell))
+    write_atomic(out / "results.md", markdown(results))
+    save_image(out / "grid.png", grid(methods, samples, out, args.grid_rows, args.grid_cell))
     print(markdown(results))
     print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'grid.png'}")
     return 0

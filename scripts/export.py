@@ -77,7 +77,8 @@ def run_info(checkpoint: Path, eval_metrics: Path | None) -> dict:
 def export(checkpoint: str | Path, out: str | Path, push_to_hub: str | None = None,
            eval_metrics: str | Path | None = None) -> Path:
     """Write the model folder ``out`` from ``checkpoint`` (atomically) and push it if asked."""
-    from lightning_modules.checkpoint import CheckpointError, load_location_model
+    from models.checkpoint import CheckpointError
+    from models.hub import load_location_model
 
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists() and (not out.is_dir() or not set(os.listdir(out)) <= set(FILES)):

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import insert
-from lightning_modules.checkpoint import save_model_checkpoint
+from models.checkpoint import save_model_checkpoint
 from models import LocationModel, LocationModelConfig
 from tests.tiny_builders import save_tiny_sd_inpainter
 

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     from datamodules.shards import ShardFormatError, read_split_info
     from models.hub import ModelFilesError, load_model
     from models.placement import NoValidSetError, place, place_many, token_iou
-    from lightning_modules.checkpoint import CheckpointError
+    from models.checkpoint import CheckpointError
 
     try:
         model = load_model(args.model)

@@ -20,7 +20,7 @@ from configs.schema import load_config
 from conftest import tiny_run_overrides
 from datamodules import ShardDataModule
 from datamodules.pipeline import decode_sample
-from lightning_modules.checkpoint import CheckpointError, save_model_checkpoint
+from models.checkpoint import CheckpointError, save_model_checkpoint
 from models import LocationModel, LocationModelConfig
 
 
@@ -166,5 +166,25 @@ def test_incompatible_last_checkpoint_is_an_error_not_a_restart(tiny_toy_data, t
     same = train_script.model_config(cfg).to_dict()
     shutil.rmtree(train_script.run_dir(cfg))
     write_fake_last(train_script.run_dir(cfg), same, beta=0.1)
-    with pytest.raises(CheckpointError, match=r"written by lightning_modules\.dpo\.DPOModule.*module is lightning_modules\.mle\.MLEModule"):
+    with pytest.raises(CheckpointError, match=r"written by lightning_modules\.DPOModule.*module is lightning_modules\.MLEModule"):
         train_script.train(cfg)
+
+
+@pytest.mark.parametrize("recorded, resumes", [
+    ("lightning_modules.MLEModule", True), ("lightning_modules.mle.MLEModule", True),  # today's and the old spelling
+    ("lightning_modules.dpo.DPOModule", False), ("lightning_modules.DPOModule", False)])
+def test_a_checkpoint_names_its_module_in_the_config_spelling_and_old_spellings_still_resume(recorded, resumes, tmp_path):
+    from lightning_modules import DPOModule, MLEModule
+    from lightning_modules.checkpoint import check_resumable
+    from lightning_modules.mle import MODULE_KEY, module_path
+
+    assert (module_path(MLEModule), module_path(DPOModule)) == ("lightning_modules.MLEModule", "lightning_modules.DPOModule")
+    assert load_config([]).module._target_ == module_path(MLEModule)  # the config's spelling is the recorded one
+    model_config = LocationModelConfig.preset("tiny").to_dict()
+    ckpt = {"hyper_parameters": {"model_config": model_config}, "state_dict": {}, MODULE_KEY: recorded}
+    if resumes:
+        check_resumable(ckpt, tmp_path / "last.ckpt", model_config, MLEModule)
+    else:
+        with pytest.raises(CheckpointError, match=r"written by lightning_modules\.DPOModule but this run's module is "
+                                                  r"lightning_modules\.MLEModule"):
+            check_resumable(ckpt, tmp_path / "last.ckpt", model_config, MLEModule)

@@ -12,7 +12,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 import lightning_modules.dpo as dpo_module
-from lightning_modules.checkpoint import load_location_model, model_state_dict, read_checkpoint, save_model_checkpoint
+from models.checkpoint import model_state_dict, read_checkpoint, save_model_checkpoint
+from models.hub import load_location_model
 from lightning_modules.dpo import DPOModule, pair_box_log_probs
 from lightning_modules.mle import MLEModule
 from models import LocationModelConfig

@@ -11,7 +11,7 @@ import torch
 
 import evaluate
 from conftest import FIXTURES, ROOT
-from lightning_modules.checkpoint import save_model_checkpoint
+from models.checkpoint import save_model_checkpoint
 
 OPA = FIXTURES / "opa_sample"
 FOPA_CSV = OPA / "annotations_original" / "fopa_test_data_pair__bg580029_rows.csv"

@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from conftest import FIXTURES, ROOT
-from lightning_modules.checkpoint import load_location_model
+from models.hub import load_location_model
 from lightning_modules.mle import MLEModule
 from models import GenLocModel, LocationModel, LocationModelConfig, ModelFilesError
 from models.hub import FILES, card_metrics, portable_config

@@ -16,7 +16,7 @@ from skimage import data as skdata
 
 from datamodules.pipeline import decode_sample
 from datamodules.shards import ShardWriter, decode_image
-from models.placement import to_rgb_image
+from models.images import to_rgb_image
 
 SIZE = 32
 BASE = np.asarray(Image.fromarray(skdata.astronaut()).resize((SIZE, SIZE), Image.BILINEAR))  # a real photo

@@ -11,7 +11,7 @@ from skimage import data
 
 import insert
 from conftest import FIXTURES
-from lightning_modules.checkpoint import save_model_checkpoint
+from models.checkpoint import save_model_checkpoint
 from metrics.inpainting import background_ssim
 from models.inpainters import load_backend
 from models.inpainting import box_mask, mask_bbox, parse_region, pixel_rect, working_size
@@ -43,7 +43,7 @@ def stub_sampler(monkeypatch, tmp_path):
     """Stand-in for the location model: seeded random boxes inside the normalised region."""
     def sample(checkpoint, image, category, n, region, seed):
         g = torch.Generator().manual_seed(seed)
-        x1, y1, x2, y2 = region or (0.0, 0.0, 1.0, 1.0)
+        x1, y1, x2, y2 = parse_region(region, image.size) or (0.0, 0.0, 1.0, 1.0)
         lo = torch.rand(n, 2, generator=g) * 0.5
         hi = lo + 0.1 + torch.rand(n, 2, generator=g) * (0.9 - lo)
         u = torch.cat([lo, hi.clamp(max=1.0)], 1)

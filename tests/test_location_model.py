@@ -279,7 +279,8 @@ def test_relative_extents_reindex_the_x2_y2_outputs_and_embed_the_width():
 
 # ------------------------------------------------------------------------------------------- checkpoint
 def test_save_model_checkpoint_round_trips_through_load_location_model(tmp_path):
-    from lightning_modules.checkpoint import load_location_model, read_checkpoint, save_model_checkpoint
+    from models.checkpoint import read_checkpoint, save_model_checkpoint
+    from models.hub import load_location_model
 
     torch.manual_seed(3)
     model = LocationModel(LocationModelConfig.preset("tiny", num_bins=32, relative_extents=True))

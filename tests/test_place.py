@@ -9,7 +9,8 @@ from PIL import Image
 
 from conftest import FIXTURES
 from models import GenLocModel, LocationModelConfig, NoValidSetError, place, place_many
-from models.placement import model_input, to_rgb_image, token_iou
+from models.images import to_rgb_image
+from models.placement import model_input, token_iou
 
 PHOTOS = [FIXTURES / "libcom" / "controllable_composition" / "background" / "000000049931.png",
           FIXTURES / "opa_sample" / "eval_opascore_examples" / "composite_1.jpg",      # 640 x 427

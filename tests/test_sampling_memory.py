@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import evaluate
-from lightning_modules.checkpoint import save_model_checkpoint
+from models.checkpoint import save_model_checkpoint
 from models import LocationModel, LocationModelConfig
 
 

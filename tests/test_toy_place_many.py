@@ -1,7 +1,7 @@
 """scripts/toy_place_many.py (README's several-objects report) runs end to end on toy shards."""
 import torch
 
-from lightning_modules.checkpoint import save_model_checkpoint
+from models.checkpoint import save_model_checkpoint
 from models import LocationModel, LocationModelConfig
 from scripts import toy_place_many
 

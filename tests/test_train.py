@@ -49,7 +49,7 @@ def test_every_experiment_trains_and_validates_one_step(name, tiny_toy_data, tin
 
 
 def test_init_from_loads_previous_stage_weights(tiny_toy_data, tiny_mle_checkpoint, tmp_path):
-    from lightning_modules.checkpoint import model_state_dict, read_checkpoint
+    from models.checkpoint import model_state_dict, read_checkpoint
 
     cfg = load_config(["experiment=toy_finetune", f"init_from={tiny_mle_checkpoint}", "optim.lr=0.0"]
                       + tiny_run_overrides(tiny_toy_data / "toy-opa", tmp_path))
@@ -136,7 +136,7 @@ def test_resume_false_starts_over(tiny_toy_data, tmp_path):
 
 
 def test_corrupt_last_checkpoint_is_an_error_not_a_restart(tiny_toy_data, tmp_path):
-    from lightning_modules.checkpoint import CheckpointError
+    from models.checkpoint import CheckpointError
 
     base = ["experiment=toy_pretrain"] + tiny_run_overrides(tiny_toy_data / "toy-pipe", tmp_path, steps=1)
     first = train_script.train(load_config(base))
@@ -144,3 +144,19 @@ def test_corrupt_last_checkpoint_is_an_error_not_a_restart(tiny_toy_data, tmp_pa
     last.write_bytes(last.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="last.ckpt"):
         train_script.train(load_config(base))
+
+
+def test_train_leaves_the_callers_warning_filters_as_they_were(tiny_toy_data, tmp_path):
+    import warnings
+
+    before = list(warnings.filters)
+    train_script.train(load_config(["experiment=toy_pretrain"] + tiny_run_overrides(tiny_toy_data / "toy-pipe", tmp_path)))
+    assert warnings.filters == before  # the Lightning warnings it silences are silenced inside train() only
+
+
+def test_stage_configs_find_the_previous_stage_under_log_root(tmp_path):
+    """No experiment hard-codes `runs/`: init_from / module.reference follow log_root."""
+    cfg = load_config(["experiment=opa_finetune", f"log_root={tmp_path}", "data.data_dir=x"])
+    assert cfg.init_from == f"{tmp_path}/pipe_pretrain/default/checkpoints/last.ckpt"
+    for path in (CONFIG_DIR / "experiment").glob("*.yaml"):
+        assert "runs/" not in path.read_text(), path

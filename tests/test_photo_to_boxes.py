@@ -1,0 +1,82 @@
+"""One photo -> boxes path: insert.py, compare_insertion and the demo all sample through
+`models.place`, so the model sees a photo exactly as it saw the training images (PIL bilinear to
+its square input, `models.placement.model_input`) and the same seed gives the same boxes."""
+import csv
+
+import pytest
+import torch
+
+import demo
+import insert
+from conftest import FIXTURES
+from models.checkpoint import save_model_checkpoint
+from models.hub import load_model
+from models.images import to_rgb_image
+from models.location_model import LocationModel
+from models.placement import model_input, place
+from scripts import compare_insertion
+
+PHOTO = FIXTURES / "opa_sample/reconstructed/580029_background_reconstructed.png"  # 640x427, real
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    from models import GenLocModel, LocationModelConfig
+
+    root = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    model = GenLocModel(LocationModelConfig.preset("tiny"))
+    save_model_checkpoint(model, root / "tiny.ckpt")
+    model.save_pretrained(root / "folder")
+    return root
+
+
+@pytest.fixture
+def seen(monkeypatch):
+    """The image tensors every `LocationModel.sample` call receives."""
+    calls = []
+    original = LocationModel.sample
+
+    def recording(self, images, *args, **kwargs):
+        calls.append(images.detach().clone())
+        return original(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(LocationModel, "sample", recording)
+    return calls
+
+
+def _training_view(model, photo):
+    return model_input(model, [to_rgb_image(photo)[0]])
+
+
+def test_insert_samples_through_place(model_files, seen):
+    model = load_model(model_files / "tiny.ckpt")
+    boxes = insert.sample_boxes(str(model_files / "tiny.ckpt"), to_rgb_image(PHOTO)[0], "cat", 5, "right", 3)
+    assert torch.equal(seen[0], _training_view(model, PHOTO))
+    assert torch.equal(boxes, place(model, PHOTO, "cat", n=5, region="right", seed=3).boxes)
+
+
+@pytest.mark.parametrize("source", ["tiny.ckpt", "folder"])
+def test_compare_insertion_samples_through_place_from_any_model_source(source, model_files, seen, tmp_path):
+    """Was: its own resize (BICUBIC, unlike training's BILINEAR) and checkpoints only."""
+    (tmp_path / "photo.png").write_bytes(PHOTO.read_bytes())
+    with open(tmp_path / "pairs.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["image", "category"], ["photo.png", "airplane"]])
+    args = compare_insertion.build_parser().parse_args(
+        ["--images", str(tmp_path), "--checkpoint", str(model_files / source), "--out", str(tmp_path / "out"),
+         "--methods", "x=sd:unused", "--seed", "7"])
+    samples = compare_insertion.read_samples(tmp_path, "test")
+    boxes = compare_insertion.genloc_boxes(args, samples)
+    model = load_model(model_files / "tiny.ckpt")
+    assert torch.equal(seen[0], _training_view(model, PHOTO))
+    expected = place(model, PHOTO, "airplane", n=1, seed=compare_insertion.sample_seed(7, "photo")).boxes[0]
+    assert boxes == {"photo": [float(v) for v in expected]}
+
+
+def test_demo_samples_through_place(model_files, seen):
+    model = load_model(model_files / "folder")
+    placed = demo.place_boxes(demo.Backends(model=model), str(PHOTO), "cat", 3, 1.0, seed=4)
+    assert torch.equal(seen[0], _training_view(model, PHOTO))
+    drawn = place(model, PHOTO, "cat", n=demo.HEAT_DRAWS, seed=4)
+    expected = sorted(zip(drawn.boxes[:3].double().tolist(), drawn.log_probs[:3].tolist()), key=lambda d: -d[1])
+    assert [r["box"] for r in placed.records] == [box for box, _ in expected]
