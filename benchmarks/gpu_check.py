@@ -244,8 +244,7 @@ class Budget:
 
 def run(args, device: torch.device) -> dict:
     preset = "tiny" if args.quick else "paper"
-    overrides = {} if args.quick else dict(vit_weights=None, clip_weights=None, gpt2_weights=None)
-    config = LocationModelConfig.preset(preset, **overrides).to_dict()
+    config = LocationModelConfig.preset(preset, pretrained=False).to_dict()
     image_size = config["image_size"]
     budget = Budget(args.time_budget)
     rows: list[dict] = []
@@ -392,11 +391,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def select_device(name: str) -> torch.device:
+    """``name`` as a device; a CUDA device gets its index (``"cuda"`` means the current one) and becomes
+    the current device, since ``torch.cuda.set_device`` refuses a device without an index."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    return device
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = select_device(args.device)
     result = run(args, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

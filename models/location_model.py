@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from .box_tokenizer import BoxTokenizer
 from .config import LocationModelConfig
-from .pretrained import build_clip_text, build_gpt2, build_vit, ordinal_init
+from .pretrained import build_clip_text, build_gpt2, build_vit, cache_field, ordinal_init
 from .sampling import check_filter_args, draw_tokens, filter_logits
 
 
@@ -96,6 +96,7 @@ class LocationModel(nn.Module):
         # positions: prefix + BOS + 4 box tokens (EOS is never fed)
         self.decoder = build_gpt2(cfg.gpt2_n_layer, cfg.gpt2_n_embd, cfg.gpt2_n_head, cfg.gpt2_dropout,
                                   self.tokenizer.vocab_size, self.prefix_len + 5, cfg.gpt2_weights)
+        self._cache_arg = cache_field()
         self.extent_embed = None
         if cfg.relative_extents:
             self.extent_embed = nn.Embedding(cfg.num_bins, cfg.gpt2_n_embd)
@@ -350,12 +351,17 @@ class LocationModel(nn.Module):
             raise ValueError(f"owner indices must lie in [0, {prefix.shape[0]}), got {owner.tolist()}")
         tokens = tokens.to(prefix.device)
         plen = prefix.shape[1]
-        cache = self.decoder(inputs_embeds=prefix, use_cache=True, logits_to_keep=1).cache
+        cache = self._cache_of(self.decoder(inputs_embeds=prefix, use_cache=True, logits_to_keep=1))
         cache.reorder_cache(owner)  # index_select on the batch dim of every layer's keys and values
         embeds = self.input_embeds(tokens[:, :3])
         positions = torch.arange(plen, plen + 4, device=prefix.device)[None]
-        logits = self.decoder(inputs_embeds=embeds, cache=cache, use_cache=True, position_ids=positions).logits
+        logits = self.decoder(inputs_embeds=embeds, use_cache=True, position_ids=positions,
+                              **{self._cache_arg: cache}).logits
         return self._masked_token_log_probs(logits, tokens, with_distribution)
+
+    def _cache_of(self, output) -> object:
+        """The KV cache of a decoder output, whichever name this transformers release gives it."""
+        return getattr(output, self._cache_arg)
 
     def _masked_token_log_probs(self, logits: Tensor, tokens: Tensor, with_distribution: bool):
         """Validity-masked log-softmax of the 4 box steps' ``logits`` ``[M, 4, vocab]``, gathered at ``tokens``."""
@@ -420,11 +426,12 @@ class LocationModel(nn.Module):
         batch = prefix.shape[0]
         bos = self.input_embeds(torch.empty(batch, 0, dtype=torch.long, device=prefix.device))
         out = self.decoder(inputs_embeds=torch.cat([prefix, bos], dim=1), use_cache=True, logits_to_keep=1)
-        cache = out.cache
+        cache = self._cache_of(out)
         cache.batch_repeat_interleave(n)
 
         def next_logits(tokens: Tensor, step: int) -> Tensor:
-            return self.decoder(inputs_embeds=self.input_embeds(tokens)[:, -1:], cache=cache, use_cache=True).logits[:, -1]
+            return self.decoder(inputs_embeds=self.input_embeds(tokens)[:, -1:], use_cache=True,
+                                **{self._cache_arg: cache}).logits[:, -1]
 
         return self._draw_boxes(out.logits[:, -1], n, bounds, extents, (temperature, top_k, top_p), generator,
                                 next_logits)
@@ -437,7 +444,7 @@ class LocationModel(nn.Module):
         batch = prefix.shape[0]
         bos = self.input_embeds(torch.empty(batch, 0, dtype=torch.long, device=prefix.device))
         out = self.decoder(inputs_embeds=torch.cat([prefix, bos], dim=1), use_cache=True, logits_to_keep=1)
-        shared = [(layer.keys, layer.values) for layer in out.cache.layers]
+        shared = [(layer.keys, layer.values) for layer in self._cache_of(out).layers]
         own: list[Optional[tuple[Tensor, Tensor]]] = [None] * len(shared)
         first_position = prefix.shape[1] + 1
 

@@ -135,6 +135,16 @@ def build_clip_text(name: str, weights: Optional[str]) -> tuple[nn.Module, objec
 
 
 # ------------------------------------------------------------------------------------------ GPT-2
+def cache_field() -> str:
+    """The name of GPT-2's KV-cache argument and output field: transformers renamed ``past_key_values``
+    to ``cache`` during 5.x, and the releases our range covers use either one."""
+    from dataclasses import fields
+
+    from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+
+    return "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithCrossAttentions)} else "past_key_values"
+
+
 def build_gpt2(n_layer: int, n_embd: int, n_head: int, dropout: float, vocab_size: int,
                n_positions: int, weights: Optional[str]) -> nn.Module:
     """transformers GPT2LMHeadModel with ``vocab_size`` tokens and at least ``n_positions`` positions."""

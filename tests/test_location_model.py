@@ -222,7 +222,7 @@ def test_unknown_weights_name_is_reported():
 
 # ------------------------------------------------------------------------------------------ paper preset
 def test_paper_preset_builds_with_random_weights_and_counts_add_up():
-    cfg = LocationModelConfig.preset("paper", vit_weights=None, clip_weights=None, gpt2_weights=None)
+    cfg = LocationModelConfig.preset("paper", pretrained=False)
     model = LocationModel(cfg)
     total = sum(p.numel() for p in model.parameters())
 

@@ -1,0 +1,118 @@
+"""What the first GPU run tripped over, checked on the CPU: the GPU check's device selection, random
+initialisation of the `paper` preset from the config, and decoding with the transformers releases
+that name GPT-2's KV cache `past_key_values` instead of `cache`."""
+import dataclasses
+from typing import Optional
+
+import pytest
+import torch
+import transformers.modeling_outputs
+
+from benchmarks import gpu_check
+from configs.schema import ConfigError, load_config, model_config
+from models import LocationModel, LocationModelConfig
+
+
+# ------------------------------------------------------------------------------ gpu_check device
+class _Started(Exception):
+    """Raised by the patched `run` with the device `main` chose."""
+
+
+@pytest.mark.parametrize("name, index", [("cuda", 0), ("cuda:1", 1)])
+def test_gpu_check_selects_a_cuda_device_with_or_without_index(monkeypatch, name, index):
+    """torch.cuda.set_device refuses `torch.device("cuda")`; the check must pass it an index."""
+    selected = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_setDevice", selected.append, raising=False)
+
+    def run(args, device):
+        raise _Started(device)
+
+    monkeypatch.setattr(gpu_check, "run", run)
+    with pytest.raises(_Started) as started:
+        gpu_check.main(["--device", name])
+    assert started.value.args[0] == torch.device("cuda", index)
+    assert selected == [index]
+
+
+# ------------------------------------------------------------------------------ random init
+def test_pretrained_false_drops_every_preset_weight_and_conflicts_are_errors():
+    paper = LocationModelConfig.preset("paper")
+    assert paper.pretrained and paper.vit_weights and paper.clip_weights and paper.gpt2_weights
+    scratch = LocationModelConfig.preset("paper", pretrained=False)
+    assert (scratch.vit_weights, scratch.clip_weights, scratch.gpt2_weights) == (None, None, None)
+    assert dataclasses.replace(scratch, pretrained=True, vit_weights=None) == dataclasses.replace(paper, vit_weights=None,
+                                                                                                   clip_weights=None,
+                                                                                                   gpt2_weights=None)
+    assert not LocationModelConfig.preset("tiny").pretrained
+    assert LocationModelConfig.preset("tiny", gpt2_weights="/some/folder").pretrained  # a weight asks for loading
+    with pytest.raises(ValueError, match=r"pretrained=False .* \['gpt2_weights'\] set"):
+        LocationModelConfig.preset("paper", pretrained=False, gpt2_weights="openai-community/gpt2")
+    with pytest.raises(ConfigError, match="model.*pretrained=False"):
+        model_config(load_config(["model=paper", "model.pretrained=false", "model.vit_weights=x"]))
+
+
+def test_configs_saved_before_the_pretrained_field_still_load():
+    saved = LocationModelConfig.preset("paper").to_dict()
+    del saved["pretrained"]
+    assert LocationModelConfig.from_dict(saved) == LocationModelConfig.preset("paper")
+    tiny = LocationModelConfig.preset("tiny").to_dict()
+    del tiny["pretrained"]
+    assert LocationModelConfig.from_dict(tiny).vit_weights is None
+
+
+def test_paper_preset_with_pretrained_false_builds_from_the_command_line_offline(monkeypatch):
+    """`model=paper model.pretrained=false` never looks for weights: the hub lookups are patched to fail."""
+    def no_hub(*args, **kwargs):
+        raise AssertionError("looked for pretrained weights")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("models.pretrained._cached_file", no_hub)
+    cfg = model_config(load_config(["model=paper", "model.pretrained=false", "trainer=cpu"]))
+    model = LocationModel(cfg)
+    assert model.cfg.pretrained is False and model.prefix_len == 1 + 196
+    assert model.decoder.config.n_layer == 12 and model.image_encoder.embed_dim == 768
+    with pytest.raises(AssertionError, match="looked for pretrained weights"):
+        LocationModel(model_config(load_config(["model=paper"])))
+
+
+# ------------------------------------------------------------------------------ transformers cache name
+@dataclasses.dataclass
+class _OldOutput:
+    """GPT-2's output as transformers 5.17 returns it: the KV cache under `past_key_values` (a plain
+    dataclass: this release's ModelOutput would rename the field to `cache`)."""
+
+    logits: Optional[torch.Tensor] = None
+    past_key_values: Optional[object] = None
+
+
+def _old_transformers_model(monkeypatch) -> LocationModel:
+    """A tiny model whose decoder takes and returns its cache as `past_key_values` only."""
+    monkeypatch.setattr(transformers.modeling_outputs, "CausalLMOutputWithCrossAttentions", _OldOutput)
+    model = LocationModel(LocationModelConfig.preset("tiny")).eval()
+    forward = model.decoder.forward
+
+    def old_forward(*args, past_key_values=None, **kwargs):
+        assert "cache" not in kwargs, "the old decoder has no `cache` argument"
+        out = forward(*args, cache=past_key_values, **kwargs)
+        return _OldOutput(logits=out.logits, past_key_values=out.cache)
+
+    monkeypatch.setattr(model.decoder, "forward", old_forward)
+    return model
+
+
+@pytest.mark.parametrize("cascade", [True, False])
+def test_decoding_works_with_the_older_cache_name(monkeypatch, cascade):
+    torch.manual_seed(0)
+    new = LocationModel(LocationModelConfig.preset("tiny")).eval()
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    expected = new.sample(images, ["car", "bird"], n=5, cascade=cascade, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    old = _old_transformers_model(monkeypatch)
+    got = old.sample(images, ["car", "bird"], n=5, cascade=cascade, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(got.tokens, expected.tokens)
+    prefix = old.build_prefix(old.encode_images(images), old.encode_texts(["car", "bird"]))
+    tokens = got.tokens[:, 0]
+    torch.testing.assert_close(old.box_log_probs_shared(prefix, torch.arange(2), tokens),
+                               old.box_log_probs(prefix, tokens))
