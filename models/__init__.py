@@ -1,5 +1,6 @@
 """Pure-PyTorch GenLoc location model (no Lightning): tokenizer, config/presets, model + sampler,
 Hub-style model files and the one-call placement API."""
+from . import versions  # noqa: F401  (first: its import checks the installed releases)
 from .box_tokenizer import BoxTokenizer
 from .config import LocationModelConfig
 from .hub import GenLocModel, ModelFilesError, load_model

@@ -116,3 +116,29 @@ def test_decoding_works_with_the_older_cache_name(monkeypatch, cascade):
     tokens = got.tokens[:, 0]
     torch.testing.assert_close(old.box_log_probs_shared(prefix, torch.arange(2), tokens),
                                old.box_log_probs(prefix, tokens))
+
+
+# ------------------------------------------------------------------------------ dependency floors
+def test_an_old_release_is_one_line_at_import(monkeypatch):
+    from models import versions
+
+    monkeypatch.setattr(versions, "version", lambda name: {"transformers": "5.10.2"}.get(name, "99.0"))
+    with pytest.raises(ImportError) as error:
+        versions.check()
+    assert str(error.value) == ("genloc needs transformers>=5.17 (found 5.10.2): pip install 'transformers>=5.17'")
+    monkeypatch.setattr(versions, "version", lambda name: versions.MINIMUM[name] + ".0+cu130")
+    versions.check()  # the minimum itself, as a local CUDA build names it, passes
+
+
+def test_pyproject_lower_bounds_are_the_checked_minimums():
+    import tomllib
+
+    from conftest import ROOT
+    from models.versions import MINIMUM
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    floors = {d.split(">=")[0]: d.split(">=")[1].split(",")[0] for d in deps if ">=" in d}
+    assert {name: floors.get(name) for name in MINIMUM} == MINIMUM
+    lock = (ROOT / "requirements" / "lock.txt").read_text().splitlines()
+    pinned = dict(line.split("==") for line in lock if "==" in line)
+    assert all(name in pinned for name in MINIMUM)
