@@ -165,6 +165,11 @@ class LocationModel(nn.Module):
             self._text_cache.update(zip(missing, feats))
         return torch.stack([self._text_cache[c] for c in categories])
 
+    @property
+    def cached_categories(self):
+        """Categories whose frozen text features are cached (a view of the cache's keys)."""
+        return self._text_cache.keys()
+
     def _prompt_ids(self, categories: Sequence[str]) -> Tensor:
         return self._tokenize([self.cfg.prompt_template.format(category=c) for c in categories])
 
@@ -344,11 +349,12 @@ class LocationModel(nn.Module):
         as in the full-sequence path. In training mode the prefix's dropout mask is shared by the
         boxes of one image (the full path draws one per box); in eval mode both paths agree.
         """
-        owner = torch.as_tensor(owner, device=prefix.device).long()
+        owner = torch.as_tensor(owner).long()  # checked where it lies: an owner on the CPU costs no GPU sync
         if tokens.ndim != 2 or tokens.shape[1] != 4 or owner.shape != tokens.shape[:1]:
             raise ValueError(f"tokens must be [M, 4] and owner [M], got {tuple(tokens.shape)} and {tuple(owner.shape)}")
         if len(owner) and not (0 <= int(owner.min()) and int(owner.max()) < prefix.shape[0]):
             raise ValueError(f"owner indices must lie in [0, {prefix.shape[0]}), got {owner.tolist()}")
+        owner = owner.to(prefix.device, non_blocking=True)
         tokens = tokens.to(prefix.device)
         plen = prefix.shape[1]
         cache = self._cache_of(self.decoder(inputs_embeds=prefix, use_cache=True, logits_to_keep=1))

@@ -95,8 +95,8 @@ def _old_transformers_model(monkeypatch) -> LocationModel:
 
     def old_forward(*args, past_key_values=None, **kwargs):
         assert "cache" not in kwargs, "the old decoder has no `cache` argument"
-        out = forward(*args, cache=past_key_values, **kwargs)
-        return _OldOutput(logits=out.logits, past_key_values=out.cache)
+        out = forward(*args, past_key_values=past_key_values, **kwargs)  # the name every release accepts
+        return _OldOutput(logits=out.logits, past_key_values=out.past_key_values)
 
     monkeypatch.setattr(model.decoder, "forward", old_forward)
     return model

@@ -174,7 +174,7 @@ def test_loads_parts_from_local_folders_in_their_own_formats(tmp_path, model):
     model.decoder.save_pretrained(tmp_path / "gpt2")
 
     loaded_cfg = LocationModelConfig.from_dict({
-        **cfg.to_dict(), "vit_weights": str(tmp_path / "vit"),
+        **cfg.to_dict(), "pretrained": True, "vit_weights": str(tmp_path / "vit"),
         "clip_weights": str(tmp_path / "open_clip_model.safetensors"), "gpt2_weights": str(tmp_path / "gpt2")})
     torch.manual_seed(123)  # different random init: everything must come from the files
     loaded = LocationModel(loaded_cfg).eval()
