@@ -396,7 +396,7 @@ class LocationModel(nn.Module):
                top_k: Optional[int] = None, top_p: Optional[float] = None, region: Optional[Tensor] = None,
                generator: Optional[torch.Generator] = None, image_sizes: Optional[Tensor] = None,
                size: Optional[Tensor] = None, aspect_ratio: Optional[Tensor] = None,
-               cascade: bool = True) -> SampleOutput:
+               cascade: bool = True, bf16: bool = False) -> SampleOutput:
         """Draw ``n`` valid boxes per (image, category) in one batched, KV-cached decode.
 
         ``region``, ``size`` and ``aspect_ratio`` (normalised, see `region_bounds` and `extent_mask`)
@@ -408,6 +408,10 @@ class LocationModel(nn.Module):
         earlier decoder kept for comparison (same tokens and log-probs, ``n`` times the cache memory).
         Runs in eval mode (restored afterwards); ``generator`` must live on the model's device.
         See `SampleOutput` for what ``log_probs`` means.
+
+        ``bf16`` runs the decoding in bf16 autocast (a GPU speed option): the prefix is computed in
+        fp32 (the cached text features stay fp32), and logits are cast to fp32 before masking and
+        drawing, so only the decoder's matmuls round differently.
         """
         if len(categories) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(categories)} categories")
@@ -420,7 +424,8 @@ class LocationModel(nn.Module):
             extents = self.extent_mask(size, aspect_ratio, prefix.shape[0], prefix.device)
             self.check_extents_fit(bounds, extents)
             decode = self._decode_cascade if cascade else self._decode_cached
-            tokens, log_probs = decode(prefix, n, bounds, temperature, top_k, top_p, generator, extents)
+            with torch.autocast(prefix.device.type, dtype=torch.bfloat16, enabled=bf16):
+                tokens, log_probs = decode(prefix, n, bounds, temperature, top_k, top_p, generator, extents)
         finally:
             self.train(was_training)
         return self._sample_output(tokens, log_probs, image_sizes)

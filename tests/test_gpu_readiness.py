@@ -142,3 +142,61 @@ def test_pyproject_lower_bounds_are_the_checked_minimums():
     lock = (ROOT / "requirements" / "lock.txt").read_text().splitlines()
     pinned = dict(line.split("==") for line in lock if "==" in line)
     assert all(name in pinned for name in MINIMUM)
+
+
+# ------------------------------------------------------------------------------ bf16 sampling
+def test_bf16_sampling_keeps_toy_tpr_fpr_within_seed_noise(tmp_path):
+    """evaluate.py --bf16 on toy scenes: its TPR-FPR and plausible rate differ from fp32's by no
+    more than fp32 differs from itself across three sampling seeds."""
+    import evaluate
+    from datamodules.toy import write_toy_split
+    from lightning_modules.checkpoint import save_model_checkpoint
+
+    data = tmp_path / "toy-opa"
+    write_toy_split(data, "toy-opa", "test", num_samples=24, seed=0, num_shards=1, progress=False)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "tiny.ckpt"
+    save_model_checkpoint(LocationModel(LocationModelConfig.preset("tiny", num_bins=32)), ckpt)
+
+    def run(seed, *extra):
+        doc = evaluate.main(["--checkpoint", str(ckpt), "--data", str(data), "--split", "test", "--num-samples", "50",
+                             "--seed", str(seed), "--device", "cpu", "--no-progress",
+                             "--out", str(tmp_path / f"{seed}{''.join(extra)}"), *extra])
+        metrics = doc["metrics"]
+        return {"tpr_fpr": metrics["tpr@50"] - metrics["fpr@50"], "plausible": doc["plausible_rate"]}
+
+    fp32 = [run(seed) for seed in (0, 1, 2)]
+    bf16 = run(0, "--bf16")
+    for name in ("tpr_fpr", "plausible"):
+        values = [r[name] for r in fp32]
+        assert min(values) - (max(values) - min(values)) <= bf16[name] <= max(values) + (max(values) - min(values)), \
+            (name, bf16[name], values)
+
+
+# ------------------------------------------------------------------------------ fused attention
+def test_vit_and_gpt2_attend_through_sdpa_without_masks_where_none_is_needed(monkeypatch):
+    """Every ViT and GPT-2 attention goes through torch's SDPA; the ViT and the prefix pass give it no
+    mask (flash-eligible). The box tokens' pass needs one: 4 queries after the cached prefix."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = LocationModel(LocationModelConfig.preset("tiny"))
+    assert model.decoder.config._attn_implementation == "sdpa"
+    assert all(block.attn.fused_attn for block in model.image_encoder.blocks)
+    images = torch.rand(2, 3, 64, 64)
+    texts = model.encode_texts(["car", "bird"])  # the frozen text tower is encoded once and cached
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def record(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        calls.append((q.shape[-2], k.shape[-2], attn_mask is None, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", record)
+    prefix = model.build_prefix(model.encode_images(images), texts)
+    tokens = model.tokenizer.encode(torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.2, 0.2, 0.6, 0.7]]))
+    model.box_log_probs_shared(prefix, torch.arange(2), tokens)
+    vit, gpt2 = model.image_encoder.blocks, model.cfg.gpt2_n_layer
+    plen, vit_tokens = model.prefix_len, model.num_image_tokens + model.image_encoder.num_prefix_tokens
+    assert calls[:len(vit)] == [(vit_tokens, vit_tokens, True, False)] * len(vit)
+    assert calls[len(vit):len(vit) + gpt2] == [(plen, plen, True, True)] * gpt2
+    assert calls[len(vit) + gpt2:] == [(4, plen + 4, False, False)] * gpt2
