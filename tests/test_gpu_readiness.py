@@ -200,3 +200,26 @@ def test_vit_and_gpt2_attend_through_sdpa_without_masks_where_none_is_needed(mon
     assert calls[:len(vit)] == [(vit_tokens, vit_tokens, True, False)] * len(vit)
     assert calls[len(vit):len(vit) + gpt2] == [(plen, plen, True, True)] * gpt2
     assert calls[len(vit) + gpt2:] == [(4, plen + 4, False, False)] * gpt2
+
+
+# ------------------------------------------------------------------------------ FLOPs per sample
+@pytest.mark.parametrize("preset, overrides, batch", [("tiny", {}, 4), ("tiny", {"freeze_image_encoder": False}, 4),
+                                                      ("paper", {"pretrained": False}, 1)])
+def test_training_flops_from_the_config_match_flop_counter(preset, overrides, batch):
+    """The formula against torch's FlopCounterMode over a real MLE step (forward + backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.dpo_step import OPTIM, make_batch
+    from lightning_modules.mle import MLEModule
+    from models.flops import training_flops_per_sample
+
+    cfg = LocationModelConfig.preset(preset, **overrides)
+    torch.manual_seed(0)
+    module = MLEModule(model_config=cfg.to_dict(), optim=OPTIM).train()
+    data = make_batch(batch, cfg.image_size)
+    module.model.encode_texts(data["category"])  # cached, as after the first steps of a run
+    with FlopCounterMode(display=False) as counter:
+        module.box_nll(data)[1].backward()
+    counted = counter.get_total_flops() / batch
+    assert counted > 0
+    assert abs(training_flops_per_sample(cfg) - counted) <= 0.1 * counted, (training_flops_per_sample(cfg), counted)
