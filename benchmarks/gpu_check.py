@@ -299,11 +299,17 @@ def compiled_step_row(config: dict, batch: dict, precision: str, steps: int, dev
     return result
 
 
-class _StepClock(L.Callback):
+class StepClock(L.Callback):
     """Wall time from the end of training step ``skip`` to the end of fit (two synchronisations)."""
 
     def __init__(self, skip: int):
         self.skip, self.start, self.end, self.steps = skip, None, None, 0
+
+    @property
+    def steps_per_second(self) -> float | None:
+        if self.start is None or self.end is None or self.steps <= self.skip:
+            return None
+        return (self.steps - self.skip) / (self.end - self.start)
 
     def _now(self, module) -> float:
         if module.device.type == "cuda":
@@ -342,13 +348,12 @@ def fit_loop_row(preset: str, config: dict, args, device: torch.device, work: Pa
                  f"log_root={work / 'runs'}"]
     if device.type == "cuda":
         overrides.append(f"trainer.devices=[{device.index}]")
-    clock = _StepClock(skip)
+    clock = StepClock(skip)
     train_script.train(load_config(overrides), extra_callbacks=[clock])
-    timed = clock.steps - skip
-    elapsed = clock.end - clock.start
+    rate = clock.steps_per_second
     note = f"{args.workers} workers, steps {skip + 1}-{clock.steps} timed"
-    return row("fit loop", "MLE, train.py on toy shards", precision, str(args.batch_size), 1e3 * elapsed / timed,
-               timed * args.batch_size / elapsed, "samples/s", note=note)
+    return row("fit loop", "MLE, train.py on toy shards", precision, str(args.batch_size), 1e3 / rate,
+               rate * args.batch_size, "samples/s", note=note)
 
 
 def run(args, device: torch.device) -> dict:

@@ -223,3 +223,45 @@ def test_training_flops_from_the_config_match_flop_counter(preset, overrides, ba
     counted = counter.get_total_flops() / batch
     assert counted > 0
     assert abs(training_flops_per_sample(cfg) - counted) <= 0.1 * counted, (training_flops_per_sample(cfg), counted)
+
+
+# ------------------------------------------------------------------------------ make smoke-gpu
+def test_smoke_gpu_stops_at_once_without_cuda(monkeypatch, capsys):
+    from scripts import smoke_gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(smoke_gpu, "write_scenes", lambda *a: pytest.fail("started without CUDA"))
+    assert smoke_gpu.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no CUDA device is visible" in err
+
+
+def test_smoke_gpu_reports_a_failed_part_and_skips_what_depends_on_it(monkeypatch, capsys):
+    from scripts import smoke_gpu
+
+    def broken(*args):
+        raise RuntimeError("no finite val/loss after 4 steps")
+
+    monkeypatch.setattr(smoke_gpu, "write_scenes", lambda *a: "no scenes needed")
+    monkeypatch.setattr(smoke_gpu, "train_part", broken)
+    assert smoke_gpu.main(["--device", "cpu", "--tiny"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  train      RuntimeError: no finite val/loss after 4 steps" in out
+    assert "FAIL  evaluate   skipped: training failed" in out and "FAILED: train, evaluate, insert" in out
+
+
+@pytest.mark.slow
+def test_smoke_gpu_cpu_rehearsal_runs_every_part(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-m", "scripts.smoke_gpu", "--device", "cpu", "--tiny", "--out",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for part in ("device", "toy scenes", "train", "evaluate", "insert"):
+        assert f"PASS  {part}" in proc.stdout
+    assert "steps/s" in proc.stdout and "smoke-gpu: all parts passed" in proc.stdout
+    assert (tmp_path / "runs" / "toy_pretrain" / "default" / "checkpoints" / "last.ckpt").is_file()
+    assert list((tmp_path / "insert").glob("edit_*.png")) and (tmp_path / "eval" / "metrics.json").is_file()
