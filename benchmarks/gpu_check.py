@@ -300,7 +300,8 @@ def compiled_step_row(config: dict, batch: dict, precision: str, steps: int, dev
 
 
 class StepClock(L.Callback):
-    """Wall time from the end of training step ``skip`` to the end of fit (two synchronisations)."""
+    """Wall time from the end of training step ``skip`` to the end of the last step (two
+    synchronisations; Lightning runs checkpoint callbacks after this one, so saves are not timed)."""
 
     def __init__(self, skip: int):
         self.skip, self.start, self.end, self.steps = skip, None, None, 0
@@ -319,10 +320,9 @@ class StepClock(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if trainer.global_step == self.skip:
             self.start = self._now(pl_module)
+        elif trainer.global_step == trainer.max_steps:
+            self.end = self._now(pl_module)
         self.steps = trainer.global_step
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.end = self._now(pl_module)
 
 
 def fit_loop_row(preset: str, config: dict, args, device: torch.device, work: Path) -> dict:

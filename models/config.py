@@ -25,8 +25,9 @@ class LocationModelConfig:
 
     image_size: int = 64
     num_bins: int = 64
-    # timm image encoder; vit_kwargs are passed to timm.create_model (patch_size, embed_dim, ...)
+    # False: random initialisation of every part (the *_weights fields must be None)
     pretrained: bool = True
+    # timm image encoder; vit_kwargs are passed to timm.create_model (patch_size, embed_dim, ...)
     vit: str = "vit_tiny_patch16_224"
     vit_kwargs: dict = field(default_factory=dict)
     vit_weights: Optional[str] = None

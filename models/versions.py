@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from packaging.version import Version
+from packaging.version import InvalidVersion, Version
 
 # distribution name -> oldest tested release: the GPU image of docs/gpu.md ran torch 2.11, timm 1.0.29
 # and lightning 2.6; transformers 5.17 (GPT-2's KV cache as Cache.layers, logits_to_keep) was tested
@@ -19,14 +19,17 @@ MINIMUM = {
 }
 
 
-def check(packages=tuple(MINIMUM)) -> None:
+def check() -> None:
     """Raise ImportError (one line) for the first installed package older than its minimum."""
-    for name in packages:
+    for name in MINIMUM:
         try:
             found = version(name)
+            release = Version(found).release
         except PackageNotFoundError:
             continue  # a missing package fails at its own import with its own message
-        if Version(found).release < Version(MINIMUM[name]).release:
+        except InvalidVersion:
+            continue  # a source build without a release number: nothing to compare
+        if release < Version(MINIMUM[name]).release:
             raise ImportError(f"genloc needs {name}>={MINIMUM[name]} (found {found}): "
                               f"pip install '{name}>={MINIMUM[name]}'")
 

@@ -81,7 +81,8 @@ def train_part(args, device: torch.device, data: Path, runs: Path) -> tuple[str,
     if loss is None or not math.isfinite(loss):
         raise RuntimeError(f"no finite val/loss after {args.steps} steps: {metrics}")
     rate = clock.steps_per_second
-    speed = f"{rate:.2f} steps/s = {rate * args.batch_size:.0f} samples/s at batch {args.batch_size}" if rate else "-"
+    speed = (f"{rate:.2f} steps/s = {rate * args.batch_size:.0f} samples/s at batch {args.batch_size} "
+             f"(validation included)") if rate else "-"
     return f"{args.steps} steps, val/loss {loss:.3f}, {speed}", result["run_dir"] / "checkpoints" / "last.ckpt"
 
 
