@@ -265,3 +265,46 @@ def test_smoke_gpu_cpu_rehearsal_runs_every_part(tmp_path):
     assert "steps/s" in proc.stdout and "smoke-gpu: all parts passed" in proc.stdout
     assert (tmp_path / "runs" / "toy_pretrain" / "default" / "checkpoints" / "last.ckpt").is_file()
     assert list((tmp_path / "insert").glob("edit_*.png")) and (tmp_path / "eval" / "metrics.json").is_file()
+
+
+# ------------------------------------------------------------------------------ CUDA-only switches
+def test_tf32_switch_touches_nothing_without_cuda_and_follows_the_config_with_it(monkeypatch):
+    import train as train_script
+
+    def state():
+        return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+    before = state()
+    try:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, False
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        train_script.use_tf32(True)
+        assert state() == (False, False)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        train_script.use_tf32(True)
+        assert state() == (True, True)
+        train_script.use_tf32(False)
+        assert state() == (False, False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    assert load_config([]).tf32 is True
+
+
+def test_fused_adamw_only_where_every_parameter_is_on_cuda(monkeypatch):
+    from lightning_modules.optim import AdamWCosine
+
+    chosen = []
+
+    class Recorder(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            chosen.append(kwargs.get("fused"))
+            super().__init__(params, **{k: v for k, v in kwargs.items() if k != "fused"})
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recorder)
+    layer = torch.nn.Linear(3, 2)
+    AdamWCosine(fused=True).build(layer.named_parameters(), total_steps=10)
+    assert chosen == [None]  # CPU parameters: torch's default implementation, as before the switch
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    AdamWCosine(fused=True).build(layer.named_parameters(), total_steps=10)
+    AdamWCosine(fused=False).build(layer.named_parameters(), total_steps=10)
+    assert chosen == [None, True, None]
