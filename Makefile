@@ -7,14 +7,16 @@ export TRANSFORMERS_OFFLINE ?= 1
 export OMP_NUM_THREADS ?= 1
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: venv test test-fast train bench bench-gpu demo clean
+.PHONY: venv test test-fast train bench bench-gpu smoke-gpu demo clean
 
 venv: .venv/.installed
 
-.venv/.installed: pyproject.toml
+# Exact versions from requirements/lock.txt (pyproject holds the ranges), so `make train` prints
+# the same numbers on every machine.
+.venv/.installed: pyproject.toml requirements/lock.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip 2>/dev/null || true
-	$(PY) -m pip install --quiet '.[test]'
+	$(PY) -m pip install --quiet -c requirements/lock.txt '.[test]'
 	touch $@
 
 test: venv
@@ -38,6 +40,11 @@ demo: venv
 # (results/gpu_check/gpu_check.md and .json). Without a GPU: $(PY) -m benchmarks.gpu_check --quick
 bench-gpu: venv
 	$(PY) -m benchmarks.gpu_check
+
+# Before a real run on a new GPU node (docs/gpu.md): paper preset at random init on toy scenes,
+# bf16-mixed training with validation, evaluate.py and one insertion on CUDA; pass/fail per part.
+smoke-gpu: venv
+	$(PY) -m scripts.smoke_gpu
 
 clean:
 	rm -rf runs data/toy

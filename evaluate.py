@@ -435,7 +435,7 @@ def sample_checkpoint(args, groups: list[dict] | None = None) -> dict[str, np.nd
                 continue
             out = model.sample(batch["image"].to(args.device), batch["category"], n=args.num_samples,
                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                               generator=generator, image_sizes=batch["size"].to(args.device))
+                               generator=generator, image_sizes=batch["size"].to(args.device), bf16=args.bf16)
             for key, boxes in zip(batch["key"], out.boxes.double().cpu().numpy()):
                 if key in preds:
                     raise EvaluationError(f"the {args.split} loader of {args.data} yielded key {key!r} twice")
@@ -456,7 +456,8 @@ def _sample_group_rows(model, batch: dict, owners: list[int], rows: list[dict], 
     out = model.sample(batch["image"][idx].to(args.device), [batch["category"][i] for i in owners],
                        n=args.num_samples, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                        generator=generator, image_sizes=batch["size"][idx].to(args.device),
-                       size=given_sizes(rows, batch["size"], owners, model.cfg.num_bins).to(args.device))
+                       size=given_sizes(rows, batch["size"], owners, model.cfg.num_bins).to(args.device),
+                       bf16=args.bf16)
     for g, boxes in zip(rows, out.boxes.double().cpu().numpy()):
         if g["key"] in preds:
             raise EvaluationError(f"the {args.split} loader of {args.data} yielded key {g['source_key']!r} twice")
@@ -569,6 +570,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "given (default 4)")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bf16", action="store_true", help="decode in bf16 autocast (a GPU speed option; docs/gpu.md)")
     p.add_argument("--allow-missing", action="store_true", help="score annotated samples without predictions as empty")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--given-size", action="store_true",

@@ -22,6 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import lightning as L  # noqa: E402
+import torch  # noqa: E402
 
 from configs.schema import ConfigError, instantiate, internal_args, load_config, locate, model_config  # noqa: E402
 from datamodules.shards import ShardFormatError  # noqa: E402
@@ -90,6 +91,7 @@ def train(cfg: DictConfig, extra_callbacks: list = ()) -> dict:
     module_cls = locate(cfg.module._target_)
     datamodule = build_datamodule(cfg, module_cls)
     L.seed_everything(cfg.seed, workers=True)
+    use_tf32(cfg.tf32)
     directory = run_dir(cfg)
     with RunLock(directory, enabled=is_global_rank_zero()), warnings.catch_warnings():
         ignore_false_lightning_warnings()
@@ -108,6 +110,14 @@ def ignore_false_lightning_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     # The run folder holds this run's own checkpoints by design (resumed from, locked against others).
     warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+
+
+def use_tf32(enabled: bool) -> None:
+    """TF32 tensor cores for fp32 matmuls and convolutions on CUDA (bf16-mixed runs keep their fp32
+    parts exact enough); a machine without CUDA is left untouched, so CPU results cannot change."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
 
 
 def _fit(cfg: DictConfig, module_cls: type, datamodule, directory: Path, extra_callbacks) -> dict:

@@ -64,8 +64,7 @@ def naive_dpo_loss(module: DPOModule, batch: dict) -> torch.Tensor:
 
 
 def bench(preset: str, batch_size: int, iters: int, device: torch.device) -> dict[str, float]:
-    overrides = {} if preset == "tiny" else dict(vit_weights=None, clip_weights=None, gpt2_weights=None)
-    config = LocationModelConfig.preset(preset, **overrides).to_dict()
+    config = LocationModelConfig.preset(preset, pretrained=False).to_dict()
     with tempfile.TemporaryDirectory() as tmp:
         mle = MLEModule(model_config=config, optim=OPTIM)
         ckpt = Path(tmp) / "mle.ckpt"

@@ -10,7 +10,13 @@ batches (random images, random valid boxes):
   (``sample(cascade=False)``) at each of ``--sample-images`` batch sizes: boxes/s, peak memory
   (an out-of-memory is a row saying so), and the sampler's own memory estimate;
 - the largest training batch that fits, MLE and DPO, per precision: batch 1, 2, 4, ... until a
-  step runs out of memory (caught) or ``--max-batch``.
+  step runs out of memory (caught) or ``--max-batch``;
+- the speed switches side by side (CUDA): TF32 for fp32, foreach instead of fused AdamW,
+  ``compile_decoder`` (compile time in the note), bf16 cascade sampling;
+- MFU of every MLE step row: model FLOPs per sample from the config (`models.flops`) times
+  samples/s over a bf16 matmul peak measured in the same run (the "matmul peak" row);
+- ``train.py``'s fit loop on toy shards (real pipeline, ``--workers`` loader workers) at the same
+  batch and precision as the synthetic step, and the ratio of their samples/s.
 
 Writes ``gpu_check.md`` (a Markdown table) and ``gpu_check.json`` into ``--out``, and prints the table.
 Sections that would start after ``--time-budget`` seconds are skipped and listed as such.
@@ -33,12 +39,14 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.dpo_step import OPTIM, make_batch  # noqa: E402
@@ -47,6 +55,7 @@ from models.files import write_atomic  # noqa: E402
 from lightning_modules.dpo import DPOModule  # noqa: E402
 from lightning_modules.mle import MLEModule  # noqa: E402
 from models import LocationModelConfig  # noqa: E402
+from models.flops import training_flops_per_sample  # noqa: E402
 
 GIB = 2 ** 30
 CLIP = 1.0  # configs/schema.py TrainerSection.gradient_clip_val
@@ -131,11 +140,12 @@ class Trainee:
     """A module plus its AdamW over the trainable parameters; ``step(batch, precision)`` is one
     training step of the module's objective."""
 
-    def __init__(self, module, objective: str):
+    def __init__(self, module, objective: str, fused: bool = True):
         self.module, self.objective = module, objective
         self.params = [p for p in module.parameters() if p.requires_grad]
+        fused = fused and all(p.is_cuda for p in self.params)  # as lightning_modules/optim.py decides
         self.optimizer = torch.optim.AdamW(self.params, lr=OPTIM["lr"], betas=tuple(OPTIM["betas"]),
-                                           weight_decay=OPTIM["weight_decay"])
+                                           weight_decay=OPTIM["weight_decay"], **({"fused": True} if fused else {}))
 
     def step(self, batch: dict, precision: str) -> None:
         device = batch["image"].device
@@ -162,7 +172,8 @@ def row(section: str, variant: str, precision: str, batch: str, ms=None, rate=No
             "resident_gib": None if resident is None else resident / GIB, "note": note}
 
 
-def time_steps(trainee: Trainee, batch: dict, precision: str, steps: int, device: torch.device) -> dict:
+def time_steps(trainee: Trainee, batch: dict, precision: str, steps: int, device: torch.device,
+               variant: str = "", note: str = "") -> dict:
     """Median step time after two warm-up steps, with the peak memory of the timed steps."""
     for _ in range(2):
         trainee.step(batch, precision)
@@ -170,8 +181,38 @@ def time_steps(trainee: Trainee, batch: dict, precision: str, steps: int, device
         times = [seconds(lambda: trainee.step(batch, precision), device) for _ in range(steps)]
     size = len(batch["key"])
     median = statistics.median(times)
-    return row("train step", trainee.objective.upper(), precision, str(size), 1e3 * median, size / median,
-               "samples/s", memory.peak, memory.resident)
+    name = trainee.objective.upper() + (f", {variant}" if variant else "")
+    return row("train step", name, precision, str(size), 1e3 * median, size / median, "samples/s", memory.peak,
+               memory.resident, note)
+
+
+@contextmanager
+def tf32(enabled: bool):
+    """TF32 for fp32 matmuls (what train.py's `tf32` switch sets on CUDA) for the block."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def matmul_peak(device: torch.device, size: int, repeats: int = 10) -> dict:
+    """bf16 matmul throughput of ``size`` x ``size`` squares: the chip's reachable peak for MFU."""
+    a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
+    a @ b  # warm-up (kernel selection)
+    median = statistics.median(seconds(lambda: a @ b, device) for _ in range(repeats))
+    return row("matmul peak", f"{size}x{size}x{size}", "bf16", "-", 1e3 * median, 2 * size ** 3 / median / 1e12,
+               "TFLOP/s")
+
+
+def add_mfu(rows: list[dict], flops_per_sample: float) -> None:
+    """Append ``MFU x %`` to the note of every MLE step row (against this run's matmul peak row)."""
+    peak = next((r["rate"] for r in rows if r["section"] == "matmul peak"), None)
+    for r in rows:
+        if peak and r["section"] in ("train step", "fit loop") and r["variant"].startswith("MLE") and r["rate"]:
+            mfu = f"MFU {100 * r['rate'] * flops_per_sample / (peak * 1e12):.1f} %"
+            r["note"] = f"{r['note']}; {mfu}" if r["note"] else mfu
 
 
 def largest_batch(trainee: Trainee, precision: str, image_size: int, max_batch: int, device: torch.device) -> dict:
@@ -199,22 +240,25 @@ def largest_batch(trainee: Trainee, precision: str, image_size: int, max_batch: 
     return row("largest batch", trainee.objective.upper(), precision, str(fits), peak=peak, note=note)
 
 
-def sampling_rows(model, images: int, boxes: int, repeats: int, device: torch.device) -> list[dict]:
-    """Cascade vs copied-cache decoding of ``images x boxes`` boxes (median of ``repeats`` calls)."""
+def sampling_rows(model, images: int, boxes: int, repeats: int, device: torch.device,
+                  bf16: bool = False) -> list[dict]:
+    """Cascade vs copied-cache decoding of ``images x boxes`` boxes (median of ``repeats`` calls), and
+    with ``bf16`` the cascade decoder in bf16 autocast."""
     pixels = torch.rand(images, 3, model.cfg.image_size, model.cfg.image_size, device=device,
                         generator=torch.Generator(device).manual_seed(0))
     categories = [("car", "bird", "lamp", "person")[i % 4] for i in range(images)]
     estimate = images * model.sampling_bytes_per_image(boxes)
     rows = []
-    for cascade in (True, False):
+    for cascade, half in ((True, False), (False, False)) + (((True, True),) if bf16 else ()):
         name = "cascade" if cascade else "copied cache"
         shape = f"{images} img x {boxes}"
+        precision = "bf16" if half else "fp32"
         oom = False
         try:
             with PeakMemory(device) as memory:
-                model.sample(pixels, categories, n=boxes, cascade=cascade)
+                model.sample(pixels, categories, n=boxes, cascade=cascade, bf16=half)
             median = statistics.median(
-                seconds(lambda: model.sample(pixels, categories, n=boxes, cascade=cascade), device)
+                seconds(lambda: model.sample(pixels, categories, n=boxes, cascade=cascade, bf16=half), device)
                 for _ in range(repeats))
         except (torch.OutOfMemoryError, RuntimeError) as error:
             if not out_of_memory(error):
@@ -222,10 +266,10 @@ def sampling_rows(model, images: int, boxes: int, repeats: int, device: torch.de
             oom = True
         if oom:
             free_memory(device)
-            rows.append(row("sampling", name, "fp32", shape, note="out of memory"))
+            rows.append(row("sampling", name, precision, shape, note="out of memory"))
             continue
-        note = f"estimate {estimate / GIB:.2f} GiB above resident" if cascade else ""
-        rows.append(row("sampling", name, "fp32", shape, 1e3 * median, images * boxes / median, "boxes/s",
+        note = f"estimate {estimate / GIB:.2f} GiB above resident" if cascade and not half else ""
+        rows.append(row("sampling", name, precision, shape, 1e3 * median, images * boxes / median, "boxes/s",
                         memory.peak, memory.resident, note))
     return rows
 
@@ -243,13 +287,83 @@ class Budget:
         return False
 
 
+def compiled_step_row(config: dict, batch: dict, precision: str, steps: int, device: torch.device) -> dict:
+    """The MLE step with ``compile_decoder``: compile time (the first steps) in the note."""
+    torch.manual_seed(0)
+    module = MLEModule(model_config={**config, "compile_decoder": True}, optim=OPTIM).to(device).train()
+    trainee = Trainee(module, "mle")
+    compile_s = seconds(lambda: trainee.step(batch, precision), device)
+    result = time_steps(trainee, batch, precision, steps, device, "compiled decoder",
+                        f"first step (compiling) {compile_s:.1f} s")
+    del trainee, module
+    free_memory(device)
+    return result
+
+
+class StepClock(L.Callback):
+    """Wall time from the end of training step ``skip`` to the end of the last step (two
+    synchronisations; Lightning runs checkpoint callbacks after this one, so saves are not timed)."""
+
+    def __init__(self, skip: int):
+        self.skip, self.start, self.end, self.steps = skip, None, None, 0
+
+    @property
+    def steps_per_second(self) -> float | None:
+        if self.start is None or self.end is None or self.steps <= self.skip:
+            return None
+        return (self.steps - self.skip) / (self.end - self.start)
+
+    def _now(self, module) -> float:
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+        return time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.skip:
+            self.start = self._now(pl_module)
+        elif trainer.global_step == trainer.max_steps:
+            self.end = self._now(pl_module)
+        self.steps = trainer.global_step
+
+
+def fit_loop_row(preset: str, config: dict, args, device: torch.device, work: Path) -> dict:
+    """`train.py` (Lightning, toy shards, ``args.workers`` loader workers, no validation) at the batch
+    and precision of the synthetic MLE step; steps after the first ``skip`` are timed."""
+    import train as train_script
+    from configs.schema import load_config
+    from datamodules.toy.scenes import write_toy_dataset
+
+    skip, steps = (2, 6) if args.quick else (20, args.fit_steps)
+    shards = max(args.workers, 1)
+    write_toy_dataset(work / "toy", seed=0, sizes={"toy-pipe": {"train": args.batch_size * (steps + 4), "val": 8}},
+                      num_shards=shards, progress=False)
+    precision = "fp32" if args.quick else "bf16-mixed"
+    same_model = [f"model.{k}={str(config[k]).lower()}" for k in ("freeze_image_encoder", "relative_extents")]
+    overrides = [f"model={preset}", "model.pretrained=false", f"model.gpt2_dropout={config['gpt2_dropout']}",
+                 *same_model, "trainer=cpu" if device.type == "cpu" else "trainer=gpu",
+                 f"data.data_dir={work / 'toy' / 'toy-pipe'}", f"data.batch_size={args.batch_size}",
+                 f"data.num_workers={args.workers}", f"data.pin_memory={str(device.type == 'cuda').lower()}",
+                 f"data.persistent_workers={str(args.workers > 0).lower()}", f"trainer.max_steps={steps}",
+                 f"trainer.val_check_interval={steps}", "trainer.limit_val_batches=0",
+                 "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+                 f"log_root={work / 'runs'}"]
+    if device.type == "cuda":
+        overrides.append(f"trainer.devices=[{device.index}]")
+    clock = StepClock(skip)
+    train_script.train(load_config(overrides), extra_callbacks=[clock])
+    rate = clock.steps_per_second
+    note = f"{args.workers} workers, steps {skip + 1}-{clock.steps} timed"
+    return row("fit loop", "MLE, train.py on toy shards", precision, str(args.batch_size), 1e3 / rate,
+               rate * args.batch_size, "samples/s", note=note)
+
+
 def run(args, device: torch.device) -> dict:
     preset = "tiny" if args.quick else "paper"
-    overrides = {} if args.quick else dict(vit_weights=None, clip_weights=None, gpt2_weights=None)
-    config = LocationModelConfig.preset(preset, **overrides).to_dict()
+    cuda = device.type == "cuda"
+    config = LocationModelConfig.preset(preset, pretrained=False).to_dict()
     image_size = config["image_size"]
     budget = Budget(args.time_budget)
-    rows: list[dict] = []
+    rows: list[dict] = [matmul_peak(device, 512 if args.quick else 8192)]
     torch.manual_seed(0)
     batch = to_device(make_batch(args.batch_size, image_size), device)
 
@@ -262,10 +376,16 @@ def run(args, device: torch.device) -> dict:
             if budget.allows(f"MLE step {precision}"):
                 rows.append(time_steps(trainee, batch, precision, args.steps, device))
                 print(f"MLE step {precision}: {rows[-1]['ms']:.1f} ms", file=sys.stderr, flush=True)
+        if cuda and budget.allows("MLE step fp32 with TF32"):
+            with tf32(True):
+                rows.append(time_steps(trainee, batch, "fp32", args.steps, device, "TF32"))
+        if cuda and budget.allows("MLE step with foreach AdamW"):
+            rows.append(time_steps(Trainee(mle, "mle", fused=False), batch, "bf16-mixed", args.steps, device,
+                                   "foreach AdamW"))
         model = mle.model.eval()
         for images in args.sample_images:
             if budget.allows(f"sampling {images} images"):
-                rows += sampling_rows(model, images, args.boxes, args.repeats, device)
+                rows += sampling_rows(model, images, args.boxes, args.repeats, device, bf16=cuda)
                 print(f"sampling {images} images done", file=sys.stderr, flush=True)
         mle.train()
         for precision in PRECISIONS:
@@ -275,6 +395,8 @@ def run(args, device: torch.device) -> dict:
         del trainee, mle, model
         free_memory(device)
 
+        if args.compile and budget.allows("MLE step with compiled decoder"):
+            rows.append(compiled_step_row(config, batch, "bf16-mixed", args.steps, device))
         if budget.allows("DPO"):
             dpo = DPOModule(optim=OPTIM, beta=0.1, reference=str(reference)).to(device).train()
             dpo._reference()  # the frozen reference follows the policy's device
@@ -289,10 +411,16 @@ def run(args, device: torch.device) -> dict:
                     print(f"largest DPO batch {precision}: {rows[-1]['batch']}", file=sys.stderr, flush=True)
             del trainee, dpo
             free_memory(device)
+        if budget.allows("train.py fit loop"):
+            rows.append(fit_loop_row(preset, config, args, device, Path(tmp)))
+            print(f"fit loop: {rows[-1]['ms']:.1f} ms per step", file=sys.stderr, flush=True)
 
-    return {"device": describe(device), "preset": preset, "settings": {
+    flops = training_flops_per_sample(LocationModelConfig.from_dict(config))
+    add_mfu(rows, flops)
+    return {"device": describe(device), "preset": preset, "flops_per_sample": flops, "settings": {
                 "batch_size": args.batch_size, "steps": args.steps, "boxes": args.boxes,
                 "sample_images": args.sample_images, "repeats": args.repeats, "max_batch": args.max_batch,
+                "workers": args.workers, "fit_steps": args.fit_steps, "compile": args.compile,
                 "time_budget_s": args.time_budget},
             "seconds": time.perf_counter() - budget.start, "skipped": budget.skipped, "rows": rows}
 
@@ -327,6 +455,8 @@ def markdown(result: dict) -> str:
     ratios = sampling_ratios(result["rows"], memory=d["type"] == "cuda")
     if ratios:
         lines += ["", "Sampling, cascade / copied cache: " + "; ".join(ratios)]
+    lines += [line for line in (precision_ratios(result["rows"]), fit_ratio(result["rows"])) if line]
+    lines += ["", f"Model FLOPs per MLE training sample (models/flops.py): {result['flops_per_sample'] / 1e9:.2f} GFLOP"]
     if result["skipped"]:
         lines += ["", f"Skipped (time budget {result['settings']['time_budget_s']:.0f} s): "
                   + ", ".join(result["skipped"])]
@@ -338,7 +468,7 @@ def sampling_ratios(rows: list[dict], memory: bool) -> list[str]:
     the memory ratio only with ``memory`` (a CUDA allocator peak: a CPU's RSS reuses freed pages)."""
     by_batch: dict[str, dict] = {}
     for r in rows:
-        if r["section"] == "sampling":
+        if r["section"] == "sampling" and r["precision"] == "fp32":
             by_batch.setdefault(r["batch"], {})[r["variant"]] = r
     out = []
     for shape, pair in by_batch.items():
@@ -356,6 +486,26 @@ def sampling_ratios(rows: list[dict], memory: bool) -> list[str]:
     return out
 
 
+def precision_ratios(rows: list[dict]) -> str:
+    """``"Sampling, cascade bf16 / fp32: <batch>: <ratio>x boxes/s; ..."`` where both rows ran."""
+    cascade = {(r["batch"], r["precision"]): r["rate"] for r in rows
+               if r["section"] == "sampling" and r["variant"] == "cascade" and r["rate"]}
+    parts = [f"{shape}: {cascade[shape, 'bf16'] / rate:.2f}x boxes/s" for (shape, precision), rate in cascade.items()
+             if precision == "fp32" and (shape, "bf16") in cascade]
+    return "\nSampling, cascade bf16 / fp32: " + "; ".join(parts) if parts else ""
+
+
+def fit_ratio(rows: list[dict]) -> str:
+    """The fit loop's samples/s over the synthetic MLE step's at the same batch and precision."""
+    for fit in (r for r in rows if r["section"] == "fit loop" and r["rate"]):
+        step = next((r for r in rows if r["section"] == "train step" and r["variant"] == "MLE"
+                     and r["precision"] == fit["precision"] and r["batch"] == fit["batch"] and r["rate"]), None)
+        if step:
+            return (f"\ntrain.py fit loop / synthetic MLE step ({fit['precision']}, batch {fit['batch']}): "
+                    f"{fit['rate'] / step['rate']:.2f}")
+    return ""
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -368,6 +518,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sample-images", type=int, nargs="+", help="sampling batch sizes (default 8 64, quick 2 4)")
     p.add_argument("--repeats", type=int, help="timed sampling calls per row (default 3, quick 1)")
     p.add_argument("--max-batch", type=int, help="largest training batch tried (default 4096, quick 16)")
+    p.add_argument("--workers", type=int, help="loader workers of the fit-loop row (default 8, quick 0)")
+    p.add_argument("--fit-steps", type=int, default=120, help="training steps of the fit-loop row (default 120)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="time the MLE step with compile_decoder, compile time included (default: on CUDA)")
     p.add_argument("--time-budget", type=float, default=270.0,
                    help="seconds after which remaining sections are skipped (default 270)")
     args = p.parse_args(argv)
@@ -377,21 +531,34 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, small if quick else full)
     args.device = args.device or ("cpu" if quick else "cuda")
-    numbers = [args.batch_size, args.steps, args.boxes, args.repeats, args.max_batch, *args.sample_images]
-    if min(numbers) < 1 or args.time_budget <= 0:
+    args.workers = (0 if quick else 8) if args.workers is None else args.workers
+    if args.compile is None:
+        args.compile = args.device.startswith("cuda")
+    numbers = [args.batch_size, args.steps, args.boxes, args.repeats, args.max_batch, args.fit_steps - 20,
+               *args.sample_images]
+    if min(numbers) < 1 or args.time_budget <= 0 or args.workers < 0:
         p.error("--batch-size, --steps, --boxes, --sample-images, --repeats and --max-batch must be >= 1, "
-                "--time-budget > 0")
+                "--fit-steps > 20, --workers >= 0, --time-budget > 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("no CUDA device is visible (torch.cuda.is_available() is False): run on a GPU machine, or use "
                 "--quick for the CPU smoke test")
     return args
 
 
+def select_device(name: str) -> torch.device:
+    """``name`` as a device; a CUDA device gets its index (``"cuda"`` means the current one) and becomes
+    the current device, since ``torch.cuda.set_device`` refuses a device without an index."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    return device
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = select_device(args.device)
     result = run(args, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ def status(field):
             return int(line.split()[1]) / 1024  # KiB -> MiB
 
 images, boxes, cascade = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "cascade"
-cfg = LocationModelConfig.preset("paper", vit_weights=None, clip_weights=None, gpt2_weights=None)
+cfg = LocationModelConfig.preset("paper", pretrained=False)
 model = LocationModel(cfg).eval()
 pixels = torch.rand(images, 3, 224, 224)
 base = status("VmRSS")

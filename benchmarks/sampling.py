@@ -53,7 +53,7 @@ def alternating_medians(fns: dict, device: torch.device, repeats: int) -> dict:
 
 def bench(preset: str, images: int, boxes: int, naive_boxes: int, device: torch.device, repeats: int) -> dict:
     torch.manual_seed(0)
-    cfg = LocationModelConfig.preset(preset, vit_weights=None, clip_weights=None, gpt2_weights=None)
+    cfg = LocationModelConfig.preset(preset, pretrained=False)
     model = LocationModel(cfg).to(device).eval()
     pixels = torch.rand(images, 3, cfg.image_size, cfg.image_size, device=device)
     with torch.no_grad():

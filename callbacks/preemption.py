@@ -31,6 +31,15 @@ class Preemption(L.Callback):
     def request(self, signum, frame) -> None:
         self.requested = True
 
+    def agreed(self, trainer, device: torch.device) -> bool:
+        """Whether any rank was asked to stop. A single process reads its own flag: a device tensor
+        here would make every step wait for the GPU (`.item()` synchronises)."""
+        if trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
     @contextmanager
     def handling_sigusr1(self):
         """Route SIGUSR1 to `request` for the duration (only possible in the main thread)."""
@@ -43,10 +52,7 @@ class Preemption(L.Callback):
                 signal.signal(signal.SIGUSR1, previous)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        flag = torch.tensor([float(self.requested)], device=pl_module.device)
-        if trainer.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if not flag.item() or self.saved_at is not None:
+        if not self.agreed(trainer, pl_module.device) or self.saved_at is not None:
             return
         self.requested = True
         trainer.save_checkpoint(self.last_ckpt)

@@ -30,7 +30,8 @@ class ReproducibleSteps(L.Callback):
     def _warm_text_cache(model, categories) -> None:
         if model.cfg.freeze_text_encoder:
             for category in dict.fromkeys(categories):
-                model.encode_texts([category])
+                if category not in model.cached_categories:  # a cached one would launch a stack kernel for nothing
+                    model.encode_texts([category])
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         step_seed = self.step_seed(trainer.current_epoch, batch_idx, trainer.global_rank)

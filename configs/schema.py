@@ -83,6 +83,7 @@ RANGES: dict[str, dict[str, tuple[typing.Callable[[Any], bool], str]]] = {
     "datamodules.ShardDataModule": {
         "batch_size": _at_least(1), "num_workers": _at_least(0), "shuffle_buffer": _at_least(1),
         "flip_prob": _between(0.0, 1.0), "eval_batch_size": _optional_at_least(1),
+        "prefetch_factor": _optional_at_least(1),
     },
     "lightning.Trainer": {
         "max_steps": _at_least(1),
@@ -269,6 +270,7 @@ class TrainConfig:
     seed: int = 0
     resume: bool = True            # fit resumes from <run_dir>/checkpoints/last.ckpt when it exists
     init_from: Optional[str] = None  # checkpoint whose model weights start this stage (any module)
+    tf32: bool = True  # on CUDA: fp32 matmuls and convolutions in TF32 (no effect on a CPU)
     model: Any = None
     data: Any = None
     module: Any = None

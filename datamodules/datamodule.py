@@ -36,7 +36,7 @@ class ShardDataModule(L.LightningDataModule):
                  seed: int = 0, shuffle_buffer: int = 1000, flip_prob: float = 0.5, train_split: str | None = "train",
                  val_split: str | None = "val", test_split: str | None = "test", pairs: bool = False,
                  resampled: bool = False, eval_batch_size: int | None = None, persistent_workers: bool = False,
-                 pin_memory: bool = False, kind: str | None = None):
+                 pin_memory: bool = False, kind: str | None = None, prefetch_factor: int | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.data_dir = str(data_dir)
@@ -127,7 +127,8 @@ class ShardDataModule(L.LightningDataModule):
         hp = self.hparams
         return EpochLoader(s, epoch_fn=self.current_epoch, skip_fn=partial(self._resume_skip, s) if train else None,
                            num_workers=hp.num_workers,
-                           persistent_workers=hp.persistent_workers and hp.num_workers > 0, pin_memory=hp.pin_memory)
+                           persistent_workers=hp.persistent_workers and hp.num_workers > 0, pin_memory=hp.pin_memory,
+                           **({"prefetch_factor": hp.prefetch_factor} if hp.prefetch_factor and hp.num_workers else {}))
 
     def train_dataloader(self):
         return self._loader(self.hparams.train_split, train=True)

@@ -209,5 +209,5 @@ def pair_box_log_probs(model: LocationModel, prefix: Tensor, chosen: Tensor, rej
     """
     size = prefix.shape[0]
     tokens = torch.stack([chosen, rejected], dim=1).reshape(2 * size, 4).to(prefix.device)
-    owner = torch.arange(size, device=prefix.device).repeat_interleave(2)
+    owner = torch.arange(size).repeat_interleave(2)  # on the CPU: its range check needs no GPU sync
     return model.box_log_probs_shared(prefix, owner, tokens).sum(-1).view(size, 2)

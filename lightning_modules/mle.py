@@ -112,7 +112,7 @@ class MLEModule(LocationLightningModule):
         prefix = self.prefix(batch)
         tokens = self.model.tokenizer.encode(boxes.to(prefix.device))
         # each image's prefix runs through GPT-2 once, however many positives it has
-        log_probs, distribution = self.model.box_log_probs_shared(prefix, owner.to(prefix.device), tokens,
+        log_probs, distribution = self.model.box_log_probs_shared(prefix, owner, tokens,
                                                                   with_distribution=True)
         accuracy = (distribution.argmax(-1) == tokens).float().mean()
         nll = -log_probs.mean()

@@ -20,13 +20,19 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
 
 @dataclass
 class AdamWCosine:
-    """AdamW (no weight decay on biases and norms) and its per-step LR schedule."""
+    """AdamW (no weight decay on biases and norms) and its per-step LR schedule.
+
+    ``fused``: torch's single-kernel AdamW when every trained parameter is on a CUDA device (one
+    launch per step instead of several per parameter); elsewhere the default implementation runs,
+    so CPU results do not depend on it.
+    """
 
     lr: float = 1e-3
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
+    fused: bool = True
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, allowed: str) -> None:
@@ -48,10 +54,13 @@ class AdamWCosine:
         for name, param in named_parameters:
             if param.requires_grad:
                 (no_decay if param.ndim < 2 or "ln" in name or "norm" in name else decay).append(param)
+        trained = decay + no_decay
+        on_cuda = self.fused and trained and all(p.is_cuda for p in trained)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.lr,
             betas=tuple(self.betas),
+            **({"fused": True} if on_cuda else {}),
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, self.warmup_steps, total_steps, self.min_lr_ratio)

@@ -24,8 +24,8 @@ RESUME_MAY_CHANGE = (
     "trainer.strategy", "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
     "trainer.limit_val_batches", "trainer.profiler", "trainer.detect_anomaly",
     "data.data_dir", "data.num_workers", "data.eval_batch_size", "data.persistent_workers", "data.pin_memory",
-    "callbacks", "model.compile_decoder", "model.vit_weights", "model.clip_weights", "model.gpt2_weights",
-    "module.reference",
+    "data.prefetch_factor", "callbacks", "model.compile_decoder", "model.pretrained", "model.vit_weights",
+    "model.clip_weights", "model.gpt2_weights", "module.reference", "optim.fused", "tf32",
 )
 
 

@@ -2,8 +2,11 @@
 Hub-style model files and the one-call placement API.
 
 Names are loaded on first use (PEP 562), so ``import models.images`` or ``import models.files``
-does not load torch's model stack."""
+does not load torch's model stack. `versions` is imported first: an installed release too old for
+the APIs used fails here, with one line."""
 import importlib
+
+from . import versions  # noqa: F401
 
 _EXPORTS = {
     "BoxTokenizer": "box_tokenizer", "LocationModelConfig": "config",

@@ -26,10 +26,16 @@ class LocationModelConfig:
     initialisation (never touches the network), a local path, or a hub name: a timm pretrained tag
     (e.g. ``"augreg2_in21k_ft_in1k"``), an open_clip pretrained tag (e.g. ``"openai"``) and a
     Hugging Face model id for ``GPT2LMHeadModel.from_pretrained`` respectively.
+
+    ``pretrained=False`` is random initialisation of every part, spelled once: `preset` then drops
+    the preset's weight fields, and a weight field set beside it is an error. Configs saved before
+    this field existed load as ``pretrained=True`` (their weight fields meant what they say).
     """
 
     image_size: int = 64
     num_bins: int = 64
+    # False: random initialisation of every part (the *_weights fields must be None)
+    pretrained: bool = True
     # timm image encoder; vit_kwargs are passed to timm.create_model (patch_size, embed_dim, ...)
     vit: str = "vit_tiny_patch16_224"
     vit_kwargs: dict = field(default_factory=dict)
@@ -78,10 +84,14 @@ class LocationModelConfig:
         patch = self.vit_kwargs.get("patch_size")
         need(patch is None or self.image_size % patch == 0,
              f"image_size ({self.image_size}) must be a multiple of vit_kwargs.patch_size ({patch})")
-        for name in ("vit_weights", "clip_weights", "gpt2_weights"):
+        for name in WEIGHT_FIELDS:
             value = getattr(self, name)
             need(value is None or (isinstance(value, str) and value),
                  f"{name} must be None (random init) or a non-empty path/name, got {value!r}")
+        need(isinstance(self.pretrained, bool), "pretrained must be a bool")
+        loaded = [name for name in WEIGHT_FIELDS if getattr(self, name) is not None]
+        need(self.pretrained or not loaded,
+             f"pretrained=False (random init) but {loaded} set; drop them or set pretrained=True")
         for name in ("freeze_image_encoder", "freeze_text_encoder", "compile_decoder", "relative_extents"):
             need(isinstance(getattr(self, name), bool), f"{name} must be a bool")
         need(isinstance(self.prompt_template, str) and "{category}" in self.prompt_template,
@@ -92,12 +102,18 @@ class LocationModelConfig:
     def preset(cls, name: str, **overrides: Any) -> "LocationModelConfig":
         """`tiny` (CPU tests, random weights) or `paper` (ViT-B/16, CLIP ViT-B/32 text, GPT-2 small).
 
-        `paper` defaults to pretrained weights from the hub cache; pass
-        ``vit_weights=None, clip_weights=None, gpt2_weights=None`` for random initialisation.
+        `paper` defaults to pretrained weights from the hub cache; pass ``pretrained=False`` for random
+        initialisation (the preset's weight fields are dropped). A weight field in ``overrides``
+        means ``pretrained=True`` unless ``pretrained`` is given too (both at once is an error).
         """
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
+        base = dict(PRESETS[name])
+        if overrides.get("pretrained") is False:
+            base.update(dict.fromkeys(WEIGHT_FIELDS))
+        elif any(overrides.get(key) is not None for key in WEIGHT_FIELDS):
+            base["pretrained"] = True
+        return cls.from_dict({**base, **overrides})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -114,11 +130,14 @@ class LocationModelConfig:
         return cls(**data)
 
 
+WEIGHT_FIELDS = ("vit_weights", "clip_weights", "gpt2_weights")
+
 PRESETS: dict[str, dict] = {
     # Seconds per step on CPU: 64 px ViT (patch 16 -> 16 patches, depth 2, width 128), a 2-layer
     # 64-wide open_clip text tower, a 3-layer 128-wide GPT-2, 64 bins. Random weights. Patch 16
     # (not 8) measured on toy scenes: 0.32 vs 0.21 plausible after 600 steps, at half the step time.
     "tiny": dict(
+        pretrained=False,
         image_size=64,
         num_bins=64,
         vit="vit_tiny_patch16_224",
@@ -133,6 +152,7 @@ PRESETS: dict[str, dict] = {
     ),
     # The paper's encoders/decoder; num_bins=256 is our choice (the paper does not state it).
     "paper": dict(
+        pretrained=True,
         image_size=224,
         num_bins=256,
         vit="vit_base_patch16_224",

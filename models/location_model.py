@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from .box_tokenizer import BoxTokenizer
 from .config import LocationModelConfig
-from .pretrained import build_clip_text, build_gpt2, build_vit, ordinal_init
+from .pretrained import build_clip_text, build_gpt2, build_vit, cache_field, ordinal_init
 from .sampling import check_filter_args, draw_tokens, filter_logits
 
 
@@ -96,6 +96,7 @@ class LocationModel(nn.Module):
         # positions: prefix + BOS + 4 box tokens (EOS is never fed)
         self.decoder = build_gpt2(cfg.gpt2_n_layer, cfg.gpt2_n_embd, cfg.gpt2_n_head, cfg.gpt2_dropout,
                                   self.tokenizer.vocab_size, self.prefix_len + 5, cfg.gpt2_weights)
+        self._cache_arg = cache_field()
         self.extent_embed = None
         if cfg.relative_extents:
             self.extent_embed = nn.Embedding(cfg.num_bins, cfg.gpt2_n_embd)
@@ -163,6 +164,11 @@ class LocationModel(nn.Module):
                 feats = self.text_encoder(self._prompt_ids(missing).to(device))
             self._text_cache.update(zip(missing, feats))
         return torch.stack([self._text_cache[c] for c in categories])
+
+    @property
+    def cached_categories(self):
+        """Categories whose frozen text features are cached (a view of the cache's keys)."""
+        return self._text_cache.keys()
 
     def _prompt_ids(self, categories: Sequence[str]) -> Tensor:
         return self._tokenize([self.cfg.prompt_template.format(category=c) for c in categories])
@@ -343,19 +349,25 @@ class LocationModel(nn.Module):
         as in the full-sequence path. In training mode the prefix's dropout mask is shared by the
         boxes of one image (the full path draws one per box); in eval mode both paths agree.
         """
-        owner = torch.as_tensor(owner, device=prefix.device).long()
+        owner = torch.as_tensor(owner).long()  # checked where it lies: an owner on the CPU costs no GPU sync
         if tokens.ndim != 2 or tokens.shape[1] != 4 or owner.shape != tokens.shape[:1]:
             raise ValueError(f"tokens must be [M, 4] and owner [M], got {tuple(tokens.shape)} and {tuple(owner.shape)}")
         if len(owner) and not (0 <= int(owner.min()) and int(owner.max()) < prefix.shape[0]):
             raise ValueError(f"owner indices must lie in [0, {prefix.shape[0]}), got {owner.tolist()}")
+        owner = owner.to(prefix.device, non_blocking=True)
         tokens = tokens.to(prefix.device)
         plen = prefix.shape[1]
-        cache = self.decoder(inputs_embeds=prefix, use_cache=True, logits_to_keep=1).cache
+        cache = self._cache_of(self.decoder(inputs_embeds=prefix, use_cache=True, logits_to_keep=1))
         cache.reorder_cache(owner)  # index_select on the batch dim of every layer's keys and values
         embeds = self.input_embeds(tokens[:, :3])
         positions = torch.arange(plen, plen + 4, device=prefix.device)[None]
-        logits = self.decoder(inputs_embeds=embeds, cache=cache, use_cache=True, position_ids=positions).logits
+        logits = self.decoder(inputs_embeds=embeds, use_cache=True, position_ids=positions,
+                              **{self._cache_arg: cache}).logits
         return self._masked_token_log_probs(logits, tokens, with_distribution)
+
+    def _cache_of(self, output) -> object:
+        """The KV cache of a decoder output, whichever name this transformers release gives it."""
+        return getattr(output, self._cache_arg)
 
     def _masked_token_log_probs(self, logits: Tensor, tokens: Tensor, with_distribution: bool):
         """Validity-masked log-softmax of the 4 box steps' ``logits`` ``[M, 4, vocab]``, gathered at ``tokens``."""
@@ -384,7 +396,7 @@ class LocationModel(nn.Module):
                top_k: Optional[int] = None, top_p: Optional[float] = None, region: Optional[Tensor] = None,
                generator: Optional[torch.Generator] = None, image_sizes: Optional[Tensor] = None,
                size: Optional[Tensor] = None, aspect_ratio: Optional[Tensor] = None,
-               cascade: bool = True) -> SampleOutput:
+               cascade: bool = True, bf16: bool = False) -> SampleOutput:
         """Draw ``n`` valid boxes per (image, category) in one batched, KV-cached decode.
 
         ``region``, ``size`` and ``aspect_ratio`` (normalised, see `region_bounds` and `extent_mask`)
@@ -396,6 +408,10 @@ class LocationModel(nn.Module):
         earlier decoder kept for comparison (same tokens and log-probs, ``n`` times the cache memory).
         Runs in eval mode (restored afterwards); ``generator`` must live on the model's device.
         See `SampleOutput` for what ``log_probs`` means.
+
+        ``bf16`` runs the decoding in bf16 autocast (a GPU speed option): the prefix is computed in
+        fp32 (the cached text features stay fp32), and logits are cast to fp32 before masking and
+        drawing, so only the decoder's matmuls round differently.
         """
         if len(categories) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(categories)} categories")
@@ -408,7 +424,8 @@ class LocationModel(nn.Module):
             extents = self.extent_mask(size, aspect_ratio, prefix.shape[0], prefix.device)
             self.check_extents_fit(bounds, extents)
             decode = self._decode_cascade if cascade else self._decode_cached
-            tokens, log_probs = decode(prefix, n, bounds, temperature, top_k, top_p, generator, extents)
+            with torch.autocast(prefix.device.type, dtype=torch.bfloat16, enabled=bf16):
+                tokens, log_probs = decode(prefix, n, bounds, temperature, top_k, top_p, generator, extents)
         finally:
             self.train(was_training)
         return self._sample_output(tokens, log_probs, image_sizes)
@@ -420,11 +437,12 @@ class LocationModel(nn.Module):
         batch = prefix.shape[0]
         bos = self.input_embeds(torch.empty(batch, 0, dtype=torch.long, device=prefix.device))
         out = self.decoder(inputs_embeds=torch.cat([prefix, bos], dim=1), use_cache=True, logits_to_keep=1)
-        cache = out.cache
+        cache = self._cache_of(out)
         cache.batch_repeat_interleave(n)
 
         def next_logits(tokens: Tensor, step: int) -> Tensor:
-            return self.decoder(inputs_embeds=self.input_embeds(tokens)[:, -1:], cache=cache, use_cache=True).logits[:, -1]
+            return self.decoder(inputs_embeds=self.input_embeds(tokens)[:, -1:], use_cache=True,
+                                **{self._cache_arg: cache}).logits[:, -1]
 
         return self._draw_boxes(out.logits[:, -1], n, bounds, extents, (temperature, top_k, top_p), generator,
                                 next_logits)
@@ -437,7 +455,7 @@ class LocationModel(nn.Module):
         batch = prefix.shape[0]
         bos = self.input_embeds(torch.empty(batch, 0, dtype=torch.long, device=prefix.device))
         out = self.decoder(inputs_embeds=torch.cat([prefix, bos], dim=1), use_cache=True, logits_to_keep=1)
-        shared = [(layer.keys, layer.values) for layer in out.cache.layers]
+        shared = [(layer.keys, layer.values) for layer in self._cache_of(out).layers]
         own: list[Optional[tuple[Tensor, Tensor]]] = [None] * len(shared)
         first_position = prefix.shape[1] + 1
 

@@ -135,6 +135,21 @@ def build_clip_text(name: str, weights: Optional[str]) -> tuple[nn.Module, objec
 
 
 # ------------------------------------------------------------------------------------------ GPT-2
+# torch's scaled_dot_product_attention (flash / memory-efficient kernels on a GPU), named rather than
+# left to the library's default
+ATTENTION = "sdpa"
+
+
+def cache_field() -> str:
+    """The name of GPT-2's KV-cache argument and output field: transformers renamed ``past_key_values``
+    to ``cache`` during 5.x, and the releases our range covers use either one."""
+    from dataclasses import fields
+
+    from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+
+    return "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithCrossAttentions)} else "past_key_values"
+
+
 def build_gpt2(n_layer: int, n_embd: int, n_head: int, dropout: float, vocab_size: int,
                n_positions: int, weights: Optional[str]) -> nn.Module:
     """transformers GPT2LMHeadModel with ``vocab_size`` tokens and at least ``n_positions`` positions."""
@@ -143,7 +158,7 @@ def build_gpt2(n_layer: int, n_embd: int, n_head: int, dropout: float, vocab_siz
     if weights is None:
         config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
                             n_head=n_head, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-                            bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1)
+                            bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, attn_implementation=ATTENTION)
         model = GPT2LMHeadModel(config)
         ordinal_init(model.get_input_embeddings(), vocab_size - 2)
         return model
@@ -160,7 +175,7 @@ def build_gpt2(n_layer: int, n_embd: int, n_head: int, dropout: float, vocab_siz
             raise _missing("GPT-2", weights, "gpt2_weights", weights, _GPT2_FILES)
         source, local_only = weights, bool(cached)
     model = GPT2LMHeadModel.from_pretrained(source, local_files_only=local_only, resid_pdrop=dropout,
-                                            embd_pdrop=dropout, attn_pdrop=dropout)
+                                            embd_pdrop=dropout, attn_pdrop=dropout, attn_implementation=ATTENTION)
     c = model.config
     if (c.n_layer, c.n_embd, c.n_head) != (n_layer, n_embd, n_head):
         raise ValueError(

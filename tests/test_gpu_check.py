@@ -26,9 +26,17 @@ def test_quick_mode_writes_every_row(tmp_path):
                         ("cascade", "4 img x 100"), ("copied cache", "4 img x 100")]
     largest = [r for r in result["rows"] if r["section"] == "largest batch"]
     assert len(largest) == 4 and all(r["batch"] == "16" and "--max-batch 16" in r["note"] for r in largest)
+    peak = [r for r in result["rows"] if r["section"] == "matmul peak"]
+    assert len(peak) == 1 and peak[0]["rate"] > 0 and peak[0]["unit"] == "TFLOP/s"
+    assert all("MFU" in r["note"] for r in steps.values() if r["variant"] == "MLE")
+    assert not any("MFU" in r["note"] for r in steps.values() if r["variant"] == "DPO")
+    fit = [r for r in result["rows"] if r["section"] == "fit loop"]
+    assert len(fit) == 1 and fit[0]["batch"] == "4" and fit[0]["precision"] == "fp32" and fit[0]["rate"] > 0
+    assert result["flops_per_sample"] > 0
     table = (tmp_path / "gpu_check.md").read_text()
     assert table in proc.stdout and "| train step | DPO | bf16-mixed | 4 |" in table
     assert "Sampling, cascade / copied cache: 2 img x 100:" in table
+    assert "train.py fit loop / synthetic MLE step (fp32, batch 4):" in table
 
 
 def test_out_of_memory_is_recognised_and_other_errors_are_not():

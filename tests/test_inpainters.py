@@ -13,7 +13,7 @@ from models.inpainters import (BACKENDS, BackendFolderError, DiffRegion, Inpaint
                                load_editor)
 from models.inpainters.powerpaint import TASK_WORDS, expand, word_tokens
 from models.inpainting import box_mask, context_rect, feathered_alpha, mask_bbox, working_size
-from tiny_builders import save_tiny_gligen
+from scripts.tiny_builders import save_tiny_gligen
 from tiny_inpainters import (NATIVE, save_flux_fill, save_instruct_pix2pix, save_kandinsky, save_powerpaint, save_sd,
                              save_sdxl)
 

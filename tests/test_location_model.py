@@ -174,7 +174,7 @@ def test_loads_parts_from_local_folders_in_their_own_formats(tmp_path, model):
     model.decoder.save_pretrained(tmp_path / "gpt2")
 
     loaded_cfg = LocationModelConfig.from_dict({
-        **cfg.to_dict(), "vit_weights": str(tmp_path / "vit"),
+        **cfg.to_dict(), "pretrained": True, "vit_weights": str(tmp_path / "vit"),
         "clip_weights": str(tmp_path / "open_clip_model.safetensors"), "gpt2_weights": str(tmp_path / "gpt2")})
     torch.manual_seed(123)  # different random init: everything must come from the files
     loaded = LocationModel(loaded_cfg).eval()
@@ -222,7 +222,7 @@ def test_unknown_weights_name_is_reported():
 
 # ------------------------------------------------------------------------------------------ paper preset
 def test_paper_preset_builds_with_random_weights_and_counts_add_up():
-    cfg = LocationModelConfig.preset("paper", vit_weights=None, clip_weights=None, gpt2_weights=None)
+    cfg = LocationModelConfig.preset("paper", pretrained=False)
     model = LocationModel(cfg)
     total = sum(p.numel() for p in model.parameters())
 

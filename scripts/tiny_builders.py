@@ -1,6 +1,6 @@
 """Tiny random stand-ins for pretrained weights (no downloads): diffusers inpainting pipelines and
-open_clip models, built in well under a second so tests can exercise the real loading code paths
-(`from_pretrained` on a local folder, open_clip `pretrained=<file>`)."""
+open_clip models, built in well under a second so tests, the examples and `make smoke-gpu` exercise
+the real loading code paths (`from_pretrained` on a local folder, open_clip `pretrained=<file>`)."""
 import gzip
 import json
 import tempfile
