@@ -150,7 +150,7 @@ def test_bf16_sampling_keeps_toy_tpr_fpr_within_seed_noise(tmp_path):
     more than fp32 differs from itself across three sampling seeds."""
     import evaluate
     from datamodules.toy import write_toy_split
-    from lightning_modules.checkpoint import save_model_checkpoint
+    from models.checkpoint import save_model_checkpoint
 
     data = tmp_path / "toy-opa"
     write_toy_split(data, "toy-opa", "test", num_samples=24, seed=0, num_shards=1, progress=False)
