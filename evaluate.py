@@ -1,4 +1,4 @@
-"""TPR-FPR evaluation (SPEC §4) of a checkpoint, of any method's predictions file, or of a baseline.
+"""TPR-FPR evaluation (docs/design/evaluation.md#tpr-fpr) of a checkpoint, of any method's predictions file, or of a baseline.
 
     python evaluate.py --checkpoint runs/x/checkpoints/last.ckpt --data data/toy/toy-opa --split test
     python evaluate.py --checkpoint runs/toy_model --data data/toy/toy-opa --split val --given-size
@@ -17,7 +17,7 @@ When the annotations are a shard folder whose kind has a plausibility oracle (``
 "source", see ``datamodules.kinds``; the toy scenes have one), metrics.json also holds the oracle's
 plausible rate of the scored boxes, overall and per class.
 ``--checkpoint`` also takes a model folder or a Hub id (``scripts/export.py``).
-``--given-size`` (ours, SPEC §8; the FOPA / TopNet / GracoNet setting): the labelled boxes of a
+``--given-size`` (ours, docs/design/evaluation.md#given-size; the FOPA / TopNet / GracoNet setting): the labelled boxes of a
 sample are split into groups of one foreground size (OPA: one group per foreground and scale;
 pooled samples may hold several), and for each group N boxes of exactly that size (to within half
 a bin; sizes are clamped to 1..num_bins-1 bins) are drawn, so the model only chooses where. Each

@@ -1,4 +1,4 @@
-"""Object insertion on a few validation images during training, with edit-quality metrics (SPEC §5).
+"""Object insertion on a few validation images during training, with edit-quality metrics (docs/design/evaluation.md#inpainting-metrics).
 
 Every ``every_n_val_epochs`` validation runs (sanity checks excluded) the callback takes the first
 ``num_images`` samples of the first validation batch, samples one box per image with the model,

@@ -1,4 +1,4 @@
-"""TPR-FPR of the model's own samples on the validation set, logged during training (SPEC §4).
+"""TPR-FPR of the model's own samples on the validation set, logged during training (docs/design/evaluation.md#tpr-fpr).
 
 Every ``every_n_val_epochs`` validation runs (sanity checks excluded) the callback draws
 ``num_samples`` boxes per validation sample with the model's batched sampler, on the batches the

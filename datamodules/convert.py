@@ -1,4 +1,4 @@
-"""Converters from raw OPA / FOPA / PIPE data into the shard format of SPEC §2.
+"""Converters from raw OPA / FOPA / PIPE data into the shard format of docs/design/shards.md.
 
 Every converter validates each image and box through `ShardWriter`, stages all the splits it writes
 in one `ShardBuild` (the previous output stays intact until every split is complete) and returns a

@@ -1,4 +1,4 @@
-"""The one shard format (SPEC §2): atomic writer, validation, split info and annotation-only reader.
+"""The one shard format (docs/design/shards.md): atomic writer, validation, split info and annotation-only reader.
 
 Layout of a split folder: ``{split}-000000.tar ...`` plus ``{split}.json`` holding
 ``num_samples, num_shards, source, categories`` (and, ours, ``shard_sizes``, ``num_pair_samples``

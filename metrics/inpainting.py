@@ -1,4 +1,4 @@
-"""Edit-quality metrics for object insertion (SPEC §5), as torchmetrics `Metric`s.
+"""Edit-quality metrics for object insertion (docs/design/evaluation.md#inpainting-metrics), as torchmetrics `Metric`s.
 
 Images are float `[B,3,H,W]` in [0,1]; boxes are normalised `x1,y1,x2,y2` (docs/ARCHITECTURE.md) and
 rasterised with `models.boxes.pixel_rect`, the same rule the insertion mask uses.

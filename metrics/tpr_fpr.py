@@ -1,4 +1,4 @@
-"""TPR-FPR of sampled boxes against labelled positive/negative boxes (SPEC §4).
+"""TPR-FPR of sampled boxes against labelled positive/negative boxes (docs/design/evaluation.md#tpr-fpr).
 
 For each sample N boxes are drawn once; the point for n uses the first n. A ground-truth box is
 *hit* when one of those n boxes has IoU >= tau with it (IoU exactly tau is a hit). Reported per n:

@@ -1,4 +1,4 @@
-"""Location-model files in the Hugging Face Hub convention (SPEC §8), pure PyTorch.
+"""Location-model files in the Hugging Face Hub convention (docs/design/placement.md#model-folders), pure PyTorch.
 
 A model folder (or Hub repo) holds exactly `FILES`: ``config.json`` (the `LocationModelConfig`),
 ``model.safetensors`` (every weight, frozen encoders included) and ``README.md`` (the model card).

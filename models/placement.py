@@ -1,4 +1,4 @@
-"""One-call placement on your own images (SPEC §8), pure PyTorch.
+"""One-call placement on your own images (docs/design/placement.md#placement), pure PyTorch.
 
     result = place(model, "photo.jpg", "cup", n=10, region="left", size=(120, 80), seed=0)
     result.boxes      # FloatTensor[n, 4]: x1, y1, x2, y2 in photo.jpg's own pixels

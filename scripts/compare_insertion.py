@@ -1,5 +1,5 @@
 """The paper's insertion comparison in one command: GenLoc boxes + each inpainting back-end, and
-instruction editors, scored alike by background SSIM and foreground CLIP score (SPEC §5, §9).
+instruction editors, scored alike by background SSIM and foreground CLIP score (docs/design/evaluation.md#inpainting-metrics).
 
     python -m scripts.compare_insertion --images photos/ --checkpoint runs/opa_dpo/default/checkpoints/last.ckpt \
         --methods genloc+powerpaint=powerpaint:/models/powerpaint-v1 genloc+sd=sd:/models/sd-inpainting \

@@ -1,4 +1,4 @@
-"""Model folders (SPEC §8): export -> from_pretrained round trip in a fresh process, folder contents,
+"""Model folders (docs/design/placement.md#model-folders): export -> from_pretrained round trip in a fresh process, folder contents,
 model card, offline Hub ids, pushing, weight sources that must not be fetched again."""
 import json
 import logging

@@ -1,4 +1,4 @@
-"""Background SSIM and foreground CLIP score (SPEC §5) on real photos, and the training callback."""
+"""Background SSIM and foreground CLIP score (docs/design/evaluation.md#inpainting-metrics) on real photos, and the training callback."""
 import logging
 
 import lightning as L

@@ -103,7 +103,7 @@ def test_matched_prediction_precision_hand_case():
 
 
 def _brute_force(preds, pos, neg, ns, tau):
-    """Loop reference of the SPEC §4 definitions."""
+    """Loop reference of the definitions in docs/design/evaluation.md#tpr-fpr."""
     hp, hn, m, mp = [0] * len(ns), [0] * len(ns), [0] * len(ns), [0] * len(ns)
     for p, P, Q in zip(preds, pos, neg):
         for i, n in enumerate(ns):

@@ -1,4 +1,4 @@
-"""The built-in toy world (SPEC §6): seeded scenes with a crisp plausibility oracle (`scenes`), their
+"""The built-in toy world (docs/design/toy_benchmark.md): seeded scenes with a crisp plausibility oracle (`scenes`), their
 shards, the CLI that writes them (``python -m`` on this package) and a feature probe (`probe`).
 
 Generic code reaches the toy world only through `DATA_KIND`, registered under "toy" in

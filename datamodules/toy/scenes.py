@@ -1,4 +1,4 @@
-"""Toy scenes (SPEC §6): seeded generator of small RGB scenes with a crisp plausibility oracle.
+"""Toy scenes (docs/design/toy_benchmark.md): seeded generator of small RGB scenes with a crisp plausibility oracle.
 
 A scene has a horizon (sky above, ground below; its height varies 0.3-0.7 of the image) and
 0-2 tables standing on the ground. Rules, all in normalised coordinates (so resizing never

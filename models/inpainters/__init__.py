@@ -1,4 +1,4 @@
-"""Insertion back-ends behind one interface, and the instruction-editor baselines (SPEC §9).
+"""Insertion back-ends behind one interface, and the instruction-editor baselines (docs/design/placement.md#insertion-back-ends).
 
     from models.inpainters import load_backend
     inpainter = load_backend("sd", "/models/sd-inpainting", device="cuda", steps=30)
