@@ -8,8 +8,8 @@
     python evaluate.py --plot ours/metrics.json random/metrics.json --out fig.png
 
 The command line of `metrics.evaluation.evaluate` (annotations: `metrics.annotations`, predictions
-files and baselines: `metrics.predictions`, model sampling: `metrics.sampling`). Evaluation modes write ``predictions.jsonl`` (not in predictions mode), ``metrics.json`` and
-``tpr_fpr.png`` into ``--out``. Predictions and annotations are pixel ``x1,y1,x2,y2`` boxes; keys
+files and baselines: `metrics.predictions`, model sampling: `metrics.sampling`). Evaluation modes write ``predictions.jsonl`` (not in
+predictions mode), ``metrics.json`` and ``tpr_fpr.png`` into ``--out``. Predictions and annotations are pixel ``x1,y1,x2,y2`` boxes; keys
 must match the annotation keys (shard ``__key__``, or ``opa-{bg}-{category}`` /
 ``opa-{bg}-fg{fg_id}`` for raw OPA / FOPA label files, see ``datamodules.opa_labels``; keys are
 tar-safe, ``opa-1-traffic%20light``, and a prediction key written with the raw name is accepted).
@@ -33,6 +33,7 @@ warning saying what they look like; when no predicted box is valid nothing is sc
 Only the first max(--ns) boxes of each prediction line are kept. When some sample has fewer boxes
 than max(--ns), the curve stops at the fewest any sample has (with a warning), so a point "@n"
 always means n boxes per sample. Every error is one line and exit code 2.
+"""
 from __future__ import annotations
 
 import argparse
