@@ -107,7 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--checkpoint needs --data (shard folder)")
     if (args.predictions or args.baseline) and not (args.annotations or args.data):
         p.error("--predictions/--baseline need --annotations (shard folder or OPA/FOPA label file)")
-    from datamodules.shards import is_url
+    from datamodules.shard_reader import is_url
 
     if args.baseline == "blind" and not (is_url(args.annotations or args.data)
                                          or Path(args.annotations or args.data).is_dir()):

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 import lightning as L  # noqa: E402
 
 from configs.schema import ConfigError, instantiate, internal_args, load_config, locate, model_config  # noqa: E402
-from datamodules.shards import ShardFormatError  # noqa: E402
+from datamodules.shard_format import ShardFormatError  # noqa: E402
 from lightning_modules.checkpoint import CheckpointError  # noqa: E402
 from lightning_modules.run_files import (RunLock, config_changes_on_resume, is_global_rank_zero,  # noqa: E402
                                          newest_last_checkpoint, remove_stale_partials, write_metrics,

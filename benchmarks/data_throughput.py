@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 from datamodules import ShardDataModule
-from datamodules.shards import ShardWriter, read_split_info
+from datamodules.shard_reader import read_split_info
+from datamodules.shard_writer import ShardWriter
 
 
 def build_photo_split(out: Path, n: int, shards: int):

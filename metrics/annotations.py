@@ -29,7 +29,8 @@ def load_annotations(path, split: str = "test") -> list[dict]:
     """Annotation dicts ``{key, category, positives, negatives, width, height, meta}`` (pixel xyxy)
     from a shard folder (json only, no image decode), a raw OPA csv, or a FOPA pair csv/json."""
     from datamodules import opa_labels
-    from datamodules.shards import ShardFormatError, is_url, iter_annotations
+    from datamodules.shard_format import ShardFormatError
+    from datamodules.shard_reader import is_url, iter_annotations
 
     if is_url(path) or Path(path).is_dir():
         try:
@@ -70,7 +71,7 @@ def load_annotations(path, split: str = "test") -> list[dict]:
 
 def _broken_shard(path: Path, split: str) -> str:
     """The first shard of a split that cannot be read to the end (for the error message)."""
-    from datamodules.shards import open_binary, read_split_info
+    from datamodules.shard_reader import open_binary, read_split_info
 
     for shard in read_split_info(path, split).paths:
         try:
@@ -131,7 +132,7 @@ def box_extent(boxes: np.ndarray) -> tuple[float, float]:
 def annotation_kind(path, split: str):
     """The `DataKind` of a shard folder's split (its ``{split}.json`` "source"); no hooks for label files."""
     from datamodules.kinds import data_kind
-    from datamodules.shards import is_url, read_split_info
+    from datamodules.shard_reader import is_url, read_split_info
 
     shards = is_url(path) or Path(path).is_dir()
     return data_kind(read_split_info(path, split).get("source") if shards else None)

@@ -117,9 +117,9 @@ def write_predictions(path, preds: dict[str, np.ndarray]) -> None:
 
 def annotation_keys(preds: dict, samples: list[dict]) -> dict:
     """Prediction keys written with the raw category name (``opa-1-traffic light``) renamed to the
-    tar-safe annotation key (``opa-1-traffic%20light``, `datamodules.shards.safe_key`) when only
+    tar-safe annotation key (``opa-1-traffic%20light``, `datamodules.shard_format.safe_key`) when only
     that one matches an annotation."""
-    from datamodules.shards import safe_key
+    from datamodules.shard_format import safe_key
 
     keys = {s["key"] for s in samples}
     return {k if k in keys or safe_key(k) not in keys else safe_key(k): v for k, v in preds.items()}

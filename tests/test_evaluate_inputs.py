@@ -19,7 +19,7 @@ from metrics.annotations import EvaluationError, check_annotations, load_annotat
 from metrics.predictions import read_predictions
 from conftest import ROOT
 from datamodules import ShardDataModule
-from datamodules.shards import ShardWriter
+from datamodules.shard_writer import ShardWriter
 
 W, H = 64, 48
 BOXES = [[4, 6, 20, 30], [30, 10, 50, 40], [10, 20, 60, 44], [1, 1, 9, 9]]
