@@ -11,8 +11,9 @@ import torch
 
 import evaluate
 from metrics.annotations import EvaluationError, annotation_kind, load_annotations
-from metrics.evaluation import plausible_rates
+from metrics.evaluation import evaluate as evaluate_method, plausible_rates
 from metrics.predictions import baseline_predictions, read_predictions
+from metrics.sampling import Sampling
 from conftest import FIXTURES, ROOT
 from lightning_modules.checkpoint import save_model_checkpoint
 
@@ -185,6 +186,20 @@ def test_plausible_rate_only_for_kinds_with_an_oracle(tmp_path):
     with pytest.raises(SystemExit) as exit_info:                 # blind needs a shard folder's train split
         evaluate.main(["--baseline", "blind", "--annotations", str(FOPA_CSV), "--out", str(tmp_path / "b")])
     assert exit_info.value.code == 2
+
+
+def test_the_library_writes_what_the_command_line_writes(toy_shards, tmp_path):
+    """`metrics.evaluation.evaluate` (what recipes and benchmarks call) is evaluate.py without argparse:
+    same predictions, same metrics.json (but the seconds), same plot."""
+    cli = evaluate.main(["--baseline", "random_gt_size", "--annotations", str(toy_shards), "--split", "test",
+                         "--seed", "3", "--num-samples", "20", "--no-progress", "--out", str(tmp_path / "cli")])
+    lib = evaluate_method(toy_shards, tmp_path / "lib", split="test", baseline="random_gt_size",
+                          sampling=Sampling(num_samples=20, seed=3), progress=False)
+    assert {**cli, "seconds": 0} == {**lib, "seconds": 0} and lib["ns"] == [10, 20]
+    assert (tmp_path / "cli" / "predictions.jsonl").read_text() == (tmp_path / "lib" / "predictions.jsonl").read_text()
+    assert (tmp_path / "lib" / "tpr_fpr.png").is_file()
+    with pytest.raises(EvaluationError, match="exactly one of"):
+        evaluate_method(toy_shards, tmp_path / "x", split="test", baseline="random", predictions=tmp_path / "p.jsonl")
 
 
 def test_baselines_are_seeded_and_valid_and_plot_mode(toy_shards, tmp_path):
