@@ -25,7 +25,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 from configs.schema import ConfigError, instantiate, internal_args, load_config, locate, model_config  # noqa: E402
-from datamodules.shards import ShardFormatError  # noqa: E402
+from datamodules.shard_format import ShardFormatError  # noqa: E402
 from models.checkpoint import CheckpointError  # noqa: E402
 from models.files import write_atomic  # noqa: E402
 from lightning_modules.run_files import (RunLock, config_changes_on_resume, is_global_rank_zero,  # noqa: E402

@@ -10,6 +10,7 @@ in-process (0 workers: the pipeline's own overhead) and with workers, and the ra
 from __future__ import annotations
 
 import argparse
+import json
 import io
 import tarfile
 import tempfile
@@ -21,7 +22,8 @@ import torch
 from PIL import Image
 
 from datamodules import ShardDataModule
-from datamodules.shards import ShardWriter, read_split_info
+from datamodules.shard_reader import read_split_info
+from datamodules.shard_writer import ShardWriter
 
 
 def build_photo_split(out: Path, n: int, shards: int):
@@ -99,6 +101,8 @@ def main(argv=None):
           f"(to raw-draft {single[-1] / raw_draft:.2f})")
     print(f"datamodule, {a.num_workers} workers    : {multi[-1]:8.1f} samples/s  ratio to raw {multi[-1] / raw:.2f} "
           f"(epoch rates {', '.join(f'{r:.1f}' for r in multi)}; the first includes worker start-up)")
+    print("RESULT " + json.dumps({"raw": raw, "raw_draft": raw_draft,
+                                  "loaders": [{"workers": 0, "rate": single[-1]}, {"workers": a.num_workers, "rate": multi[-1]}]}))
     if tmp is not None:
         tmp.cleanup()
 

@@ -12,6 +12,7 @@ for both boxes and the reference encoding the images again.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -111,10 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     print(f"{'preset':<7} {'batch':>5} {'device':<6} {'mle ms':>9} {'dpo ms':>9} {'dpo/mle':>8} "
           f"{'naive ms':>9} {'naive/mle':>9}")
+    rows = []
     for preset in args.presets:
         t = bench(preset, args.batch_size, args.iters, device)
+        rows.append({"preset": preset, "batch": args.batch_size, **t})
         print(f"{preset:<7} {args.batch_size:>5} {device.type:<6} {1e3 * t['mle']:>9.1f} {1e3 * t['dpo']:>9.1f} "
               f"{t['dpo'] / t['mle']:>8.2f} {1e3 * t['dpo/naive']:>9.1f} {t['dpo/naive'] / t['mle']:>9.2f}")
+    print("RESULT " + json.dumps({"rows": rows}))
     return 0
 
 

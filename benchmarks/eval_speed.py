@@ -6,18 +6,21 @@ predictions per sample.
 
 Prints the end-to-end time of ``evaluate.py --predictions ... --annotations ...`` (parse labels and
 predictions, score, write metrics.json and the PNG) and the time of each phase. Target: < 60 s on
-2 CPU cores.
+2 CPU cores. The last line is ``RESULT {json}`` for benchmarks/run_all.py.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-import evaluate
+from metrics.annotations import load_annotations
+from metrics.evaluation import evaluate, score
+from metrics.predictions import baseline_predictions, read_predictions, write_predictions
 
 DEFAULT_LABELS = Path(__file__).resolve().parent / "data" / "fopa_train_data_pair.csv"
 
@@ -33,22 +36,21 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
 
     t = time.perf_counter()
-    samples = evaluate.load_annotations(args.labels)
+    samples = load_annotations(args.labels)
     t_labels = time.perf_counter() - t
     boxes = sum(len(s["positives"]) + len(s["negatives"]) for s in samples)
-    preds = evaluate.baseline_predictions(samples, "random_gt_size", args.num_samples, seed=0)
+    preds = baseline_predictions(samples, "random_gt_size", args.num_samples, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         pred_file = Path(tmp) / "predictions.jsonl"
-        evaluate.write_predictions(pred_file, preds)
+        write_predictions(pred_file, preds)
         t = time.perf_counter()
-        read = evaluate.read_predictions(pred_file)
+        read = read_predictions(pred_file)
         t_read = time.perf_counter() - t
         t = time.perf_counter()
-        evaluate.score(read, samples, progress=False)
+        score(read, samples, progress=False)
         t_score = time.perf_counter() - t
         t = time.perf_counter()
-        doc = evaluate.main(["--predictions", str(pred_file), "--annotations", str(args.labels),
-                             "--out", str(Path(tmp) / "out"), "--no-progress"])
+        doc = evaluate(args.labels, Path(tmp) / "out", predictions=pred_file, progress=False)
         t_total = time.perf_counter() - t
     m = doc["metrics"]
     print(f"labels: {args.labels}")
@@ -58,6 +60,7 @@ def main(argv=None) -> None:
     print(f"evaluate.py predictions mode end to end: {t_total:.2f} s (target < 60 s)")
     print(f"random_gt_size @100: TPR {m['tpr@100']:.4f} FPR {m['fpr@100']:.4f} "
           f"(shared {m['tpr_shared@100']:.4f} / {m['fpr_shared@100']:.4f})")
+    print("RESULT " + json.dumps({"seconds": t_total, "samples": len(samples), "boxes": boxes}))
 
 
 if __name__ == "__main__":

@@ -295,7 +295,7 @@ def compiled_step_row(config: dict, batch: dict, precision: str, steps: int, dev
     compile_s = seconds(lambda: trainee.step(batch, precision), device)
     result = time_steps(trainee, batch, precision, steps, device, "compiled decoder",
                         f"first step (compiling) {compile_s:.1f} s")
-    del trainee, module
+    trainee = module = None  # release the compiled model before the next row
     free_memory(device)
     return result
 

@@ -7,14 +7,14 @@ minutes on 2 shared CPU cores.
 Ratios are measured side by side inside each benchmark (variants alternate), so machine load
 mostly cancels; absolute times and boxes/s are for the machine it ran on. A benchmark that fails
 or times out becomes a row saying so. Exit status 0 even when a target is missed (the table says
-which).
+which). Each benchmark hands over its numbers as data: a last stdout line ``RESULT {json}`` (the
+GPU check: its gpu_check.json).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -47,16 +47,16 @@ def row(name: str, measured: str, target: str = "report", met: bool | None = Non
 
 def sampling_rows(out: str) -> list:
     rows = []
-    for preset, images, boxes, cascade, copied, naive, vs_copied, vs_naive in re.findall(
-            r"^(tiny|paper)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x\s+([\d.]+)x", out, re.M):
-        paper = preset == "paper"
-        rows.append(row(f"sampling {preset} ({images} img x {boxes} boxes): cascade / copied-cache decode, boxes/s",
-                        f"{float(vs_copied):.2f}x", ">= 1.0x" if paper else "report",
-                        float(vs_copied) >= 1.0 if paper else None))
-        rows.append(row(f"sampling {preset}: cascade / naive decode", f"{float(vs_naive):.1f}x",
-                        ">= 5x" if paper else "report", float(vs_naive) >= 5 if paper else None))
-        rows.append(row(f"sampling {preset}: boxes/s cascade (copied cache, naive)",
-                        f"{float(cascade):.0f} ({float(copied):.0f}, {float(naive):.1f})"))
+    for r in result_json(out)["rows"]:
+        paper = r["preset"] == "paper"
+        vs_copied, vs_naive = round(r["cascade"] / r["copied"], 2), round(r["cascade"] / r["naive"], 1)
+        rows.append(row(f"sampling {r['preset']} ({r['images']} img x {r['boxes']} boxes): cascade / copied-cache "
+                        "decode, boxes/s", f"{vs_copied:.2f}x", ">= 1.0x" if paper else "report",
+                        vs_copied >= 1.0 if paper else None))
+        rows.append(row(f"sampling {r['preset']}: cascade / naive decode", f"{vs_naive:.1f}x",
+                        ">= 5x" if paper else "report", vs_naive >= 5 if paper else None))
+        rows.append(row(f"sampling {r['preset']}: boxes/s cascade (copied cache, naive)",
+                        f"{r['cascade']:.0f} ({r['copied']:.0f}, {r['naive']:.1f})"))
     return rows
 
 
@@ -85,23 +85,23 @@ def train_rows(out: str) -> list:
 
 
 def data_rows(out: str) -> list:
-    found = re.findall(r"datamodule, (\d+) workers\s*:\s*([\d.]+) samples/s\s+ratio to raw ([\d.]+)", out)
-    return [row(f"data: datamodule ({workers} workers, {rate} samples/s) / raw decode+resize", ratio,
-                ">= 0.8", float(ratio) >= 0.8) for workers, rate, ratio in found]
+    r = result_json(out)
+    ratios = [(loader["workers"], loader["rate"], round(loader["rate"] / r["raw"], 2)) for loader in r["loaders"]]
+    return [row(f"data: datamodule ({workers} workers, {rate:.1f} samples/s) / raw decode+resize", f"{ratio:.2f}",
+                ">= 0.8", ratio >= 0.8) for workers, rate, ratio in ratios]
 
 
 def dpo_rows(out: str) -> list:
-    m = re.search(r"^tiny\s+(\d+)\s+\w+\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out, re.M)
-    batch, _, _, ratio, _, naive = m.groups()
-    return [row(f"DPO step / MLE step (tiny, batch {batch})", f"{float(ratio):.2f}", "<= 1.6", float(ratio) <= 1.6),
-            row("DPO step naive (repeated prefix, re-encoding) / MLE step", f"{float(naive):.2f}")]
+    r = next(r for r in result_json(out)["rows"] if r["preset"] == "tiny")
+    ratio, naive = round(r["dpo"] / r["mle"], 2), r["dpo/naive"] / r["mle"]
+    return [row(f"DPO step / MLE step (tiny, batch {r['batch']})", f"{ratio:.2f}", "<= 1.6", ratio <= 1.6),
+            row("DPO step naive (repeated prefix, re-encoding) / MLE step", f"{naive:.2f}")]
 
 
 def eval_rows(out: str) -> list:
-    seconds = float(re.search(r"end to end: ([\d.]+) s", out).group(1))
-    boxes = re.search(r"(\d+) samples, (\d+) labelled boxes", out).groups()
-    return [row(f"evaluate.py, full OPA train labels ({boxes[0]} samples, {boxes[1]} boxes, 100 preds)",
-                f"{seconds:.1f} s", "< 60 s", seconds < 60)]
+    r = result_json(out)
+    return [row(f"evaluate.py, full OPA train labels ({r['samples']} samples, {r['boxes']} boxes, 100 preds)",
+                f"{r['seconds']:.1f} s", "< 60 s", r["seconds"] < 60)]
 
 
 def memory_rows(out: str) -> list:
@@ -114,8 +114,8 @@ def memory_rows(out: str) -> list:
                 f"{r['sample_mib']:.0f} MiB ({r['sample_copied_mib']:.0f} MiB)")]
 
 
-def gpu_check_rows(out: str) -> list:
-    seconds = float(re.search(r"random weights, (\d+) s in all", out).group(1))
+def gpu_check_rows(out_dir: str) -> list:
+    seconds = json.loads((Path(out_dir) / "gpu_check.json").read_text())["seconds"]
     return [row("gpu_check --quick (CPU smoke test of make bench-gpu, tiny preset)", f"ran, {seconds:.0f} s", "runs",
                 True)]
 
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
         ("eval_speed", (["--labels", args.labels] if args.labels else []) + ["--threads", "1"], 180, eval_rows),
         ("memory", ["--quick"], 300, memory_rows),
         ("convert_speed", ["--quick"], 300, convert_rows),
-        ("gpu_check", ["--quick", "--out", gpu_check_out.name], 180, gpu_check_rows),
+        ("gpu_check", ["--quick", "--out", gpu_check_out.name], 180, lambda _: gpu_check_rows(gpu_check_out.name)),
     ]
     rows, notes, start = [], [], time.perf_counter()
     inductor_cache = tempfile.TemporaryDirectory()  # cold torch.compile: what a first run pays

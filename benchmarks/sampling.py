@@ -17,6 +17,7 @@ the same per box at any box count, so it is timed once on ``--naive-boxes`` boxe
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -93,12 +94,15 @@ def main() -> None:
     print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__}")
     print(f"{'preset':<7}{'images':>7}{'boxes/img':>10}{'cascade boxes/s':>17}{'copied boxes/s':>16}"
           f"{'naive boxes/s':>15}{'cascade/copied':>16}{'cascade/naive':>15}")
+    results = []
     for preset, images, boxes, naive_boxes in runs:
         r = bench(preset, images, boxes, naive_boxes, device, args.repeats)
+        results.append(r)
         note = "" if naive_boxes == boxes else f"   (naive timed on {naive_boxes} boxes/img)"
         print(f"{r['preset']:<7}{r['images']:>7}{r['boxes']:>10}{r['cascade']:>17.0f}{r['copied']:>16.0f}"
               f"{r['naive']:>15.1f}{r['cascade'] / r['copied']:>15.2f}x{r['cascade'] / r['naive']:>14.1f}x{note}",
               flush=True)
+    print("RESULT " + json.dumps({"rows": results}))
 
 
 if __name__ == "__main__":

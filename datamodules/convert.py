@@ -30,7 +30,8 @@ from tqdm import tqdm
 from models.images import to_rgb_image
 
 from .opa_labels import LabelledSample, read_fopa_pairs, read_opa_csv
-from .shards import ShardBuild, ShardWriter, SplitStats, safe_key
+from .shard_format import safe_key
+from .shard_writer import ShardBuild, ShardWriter, SplitStats
 
 __all__ = ["ConversionError", "ConversionReport", "scan_opa_categories", "index_images", "write_labelled_samples",
            "convert_opa", "convert_fopa", "convert_pipe", "mask_box", "difference_box", "load_category_map",

@@ -14,7 +14,8 @@ import lightning as L
 
 from .kinds import data_kind
 from .pipeline import EpochLoader, ShardStream
-from .shards import ShardFormatError, is_url, member, read_split_info, split_file_exists
+from .shard_format import ShardFormatError
+from .shard_reader import is_url, member, read_split_info, split_file_exists
 
 __all__ = ["ShardDataModule"]
 
@@ -22,7 +23,7 @@ __all__ = ["ShardDataModule"]
 class ShardDataModule(L.LightningDataModule):
     """Train/val/test loaders over ``{split}-*.tar`` + ``{split}.json`` in ``data_dir``: a local folder
     or a URL fsspec can read (``https://``, ``s3://``, ``gs://``, ``file://``, ``memory://``, ...) or a
-    ``pipe:`` command with ``{}`` for the file name (see `datamodules.shards.member`).
+    ``pipe:`` command with ``{}`` for the file name (see `datamodules.shard_reader.member`).
 
     A split set to None is skipped (e.g. ``val_split=None`` for data without a validation split).
     ``pairs=True`` keeps samples with >=1 positive and >=1 negative and adds ``chosen`` /

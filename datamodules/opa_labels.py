@@ -4,7 +4,7 @@ One `LabelledSample` is one (background, category) evaluation/training unit with
 box of that pair pooled, boxes in background pixels ``x1,y1,x2,y2``. When the category of a
 foreground is unknown (FOPA files carry no category; pass an fg_id -> category map to fix that),
 boxes are pooled per (background, foreground id) instead: key ``opa-{bg_id}-fg{fg_id}`` and
-category ``""``. Keys are made tar-safe by `datamodules.shards.safe_key` (any category name works:
+category ``""``. Keys are made tar-safe by `datamodules.shard_format.safe_key` (any category name works:
 ``opa-1-traffic light`` -> ``opa-1-traffic%20light``). Duplicate boxes are kept (each labelled box
 counts once in TPR/FPR). A malformed file raises `LabelFileError` naming the file, the line (csv:
 the file's own line number, header = line 1; json: the entry index) and the column.
@@ -20,7 +20,7 @@ import numpy as np
 
 from models.boxes import fopa_centre_to_xyxy, xywh_to_xyxy
 
-from .shards import safe_key
+from .shard_format import safe_key
 
 __all__ = ["LabelledSample", "LabelFileError", "read_fopa_pairs", "read_opa_csv"]
 

@@ -21,7 +21,7 @@ DDP safety:
   in order, without flip; the last batch of a worker may be short.
 - A corrupt sample (unreadable image/json, size mismatch, invalid box) or tar is skipped, logged
   with its key and reason, and counted in shared memory (`ShardStream.num_skipped`). The same holds
-  for shards read from a URL (`datamodules.shards.open_binary`: fsspec or a pipe: command): a shard
+  for shards read from a URL (`datamodules.shard_reader.open_binary`: fsspec or a pipe: command): a shard
   that cannot be opened or that breaks off mid-stream is a counted skip.
 - Mid-epoch resume: ``set_skip(n)`` (shared memory, read with the epoch) makes the next train
   iteration drop exactly the epoch's first ``n`` batches and continue with batch ``n``, bit for bit
@@ -49,7 +49,8 @@ from models.boxes import hflip, normalise, validate_boxes
 from models.images import to_rgb_image
 
 from .kinds import data_kind
-from .shards import ShardFormatError, open_binary, read_split_info
+from .shard_format import ShardFormatError
+from .shard_reader import open_binary, read_split_info
 
 log = logging.getLogger("datamodules")
 

@@ -121,7 +121,7 @@ def read_samples(images: Path, split: str) -> list[Sample]:
     if (images / "pairs.csv").is_file():
         return _pairs_samples(images)
     if (images / f"{split}.json").is_file():
-        from datamodules.shards import ShardFormatError
+        from datamodules.shard_format import ShardFormatError
 
         try:
             return _shard_samples(images, split)
@@ -153,7 +153,7 @@ def _pairs_samples(folder: Path) -> list[Sample]:
 
 
 def _shard_samples(folder: Path, split: str) -> list[Sample]:
-    from datamodules.shards import read_split_info
+    from datamodules.shard_reader import read_split_info
 
     samples, skipped = [], 0
     for tar_path in read_split_info(folder, split).paths:

@@ -26,14 +26,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-def evaluate(checkpoint: str, data: str, split: str, num_samples: int, seed: int, batch_size: int,
-             device: str, out_dir: Path) -> dict:
+def model_rates(checkpoint: str, data: str, split: str, num_samples: int, seed: int, batch_size: int,
+                device: str, out_dir: Path) -> dict:
     """evaluate.py's checkpoint mode (same sampler, scoring and oracle), plus the implausible rate."""
-    import evaluate as evaluation
+    from metrics.evaluation import evaluate
+    from metrics.sampling import Sampling
 
-    doc = evaluation.main(["--checkpoint", checkpoint, "--data", data, "--split", split, "--num-samples",
-                           str(num_samples), "--seed", str(seed), "--batch-size", str(batch_size), "--device", device,
-                           "--no-progress", "--out", str(out_dir)])
+    sampling = Sampling(num_samples=num_samples, seed=seed, batch_size=batch_size, device=device)
+    doc = evaluate(data, out_dir, split=split, checkpoint=checkpoint, sampling=sampling, progress=False)
     return {"num_eval_samples": doc["counts"]["num_samples"], "plausible_rate": doc["plausible_rate"],
             "implausible_rate": 1 - doc["plausible_rate"], "curves": doc["curves"]}
 
@@ -47,10 +47,11 @@ def tpr_at_fpr(curves: dict, fpr: float) -> float:
 
 
 def blind_rate(data: str, split: str, num_samples: int, seed: int, out_dir: Path) -> float:
-    import evaluate as evaluation
+    from metrics.evaluation import evaluate
+    from metrics.sampling import Sampling
 
-    doc = evaluation.main(["--baseline", "blind", "--data", data, "--split", split, "--num-samples", str(num_samples),
-                           "--seed", str(seed), "--no-progress", "--out", str(out_dir)])
+    doc = evaluate(data, out_dir, split=split, baseline="blind", sampling=Sampling(num_samples=num_samples, seed=seed),
+                   progress=False)
     return doc["plausible_rate"]
 
 
@@ -68,14 +69,14 @@ def main(argv: list[str] | None = None) -> int:
                                                     "<run>/compare_mle_dpo_<split>.json)")
     args = parser.parse_args(argv)
 
-    from evaluate import EvaluationError
+    from metrics.annotations import EvaluationError
 
     out = Path(args.out) if args.out else Path(args.dpo).resolve().parent.parent / f"compare_mle_dpo_{args.split}.json"
     rows = {}
     try:
         for name, path in (("mle", args.mle), ("dpo", args.dpo)):
-            rows[name] = evaluate(path, args.data, args.split, args.num_samples, args.seed, args.batch_size,
-                                  args.device, out.with_suffix("") / name)
+            rows[name] = model_rates(path, args.data, args.split, args.num_samples, args.seed, args.batch_size,
+                                     args.device, out.with_suffix("") / name)
         blind = blind_rate(args.data, args.split, args.num_samples, args.seed, out.with_suffix("") / "blind")
     except EvaluationError as err:
         print(f"error: {err}", file=sys.stderr)

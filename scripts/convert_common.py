@@ -24,7 +24,7 @@ def run(ap: argparse.ArgumentParser, args: argparse.Namespace, convert):
         ap.error(f"--val-fraction must be in [0, 1), got {val_fraction}")
     from datamodules.convert import ConversionError
     from datamodules.opa_labels import LabelFileError
-    from datamodules.shards import ShardFormatError
+    from datamodules.shard_format import ShardFormatError
 
     try:
         report = convert()

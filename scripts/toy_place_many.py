@@ -21,7 +21,8 @@ import torch
 
 def samples_with_images(data_dir, split: str):
     """(annotation, RGB image) of every sample of a split, in shard order."""
-    from datamodules.shards import decode_image, shard_paths
+    from datamodules.shard_format import decode_image
+    from datamodules.shard_reader import shard_paths
 
     for path in shard_paths(data_dir, split):
         with tarfile.open(path, "r") as tar:
@@ -50,7 +51,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from datamodules.kinds import data_kind
-    from datamodules.shards import ShardFormatError, read_split_info
+    from datamodules.shard_format import ShardFormatError
+    from datamodules.shard_reader import read_split_info
     from models.hub import ModelFilesError, load_model
     from models.placement import NoValidSetError, place, place_many, token_iou
     from models.checkpoint import CheckpointError

@@ -36,22 +36,21 @@ def run_stages(extra: list[str]) -> dict[str, dict]:
 
 def evaluate_all(stages: dict, data_dir: Path, out: Path, seed: int) -> dict[str, dict]:
     """Same sampling budget for every method: 100 boxes per toy-opa val image, one seed."""
-    import evaluate
+    from metrics.evaluation import evaluate, plot_results
+    from metrics.sampling import Sampling
 
-    common = ["--data", str(data_dir), "--split", "val", "--seed", str(seed), "--no-progress"]
+    common = dict(split="val", sampling=Sampling(seed=seed), progress=False)
+    ckpt = lambda stage: f"{stages[stage]['run_dir']}/checkpoints/last.ckpt"  # noqa: E731
     rows = {
-        "uniform random boxes": evaluate.main(["--baseline", "random", "--out", str(out / "random")] + common),
-        "MLE (toy_finetune)": evaluate.main(["--checkpoint", f"{stages['toy_finetune']['run_dir']}/checkpoints/last.ckpt",
-                                             "--name", "MLE", "--out", str(out / "mle")] + common),
-        "DPO (toy_dpo)": evaluate.main(["--checkpoint", f"{stages['toy_dpo']['run_dir']}/checkpoints/last.ckpt",
-                                        "--name", "DPO", "--out", str(out / "dpo")] + common),
+        "uniform random boxes": evaluate(data_dir, out / "random", baseline="random", **common),
+        "MLE (toy_finetune)": evaluate(data_dir, out / "mle", checkpoint=ckpt("toy_finetune"), name="MLE", **common),
+        "DPO (toy_dpo)": evaluate(data_dir, out / "dpo", checkpoint=ckpt("toy_dpo"), name="DPO", **common),
     }
-    blind = evaluate.main(["--baseline", "blind", "--out", str(out / "blind")] + common)
+    blind = evaluate(data_dir, out / "blind", baseline="blind", **common)
     # The table shows the image-blind sampler's plausible rates only (its TPR/FPR: out/blind/metrics.json).
     rows["image-blind (train box of the class)"] = {k: blind[k] for k in ("plausible_rate", "plausible_rate_per_class")}
-    evaluate.main(["--plot", str(out / "mle" / "metrics.json"), str(out / "dpo" / "metrics.json"),
-                   str(out / "random" / "metrics.json"), "--labels", "MLE", "MLE + DPO", "random",
-                   "--out", str(out / "tpr_fpr.png")])
+    plot_results([str(out / name / "metrics.json") for name in ("mle", "dpo", "random")], out / "tpr_fpr.png",
+                 ["MLE", "MLE + DPO", "random"])
     return rows
 
 

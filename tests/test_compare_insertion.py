@@ -122,7 +122,7 @@ def test_compare_resumes_an_interrupted_method(setup, tmp_path):
 
 
 def test_compare_on_a_shard_split_with_a_boxes_file(setup, tmp_path, capsys):
-    from datamodules.shards import ShardWriter
+    from datamodules.shard_writer import ShardWriter
 
     data = tmp_path / "opa"
     lines = []

@@ -20,7 +20,9 @@ from skimage import data as skdata
 from conftest import ROOT
 from datamodules.convert import ConversionError, convert_fopa, convert_opa, convert_pipe
 from datamodules.opa_labels import LabelFileError, read_fopa_pairs, read_opa_csv
-from datamodules.shards import ShardBuild, ShardWriter, iter_annotations, read_split_info, safe_key
+from datamodules.shard_format import safe_key
+from datamodules.shard_reader import iter_annotations, read_split_info
+from datamodules.shard_writer import ShardBuild, ShardWriter
 from scripts import convert_fopa as fopa_cli
 from scripts import convert_opa as opa_cli
 from scripts import convert_pipe as pipe_cli

@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import FIXTURES
 from datamodules.convert import convert_fopa, convert_opa
 from datamodules.opa_labels import read_fopa_pairs, read_opa_csv
-from datamodules.shards import iter_annotations, read_split_info
+from datamodules.shard_reader import iter_annotations, read_split_info
 
 OPA = FIXTURES / "opa_sample"
 FOPA_ROWS = OPA / "annotations_original" / "fopa_test_data_pair__bg580029_rows.csv"

@@ -9,7 +9,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from datamodules.convert import clean_pipe_category, convert_pipe
-from datamodules.shards import iter_annotations, read_split_info
+from datamodules.shard_reader import iter_annotations, read_split_info
 
 BOX = (150, 120, 230, 180)  # where the object is pasted into the astronaut photo (x1, y1, x2, y2)
 
@@ -69,7 +69,7 @@ def test_pipe_mask_and_difference_boxes(pipe_files, tmp_path):
 def test_pipe_min_area_and_threshold_drop_everything_without_masks(pipe_files, tmp_path):
     """80x60 = 4800 changed pixels: min_area 4801 (or threshold 255) leaves nothing -> a clear
     error naming the reasons, and no split json, so nothing looks converted."""
-    from datamodules.shards import ShardFormatError
+    from datamodules.shard_format import ShardFormatError
     for kw in ({"min_area": 80 * 60 + 1}, {"diff_threshold": 255}):
         with pytest.raises(ShardFormatError, match="difference area"):
             convert_pipe([pipe_files / "pipe.parquet"], tmp_path, "train", progress=False, **kw)

@@ -12,7 +12,9 @@ from PIL import Image
 
 from datamodules import ShardDataModule
 from datamodules.pipeline import EpochLoader, ShardStream
-from datamodules.shards import ShardFormatError, ShardWriter, iter_annotations
+from datamodules.shard_format import ShardFormatError
+from datamodules.shard_reader import iter_annotations
+from datamodules.shard_writer import ShardWriter
 from datamodules.toy import is_plausible, render_scene, write_toy_split
 
 BATCH = 4

@@ -10,6 +10,10 @@ import pytest
 import torch
 
 import evaluate
+from metrics.annotations import EvaluationError, annotation_kind, load_annotations
+from metrics.evaluation import evaluate as evaluate_method, plausible_rates
+from metrics.predictions import baseline_predictions, read_predictions
+from metrics.sampling import Sampling
 from conftest import FIXTURES, ROOT
 from models.checkpoint import save_model_checkpoint
 
@@ -30,7 +34,7 @@ def padded(boxes, n=100):
 
 def test_fopa_labels_pool_like_the_sample_groups_file():
     """The FOPA rows parse to the boxes of the independently derived sample_groups.csv."""
-    samples = {s["key"]: s for s in evaluate.load_annotations(FOPA_CSV)}
+    samples = {s["key"]: s for s in load_annotations(FOPA_CSV)}
     expected = defaultdict(lambda: ([], []))
     with open(OPA / "sample_groups.csv", newline="") as f:
         for row in csv.DictReader(f):
@@ -46,7 +50,7 @@ def test_fopa_labels_pool_like_the_sample_groups_file():
 
 
 def test_real_opa_sample_scored_by_hand(tmp_path):
-    samples = evaluate.load_annotations(FOPA_CSV)
+    samples = load_annotations(FOPA_CSV)
     pos_160915 = next(s for s in samples if s["key"] == "opa-580029-fg160915")["positives"]
     records = {s["key"]: [] for s in samples}           # every other sample: no predictions
     # fg 160915: its 6 positives exactly (IoU 1), then a box matching nothing
@@ -83,7 +87,7 @@ def test_real_opa_sample_scored_by_hand(tmp_path):
 
 
 def test_cli_predictions_mode_subprocess_and_key_errors(tmp_path):
-    samples = evaluate.load_annotations(FOPA_CSV)
+    samples = load_annotations(FOPA_CSV)
     good = _write_jsonl(tmp_path / "good.jsonl", [{"key": s["key"], "boxes": padded(s["negatives"])} for s in samples])
     out = tmp_path / "cli"
     proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--predictions", str(good),
@@ -107,8 +111,8 @@ def test_cli_predictions_mode_subprocess_and_key_errors(tmp_path):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"key": "a", "boxes": [[1, 2, 3]]}\n')
-    with pytest.raises(evaluate.EvaluationError, match="bad.jsonl:1"):
-        evaluate.read_predictions(bad)
+    with pytest.raises(EvaluationError, match="bad.jsonl:1"):
+        read_predictions(bad)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +147,7 @@ def test_plausible_rates_pool_boxes_per_class():
         seen.append((meta["m"], category, boxes_norm.tolist()))
         return boxes_norm[:, 2] <= 0.5
 
-    rates = evaluate.plausible_rates(samples, preds, left_half)
+    rates = plausible_rates(samples, preds, left_half)
     assert list(rates) == ["all", "ant", "zebra"]
     assert rates == {"all": 3 / 4, "ant": 1.0, "zebra": 2 / 3}
     assert seen[0] == ("a", "zebra", [[0.0, 0.0, 0.4, 0.2], [0.6, 0.0, 0.9, 0.2]])   # normalised by (w, h)
@@ -151,10 +155,10 @@ def test_plausible_rates_pool_boxes_per_class():
 
 
 def test_blind_baseline_draws_training_positives_of_the_class(toy_opa_400):
-    train = evaluate.load_annotations(toy_opa_400, "train")
-    test = evaluate.load_annotations(toy_opa_400, "test")
-    preds = evaluate.baseline_predictions(test, "blind", 50, seed=0, train=train)
-    again = evaluate.baseline_predictions(test, "blind", 50, seed=0, train=train)
+    train = load_annotations(toy_opa_400, "train")
+    test = load_annotations(toy_opa_400, "test")
+    preds = baseline_predictions(test, "blind", 50, seed=0, train=train)
+    again = baseline_predictions(test, "blind", 50, seed=0, train=train)
     assert all(np.array_equal(preds[k], again[k]) for k in preds)                     # seeded
     pools = defaultdict(set)
     for s in train:
@@ -164,24 +168,38 @@ def test_blind_baseline_draws_training_positives_of_the_class(toy_opa_400):
         assert preds[s["key"]].shape == (50, 4)
         assert {tuple(np.round(b / 64, 9)) for b in preds[s["key"]]} <= pools[s["category"]]
     # A box from another scene rarely fits this one; uniform boxes almost never do (toy oracle).
-    oracle = evaluate.annotation_kind(toy_opa_400, "test").plausible
-    blind = evaluate.plausible_rates(test, preds, oracle)
-    uniform = evaluate.plausible_rates(test, evaluate.baseline_predictions(test, "random", 50, seed=0), oracle)
+    oracle = annotation_kind(toy_opa_400, "test").plausible
+    blind = plausible_rates(test, preds, oracle)
+    uniform = plausible_rates(test, baseline_predictions(test, "random", 50, seed=0), oracle)
     assert 0.1 < blind["all"] <= 0.45 and uniform["all"] < 0.1, (blind, uniform)
     assert set(blind) == {"all", "bird", "car", "lamp", "person"}
-    with pytest.raises(evaluate.EvaluationError, match="no training positive of class 'car'"):
-        evaluate.baseline_predictions(test, "blind", 5, seed=0, train=[s for s in train if s["category"] != "car"])
+    with pytest.raises(EvaluationError, match="no training positive of class 'car'"):
+        baseline_predictions(test, "blind", 5, seed=0, train=[s for s in train if s["category"] != "car"])
 
 
 def test_plausible_rate_only_for_kinds_with_an_oracle(tmp_path):
     """Annotation files (OPA/FOPA) have no data kind: no plausible rate, nothing toy-specific runs."""
-    assert evaluate.annotation_kind(FOPA_CSV, "test").plausible is None
+    assert annotation_kind(FOPA_CSV, "test").plausible is None
     doc = evaluate.main(["--baseline", "random", "--annotations", str(FOPA_CSV), "--out", str(tmp_path / "r"),
                          "--no-progress"])
     assert "plausible_rate" not in doc
     with pytest.raises(SystemExit) as exit_info:                 # blind needs a shard folder's train split
         evaluate.main(["--baseline", "blind", "--annotations", str(FOPA_CSV), "--out", str(tmp_path / "b")])
     assert exit_info.value.code == 2
+
+
+def test_the_library_writes_what_the_command_line_writes(toy_shards, tmp_path):
+    """`metrics.evaluation.evaluate` (what recipes and benchmarks call) is evaluate.py without argparse:
+    same predictions, same metrics.json (but the seconds), same plot."""
+    cli = evaluate.main(["--baseline", "random_gt_size", "--annotations", str(toy_shards), "--split", "test",
+                         "--seed", "3", "--num-samples", "20", "--no-progress", "--out", str(tmp_path / "cli")])
+    lib = evaluate_method(toy_shards, tmp_path / "lib", split="test", baseline="random_gt_size",
+                          sampling=Sampling(num_samples=20, seed=3), progress=False)
+    assert {**cli, "seconds": 0} == {**lib, "seconds": 0} and lib["ns"] == [10, 20]
+    assert (tmp_path / "cli" / "predictions.jsonl").read_text() == (tmp_path / "lib" / "predictions.jsonl").read_text()
+    assert (tmp_path / "lib" / "tpr_fpr.png").is_file()
+    with pytest.raises(EvaluationError, match="exactly one of"):
+        evaluate_method(toy_shards, tmp_path / "x", split="test", baseline="random", predictions=tmp_path / "p.jsonl")
 
 
 def test_baselines_are_seeded_and_valid_and_plot_mode(toy_shards, tmp_path):
@@ -194,8 +212,8 @@ def test_baselines_are_seeded_and_valid_and_plot_mode(toy_shards, tmp_path):
         assert (tmp_path / kind / "predictions.jsonl").read_text() == (tmp_path / f"{kind}2" / "predictions.jsonl").read_text()
         assert docs[kind]["metrics"] == again["metrics"] and docs[kind]["sampling"]["seed"] == 1
         assert 0.0 <= docs[kind]["plausible_rate"] <= 1.0
-    samples = {s["key"]: s for s in evaluate.load_annotations(toy_shards, "test")}
-    preds = evaluate.read_predictions(tmp_path / "random_gt_size" / "predictions.jsonl")
+    samples = {s["key"]: s for s in load_annotations(toy_shards, "test")}
+    preds = read_predictions(tmp_path / "random_gt_size" / "predictions.jsonl")
     for key, boxes in preds.items():
         s = samples[key]
         assert boxes.shape == (100, 4)
@@ -205,14 +223,14 @@ def test_baselines_are_seeded_and_valid_and_plot_mode(toy_shards, tmp_path):
         assert {tuple(v) for v in (boxes[:, 2:] - boxes[:, :2]).round(6).tolist()} <= sizes
     assert docs["blind"]["train_split"] == "train" and set(docs["blind"]["plausible_rate_per_class"]) <= {
         "bird", "car", "lamp", "person"}
-    rnd = evaluate.read_predictions(tmp_path / "random" / "predictions.jsonl")
+    rnd = read_predictions(tmp_path / "random" / "predictions.jsonl")
     assert all((b[:, 0] < b[:, 2]).all() and (b[:, 1] < b[:, 3]).all() for b in rnd.values())
 
     fig = tmp_path / "both.png"
     evaluate.main(["--plot", str(tmp_path / "random" / "metrics.json"),
                    str(tmp_path / "random_gt_size" / "metrics.json"), "--out", str(fig)])
     assert fig.stat().st_size > 1000
-    with pytest.raises(evaluate.EvaluationError, match="not a metrics.json"):
+    with pytest.raises(EvaluationError, match="not a metrics.json"):
         evaluate.main(["--plot", str(tmp_path / "random" / "predictions.jsonl"), "--out", str(fig)])
 
 
@@ -230,7 +248,7 @@ def test_checkpoint_mode_matches_rescoring_its_predictions(toy_shards, tmp_path)
     assert doc["sampling"] == {"num_samples": 100, "temperature": 0.9, "top_k": 20, "top_p": None, "seed": 5,
                                "batch_size": 4}
     assert doc["metrics"]["num_samples"] == 6 and 0.0 <= doc["plausible_rate"] <= 1.0
-    preds = evaluate.read_predictions(tmp_path / "ck" / "predictions.jsonl")
+    preds = read_predictions(tmp_path / "ck" / "predictions.jsonl")
     assert len(preds) == 6 and all(b.shape == (100, 4) for b in preds.values())
     again = evaluate.main(args + ["--out", str(tmp_path / "ck2")])
     assert again["metrics"] == doc["metrics"]                      # seeded

@@ -15,9 +15,11 @@ from PIL import Image
 from skimage import data as skdata
 
 import evaluate
+from metrics.annotations import EvaluationError, check_annotations, load_annotations
+from metrics.predictions import read_predictions
 from conftest import ROOT
 from datamodules import ShardDataModule
-from datamodules.shards import ShardWriter
+from datamodules.shard_writer import ShardWriter
 
 W, H = 64, 48
 BOXES = [[4, 6, 20, 30], [30, 10, 50, 40], [10, 20, 60, 44], [1, 1, 9, 9]]
@@ -66,14 +68,14 @@ def test_correct_predictions_score_without_a_warning(shards, tmp_path, capsys):
 ])
 def test_predictions_in_another_convention_are_an_error_that_says_which(shards, tmp_path, convert, says):
     preds = {k: [convert(b) for b in boxes] for k, boxes in perfect().items()}
-    with pytest.raises(evaluate.EvaluationError, match="nothing sensible to score") as exc:
+    with pytest.raises(EvaluationError, match="nothing sensible to score") as exc:
         run(["--predictions", str(write_preds(tmp_path / "p.jsonl", preds)), "--annotations", str(shards)], tmp_path)
     assert says in str(exc.value)
 
 
 def test_xywh_predictions_are_named(shards, tmp_path):
     preds = {f"s{i}": [[30, 20, 8, 6]] * 100 for i in range(8)}       # x2 < x1 as corners, fine as x, y, w, h
-    with pytest.raises(evaluate.EvaluationError, match="x, y, width, height"):
+    with pytest.raises(EvaluationError, match="x, y, width, height"):
         run(["--predictions", str(write_preds(tmp_path / "p.jsonl", preds)), "--annotations", str(shards)], tmp_path)
 
 
@@ -104,7 +106,7 @@ def test_fewer_boxes_than_n_are_reported_at_the_fewest(shards, tmp_path, capsys)
 def test_only_the_first_n_boxes_of_a_line_are_kept(shards, tmp_path):
     many = {k: b + [[0, 0, 64, 48]] * 100_000 for k, b in perfect(10).items()}   # 10^5 extra boxes per key
     path = write_preds(tmp_path / "many.jsonl", many)
-    assert all(b.shape == (10, 4) for b in evaluate.read_predictions(path, 10).values())
+    assert all(b.shape == (10, 4) for b in read_predictions(path, 10).values())
     doc = run(["--predictions", str(path), "--annotations", str(shards), "--ns", "5", "10", "--num-samples", "10"],
               tmp_path)
     again = run(["--predictions", str(write_preds(tmp_path / "few.jsonl", perfect(10))), "--annotations", str(shards),
@@ -160,7 +162,7 @@ def test_broken_boxes_of_a_label_file_are_dropped_and_counted(tmp_path):
                       '1,7,"[4, 6, -16, 24]",1,64,48\n'         # negative width
                       '1,7,"[600, 6, 16, 24]",0,64,48\n'        # outside the 64x48 image
                       '1,7,"[50, 40, 14.5, 8.4]",0,64,48\n')   # overhangs by < 1 %: clipped to [50, 40, 64, 48]
-    samples, skipped, dropped = evaluate.check_annotations(evaluate.load_annotations(labels), from_shards=False)
+    samples, skipped, dropped = check_annotations(load_annotations(labels), from_shards=False)
     assert not skipped and dropped == {"positive box: empty (needs x1 < x2 and y1 < y2)": 1,
                                        "negative box: outside the image": 1}
     assert samples[0]["positives"] == [[4, 6, 20, 30]] and samples[0]["negatives"] == [[50, 40, 64, 48]]
@@ -172,8 +174,8 @@ def test_a_key_in_two_shards_is_an_error_naming_both(shards, tmp_path):
     with tarfile.open(shards / "test-000001.tar", "a") as tar:
         for member, data in copied:
             tar.addfile(member, io.BytesIO(data))
-    with pytest.raises(evaluate.EvaluationError) as exc:
-        evaluate.load_annotations(shards, "test")
+    with pytest.raises(EvaluationError) as exc:
+        load_annotations(shards, "test")
     message = str(exc.value)
     assert "'s0'" in message and "test-000000.tar" in message and "test-000001.tar" in message
 
@@ -185,12 +187,12 @@ def test_truncated_shard_and_bad_split_file_are_one_line_errors(shards, tmp_path
     with tarfile.open(broken / "test-000001.tar") as tar:
         torn = tar.getmember("s3.jpg")
     (broken / "test-000001.tar").write_bytes(data[: torn.offset_data + torn.size // 2])
-    with pytest.raises(evaluate.EvaluationError, match=r"test-000001\.tar: unreadable .*re-run the conversion"):
-        evaluate.load_annotations(broken, "test")
+    with pytest.raises(EvaluationError, match=r"test-000001\.tar: unreadable .*re-run the conversion"):
+        load_annotations(broken, "test")
     for content in ("[]", '{"num_samples": "many", "num_shards": 2}', '"test"'):
         (broken / "test.json").write_text(content)
-        with pytest.raises(evaluate.EvaluationError, match=r"test\.json is not a split file"):
-            evaluate.load_annotations(broken, "test")
+        with pytest.raises(EvaluationError, match=r"test\.json is not a split file"):
+            load_annotations(broken, "test")
 
 
 def test_exit_code_2_and_one_line_from_the_command(shards, tmp_path):

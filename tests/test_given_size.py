@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import evaluate
+from metrics.annotations import load_annotations, size_groups
 from conftest import FIXTURES
 from models import GenLocModel, LocationModelConfig
 
@@ -15,8 +16,8 @@ FOPA_ROWS = FIXTURES / "opa_sample" / "annotations_original" / "fopa_test_data_p
 
 
 def test_size_groups_are_the_fopa_foreground_scale_groups_on_the_real_rows():
-    samples = evaluate.load_annotations(FOPA_ROWS)
-    groups = evaluate.size_groups(samples)
+    samples = load_annotations(FOPA_ROWS)
+    groups = size_groups(samples)
     rows = list(csv.DictReader(open(FOPA_ROWS, newline="")))
     # pooled samples (one per background and category / foreground) hold several sizes ...
     assert len(samples) == 35 and len(rows) == 57
@@ -48,8 +49,8 @@ def test_given_size_draws_each_groups_size_from_a_model_folder(model_dir, tiny_t
     free = evaluate.main(common + ["--out", str(tmp_path / "free")])
     given = evaluate.main(common + ["--out", str(tmp_path / "given"), "--given-size"])
     assert free["protocol"] == "free-size" and given["protocol"] == "given-size"
-    samples = evaluate.load_annotations(data, "val")
-    groups = {g["key"]: g for g in evaluate.size_groups(samples)}
+    samples = load_annotations(data, "val")
+    groups = {g["key"]: g for g in size_groups(samples)}
     # same labelled boxes in both protocols, each counted once
     assert given["counts"]["num_positives"] == free["counts"]["num_positives"]
     assert given["counts"]["num_negatives"] == free["counts"]["num_negatives"]

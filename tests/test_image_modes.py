@@ -15,7 +15,8 @@ from skimage import color
 from skimage import data as skdata
 
 from datamodules.pipeline import decode_sample
-from datamodules.shards import ShardWriter, decode_image
+from datamodules.shard_format import decode_image
+from datamodules.shard_writer import ShardWriter
 from models.images import to_rgb_image
 
 SIZE = 32

@@ -7,7 +7,7 @@ from PIL import Image
 from datamodules import kinds
 from datamodules.kinds import DataKind, data_kind
 from datamodules.pipeline import ShardStream
-from datamodules.shards import ShardWriter
+from datamodules.shard_writer import ShardWriter
 
 
 def test_registry_lookup():

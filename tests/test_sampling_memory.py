@@ -7,6 +7,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import evaluate
+from metrics.predictions import read_predictions
+from metrics.sampling import MAX_SAMPLING_BATCH
 from models.checkpoint import save_model_checkpoint
 from models import LocationModel, LocationModelConfig
 
@@ -89,8 +91,8 @@ def test_evaluate_sizes_its_sampling_batch_from_the_memory_budget(toy_shards, tm
     fixed = evaluate.main(common + ["--batch-size", "2", "--out", str(tmp_path / "fixed")])
     assert budget["sampling"]["batch_size"] == 2
     assert budget["metrics"] == fixed["metrics"]
-    assert (evaluate.read_predictions(tmp_path / "budget" / "predictions.jsonl").keys()
-            == evaluate.read_predictions(tmp_path / "fixed" / "predictions.jsonl").keys())
+    assert (read_predictions(tmp_path / "budget" / "predictions.jsonl").keys()
+            == read_predictions(tmp_path / "fixed" / "predictions.jsonl").keys())
 
 
 def test_a_large_budget_keeps_the_fixed_batch_so_results_do_not_depend_on_the_machine(toy_shards, tmp_path):
@@ -100,8 +102,8 @@ def test_a_large_budget_keeps_the_fixed_batch_so_results_do_not_depend_on_the_ma
     common = ["--checkpoint", str(ckpt), "--data", str(toy_shards), "--split", "test", "--seed", "3",
               "--device", "cpu", "--no-progress"]
     big = evaluate.main(common + ["--sampling-memory", "64", "--out", str(tmp_path / "big")])
-    fixed = evaluate.main(common + ["--batch-size", str(evaluate.MAX_SAMPLING_BATCH), "--out", str(tmp_path / "fixed")])
-    assert big["sampling"]["batch_size"] == evaluate.MAX_SAMPLING_BATCH
+    fixed = evaluate.main(common + ["--batch-size", str(MAX_SAMPLING_BATCH), "--out", str(tmp_path / "fixed")])
+    assert big["sampling"]["batch_size"] == MAX_SAMPLING_BATCH
     assert (tmp_path / "big" / "predictions.jsonl").read_text() == (tmp_path / "fixed" / "predictions.jsonl").read_text()
 
 

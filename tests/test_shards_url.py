@@ -14,7 +14,8 @@ import pytest
 import evaluate
 from datamodules import ShardDataModule
 from datamodules.pipeline import EpochLoader, ShardStream
-from datamodules.shards import ShardFormatError, iter_annotations, read_split_info
+from datamodules.shard_format import ShardFormatError
+from datamodules.shard_reader import iter_annotations, read_split_info
 from test_ddp_train import assert_same_steps, read_ranks
 from test_resume_exact import quick_overrides, run_fit
 

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from datamodules.shards import iter_annotations
+from datamodules.shard_reader import iter_annotations
 from datamodules.toy import (CLASSES, DEFAULT_SIZES, flip_scene, generate_scene, is_plausible, make_sample,
                              render_scene, sample_negative, sample_positive, write_toy_split)
 

@@ -272,7 +272,7 @@ def write_toy_split(out_dir, flavour: str, split: str, num_samples: int, seed: i
     """Write ``{split}-*.tar`` + ``{split}.json`` of one toy flavour into ``out_dir``."""
     from tqdm import tqdm
 
-    from ..shards import ShardWriter
+    from ..shard_writer import ShardWriter
 
     split_id = _SPLIT_IDS.get(split, 3 + sum(map(ord, split)))
     w = ShardWriter(out_dir, split, source="toy", num_shards=min(num_shards, num_samples))

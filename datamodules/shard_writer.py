@@ -1,10 +1,4 @@
-"""The one shard format (docs/design/shards.md): atomic writer, validation, split info and annotation-only reader.
-
-Layout of a split folder: ``{split}-000000.tar ...`` plus ``{split}.json`` holding
-``num_samples, num_shards, source, categories`` (and, ours, ``shard_sizes``, ``num_pair_samples``
-and ``pair_shard_sizes`` (samples with >=1 positive and >=1 negative) so loaders know exact
-per-shard counts without reading the tars; ``held_out_from`` names the split a held-out split
-was taken from).
+"""Writing shards (format: `datamodules.shard_format`): the atomic writer with validation.
 
 Writing never destroys a complete split before its replacement is complete: a `ShardBuild` stages
 every split one conversion writes in a hidden folder inside the output folder, and `commit` swaps
@@ -12,15 +6,6 @@ them in only when all of them are finished (each split's json last, so an interr
 a split without json, which readers report as unfinished). A failed or interrupted conversion
 leaves the previous splits exactly as they were. Replacing a split also removes a split that was
 held out from it and is not written again (its samples may now be in the replacement).
-
-Images are stored verbatim only when their plain 8-bit RGB reading is exact (JPEG / PNG in RGB, L,
-1 or palette mode); any other mode (16-bit, alpha, CMYK, LAB, float ...) is converted once by
-`models.placement.to_rgb_image` -- the conversion the placement API uses -- and re-encoded, with a
-note per kind of change in the summary, so every reader decodes the same values.
-
-Readers (`read_split_info`, `iter_annotations`, the pipeline through `open_binary`) also take a URL
-for the folder: anything fsspec opens (``https://``, ``s3://``, ``gs://``, ``file://``, ``memory://``)
-or a ``pipe:`` command with ``{}`` for the file name (docs/multinode.md).
 """
 from __future__ import annotations
 
@@ -30,41 +15,22 @@ import os
 import re
 import shutil
 import socket
-import string
-import subprocess
 import tarfile
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 
+from datamodules.shard_format import KEY_RE, ShardFormatError, decode_image, shard_name
 from models.boxes import validate_boxes
+from models.files import write_json
 from models.images import to_rgb_image
 
-__all__ = ["ShardWriter", "ShardBuild", "SplitStats", "SplitInfo", "read_split_info", "shard_paths",
-           "iter_annotations", "ShardFormatError", "decode_image", "safe_key", "is_url", "member", "open_binary",
-           "split_file_exists"]
-
-_KEY_RE = re.compile(r"^[A-Za-z0-9_%\-]+$")
-_KEY_CHARS = frozenset(string.ascii_letters + string.digits + "_-")
 _VERBATIM = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png"}   # PIL format -> member extension kept as is
 _LOSSY = ("JPEG", "MPO", "WEBP")                          # re-encoded in the writer's image_format, else PNG
-
-
-class ShardFormatError(RuntimeError):
-    """A split folder that cannot be read; the message names the path and the fix."""
-
-
-def safe_key(text) -> str:
-    """A sample key every tar reader, webdataset (which splits member names at the first dot) and file
-    system accepts, from any text: letters, digits, '-' and '_' stay, every other character becomes
-    ``%XX`` per UTF-8 byte. Injective, so two names never share a key (``traffic light`` ->
-    ``traffic%20light``, ``a/b`` -> ``a%2Fb``)."""
-    return "".join(c if c in _KEY_CHARS else "".join(f"%{b:02X}" for b in c.encode()) for c in str(text))
 
 
 def _valid_boxes(boxes, width: int, height: int) -> tuple[list[list[float]], Counter]:
@@ -83,22 +49,6 @@ def _valid_boxes(boxes, width: int, height: int) -> tuple[list[list[float]], Cou
     if kept.any():
         problems["box: clipped to image (kept)"] += int(kept.sum())
     return check.clipped[check.valid].tolist(), problems
-
-
-class Decoded(NamedTuple):
-    image: Image.Image   # 8-bit RGB
-    notes: list[str]     # value-changing conversions (empty: the plain RGB reading is exact)
-    format: str          # PIL's format name of the encoded bytes ("JPEG", "PNG", ...)
-    mode: str            # the mode the bytes decode to
-
-
-def decode_image(data: bytes) -> Decoded:
-    """Decode fully (PIL is lazy, so a truncated file fails here, not later in a worker) and convert
-    with `to_rgb_image`, the one conversion of the framework."""
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        image, notes = to_rgb_image(img)
-        return Decoded(image, notes, img.format or "", img.mode)
 
 
 def _encode(image: Image.Image, fmt: str, quality: int) -> bytes:
@@ -140,10 +90,6 @@ class SplitStats:
         lines += [f"  dropped ({n}): {r}" for r, n in self.dropped.most_common()]
         lines += [f"  note ({n}): {r}" for r, n in self.notes.most_common()]
         return "\n".join(lines)
-
-
-def _shard_name(split: str, i: int) -> str:
-    return f"{split}-{i:06d}.tar"
 
 
 def _split_files(folder: Path, split: str) -> list[Path]:
@@ -207,16 +153,16 @@ class ShardBuild:
             raise ValueError(f"split {split!r} written twice in one conversion")
         if stats.written == 0:
             for i in stats.sizes:
-                (self.stage / _shard_name(split, i)).unlink(missing_ok=True)
+                (self.stage / shard_name(split, i)).unlink(missing_ok=True)
             raise ShardFormatError(f"no valid sample written for split '{split}' in {self.out} "
                                    f"(dropped: {dict(stats.dropped)}); check the converter inputs")
         sizes, pair_sizes = [], []
         for i in sorted(stats.sizes):
-            path = self.stage / _shard_name(split, i)
+            path = self.stage / shard_name(split, i)
             if stats.sizes[i] == 0:
                 path.unlink(missing_ok=True)
                 continue
-            os.replace(path, self.stage / _shard_name(split, len(sizes)))
+            os.replace(path, self.stage / shard_name(split, len(sizes)))
             sizes.append(stats.sizes[i])
             pair_sizes.append(stats.pair_sizes.get(i, 0))
         info = {"num_samples": stats.written, "num_shards": len(sizes), "source": stats.source,
@@ -224,9 +170,7 @@ class ShardBuild:
                 "num_pair_samples": stats.num_pair_samples, "pair_shard_sizes": pair_sizes}
         if held_out_from is not None:
             info["held_out_from"] = held_out_from
-        tmp = self.stage / f"{split}.json.tmp"
-        tmp.write_text(json.dumps(info, indent=1))
-        os.replace(tmp, self.stage / f"{split}.json")
+        write_json(self.stage / f"{split}.json", info)
         self.infos[split] = info
         return info
 
@@ -243,7 +187,7 @@ class ShardBuild:
                 for p in _split_files(self.out, split):
                     p.unlink()
                 for i in range(info["num_shards"]):
-                    os.replace(self.stage / _shard_name(split, i), self.out / _shard_name(split, i))
+                    os.replace(self.stage / shard_name(split, i), self.out / shard_name(split, i))
                 os.replace(self.stage / f"{split}.json", self.out / f"{split}.json")
                 was = "" if old is None else f" (replaced {old.get('num_samples')} samples in {old.get('num_shards')} shards)"
                 self.messages.append(f"wrote split '{split}': {info['num_samples']} samples in "
@@ -346,7 +290,7 @@ class ShardWriter:
     num_pair_samples = property(lambda self: self.stats.num_pair_samples)
 
     def _tmp(self, i: int) -> Path:
-        return self.build.stage / f"{_shard_name(self.split, i)}.tmp"
+        return self.build.stage / f"{shard_name(self.split, i)}.tmp"
 
     def _open(self, i: int) -> None:
         self._tars[i] = tarfile.open(self._tmp(i), "w")
@@ -400,8 +344,8 @@ class ShardWriter:
         takes; encoded here), or pass already-encoded ``image_bytes`` (stored verbatim when exact, see
         the module docstring). ``extra`` holds optional members (``target.jpg``, ``mask.png``).
         Keys: letters, digits, '-', '_' and '%' (make them with `safe_key`)."""
-        if not _KEY_RE.match(key or ""):
-            return self.drop("bad key (allowed: letters, digits, '-', '_', '%'; make keys with shards.safe_key)")
+        if not KEY_RE.match(key or ""):
+            return self.drop("bad key (allowed: letters, digits, '-', '_', '%'; make keys with shard_format.safe_key)")
         if key in self._keys:
             return self.drop("duplicate key")
         if image_bytes is None and image is None:
@@ -443,7 +387,7 @@ class ShardWriter:
             t.close()
         self._tars = {}
         for i in self.stats.sizes:
-            os.replace(self._tmp(i), self.build.stage / _shard_name(self.split, i))
+            os.replace(self._tmp(i), self.build.stage / shard_name(self.split, i))
 
     def close(self) -> dict | SplitStats:
         """Finish the shards. A part (``shard_index``) returns its `SplitStats`; otherwise the split's
@@ -471,7 +415,7 @@ class ShardWriter:
         self._tars = {}
         for i in self.stats.sizes:
             self._tmp(i).unlink(missing_ok=True)
-            (self.build.stage / _shard_name(self.split, i)).unlink(missing_ok=True)
+            (self.build.stage / shard_name(self.split, i)).unlink(missing_ok=True)
         if self._own_build:
             self.build.abort()
 
@@ -487,165 +431,3 @@ class ShardWriter:
         else:
             self.abort()
         return False
-
-
-class SplitInfo(dict):
-    """The parsed ``{split}.json`` plus ``paths`` (the shard files or URLs, in index order)."""
-
-    @property
-    def paths(self) -> list[str]:
-        return self["paths"]
-
-
-# ------------------------------------------------------------------ locations: folders and URLs
-def is_url(data_dir) -> bool:
-    """A location read through fsspec (``scheme://...``: http(s), s3, gs, file, memory, ...) or a
-    shell command (``pipe:...``) rather than a local folder."""
-    text = str(data_dir)
-    return text.startswith("pipe:") or "://" in text
-
-
-def member(data_dir, name: str) -> str:
-    """The location of file ``name`` of a shard folder: a path, ``URL/name``, or for ``pipe:``
-    the command with ``name`` put where its ``{}`` is (``pipe:aws s3 cp s3://bucket/opa/{} -``)."""
-    text = str(data_dir)
-    if text.startswith("pipe:"):
-        if "{}" not in text:
-            raise ShardFormatError(f"data folder {text!r} is a pipe: command without a {{}} where the file name "
-                                   f"goes; write e.g. 'pipe:aws s3 cp s3://bucket/opa/{{}} -'")
-        return text.replace("{}", name)
-    if "://" in text:
-        return text.rstrip("/") + "/" + name
-    return str(Path(text) / name)
-
-
-def _filesystem(url: str):
-    import fsspec
-
-    return fsspec.core.url_to_fs(url)
-
-
-def open_binary(location: str):
-    """A readable binary stream of a local path, an fsspec URL (http(s) streamed in one request) or a
-    ``pipe:`` command (webdataset's pipe: a failing command raises IOError while it is read)."""
-    if location.startswith("pipe:"):
-        import webdataset as wds
-
-        return wds.gopen(location, "rb")
-    if "://" not in location:
-        return open(location, "rb")
-    fs, path = _filesystem(location)
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    streamed = {"block_size": 0} if {"http", "https"} & set(protocols) else {}  # one GET, no range requests
-    return fs.open(path, "rb", **streamed)
-
-
-def _read_bytes(location: str) -> bytes:
-    """All bytes of a URL or pipe: command; FileNotFoundError when there is nothing at the URL."""
-    if location.startswith("pipe:"):
-        proc = subprocess.run(location[5:], shell=True, capture_output=True)
-        if proc.returncode:
-            raise OSError(f"command exited with status {proc.returncode}: {proc.stderr.decode(errors='replace')[-300:]}")
-        return proc.stdout
-    fs, path = _filesystem(location)
-    return fs.cat_file(path)
-
-
-def _unreadable(location: str, error: Exception) -> ShardFormatError:
-    return ShardFormatError(
-        f"cannot read {location} ({type(error).__name__}: {error}); check the address, the network and the "
-        f"credentials (docs/multinode.md: shards in object storage)")
-
-
-def split_file_exists(data_dir, split: str) -> bool:
-    """Whether ``{split}.json`` is there. For a URL it is fetched (it is small): False when there is
-    nothing at the URL, ShardFormatError when the location cannot be read at all (host unreachable,
-    no permission, a missing fsspec back-end such as s3fs)."""
-    location = member(data_dir, f"{split}.json")
-    if not is_url(data_dir):
-        return os.path.isfile(location)
-    try:
-        _read_bytes(location)
-    except FileNotFoundError:
-        return False
-    except Exception as e:
-        raise _unreadable(location, e) from None
-    return True
-
-
-def _missing_shards(data_dir, paths: list[str]) -> list[str]:
-    """Shards that are not there: local files checked one by one; fsspec URLs from one listing of
-    the folder, then one existence check for each shard the listing did not show; pipe: commands
-    cannot be checked before they run (a failing one is a counted skip when it is read)."""
-    if not is_url(data_dir):
-        return [p for p in paths if not os.path.isfile(p)]
-    if str(data_dir).startswith("pipe:"):
-        return []
-    fs, folder = _filesystem(str(data_dir).rstrip("/"))
-    try:
-        listed = {name.rstrip("/").rsplit("/", 1)[-1] for name in fs.ls(folder, detail=False)}
-    except Exception:  # servers without folder listings: check each shard below
-        listed = set()
-    unlisted = [p for p in paths if p.rsplit("/", 1)[-1] not in listed]
-    return [p for p in unlisted if not fs.exists(_filesystem(p)[1])]
-
-
-def read_split_info(data_dir, split: str) -> SplitInfo:
-    """Read and check ``{split}.json`` of a local folder or a URL (`is_url`); errors name the
-    location and how to fix it."""
-    path = member(data_dir, f"{split}.json")
-    if not is_url(data_dir):
-        if not os.path.isfile(path):
-            hint = "" if Path(data_dir).is_dir() else f" (the folder {data_dir} does not exist)"
-            raise ShardFormatError(_missing_split_message(path, hint, split))
-        raw = Path(path).read_bytes()
-    else:
-        try:
-            raw = _read_bytes(path)
-        except FileNotFoundError:
-            raise ShardFormatError(_missing_split_message(path, " (nothing at that URL)", split)) from None
-        except Exception as e:
-            raise _unreadable(path, e) from None
-    try:
-        info = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ShardFormatError(f"{path} is not valid json ({e}); re-run the conversion") from e
-    try:
-        n, s = int(info.get("num_samples", 0)), int(info.get("num_shards", 0))
-    except (AttributeError, TypeError, ValueError):
-        raise ShardFormatError(f"{path} is not a split file (a json object with whole numbers num_samples and "
-                               f"num_shards); re-run the conversion") from None
-    if n <= 0 or s <= 0:
-        raise ShardFormatError(f"empty split: {path} says num_samples={n}, num_shards={s}; "
-                               f"re-run the conversion or pick another split")
-    paths = [member(data_dir, f"{split}-{i:06d}.tar") for i in range(s)]
-    missing = _missing_shards(data_dir, paths)
-    if missing:
-        raise ShardFormatError(f"{path} lists {s} shards but {len(missing)} are missing, e.g. {missing[0]}; "
-                               f"re-run the conversion")
-    if "shard_sizes" in info and (len(info["shard_sizes"]) != s or sum(info["shard_sizes"]) != n):
-        raise ShardFormatError(f"{path}: shard_sizes do not add up to num_samples/num_shards; re-run the conversion")
-    info["paths"] = paths
-    return SplitInfo(info)
-
-
-def _missing_split_message(path: str, hint: str, split: str) -> str:
-    return (f"missing split file {path}{hint}: the split '{split}' was never converted or its conversion "
-            f"did not finish. Run a converter (scripts/convert_*.py; toy scenes: the toy package's CLI, see "
-            f"datamodules/README.md) or point data_dir at the folder holding {split}.json.")
-
-
-def shard_paths(data_dir, split: str) -> list[str]:
-    return read_split_info(data_dir, split).paths
-
-
-def iter_annotations(data_dir, split: str):
-    """Yield annotation-only samples (json; no image decode): dicts with ``key`` plus the json
-    fields (category, width, height, positives, negatives, source, meta) in pixel xyxy, and the
-    ``shard`` they came from. Shards are read as streams, so a URL is read once, front to back."""
-    for p in read_split_info(data_dir, split).paths:
-        with open_binary(p) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member_info in tar:
-                if member_info.isfile() and member_info.name.endswith(".json"):
-                    key = os.path.basename(member_info.name).split(".", 1)[0]
-                    yield {"key": key, **json.loads(tar.extractfile(member_info).read()), "shard": p}

@@ -1,0 +1,167 @@
+"""Reading shards (format: `datamodules.shard_format`) from a local folder or a URL: the split
+index (`read_split_info`), annotation-only samples (`iter_annotations`) and byte streams for the
+pipeline (`open_binary`). A URL is anything fsspec opens (``https://``, ``s3://``, ``gs://``,
+``file://``, ``memory://``) or a ``pipe:`` command with ``{}`` for the file name (docs/multinode.md).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+from datamodules.shard_format import ShardFormatError, SplitInfo, shard_name
+
+
+def is_url(data_dir) -> bool:
+    """A location read through fsspec (``scheme://...``: http(s), s3, gs, file, memory, ...) or a
+    shell command (``pipe:...``) rather than a local folder."""
+    text = str(data_dir)
+    return text.startswith("pipe:") or "://" in text
+
+
+def member(data_dir, name: str) -> str:
+    """The location of file ``name`` of a shard folder: a path, ``URL/name``, or for ``pipe:``
+    the command with ``name`` put where its ``{}`` is (``pipe:aws s3 cp s3://bucket/opa/{} -``)."""
+    text = str(data_dir)
+    if text.startswith("pipe:"):
+        if "{}" not in text:
+            raise ShardFormatError(f"data folder {text!r} is a pipe: command without a {{}} where the file name "
+                                   f"goes; write e.g. 'pipe:aws s3 cp s3://bucket/opa/{{}} -'")
+        return text.replace("{}", name)
+    if "://" in text:
+        return text.rstrip("/") + "/" + name
+    return str(Path(text) / name)
+
+
+def _filesystem(url: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+def open_binary(location: str):
+    """A readable binary stream of a local path, an fsspec URL (http(s) streamed in one request) or a
+    ``pipe:`` command (webdataset's pipe: a failing command raises IOError while it is read)."""
+    if location.startswith("pipe:"):
+        import webdataset as wds
+
+        return wds.gopen(location, "rb")
+    if "://" not in location:
+        return open(location, "rb")
+    fs, path = _filesystem(location)
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    streamed = {"block_size": 0} if {"http", "https"} & set(protocols) else {}  # one GET, no range requests
+    return fs.open(path, "rb", **streamed)
+
+
+def _read_bytes(location: str) -> bytes:
+    """All bytes of a URL or pipe: command; FileNotFoundError when there is nothing at the URL."""
+    if location.startswith("pipe:"):
+        proc = subprocess.run(location[5:], shell=True, capture_output=True)
+        if proc.returncode:
+            raise OSError(f"command exited with status {proc.returncode}: {proc.stderr.decode(errors='replace')[-300:]}")
+        return proc.stdout
+    fs, path = _filesystem(location)
+    return fs.cat_file(path)
+
+
+def _unreadable(location: str, error: Exception) -> ShardFormatError:
+    return ShardFormatError(
+        f"cannot read {location} ({type(error).__name__}: {error}); check the address, the network and the "
+        f"credentials (docs/multinode.md: shards in object storage)")
+
+
+def split_file_exists(data_dir, split: str) -> bool:
+    """Whether ``{split}.json`` is there. For a URL it is fetched (it is small): False when there is
+    nothing at the URL, ShardFormatError when the location cannot be read at all (host unreachable,
+    no permission, a missing fsspec back-end such as s3fs)."""
+    location = member(data_dir, f"{split}.json")
+    if not is_url(data_dir):
+        return os.path.isfile(location)
+    try:
+        _read_bytes(location)
+    except FileNotFoundError:
+        return False
+    except Exception as e:
+        raise _unreadable(location, e) from None
+    return True
+
+
+def _missing_shards(data_dir, paths: list[str]) -> list[str]:
+    """Shards that are not there: local files checked one by one; fsspec URLs from one listing of
+    the folder, then one existence check for each shard the listing did not show; pipe: commands
+    cannot be checked before they run (a failing one is a counted skip when it is read)."""
+    if not is_url(data_dir):
+        return [p for p in paths if not os.path.isfile(p)]
+    if str(data_dir).startswith("pipe:"):
+        return []
+    fs, folder = _filesystem(str(data_dir).rstrip("/"))
+    try:
+        listed = {name.rstrip("/").rsplit("/", 1)[-1] for name in fs.ls(folder, detail=False)}
+    except Exception:  # servers without folder listings: check each shard below
+        listed = set()
+    unlisted = [p for p in paths if p.rsplit("/", 1)[-1] not in listed]
+    return [p for p in unlisted if not fs.exists(_filesystem(p)[1])]
+
+
+def read_split_info(data_dir, split: str) -> SplitInfo:
+    """Read and check ``{split}.json`` of a local folder or a URL (`is_url`); errors name the
+    location and how to fix it."""
+    path = member(data_dir, f"{split}.json")
+    if not is_url(data_dir):
+        if not os.path.isfile(path):
+            hint = "" if Path(data_dir).is_dir() else f" (the folder {data_dir} does not exist)"
+            raise ShardFormatError(_missing_split_message(path, hint, split))
+        raw = Path(path).read_bytes()
+    else:
+        try:
+            raw = _read_bytes(path)
+        except FileNotFoundError:
+            raise ShardFormatError(_missing_split_message(path, " (nothing at that URL)", split)) from None
+        except Exception as e:
+            raise _unreadable(path, e) from None
+    try:
+        info = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardFormatError(f"{path} is not valid json ({e}); re-run the conversion") from e
+    try:
+        n, s = int(info.get("num_samples", 0)), int(info.get("num_shards", 0))
+    except (AttributeError, TypeError, ValueError):
+        raise ShardFormatError(f"{path} is not a split file (a json object with whole numbers num_samples and "
+                               f"num_shards); re-run the conversion") from None
+    if n <= 0 or s <= 0:
+        raise ShardFormatError(f"empty split: {path} says num_samples={n}, num_shards={s}; "
+                               f"re-run the conversion or pick another split")
+    paths = [member(data_dir, shard_name(split, i)) for i in range(s)]
+    missing = _missing_shards(data_dir, paths)
+    if missing:
+        raise ShardFormatError(f"{path} lists {s} shards but {len(missing)} are missing, e.g. {missing[0]}; "
+                               f"re-run the conversion")
+    if "shard_sizes" in info and (len(info["shard_sizes"]) != s or sum(info["shard_sizes"]) != n):
+        raise ShardFormatError(f"{path}: shard_sizes do not add up to num_samples/num_shards; re-run the conversion")
+    info["paths"] = paths
+    return SplitInfo(info)
+
+
+def _missing_split_message(path: str, hint: str, split: str) -> str:
+    return (f"missing split file {path}{hint}: the split '{split}' was never converted or its conversion "
+            f"did not finish. Run a converter (scripts/convert_*.py; toy scenes: the toy package's CLI, see "
+            f"datamodules/README.md) or point data_dir at the folder holding {split}.json.")
+
+
+def shard_paths(data_dir, split: str) -> list[str]:
+    return read_split_info(data_dir, split).paths
+
+
+def iter_annotations(data_dir, split: str):
+    """Yield annotation-only samples (json; no image decode): dicts with ``key`` plus the json
+    fields (category, width, height, positives, negatives, source, meta) in pixel xyxy, and the
+    ``shard`` they came from. Shards are read as streams, so a URL is read once, front to back."""
+    for p in read_split_info(data_dir, split).paths:
+        with open_binary(p) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member_info in tar:
+                if member_info.isfile() and member_info.name.endswith(".json"):
+                    key = os.path.basename(member_info.name).split(".", 1)[0]
+                    yield {"key": key, **json.loads(tar.extractfile(member_info).read()), "shard": p}

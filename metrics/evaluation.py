@@ -1,0 +1,168 @@
+"""The TPR-FPR evaluation as a library: `evaluate` scores a checkpoint, a predictions file or a
+baseline against annotations and writes ``predictions.jsonl``, ``metrics.json`` and ``tpr_fpr.png``
+(evaluate.py is its command line; the protocol is documented there)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from metrics.annotations import EvaluationError, annotation_kind, check_annotations, image_size_of, load_annotations, \
+    size_groups
+from metrics.predictions import annotation_keys, baseline_predictions, check_predictions, match_keys, \
+    read_predictions, reported_ns, write_predictions
+from metrics.sampling import Sampling, sample_boxes
+from metrics.tpr_fpr import DEFAULT_NS, TPRFPR, result_curves
+from models.boxes import normalise
+from models.files import write_json
+
+
+def default_ns(num_samples: int) -> list[int]:
+    """Curve points 10, 20, ..., N (just N when N < 10)."""
+    return [n for n in range(10, num_samples + 1, 10)] or [num_samples]
+
+
+def evaluate(annotations, out, *, split: str = "test", checkpoint=None, data=None, predictions=None, baseline: str | None = None,
+             name: str | None = None, ns: list[int] | None = None, iou_threshold: float = 0.5,
+             sampling: Sampling | None = None, train_split: str = "train", given_size: bool = False,
+             allow_missing: bool = False, progress: bool = True) -> dict:
+    """Score one method (exactly one of ``checkpoint``, ``predictions``, ``baseline``) on the
+    annotations of ``split``; writes into ``out`` and returns the metrics.json document. A checkpoint
+    or baseline draws ``sampling.num_samples`` boxes per sample (a checkpoint from the images of the
+    shard folder ``data``, default: the annotations); ``ns`` defaults to `default_ns`."""
+    if sum(x is not None for x in (checkpoint, predictions, baseline)) != 1:
+        raise EvaluationError("give exactly one of checkpoint, predictions, baseline")
+    sampling = sampling or Sampling()
+    ns = list(ns or default_ns(sampling.num_samples))
+    out_dir = Path(out)
+    t0 = time.perf_counter()
+    samples, skipped, dropped = check_annotations(load_annotations(annotations, split), Path(annotations).is_dir())
+    if not samples:
+        raise EvaluationError(f"no sample of {annotations} (split {split}) has valid labelled boxes: nothing to score")
+    settings: dict = {"iou_threshold": iou_threshold, "annotations": str(annotations), "split": split,
+                      "skipped_samples": dict(skipped), "dropped_boxes": dict(dropped)}
+    settings["protocol"] = "given-size" if given_size else "free-size"
+    if given_size:
+        settings["source_samples"] = len(samples)
+        samples = size_groups(samples)
+    if checkpoint is not None:
+        preds, batch_size = sample_boxes(checkpoint, data or annotations, split, sampling, samples if given_size else None,
+                                         progress)
+        label = name or Path(checkpoint).stem
+        settings.update(mode="checkpoint", checkpoint=str(checkpoint), sampling={
+            "num_samples": sampling.num_samples, "temperature": sampling.temperature, "top_k": sampling.top_k,
+            "top_p": sampling.top_p, "seed": sampling.seed, "batch_size": batch_size, "bf16": sampling.bf16})
+    elif predictions is not None:
+        preds = read_predictions(predictions, max(ns))
+        label = name or Path(predictions).stem
+        settings.update(mode="predictions", predictions=str(predictions))
+    else:
+        train = load_annotations(annotations, train_split) if baseline == "blind" else None
+        preds = baseline_predictions(samples, baseline, sampling.num_samples, sampling.seed, train)
+        label = name or baseline
+        settings.update(mode="baseline", baseline=baseline,
+                        sampling={"num_samples": sampling.num_samples, "seed": sampling.seed})
+        if train is not None:
+            settings["train_split"] = train_split
+    preds = annotation_keys(preds, samples)
+    keys = match_keys(preds, samples, allow_missing)
+    if predictions is not None:
+        settings["prediction_check"] = check_predictions(preds, samples)
+        ns = reported_ns(preds, samples, ns)
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_predictions(out_dir / "predictions.jsonl", {s["key"]: preds[s["key"]] for s in samples})
+    result = score(preds, samples, ns, iou_threshold, progress=progress)
+    oracle = annotation_kind(annotations, split).plausible
+    rates = None if oracle is None else plausible_rates(samples, preds, oracle)
+    rate = None if rates is None else rates["all"]
+    if rates is not None:
+        settings["plausible_rate"] = rate
+        settings["plausible_rate_per_class"] = {k: v for k, v in rates.items() if k != "all"}
+    lengths = [len(preds[s["key"]]) for s in samples if s["key"] in preds]
+    settings.update(keys=keys, boxes_per_sample={"min": min(lengths, default=0), "max": max(lengths, default=0)},
+                    seconds=round(time.perf_counter() - t0, 3))
+    doc = write_results(out_dir, result, ns, label, settings)
+    n = max(ns)
+    print(f"{label}: {result['num_samples']} samples, {result['num_positives']} positives, "
+          f"{result['num_negatives']} negatives; @{n}: TPR {result[f'tpr@{n}']:.4f} FPR {result[f'fpr@{n}']:.4f} "
+          f"(shared: {result[f'tpr_shared@{n}']:.4f} / {result[f'fpr_shared@{n}']:.4f}) "
+          f"precision {result[f'precision@{n}']:.4f}" + (f" plausible {rate:.4f}" if rate is not None else ""))
+    print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'tpr_fpr.png'}")
+    return doc
+
+
+def score(preds: dict[str, np.ndarray], samples: list[dict], ns=DEFAULT_NS, iou_threshold: float = 0.5,
+          chunk: int = 512, progress: bool = True) -> dict:
+    """Run TPRFPR over all samples (missing predictions = none). Samples are sorted by box count
+    so each padded chunk wastes little."""
+    metric = TPRFPR(ns=ns, iou_threshold=iou_threshold)
+    empty = np.zeros((0, 4))
+    order = sorted(samples, key=lambda s: (len(s["positives"]) + len(s["negatives"]), len(preds.get(s["key"], empty))))
+    for i in tqdm(range(0, len(order), chunk), desc="scoring", disable=not progress, leave=False):
+        part = order[i:i + chunk]
+        metric.update([torch.from_numpy(preds.get(s["key"], empty)) for s in part],
+                      [s["positives"] for s in part], [s["negatives"] for s in part])
+    return {k: v.item() for k, v in metric.compute().items()}
+
+
+def plausible_rates(samples: list[dict], preds: dict[str, np.ndarray], oracle) -> dict[str, float]:
+    """Fraction of predicted boxes the data kind's ``oracle(meta, category, boxes_norm)`` accepts:
+    ``{"all": rate, <class>: rate of that class's boxes, ...}`` (classes sorted by name)."""
+    hits: dict[str, int] = {}
+    total: dict[str, int] = {}
+    for s in samples:
+        if s["key"] not in preds:
+            continue
+        w, h, _ = image_size_of(s)
+        verdict = np.asarray(oracle(s.get("meta") or {}, s["category"], normalise(preds[s["key"]], (w, h))))
+        hits[s["category"]] = hits.get(s["category"], 0) + int(verdict.sum())
+        total[s["category"]] = total.get(s["category"], 0) + len(verdict)
+    rates = {"all": sum(hits.values()) / max(sum(total.values()), 1)}
+    rates.update({c: hits[c] / max(total[c], 1) for c in sorted(total)})
+    return rates
+
+
+def write_results(out_dir: Path, result: dict, ns, label: str, extra: dict) -> dict:
+    """metrics.json (both TPR/FPR variants, precision, counts, settings) and tpr_fpr.png."""
+    from metrics.plots import plot_curves
+
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    curves = result_curves(result, ns)
+    doc = {"method": label, **extra, "ns": list(ns), "curves": curves, "metrics": result,
+           "counts": {k: result[k] for k in ("num_samples", "num_positives", "num_negatives")}}
+    write_json(out_dir / "metrics.json", doc)
+    plt.close(plot_curves({label: curves}, out_dir / "tpr_fpr.png", title=label))
+    return doc
+
+
+def plot_results(files: list[str], out: Path, labels: list[str] | None) -> None:
+    """Several metrics.json files as curves on one figure."""
+    from metrics.plots import plot_curves
+
+    import matplotlib.pyplot as plt
+
+    if labels and len(labels) != len(files):
+        raise EvaluationError(f"--labels has {len(labels)} names for {len(files)} --plot files")
+    curves = {}
+    for i, f in enumerate(files):
+        try:
+            doc = json.loads(Path(f).read_text())
+            curve = doc["curves"]
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise EvaluationError(f"{f}: not a metrics.json written by evaluate.py ({type(e).__name__}: {e})") from None
+        label = labels[i] if labels else doc.get("method", Path(f).parent.name)
+        if label in curves:
+            label = f"{label} ({f})"
+        curves[label] = curve
+    if out.suffix.lower() != ".png":
+        out = out / "tpr_fpr.png"
+    plt.close(plot_curves(curves, out))
+    print(f"wrote {out}")
+
