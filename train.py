@@ -157,7 +157,8 @@ def check_config_unchanged(cfg: DictConfig, directory: Path) -> None:
     changes = config_changes_on_resume(OmegaConf.load(saved), cfg)
     if changes:
         raise ConfigError(f"resuming {directory} with other settings than it was trained with ({'; '.join(changes[:4])}); "
-                          "a resumed run keeps its optimiser, schedule, model and data: use resume=false or another run_name")
+                          "a resumed run keeps its optimiser, schedule, model and data: use resume=false (this run is then "
+                          f"moved to {directory.name}.old-<n>, kept) or another run_name")
 
 
 def main(argv: list[str] | None = None) -> int:
