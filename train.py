@@ -4,8 +4,9 @@
 config builds every object (configs/schema.py); the training infrastructure lives in callbacks/
 (checkpointing, reproducible steps, pre-emption). A run lives in `<log_root>/<experiment>/<run_name>`:
 `config.yaml`, TensorBoard events, `metrics.json`, `checkpoints/last.ckpt`. Fit resumes from
-`last.ckpt` whenever it exists (`resume=false` starts over) and continues exactly where the
-checkpoint was taken. SIGUSR1 (SLURM's `--signal=SIGUSR1@90`) saves `last.ckpt` at the next step
+`last.ckpt` whenever it exists and continues exactly where the checkpoint was taken; a run that
+starts over (`resume=false`, or no checkpoint yet) first moves an earlier run's files to
+`<run_dir>.old-<n>`. SIGUSR1 (SLURM's `--signal=SIGUSR1@90`) saves `last.ckpt` at the next step
 boundary, requeues a SLURM job and stops (docs/multinode.md).
 """
 from __future__ import annotations
@@ -29,7 +30,8 @@ from datamodules.shard_format import ShardFormatError  # noqa: E402
 from models.checkpoint import CheckpointError  # noqa: E402
 from models.files import write_atomic  # noqa: E402
 from lightning_modules.run_files import (RunLock, config_changes_on_resume, is_global_rank_zero,  # noqa: E402
-                                         newest_last_checkpoint, remove_stale_partials, write_metrics)
+                                         move_earlier_run_aside, newest_last_checkpoint, remove_stale_partials,
+                                         write_metrics)
 from models.pretrained import PretrainedWeightsError  # noqa: E402
 
 log = logging.getLogger("genloc.train")
@@ -134,6 +136,10 @@ def _fit(cfg: DictConfig, module_cls: type, datamodule, directory: Path, extra_c
     if is_global_rank_zero():
         for stale in remove_stale_partials(checkpoints):
             log.warning("removed %s, left by a save that was killed", stale)
+        earlier = move_earlier_run_aside(directory) if last is None else None
+        if earlier is not None:
+            log.warning("starting over in %s: the earlier run's files were moved to %s (kept; TensorBoard shows it "
+                        "as a run of its own)", directory, earlier)
 
     module = build_module(cfg, module_cls)
     if saved is not None:  # nor is one of another model or module
@@ -169,7 +175,8 @@ def check_config_unchanged(cfg: DictConfig, directory: Path) -> None:
     changes = config_changes_on_resume(OmegaConf.load(saved), cfg)
     if changes:
         raise ConfigError(f"resuming {directory} with other settings than it was trained with ({'; '.join(changes[:4])}); "
-                          "a resumed run keeps its optimiser, schedule, model and data: use resume=false or another run_name")
+                          "a resumed run keeps its optimiser, schedule, model and data: use resume=false (this run is then "
+                          f"moved to {directory.name}.old-<n>, kept) or another run_name")
 
 
 def main(argv: list[str] | None = None) -> int:

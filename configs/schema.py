@@ -2,7 +2,8 @@
 
 `load_config(["experiment=toy_finetune", "optim.lr=1e-4", "model=paper"])` composes, in order: the
 base `train.yaml`, the chosen group files (the base's `defaults`, then the experiment's, then
-command-line `group=name` choices), the experiment's deltas, then `key=value` overrides.
+command-line `group=name` choices), the experiment's deltas, then `key=value` overrides. The
+experiment (the base's default one unless chosen) is named by its file name, which names the run folder.
 
 Each group file names what it builds (`_target_: package.module.Name`) and holds that constructor's
 real arguments. The typed schema of a section is derived from its target's signature: every
@@ -264,7 +265,7 @@ def _model_schema() -> type:
 
 @dataclass
 class TrainConfig:
-    experiment: str = "toy_pretrain"
+    experiment: str = MISSING     # the name of the experiment file composed (load_config)
     run_name: str = "default"
     log_root: str = "runs"
     seed: int = 0
@@ -328,10 +329,16 @@ def load_config(overrides: list[str] | None = None, config_dir: Path = CONFIG_DI
     choices, dotlist = _split_overrides(list(overrides or []))
     base = _read_yaml(config_dir / "train.yaml")
     defaults = dict(base.pop("defaults", {}))
+    _check_no_experiment_key(base, config_dir / "train.yaml")
+    default_experiment = defaults.pop("experiment", None)
+    name = choices.pop("experiment", default_experiment)
     experiment = OmegaConf.create()
-    if "experiment" in choices:
-        experiment = _read_yaml(config_dir / "experiment" / f"{choices.pop('experiment')}.yaml")
+    if name is not None:
+        path = config_dir / "experiment" / f"{name}.yaml"
+        experiment = _read_yaml(path)
+        _check_no_experiment_key(experiment, path)
         defaults.update(experiment.pop("defaults", {}))
+        experiment.experiment = name
     defaults.update(choices)
     unknown_groups = set(defaults) - set(GROUPS)
     if unknown_groups:
@@ -350,6 +357,13 @@ def load_config(overrides: list[str] | None = None, config_dir: Path = CONFIG_DI
         raise ConfigError(f"mandatory value(s) not set: {', '.join(missing)} (pass them as key=value)")
     _validate(cfg)
     return cfg
+
+
+def _check_no_experiment_key(raw: DictConfig, path: Path) -> None:
+    """The run folder is named by the experiment file composed, so no file may name it otherwise."""
+    if "experiment" in raw:
+        raise ConfigError(f"{path}: key 'experiment' is not allowed; an experiment is named by its file name "
+                          "(configs/experiment/NAME.yaml, chosen as experiment=NAME): remove the key")
 
 
 def _one_line(err: OmegaConfBaseException) -> str:

@@ -1,5 +1,6 @@
 """Run-folder bookkeeping that never misleads: one process per run folder, resume from the newest
-`last*.ckpt`, a `config.yaml` that describes what the run does, results never replaced by emptiness.
+`last*.ckpt`, a `config.yaml` that describes what the run does, results never replaced by emptiness,
+a run that starts over never mixed with the earlier one's files.
 
 The rules follow the tools we wrap: Lightning's `ckpt_path="last"` takes the newest `last*.ckpt`
 by modification time; LightningCLI refuses to overwrite another run's config; files are written
@@ -44,8 +45,10 @@ class RunLock:
     """An exclusive `flock` on `<run_dir>/.lock` for the life of a run (released by the OS if the
     process dies), so two runs can never write one folder. Only global rank zero takes it."""
 
+    NAME = ".lock"
+
     def __init__(self, run_dir: Path, enabled: bool = True):
-        self.path = Path(run_dir) / ".lock"
+        self.path = Path(run_dir) / self.NAME
         self.enabled = enabled
         self._fd: int | None = None
 
@@ -84,6 +87,29 @@ def remove_stale_partials(checkpoint_dir: Path) -> list[Path]:
     for p in stale:
         p.unlink()
     return stale
+
+
+def move_earlier_run_aside(run_dir: Path) -> Path | None:
+    """Before a run starts over in `run_dir`, move the earlier run's files (all but the lock) to the
+    first free sibling `<run_dir>.old-<n>`: kept, and shown by TensorBoard as a run of its own
+    instead of a second curve under this run's name. Checkpoints go first, so an interrupted move
+    never leaves a checkpoint beside a missing config. Returns the new folder (None: nothing to move).
+    Only called under the run lock."""
+    run_dir = Path(run_dir)
+    entries = sorted((p for p in run_dir.iterdir() if p.name != RunLock.NAME), key=lambda p: p.name != "checkpoints")
+    if not any(p.is_file() or any(q.is_file() for q in p.rglob("*")) for p in entries):
+        return None
+    n = 1
+    while True:
+        old = run_dir.with_name(f"{run_dir.name}.old-{n}")
+        try:
+            old.mkdir()
+            break
+        except FileExistsError:
+            n += 1
+    for p in entries:
+        os.replace(p, old / p.name)
+    return old
 
 
 def _flatten(node, prefix: str = "") -> dict:

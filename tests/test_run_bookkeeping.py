@@ -1,6 +1,7 @@
 """Run bookkeeping never misleads (issue 15): resume from the newest checkpoint, one run per folder,
 results and config.yaml never replaced by an empty or different run's, range-checked config values,
-clear errors for init_from of another architecture and for a full disk."""
+clear errors for init_from of another architecture and for a full disk; a run folder's name always
+names what ran in it, and a run that starts over never shares its folder with the earlier one (issue 24)."""
 import errno
 import json
 import os
@@ -10,8 +11,10 @@ import threading
 import pytest
 import torch
 
+from omegaconf import OmegaConf
+
 import train as train_script
-from configs.schema import load_config
+from configs.schema import CONFIG_DIR, ConfigError, load_config
 from conftest import tiny_run_overrides
 from models import checkpoint, files
 from lightning_modules.run_files import RunLock, newest_last_checkpoint
@@ -172,3 +175,43 @@ def test_only_the_future_global_rank_zero_takes_the_run_lock(env, zero, monkeypa
     for var, value in env.items():
         monkeypatch.setenv(var, value)
     assert is_global_rank_zero() is zero
+
+
+def test_plain_train_py_is_the_experiment_its_run_folder_names():
+    plain, named = load_config([]), load_config(["experiment=toy_pretrain"])
+    assert OmegaConf.to_container(plain) == OmegaConf.to_container(named)
+    assert train_script.run_dir(plain) == train_script.run_dir(named)
+
+
+def test_an_experiment_is_named_by_its_file_and_no_file_names_it_otherwise(tmp_path):
+    configs = tmp_path / "configs"
+    shutil.copytree(CONFIG_DIR, configs, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    copy = configs / "experiment" / "faster.yaml"
+    copy.write_text("optim:\n  lr: 3.0e-3\n")  # a copy of toy_pretrain with one thing changed
+    cfg = load_config(["experiment=faster"], config_dir=configs)
+    assert cfg.experiment == "faster" and cfg.optim.lr == 3.0e-3
+    copy.write_text("experiment: toy_pretrain\noptim:\n  lr: 3.0e-3\n")
+    with pytest.raises(ConfigError, match=r"faster\.yaml: key 'experiment' is not allowed"):
+        load_config(["experiment=faster"], config_dir=configs)
+
+
+def test_starting_over_moves_the_earlier_run_aside(tiny_toy_data, tmp_path, capsys, caplog):
+    data = tiny_toy_data / "toy-pipe"
+    run = tmp_path / "toy_pretrain" / "default"
+
+    def events(folder):
+        return list(folder.glob("events.out.tfevents.*"))
+
+    assert _main(_args(data, tmp_path), capsys)[0] == 0
+    first = {p.relative_to(run) for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert _main(_args(data, tmp_path, extra=["resume=false", "optim.lr=0.5"]), capsys)[0] == 0
+    old = tmp_path / "toy_pretrain" / "default.old-1"
+    assert {p.relative_to(old) for p in old.rglob("*") if p.is_file()} == first  # kept whole, lock excepted
+    assert "lr: 0.5" not in (old / "config.yaml").read_text() and "lr: 0.5" in (run / "config.yaml").read_text()
+    assert len(events(run)) == 1 and len(events(old)) == 1  # TensorBoard: two runs, one curve each
+    assert any(str(old) in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+    shutil.rmtree(run / "checkpoints")  # killed before its first checkpoint: nothing to resume
+    assert _main(_args(data, tmp_path, extra=["optim.lr=0.5"]), capsys)[0] == 0
+    assert (tmp_path / "toy_pretrain" / "default.old-2" / "config.yaml").is_file()
+    assert len(events(run)) == 1 and (run / "checkpoints" / "last.ckpt").is_file()
