@@ -246,7 +246,7 @@ def test_checkpoint_mode_matches_rescoring_its_predictions(toy_shards, tmp_path)
             "--temperature", "0.9", "--top-k", "20", "--seed", "5", "--device", "cpu", "--no-progress"]
     doc = evaluate.main(args + ["--out", str(tmp_path / "ck")])
     assert doc["sampling"] == {"num_samples": 100, "temperature": 0.9, "top_k": 20, "top_p": None, "seed": 5,
-                               "batch_size": 4}
+                               "batch_size": 4, "bf16": False}
     assert doc["metrics"]["num_samples"] == 6 and 0.0 <= doc["plausible_rate"] <= 1.0
     preds = read_predictions(tmp_path / "ck" / "predictions.jsonl")
     assert len(preds) == 6 and all(b.shape == (100, 4) for b in preds.values())
