@@ -86,13 +86,14 @@ def remove_stale_partials(checkpoint_dir: Path) -> list[Path]:
     return stale
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a unique temporary file in the same folder and rename: never half-written."""
+def write_text_atomic(path: Path, text: str | bytes) -> None:
+    """Write via a unique temporary file in the same folder and rename: never half-written (bytes
+    are written as they are)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
