@@ -77,11 +77,12 @@ def main(argv: list[str]) -> int:
     from scripts import results_doc
 
     cfg = load_config(argv)
+    settings = run_settings()  # before training: the commit whose code runs
     start = time.perf_counter()
     stages = run_stages(argv)
     out = Path(cfg.log_root) / "toy_results"
     rows = evaluate_all(stages, Path(load_config(["experiment=toy_finetune"] + argv).data.data_dir), out, cfg.seed)
-    results = {"stages": stages, "rows": rows, "settings": run_settings()}
+    results = {"stages": stages, "rows": rows, "settings": settings}
     text = results_doc.table(results_doc.summarise(results))
     minutes = (time.perf_counter() - start) / 60
     dpo = stages["toy_dpo"]["metrics"]

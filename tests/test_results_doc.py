@@ -63,7 +63,7 @@ def test_write_docs_replaces_only_the_readme_block(tmp_path):
     results_doc.write_docs(small_results(), tmp_path, plot=tmp_path / "plot.png")
     readme = (tmp_path / "README.md").read_text()
     summary = json.loads((tmp_path / "docs" / "results.json").read_text())
-    assert readme == (f"# T\nbefore\n{results_doc.START}\n{results_doc.headline(summary)}\n{results_doc.END}\nafter\n")
+    assert readme == (f"# T\nbefore\n{results_doc.START}\n{results_doc.readme_block(summary)}\n{results_doc.END}\nafter\n")
     assert (tmp_path / "docs" / "results.md").read_text() == results_doc.results_markdown(summary)
     assert (tmp_path / "docs" / "toy_tpr_fpr.png").read_bytes() == b"\x89PNG fake"
     assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["results.json", "results.md", "toy_tpr_fpr.png"]
@@ -84,5 +84,5 @@ def test_cli_names_a_missing_results_file(tmp_path, capsys):
 def test_committed_readme_and_docs_agree():
     """README's block and docs/results.md are what docs/results.json (written by `make train`) renders."""
     summary = json.loads((ROOT / "docs" / "results.json").read_text())
-    assert results_doc.readme_block((ROOT / "README.md").read_text()) == results_doc.headline(summary)
+    assert results_doc.quoted_block((ROOT / "README.md").read_text()) == results_doc.readme_block(summary)
     assert (ROOT / "docs" / "results.md").read_text() == results_doc.results_markdown(summary)
