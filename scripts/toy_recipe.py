@@ -15,9 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("toy_pretrain", "toy_finetune", "toy_dpo")
-# Per-class columns in the README's order of the toy classes; any other class follows by name.
-CLASS_ORDER = ("car", "person", "bird", "lamp")
 
 
 def run_stages(extra: list[str]) -> dict[str, dict]:
@@ -28,8 +27,9 @@ def run_stages(extra: list[str]) -> dict[str, dict]:
     for name in STAGES:
         start = time.perf_counter()
         print(f"\n=== {name} ===", flush=True)
-        result = train(load_config([f"experiment={name}"] + extra))
-        results[name] = {"metrics": result["metrics"], "run_dir": str(result["run_dir"]),
+        cfg = load_config([f"experiment={name}"] + extra)
+        result = train(cfg)
+        results[name] = {"metrics": result["metrics"], "run_dir": str(result["run_dir"]), "max_steps": cfg.trainer.max_steps,
                          "minutes": round((time.perf_counter() - start) / 60, 2)}
     return results
 
@@ -54,42 +54,48 @@ def evaluate_all(stages: dict, data_dir: Path, out: Path, seed: int) -> dict[str
     return rows
 
 
-def table(stages: dict, rows: dict) -> str:
-    lines = ["| method | val NLL / token | plausible rate | TPR@100 | FPR@100 | TPR_shared@100 | FPR_shared@100 |",
-             "|---|---|---|---|---|---|---|"]
-    nll = {"MLE (toy_finetune)": stages["toy_finetune"]["metrics"].get("val/loss")}
-    for name, doc in rows.items():
-        m = doc.get("metrics", {})
-        cells = [nll.get(name), doc.get("plausible_rate"), m.get("tpr@100"), m.get("fpr@100"), m.get("tpr_shared@100"), m.get("fpr_shared@100")]
-        lines.append("| " + " | ".join([name] + ["-" if c is None else f"{c:.3f}" for c in cells]) + " |")
-    classes = sorted(next(iter(rows.values())).get("plausible_rate_per_class", {}),
-                     key=lambda c: (CLASS_ORDER.index(c) if c in CLASS_ORDER else len(CLASS_ORDER), c))
-    lines += ["", "| plausible rate per class | " + " | ".join(classes) + " | all |",
-              "|---|" + "---|" * (len(classes) + 1)]
-    for name, doc in rows.items():
-        per_class = doc.get("plausible_rate_per_class", {})
-        cells = [per_class.get(c) for c in classes] + [doc.get("plausible_rate")]
-        lines.append("| " + " | ".join([name] + ["-" if c is None else f"{c:.3f}" for c in cells]) + " |")
-    return "\n".join(lines)
+def run_settings() -> dict:
+    """What the numbers may depend on besides the code's defaults: commit, torch, threads, CPU."""
+    import os
+    import platform
+    import subprocess
+
+    import torch
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=ROOT)
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.processor())
+    return {"commit": (commit.stdout.strip() or "unknown") + (" (uncommitted changes)" if dirty.stdout.strip() else ""),
+            "torch": torch.__version__, "torch threads": torch.get_num_threads(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"), "cpu": cpu or "unknown"}
 
 
 def main(argv: list[str]) -> int:
     from configs.schema import load_config
+    from scripts import results_doc
 
     cfg = load_config(argv)
+    settings = run_settings()  # before training: the commit whose code runs
     start = time.perf_counter()
     stages = run_stages(argv)
     out = Path(cfg.log_root) / "toy_results"
     rows = evaluate_all(stages, Path(load_config(["experiment=toy_finetune"] + argv).data.data_dir), out, cfg.seed)
-    text = table(stages, rows)
+    results = {"stages": stages, "rows": rows, "settings": settings}
+    text = results_doc.table(results_doc.summarise(results))
     minutes = (time.perf_counter() - start) / 60
     dpo = stages["toy_dpo"]["metrics"]
     summary = (f"{text}\n\nstage minutes: " + ", ".join(f"{k} {v['minutes']}" for k, v in stages.items())
                + f"; total {minutes:.1f} min\nDPO train rewards/accuracies {dpo.get('rewards/accuracies', float('nan')):.3f},"
                f" margins {dpo.get('rewards/margins', float('nan')):.3f}\nplot: {out / 'tpr_fpr.png'}")
     (out / "results.md").write_text(summary + "\n")
-    (out / "results.json").write_text(json.dumps({"stages": stages, "rows": rows}, indent=1, default=str))
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     print("\n" + summary)
+    if argv:
+        print(f"\ndocs/results.md and the README's results not updated (run with overrides {argv}); to publish "
+              f"this run: python -m scripts.results_doc {out / 'results.json'}")
+    else:
+        print("\nwrote " + ", ".join(str(p) for p in results_doc.write_docs(results, plot=out / "tpr_fpr.png")))
     from scripts.export import export
 
     model_dir = export(Path(stages["toy_dpo"]["run_dir"]) / "checkpoints" / "last.ckpt", Path(cfg.log_root) / "toy_model",
