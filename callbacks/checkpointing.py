@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 

@@ -19,7 +19,6 @@ import io
 import json
 import multiprocessing
 import re
-from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path

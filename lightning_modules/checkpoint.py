@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from models import LocationModelConfig
+from models import LocationModel, LocationModelConfig
 from models.hub import GenLocModel, ModelFilesError, model_from_state_dict
 
 
