@@ -17,7 +17,7 @@ import torch
 
 import train as train_script
 from configs.schema import load_config
-from conftest import tiny_run_overrides
+from tests.helpers.runs import tiny_run_overrides
 from datamodules import ShardDataModule
 from datamodules.pipeline import decode_sample
 from lightning_modules.checkpoint import CheckpointError, save_model_checkpoint

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from conftest import ROOT
+from tests.helpers import ROOT
 from datamodules.convert import ConversionError, convert_fopa, convert_opa, convert_pipe
 from datamodules.opa_labels import LabelFileError, read_fopa_pairs, read_opa_csv
 from datamodules.shards import ShardBuild, ShardWriter, iter_annotations, read_split_info, safe_key

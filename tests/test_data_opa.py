@@ -7,7 +7,7 @@ from collections import defaultdict
 import pytest
 from PIL import Image
 
-from conftest import FIXTURES
+from tests.helpers import FIXTURES
 from datamodules.convert import convert_fopa, convert_opa
 from datamodules.opa_labels import read_fopa_pairs, read_opa_csv
 from datamodules.shards import iter_annotations, read_split_info

@@ -16,9 +16,7 @@ from lightning_modules.checkpoint import load_location_model, model_state_dict, 
 from lightning_modules.dpo import DPOModule, pair_box_log_probs
 from lightning_modules.mle import MLEModule
 from models import LocationModelConfig
-
-OPTIM = dict(lr=1e-3, weight_decay=0.01, betas=[0.9, 0.95], warmup_steps=1, min_lr_ratio=0.1)
-
+from tests.helpers.batches import OPTIM, pair_batch
 
 def _save_mle(path, **overrides):
     torch.manual_seed(0)
@@ -30,24 +28,6 @@ def _save_mle(path, **overrides):
 @pytest.fixture(scope="module")
 def mle_ckpt(tmp_path_factory):
     return str(_save_mle(tmp_path_factory.mktemp("mle") / "mle.ckpt"))
-
-
-def pair_batch(seed, size=4):
-    """A pair batch in the ARCHITECTURE.md format, boxes chosen by hand (chosen != rejected)."""
-    g = torch.Generator().manual_seed(seed)
-    chosen = torch.tensor([[0.1, 0.5, 0.4, 0.8], [0.5, 0.6, 0.9, 0.9], [0.2, 0.1, 0.3, 0.2], [0.6, 0.3, 0.7, 0.5]])
-    rejected = torch.tensor([[0.1, 0.3, 0.4, 0.6], [0.5, 0.2, 0.9, 0.5], [0.2, 0.6, 0.3, 0.7], [0.1, 0.3, 0.2, 0.5]])
-    return {
-        "image": torch.rand(size, 3, 64, 64, generator=g),
-        "category": ["car", "bird", "bird", "lamp"][:size],
-        "size": torch.tensor([[64, 64]] * size),
-        "positives": [c[None] for c in chosen[:size]],
-        "negatives": [r[None] for r in rejected[:size]],
-        "key": [f"toy-{seed}-{i}" for i in range(size)],
-        "meta": [{} for _ in range(size)],
-        "chosen": chosen[:size],
-        "rejected": rejected[:size],
-    }
 
 
 def loader(n_batches):
@@ -227,7 +207,7 @@ DDP_SCRIPT = textwrap.dedent('''
     import lightning as L, torch
     from torch.utils.data import DataLoader
     from lightning_modules.dpo import DPOModule
-    from tests.test_dpo_module import OPTIM, pair_batch
+    from tests.helpers.batches import OPTIM, pair_batch
 
     if __name__ == "__main__":
         out, ckpt = sys.argv[1], sys.argv[2]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import evaluate
-from conftest import FIXTURES, ROOT
+from tests.helpers import FIXTURES, ROOT
 from lightning_modules.checkpoint import save_model_checkpoint
 
 OPA = FIXTURES / "opa_sample"

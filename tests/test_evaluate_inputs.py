@@ -15,7 +15,7 @@ from PIL import Image
 from skimage import data as skdata
 
 import evaluate
-from conftest import ROOT
+from tests.helpers import ROOT
 from datamodules import ShardDataModule
 from datamodules.shards import ShardWriter
 

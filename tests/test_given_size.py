@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import evaluate
-from conftest import FIXTURES
+from tests.helpers import FIXTURES
 from models import GenLocModel, LocationModelConfig
 
 FOPA_ROWS = FIXTURES / "opa_sample" / "annotations_original" / "fopa_test_data_pair__bg580029_rows.csv"

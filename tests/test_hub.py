@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from conftest import FIXTURES, ROOT
+from tests.helpers import FIXTURES, ROOT
 from lightning_modules.checkpoint import load_location_model
 from lightning_modules.mle import MLEModule
 from models import GenLocModel, LocationModel, LocationModelConfig, ModelFilesError

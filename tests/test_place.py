@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FIXTURES
+from tests.helpers import FIXTURES
 from models import GenLocModel, LocationModelConfig, NoValidSetError, place, place_many
 from models.placement import model_input, to_rgb_image, token_iou
 
@@ -252,7 +252,7 @@ def test_insert_cli_places_several_objects_in_sequence_from_a_model_folder(model
     import json
 
     import insert
-    from tiny_builders import save_tiny_sd_inpainter
+    from scripts.tiny_builders import save_tiny_sd_inpainter
 
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)

@@ -12,7 +12,7 @@ import torch
 
 import train as train_script
 from configs.schema import load_config
-from conftest import tiny_run_overrides
+from tests.helpers.runs import tiny_run_overrides
 from lightning_modules import checkpoint
 from lightning_modules.run_files import RunLock, newest_last_checkpoint
 

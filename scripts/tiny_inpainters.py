@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from tiny_builders import _tiny_parts, tiny_clip_tokenizer
+from scripts.tiny_builders import _tiny_parts, tiny_clip_tokenizer
 
 NATIVE = 64  # native resolution of every tiny pipeline here
 
