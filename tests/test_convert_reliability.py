@@ -17,13 +17,13 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from tests.helpers import ROOT
 from datamodules.convert import ConversionError, convert_fopa, convert_opa, convert_pipe
 from datamodules.opa_labels import LabelFileError, read_fopa_pairs, read_opa_csv
 from datamodules.shards import ShardBuild, ShardWriter, iter_annotations, read_split_info, safe_key
 from scripts import convert_fopa as fopa_cli
 from scripts import convert_opa as opa_cli
 from scripts import convert_pipe as pipe_cli
+from tests.helpers import ROOT
 
 PHOTOS = [skdata.astronaut(), skdata.coffee(), skdata.chelsea(), skdata.rocket(), skdata.immunohistochemistry()]
 # real-world names: spaces, unicode, punctuation, a dot, a percent sign, a slash-like name

@@ -133,11 +133,6 @@ def test_precomputed_reference_is_exact_and_keeps_flips_apart(mle_ckpt, monkeypa
     module = DPOModule(optim=OPTIM, beta=0.5, reference=mle_ckpt, precompute_reference=True)
     plain = DPOModule(optim=OPTIM, beta=0.5, reference=mle_ckpt)
     batch = pair_batch(0)
-    first = module.pair_log_probs(batch)
-    assert len(module._ref_cache) == 8
-    for name in ("ref_chosen", "ref_rejected"):
-        assert torch.allclose(first[name], plain.pair_log_probs(batch)[name], atol=1e-6)
-
     calls = []  # rows scored by the reference
 
     def counting(model, prefix, *boxes):
@@ -146,6 +141,12 @@ def test_precomputed_reference_is_exact_and_keeps_flips_apart(mle_ckpt, monkeypa
         return pair_box_log_probs(model, prefix, *boxes)
 
     monkeypatch.setattr(dpo_module, "pair_box_log_probs", counting)
+    first = module.pair_log_probs(batch)
+    assert calls == [4]  # the 4 pairs' chosen and rejected boxes scored once, then memoised
+    for name in ("ref_chosen", "ref_rejected"):
+        assert torch.allclose(first[name], plain.pair_log_probs(batch)[name], atol=1e-6)
+
+    calls.clear()
     again = module.pair_log_probs(batch)
     assert calls == []  # all from the memo
     assert torch.equal(again["ref_chosen"], first["ref_chosen"])

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import evaluate
-from tests.helpers import FIXTURES, ROOT
 from lightning_modules.checkpoint import save_model_checkpoint
+from tests.helpers import FIXTURES, ROOT
 
 OPA = FIXTURES / "opa_sample"
 FOPA_CSV = OPA / "annotations_original" / "fopa_test_data_pair__bg580029_rows.csv"

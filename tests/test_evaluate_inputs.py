@@ -15,9 +15,9 @@ from PIL import Image
 from skimage import data as skdata
 
 import evaluate
-from tests.helpers import ROOT
 from datamodules import ShardDataModule
 from datamodules.shards import ShardWriter
+from tests.helpers import ROOT
 
 W, H = 64, 48
 BOXES = [[4, 6, 20, 30], [30, 10, 50, 40], [10, 20, 60, 44], [1, 1, 9, 9]]

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import evaluate
-from tests.helpers import FIXTURES
 from models import GenLocModel, LocationModelConfig
+from tests.helpers import FIXTURES
 
 FOPA_ROWS = FIXTURES / "opa_sample" / "annotations_original" / "fopa_test_data_pair__bg580029_rows.csv"
 

@@ -10,12 +10,12 @@ from PIL import Image
 from skimage import data
 
 import insert
-from tests.helpers import FIXTURES
 from lightning_modules.checkpoint import save_model_checkpoint
 from metrics.inpainting import background_ssim
 from models.inpainters import load_backend
 from models.inpainting import box_mask, mask_bbox, parse_region, pixel_rect, working_size
 from scripts.tiny_builders import TINY_CLIP_NAME, save_tiny_gligen, save_tiny_open_clip, save_tiny_sd_inpainter
+from tests.helpers import FIXTURES
 
 PHOTO = FIXTURES / "libcom" / "controllable_composition" / "background" / "000000049931.png"
 

@@ -6,8 +6,8 @@ import signal
 import pytest
 import torch
 
-from tests.helpers.runs import quick_overrides, run_fit
 from datamodules.pipeline import EpochLoader, ShardStream
+from tests.helpers.runs import quick_overrides, run_fit
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_skip_continues_the_epoch_exactly(tiny_toy_data, num_workers):

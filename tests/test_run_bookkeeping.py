@@ -12,9 +12,9 @@ import torch
 
 import train as train_script
 from configs.schema import load_config
-from tests.helpers.runs import tiny_run_overrides
 from lightning_modules import checkpoint
 from lightning_modules.run_files import RunLock, newest_last_checkpoint
+from tests.helpers.runs import tiny_run_overrides
 
 
 def _args(data, log_root, steps=1, run_name="default", extra=()):

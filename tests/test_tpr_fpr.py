@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from models.boxes import iou_at_least, pairwise_iou
 from metrics.tpr_fpr import TPRFPR, result_curves
+from models.boxes import iou_at_least, pairwise_iou
 from tests.helpers.batches import tiny_module
 
 # Two samples, boxes in pixels; positives and negatives of a sample overlap with IoU < 0.5.
@@ -241,7 +241,7 @@ def test_callback_scores_at_fit_end_and_respects_sample_cap(tmp_path, tiny_toy_d
     # validation ran twice (steps 1, 2; the sanity check does not count): the 2nd run is scored, so
     # fit end adds nothing
     events = EventAccumulator(str(tmp_path / "tb" / "version_0")).Reload()
-    assert len(events.Scalars("val/tpr@10")) == 1 and cb._schedule.runs == 2
+    assert len(events.Scalars("val/tpr@10")) == 1 and cb.schedule.runs == 2
     assert [e.value for e in events.Scalars("val/tpr_fpr_num_samples")] == [4]   # capped at 4 of 6 read
     assert "val/tpr_fpr" in events.Tags()["images"]
 
@@ -251,6 +251,6 @@ def test_callback_scores_at_fit_end_and_respects_sample_cap(tmp_path, tiny_toy_d
                        num_sanity_val_steps=0, log_every_n_steps=1)
     trainer.fit(tiny_module(), train_dataloaders=_loader(batches[:1]), val_dataloaders=val_loader)
     events = EventAccumulator(str(tmp_path / "b" / "tb" / "version_0")).Reload()
-    assert cb3._schedule.runs == 2
+    assert cb3.schedule.runs == 2
     assert [(e.step, e.value) for e in events.Scalars("val/tpr_fpr_num_samples")] == [(2, 8)]
     assert len(events.Scalars("val/plausible_rate")) == 1
