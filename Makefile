@@ -25,7 +25,8 @@ browser:
 	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
 		echo "make test: the browser test needs chromium and chromedriver; install them as root (Debian: apt-get install chromium chromium-driver), or run make test-fast" >&2; exit 2; fi; \
 	echo "installing chromium and chromium-driver (apt-get)"; \
-	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null || \
+		{ echo "make test: apt-get could not install chromium and chromium-driver (its error is above); install them, or run make test-fast" >&2; exit 2; }
 
 test: venv browser
 	$(PY) -m ruff check .
