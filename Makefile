@@ -7,7 +7,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export OMP_NUM_THREADS ?= 1
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: venv test test-fast train bench bench-gpu smoke-gpu demo clean
+.PHONY: venv browser test test-fast train bench bench-gpu smoke-gpu demo clean
 
 venv: .venv/.installed
 
@@ -19,7 +19,19 @@ venv: .venv/.installed
 	$(PY) -m pip install --quiet -c requirements/lock.txt '.[test]'
 	touch $@
 
-test: venv
+# The demo's browser test (tests/test_demo_browser.py) drives Debian's Chromium through its driver:
+# installed with apt when missing (as root); otherwise one line says what to run. A missing browser
+# fails `make test` rather than skipping the test; `make test-fast` does not need it.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && exit 0; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+		echo "make test: the browser test needs chromium and chromedriver; install them as root (Debian: apt-get install chromium chromium-driver), or run make test-fast" >&2; exit 2; fi; \
+	echo "installing chromium and chromium-driver (apt-get)"; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null || \
+		{ echo "make test: apt-get could not install chromium and chromium-driver (its error is above); install them, or run make test-fast" >&2; exit 2; }
+
+test: venv browser
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 test-fast: venv

@@ -4,7 +4,7 @@
   keys/values kept once and attended to in place by the image's boxes;
 - copied cache: ``sample(cascade=False)``, the earlier decoder: the same prefix cache copied for
   each box;
-- naive: `tests/reference_decode.py`, the whole sequence re-run every step for every box.
+- naive: `benchmarks/reference_decode.py`, the whole sequence re-run every step for every box.
 
 All decode the same prefixes (image/text encoding is shared and excluded) for ``--boxes`` boxes per
 image over a batch of images, `tiny` and `paper` presets with random weights. Cascade and copied
@@ -27,8 +27,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from benchmarks.reference_decode import naive_reference_decode  # noqa: E402
 from models import LocationModel, LocationModelConfig  # noqa: E402
-from tests.reference_decode import naive_reference_decode  # noqa: E402
 
 
 def _seconds(fn, device: torch.device) -> float:

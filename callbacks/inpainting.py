@@ -48,7 +48,7 @@ class InpaintingCallback(L.Callback):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.inpainter = inpainter
         self.every_n_val_epochs = every_n_val_epochs
-        self._schedule = EveryNValidations(every_n_val_epochs)
+        self.schedule = EveryNValidations(every_n_val_epochs)
         self.num_images = num_images
         self.backend = backend
         self.load_kwargs = dict(steps=steps, resolution=resolution, guidance_scale=guidance_scale)
@@ -85,7 +85,7 @@ class InpaintingCallback(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not self.enabled:
             return
-        due = self._schedule.due(trainer)
+        due = self.schedule.due(trainer)
         batch, self._batch = self._batch, None
         if not due or batch is None or not trainer.is_global_zero:
             return

@@ -31,7 +31,7 @@ class SampleImagesCallback(L.Callback):
 
     def __init__(self, every_n_val_epochs: int = 1, num_images: int = 8, boxes_per_image: int = 8, seed: int = 0):
         self.every_n_val_epochs = every_n_val_epochs
-        self._schedule = EveryNValidations(every_n_val_epochs)
+        self.schedule = EveryNValidations(every_n_val_epochs)
         self.num_images = num_images
         self.boxes_per_image = boxes_per_image
         self.seed = seed
@@ -43,7 +43,7 @@ class SampleImagesCallback(L.Callback):
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        due = self._schedule.due(trainer)
+        due = self.schedule.due(trainer)
         if not due or self._batch is None or not trainer.is_global_zero or trainer.logger is None:
             return
         batch, self._batch = self._batch, None

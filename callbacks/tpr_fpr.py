@@ -60,7 +60,7 @@ class TprFprCallback(L.Callback):
                  max_eval_samples: int | None = 256, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int = 0, log_curve: bool = True):
         self.every_n_val_epochs = every_n_val_epochs
-        self._schedule = EveryNValidations(every_n_val_epochs)
+        self.schedule = EveryNValidations(every_n_val_epochs)
         self.num_samples = num_samples
         self.ns = list(ns) if ns else ([n for n in DEFAULT_NS if n <= num_samples] or [num_samples])
         if max(self.ns) > num_samples:
@@ -151,7 +151,7 @@ class TprFprCallback(L.Callback):
 
     # ------------------------------------------------------------------ hooks
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self._active = self._schedule.due(trainer)
+        self._active = self.schedule.due(trainer)
         if self._active:
             self._start(trainer, pl_module, trainer.val_dataloaders)
 

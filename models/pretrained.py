@@ -208,7 +208,3 @@ def ordinal_init(embedding: nn.Embedding, num_bins: int) -> None:
     norm = weight[:num_bins].norm(dim=1, keepdim=True).mean()
     features = features / features.norm(dim=1, keepdim=True) * norm
     weight[:num_bins] = features.to(weight.dtype)
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

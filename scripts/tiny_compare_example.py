@@ -2,10 +2,10 @@
 tiny RANDOM pipelines for every back-end and the instruction editor (nothing downloaded), run through
 scripts/compare_insertion.py; copies the grid and the table to docs/compare_example/.
 
-    PYTHONPATH=.:tests python -m scripts.tiny_compare_example
+    PYTHONPATH=. python -m scripts.tiny_compare_example
 
 It shows the mechanics (boxes, crop-mode insertion, editor regions, table, grid), not quality: with
-random weights every method paints noise. `tests` must be on PYTHONPATH for the tiny builders.
+random weights every method paints noise.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from PIL import Image
 from models import LocationModel, LocationModelConfig
 from scripts import compare_insertion
 from scripts.tiny_builders import save_tiny_gligen, save_tiny_open_clip
-from tiny_inpainters import save_flux_fill, save_instruct_pix2pix, save_powerpaint, save_sd
+from scripts.tiny_inpainters import save_flux_fill, save_instruct_pix2pix, save_powerpaint, save_sd
 
 FIXTURES = Path("tests/fixtures")
 PHOTOS = [

@@ -17,11 +17,11 @@ import torch
 
 import train as train_script
 from configs.schema import load_config
-from conftest import tiny_run_overrides
 from datamodules import ShardDataModule
 from datamodules.pipeline import decode_sample
 from models.checkpoint import CheckpointError, save_model_checkpoint
 from models import LocationModel, LocationModelConfig
+from tests.helpers.runs import tiny_run_overrides
 
 
 def rewrite_sample(shard, edit) -> str:

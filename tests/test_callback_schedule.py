@@ -30,4 +30,4 @@ def test_zero_disables_and_negative_is_refused():
                                   lambda n: InpaintingCallback(every_n_val_epochs=n)])
 def test_the_callbacks_share_it(make):
     callback = make(2)
-    assert isinstance(callback._schedule, EveryNValidations) and callback._schedule.n == 2
+    assert isinstance(callback.schedule, EveryNValidations) and callback.schedule.n == 2

@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FIXTURES
 from metrics.inpainting import background_ssim
 from models.inpainting import pixel_rect
 from scripts import compare_insertion
 from scripts.tiny_builders import save_tiny_open_clip
-from tiny_inpainters import save_instruct_pix2pix, save_powerpaint, save_sd
+from scripts.tiny_inpainters import save_instruct_pix2pix, save_powerpaint, save_sd
+from tests.helpers import FIXTURES
 
 PHOTOS = {  # real photos: two libcom COCO crops (512x512) and the OPA background 580029 (640x427)
     "cat.png": (FIXTURES / "libcom/controllable_composition/background/000000049931.png", "dog"),

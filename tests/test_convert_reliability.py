@@ -17,7 +17,6 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from conftest import ROOT
 from datamodules.convert import ConversionError, convert_fopa, convert_opa, convert_pipe
 from datamodules.opa_labels import LabelFileError, read_fopa_pairs, read_opa_csv
 from datamodules.shard_format import safe_key
@@ -26,6 +25,7 @@ from datamodules.shard_writer import ShardBuild, ShardWriter
 from scripts import convert_fopa as fopa_cli
 from scripts import convert_opa as opa_cli
 from scripts import convert_pipe as pipe_cli
+from tests.helpers import ROOT
 
 PHOTOS = [skdata.astronaut(), skdata.coffee(), skdata.chelsea(), skdata.rocket(), skdata.immunohistochemistry()]
 # real-world names: spaces, unicode, punctuation, a dot, a percent sign, a slash-like name

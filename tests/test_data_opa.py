@@ -7,10 +7,10 @@ from collections import defaultdict
 import pytest
 from PIL import Image
 
-from conftest import FIXTURES
 from datamodules.convert import convert_fopa, convert_opa
 from datamodules.opa_labels import read_fopa_pairs, read_opa_csv
 from datamodules.shard_reader import iter_annotations, read_split_info
+from tests.helpers import FIXTURES
 
 OPA = FIXTURES / "opa_sample"
 FOPA_ROWS = OPA / "annotations_original" / "fopa_test_data_pair__bg580029_rows.csv"

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
-from test_resume_exact import FIT, quick_overrides, run_fit
+from tests.helpers import ROOT
+from tests.helpers.runs import FIT, assert_same_steps, quick_overrides, read_ranks, run_fit
 
 
 @pytest.fixture(scope="module")
@@ -25,21 +25,6 @@ def uneven_toy(tmp_path_factory):
         write_toy_split(root / flavour, flavour, "train", 26, seed=0, num_shards=3, progress=False)
         write_toy_split(root / flavour, flavour, "val", 8, seed=1, num_shards=2, progress=False)
     return root
-
-
-def read_ranks(out, n=2) -> list[dict]:
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
-
-
-def assert_same_steps(ranks, steps):
-    """Same step and batch count on both ranks, full batches, different data (with uneven shards
-    the rank with fewer samples walks its shards again, so the sets may overlap: tests/test_data_ddp.py
-    checks disjointness on even shards)."""
-    assert [(x["rank"], x["world"]) for x in ranks] == [(0, 2), (1, 2)]
-    assert [x["global_step"] for x in ranks] == [steps, steps]
-    assert [x["batches"] for x in ranks] == [steps, steps]
-    assert all(len(batch) == 4 for x in ranks for batch in x["keys"])
-    assert ranks[0]["keys"][0] != ranks[1]["keys"][0]
 
 
 @pytest.mark.slow

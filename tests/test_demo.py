@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 
 import demo
-from conftest import FIXTURES, ROOT
 from models import GenLocModel, LocationModelConfig
 from models.boxes import pixel_rect
 from models.hub import model_card
-from tiny_inpainters import save_sd
+from scripts.tiny_inpainters import save_sd
+from tests.helpers import FIXTURES, ROOT
 
 PHOTO = FIXTURES / "opa_sample" / "eval_opascore_examples" / "composite_1.jpg"   # 640 x 427
 

@@ -13,12 +13,12 @@ from PIL import Image
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 
-from benchmarks.demo_latency import (chromium, demo_server, fetch, file_url, full_page_screenshot, message, press,
-                                     set_text, shown_image, upload, wait_for)
-from conftest import FIXTURES, ROOT
+from benchmarks.browser import (chromium, demo_server, fetch, file_url, full_page_screenshot, message, press,
+                                set_text, shown_image, upload, wait_for)
 from models import GenLocModel, LocationModelConfig
 from models.boxes import pixel_rect, validate_boxes
-from tiny_inpainters import save_sd
+from scripts.tiny_inpainters import save_sd
+from tests.helpers import FIXTURES, ROOT
 
 PHOTO = FIXTURES / "libcom" / "controllable_composition" / "background" / "000000460450.png"
 # The README's picture is refreshed only on request (GENLOC_UPDATE_SCREENSHOT=1): a test run leaves the tree clean.

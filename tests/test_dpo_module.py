@@ -17,9 +17,7 @@ from models.hub import load_location_model
 from lightning_modules.dpo import DPOModule, pair_box_log_probs
 from lightning_modules.mle import MLEModule
 from models import LocationModelConfig
-
-OPTIM = dict(lr=1e-3, weight_decay=0.01, betas=[0.9, 0.95], warmup_steps=1, min_lr_ratio=0.1)
-
+from tests.helpers.batches import OPTIM, pair_batch
 
 def _save_mle(path, **overrides):
     torch.manual_seed(0)
@@ -31,24 +29,6 @@ def _save_mle(path, **overrides):
 @pytest.fixture(scope="module")
 def mle_ckpt(tmp_path_factory):
     return str(_save_mle(tmp_path_factory.mktemp("mle") / "mle.ckpt"))
-
-
-def pair_batch(seed, size=4):
-    """A pair batch in the ARCHITECTURE.md format, boxes chosen by hand (chosen != rejected)."""
-    g = torch.Generator().manual_seed(seed)
-    chosen = torch.tensor([[0.1, 0.5, 0.4, 0.8], [0.5, 0.6, 0.9, 0.9], [0.2, 0.1, 0.3, 0.2], [0.6, 0.3, 0.7, 0.5]])
-    rejected = torch.tensor([[0.1, 0.3, 0.4, 0.6], [0.5, 0.2, 0.9, 0.5], [0.2, 0.6, 0.3, 0.7], [0.1, 0.3, 0.2, 0.5]])
-    return {
-        "image": torch.rand(size, 3, 64, 64, generator=g),
-        "category": ["car", "bird", "bird", "lamp"][:size],
-        "size": torch.tensor([[64, 64]] * size),
-        "positives": [c[None] for c in chosen[:size]],
-        "negatives": [r[None] for r in rejected[:size]],
-        "key": [f"toy-{seed}-{i}" for i in range(size)],
-        "meta": [{} for _ in range(size)],
-        "chosen": chosen[:size],
-        "rejected": rejected[:size],
-    }
 
 
 def loader(n_batches):
@@ -154,11 +134,6 @@ def test_precomputed_reference_is_exact_and_keeps_flips_apart(mle_ckpt, monkeypa
     module = DPOModule(optim=OPTIM, beta=0.5, reference=mle_ckpt, precompute_reference=True)
     plain = DPOModule(optim=OPTIM, beta=0.5, reference=mle_ckpt)
     batch = pair_batch(0)
-    first = module.pair_log_probs(batch)
-    assert len(module._ref_cache) == 8
-    for name in ("ref_chosen", "ref_rejected"):
-        assert torch.allclose(first[name], plain.pair_log_probs(batch)[name], atol=1e-6)
-
     calls = []  # rows scored by the reference
 
     def counting(model, prefix, *boxes):
@@ -167,6 +142,12 @@ def test_precomputed_reference_is_exact_and_keeps_flips_apart(mle_ckpt, monkeypa
         return pair_box_log_probs(model, prefix, *boxes)
 
     monkeypatch.setattr(dpo_module, "pair_box_log_probs", counting)
+    first = module.pair_log_probs(batch)
+    assert calls == [4]  # the 4 pairs' chosen and rejected boxes scored once, then memoised
+    for name in ("ref_chosen", "ref_rejected"):
+        assert torch.allclose(first[name], plain.pair_log_probs(batch)[name], atol=1e-6)
+
+    calls.clear()
     again = module.pair_log_probs(batch)
     assert calls == []  # all from the memo
     assert torch.equal(again["ref_chosen"], first["ref_chosen"])
@@ -228,7 +209,7 @@ DDP_SCRIPT = textwrap.dedent('''
     import lightning as L, torch
     from torch.utils.data import DataLoader
     from lightning_modules.dpo import DPOModule
-    from tests.test_dpo_module import OPTIM, pair_batch
+    from tests.helpers.batches import OPTIM, pair_batch
 
     if __name__ == "__main__":
         out, ckpt = sys.argv[1], sys.argv[2]

@@ -14,8 +14,8 @@ from metrics.annotations import EvaluationError, annotation_kind, load_annotatio
 from metrics.evaluation import evaluate as evaluate_method, plausible_rates
 from metrics.predictions import baseline_predictions, read_predictions
 from metrics.sampling import Sampling
-from conftest import FIXTURES, ROOT
 from models.checkpoint import save_model_checkpoint
+from tests.helpers import FIXTURES, ROOT
 
 OPA = FIXTURES / "opa_sample"
 FOPA_CSV = OPA / "annotations_original" / "fopa_test_data_pair__bg580029_rows.csv"

@@ -17,9 +17,9 @@ from skimage import data as skdata
 import evaluate
 from metrics.annotations import EvaluationError, check_annotations, load_annotations
 from metrics.predictions import read_predictions
-from conftest import ROOT
 from datamodules import ShardDataModule
 from datamodules.shard_writer import ShardWriter
+from tests.helpers import ROOT
 
 W, H = 64, 48
 BOXES = [[4, 6, 20, 30], [30, 10, 50, 40], [10, 20, 60, 44], [1, 1, 9, 9]]

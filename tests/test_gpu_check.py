@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks import gpu_check
-from conftest import ROOT
+from tests.helpers import ROOT
 
 
 @pytest.mark.slow

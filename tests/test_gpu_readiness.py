@@ -133,7 +133,7 @@ def test_an_old_release_is_one_line_at_import(monkeypatch):
 def test_pyproject_lower_bounds_are_the_checked_minimums():
     import tomllib
 
-    from conftest import ROOT
+    from tests.helpers import ROOT
     from models.versions import MINIMUM
 
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
@@ -255,7 +255,7 @@ def test_smoke_gpu_cpu_rehearsal_runs_every_part(tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from tests.helpers import ROOT
 
     proc = subprocess.run([sys.executable, "-m", "scripts.smoke_gpu", "--device", "cpu", "--tiny", "--out",
                            str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -16,12 +16,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from conftest import FIXTURES, ROOT
 from models.hub import load_location_model
 from lightning_modules.mle import MLEModule
 from models import GenLocModel, LocationModel, LocationModelConfig, ModelFilesError
 from models.hub import FILES, card_metrics, portable_config
 from scripts import export as export_script
+from tests.helpers import FIXTURES, ROOT
 
 PHOTO = FIXTURES / "libcom" / "controllable_composition" / "background" / "000000460450.png"
 METRICS = {"train/loss": 3.21, "val/loss": 3.5, "val/plausible_rate": 0.25, "val/tpr@10": 0.1, "val/tpr@100": 0.4,

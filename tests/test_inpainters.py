@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FIXTURES
 from models.inpainters import (BACKENDS, BackendFolderError, DiffRegion, Inpainter, changed_region, load_backend,
                                load_editor)
 from models.inpainters.powerpaint import TASK_WORDS, expand, word_tokens
 from models.inpainting import box_mask, context_rect, feathered_alpha, mask_bbox, working_size
 from scripts.tiny_builders import save_tiny_gligen
-from tiny_inpainters import (NATIVE, save_flux_fill, save_instruct_pix2pix, save_kandinsky, save_powerpaint, save_sd,
-                             save_sdxl)
+from scripts.tiny_inpainters import (NATIVE, save_flux_fill, save_instruct_pix2pix, save_kandinsky, save_powerpaint,
+                                     save_sd, save_sdxl)
+from tests.helpers import FIXTURES
 
 CAT = FIXTURES / "libcom" / "controllable_composition" / "background" / "000000049931.png"  # 512x512
 PLANE = FIXTURES / "opa_sample" / "reconstructed" / "580029_background_reconstructed.png"  # 640x427

@@ -8,7 +8,7 @@ import torch
 
 import demo
 import insert
-from conftest import FIXTURES
+from tests.helpers import FIXTURES
 from models.checkpoint import save_model_checkpoint
 from models.hub import load_model
 from models.images import to_rgb_image

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FIXTURES
 from models import GenLocModel, LocationModelConfig, NoValidSetError, place, place_many
 from models.images import to_rgb_image
 from models.placement import model_input, token_iou
+from tests.helpers import FIXTURES
 
 PHOTOS = [FIXTURES / "libcom" / "controllable_composition" / "background" / "000000049931.png",
           FIXTURES / "opa_sample" / "eval_opascore_examples" / "composite_1.jpg",      # 640 x 427

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from test_resume_exact import quick_overrides, run_fit
+from tests.helpers.runs import quick_overrides, run_fit
 
 
 def fake_slurm(tmp_path) -> dict:
@@ -51,7 +51,7 @@ def test_crash_while_saving_keeps_the_previous_last_checkpoint(tiny_toy_data, tm
     import models.files as files
     import train as train_script
     from configs.schema import load_config
-    from conftest import tiny_run_overrides
+    from tests.helpers.runs import tiny_run_overrides
 
     args = ["experiment=toy_pretrain"] + tiny_run_overrides(tiny_toy_data / "toy-pipe", tmp_path, steps=2) + [
         "callbacks.tpr_fpr.every_n_val_epochs=0", "callbacks.sample_images.every_n_val_epochs=0"]

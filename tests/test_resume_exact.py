@@ -1,32 +1,13 @@
 """Exact resume: a run SIGKILLed mid-epoch and restarted with the same command ends with the same
 bits as an uninterrupted run (restart parity, as in Lightning's own loop tests), because the data
 position within the epoch, the RNG draws and the text-feature cache do not depend on the restart."""
-import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, tiny_run_overrides
 from datamodules.pipeline import EpochLoader, ShardStream
-
-FIT = str(ROOT / "tests" / "scripts" / "fit.py")
-
-
-def quick_overrides(data_dir, log_root, steps: int, every: int) -> list[str]:
-    """The tiny recipe with checkpoints (and one-batch validations) every `every` steps, no sampling callbacks."""
-    return ["experiment=toy_pretrain"] + tiny_run_overrides(data_dir, log_root, steps=steps) + [
-        f"trainer.val_check_interval={every}", "callbacks.tpr_fpr.every_n_val_epochs=0",
-        "callbacks.sample_images.every_n_val_epochs=0"]
-
-
-def run_fit(overrides, env_extra=None, timeout=240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, FIT, *overrides], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
+from tests.helpers.runs import quick_overrides, run_fit
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_skip_continues_the_epoch_exactly(tiny_toy_data, num_workers):

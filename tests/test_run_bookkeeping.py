@@ -15,9 +15,9 @@ from omegaconf import OmegaConf
 
 import train as train_script
 from configs.schema import CONFIG_DIR, ConfigError, load_config
-from conftest import tiny_run_overrides
 from models import checkpoint, files
 from lightning_modules.run_files import RunLock, newest_last_checkpoint
+from tests.helpers.runs import tiny_run_overrides
 
 
 def _args(data, log_root, steps=1, run_name="default", extra=()):

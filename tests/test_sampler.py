@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.reference_decode import naive_reference_decode
 from models import LocationModel, LocationModelConfig, SampleOutput, draw_tokens, filter_logits
-from tests.reference_decode import naive_reference_decode
 
 
 @pytest.fixture(scope="module")

@@ -103,7 +103,7 @@ def test_a_large_budget_keeps_the_fixed_batch_so_results_do_not_depend_on_the_ma
               "--device", "cpu", "--no-progress"]
     big = evaluate.main(common + ["--sampling-memory", "64", "--out", str(tmp_path / "big")])
     fixed = evaluate.main(common + ["--batch-size", str(MAX_SAMPLING_BATCH), "--out", str(tmp_path / "fixed")])
-    assert big["sampling"]["batch_size"] == MAX_SAMPLING_BATCH
+    assert big["sampling"]["batch_size"] == fixed["sampling"]["batch_size"] == MAX_SAMPLING_BATCH
     assert (tmp_path / "big" / "predictions.jsonl").read_text() == (tmp_path / "fixed" / "predictions.jsonl").read_text()
 
 

@@ -16,8 +16,7 @@ from datamodules import ShardDataModule
 from datamodules.pipeline import EpochLoader, ShardStream
 from datamodules.shard_format import ShardFormatError
 from datamodules.shard_reader import iter_annotations, read_split_info
-from test_ddp_train import assert_same_steps, read_ranks
-from test_resume_exact import quick_overrides, run_fit
+from tests.helpers.runs import assert_same_steps, quick_overrides, read_ranks, run_fit
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):

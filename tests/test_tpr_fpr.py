@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from models.boxes import iou_at_least, pairwise_iou
 from metrics.tpr_fpr import TPRFPR, result_curves
+from models.boxes import iou_at_least, pairwise_iou
+from tests.helpers.batches import tiny_module
 
 # Two samples, boxes in pixels; positives and negatives of a sample overlap with IoU < 0.5.
 POS = [torch.tensor([[0., 0., 10., 10.], [20., 20., 40., 30.]]), torch.tensor([[5., 5., 15., 25.]])]
@@ -175,33 +176,6 @@ def _loader(batches):
     return DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
 
 
-def _toy_batches(num=6, batch_size=3):
-    """Batch dicts of ARCHITECTURE.md built from real toy scenes (no datamodule, so no data kind;
-    used by tests/ddp_tpr_fpr_script.py)."""
-    import numpy as np
-
-    from datamodules.toy import make_sample
-
-    def norm(boxes, w, h):
-        return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) / torch.tensor([w, h, w, h])
-
-    samples = [make_sample(0, i, "toy-opa", split_id=1) for i in range(num)]
-    batches = []
-    for i in range(0, num, batch_size):
-        part = samples[i:i + batch_size]
-        batches.append({
-            "image": torch.stack([torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255
-                                  for _, img, _ in part]),
-            "category": [a["category"] for _, _, a in part],
-            "size": torch.tensor([[a["width"], a["height"]] for _, _, a in part]),
-            "positives": [norm(a["positives"], a["width"], a["height"]) for _, _, a in part],
-            "negatives": [norm(a["negatives"], a["width"], a["height"]) for _, _, a in part],
-            "key": [k for k, _, _ in part],
-            "meta": [a["meta"] for _, _, a in part],
-        })
-    return batches
-
-
 def _toy_loader(data_root, batch_size=3):
     """The toy-opa val loader of the shard pipeline: its dataset carries the toy data kind (from the
     split's "source"), whose oracle gives the callback its plausible rate."""
@@ -209,30 +183,6 @@ def _toy_loader(data_root, batch_size=3):
 
     stream = ShardStream(data_root / "toy-opa", "val", image_size=64, batch_size=batch_size, train=False)
     return EpochLoader(stream)
-
-
-def _tiny_module():
-    import lightning as L
-
-    from models import LocationModel, LocationModelConfig
-
-    class Tiny(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.model = LocationModel(LocationModelConfig.preset("tiny", num_bins=32))
-
-        def training_step(self, batch, batch_idx):
-            tokens = self.model.tokenizer.encode(torch.stack([p[0] for p in batch["positives"]]))
-            return -self.model(batch["image"], batch["category"], tokens).sum(-1).mean()
-
-        def validation_step(self, batch, batch_idx):
-            return None
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=1e-3)
-
-    return Tiny()
 
 
 def _trainer(tmp_path, callback, **kw):
@@ -250,7 +200,7 @@ def test_callback_logs_seeded_metrics_equal_to_direct_scoring(tmp_path, tiny_toy
 
     loader = _toy_loader(tiny_toy_data)
     batches = list(loader)
-    module = _tiny_module()
+    module = tiny_module()
     cb = TprFprCallback(num_samples=20, seed=3)
     first = _trainer(tmp_path, cb).validate(module, dataloaders=loader, verbose=False)[0]
     again = _trainer(tmp_path, cb).validate(module, dataloaders=loader, verbose=False)[0]
@@ -287,11 +237,11 @@ def test_callback_scores_at_fit_end_and_respects_sample_cap(tmp_path, tiny_toy_d
     cb = TprFprCallback(every_n_val_epochs=2, num_samples=10, max_eval_samples=4, seed=0)
     trainer = _trainer(tmp_path, cb, max_steps=2, val_check_interval=1, check_val_every_n_epoch=None,
                        limit_val_batches=2, num_sanity_val_steps=1, log_every_n_steps=1)
-    trainer.fit(_tiny_module(), train_dataloaders=_loader(batches[:1]), val_dataloaders=val_loader)
+    trainer.fit(tiny_module(), train_dataloaders=_loader(batches[:1]), val_dataloaders=val_loader)
     # validation ran twice (steps 1, 2; the sanity check does not count): the 2nd run is scored, so
     # fit end adds nothing
     events = EventAccumulator(str(tmp_path / "tb" / "version_0")).Reload()
-    assert len(events.Scalars("val/tpr@10")) == 1 and cb._schedule.runs == 2
+    assert len(events.Scalars("val/tpr@10")) == 1 and cb.schedule.runs == 2
     assert [e.value for e in events.Scalars("val/tpr_fpr_num_samples")] == [4]   # capped at 4 of 6 read
     assert "val/tpr_fpr" in events.Tags()["images"]
 
@@ -299,8 +249,8 @@ def test_callback_scores_at_fit_end_and_respects_sample_cap(tmp_path, tiny_toy_d
     cb3 = TprFprCallback(every_n_val_epochs=3, num_samples=10, seed=0)
     trainer = _trainer(tmp_path / "b", cb3, max_steps=2, val_check_interval=1, check_val_every_n_epoch=None,
                        num_sanity_val_steps=0, log_every_n_steps=1)
-    trainer.fit(_tiny_module(), train_dataloaders=_loader(batches[:1]), val_dataloaders=val_loader)
+    trainer.fit(tiny_module(), train_dataloaders=_loader(batches[:1]), val_dataloaders=val_loader)
     events = EventAccumulator(str(tmp_path / "b" / "tb" / "version_0")).Reload()
-    assert cb3._schedule.runs == 2
+    assert cb3.schedule.runs == 2
     assert [(e.step, e.value) for e in events.Scalars("val/tpr_fpr_num_samples")] == [(2, 8)]
     assert len(events.Scalars("val/plausible_rate")) == 1

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).with_name("ddp_tpr_fpr_script.py")
+SCRIPT = Path(__file__).parent / "scripts" / "ddp_tpr_fpr.py"
 
 
 @pytest.mark.slow

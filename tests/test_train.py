@@ -8,7 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import train as train_script
 from configs.schema import CONFIG_DIR, ConfigError, load_config
-from tests.conftest import tiny_run_overrides
+from tests.helpers.runs import tiny_run_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 

@@ -14,7 +14,7 @@ score of the region), the inserted region is recovered from the edit (`changed_r
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,9 +38,6 @@ class DiffRegion:
     blur_sigma: float = 2.0
     open_px: int = 2
     close_px: int = 6
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def changed_region(before: np.ndarray, after: np.ndarray, cfg: DiffRegion = DiffRegion()) -> np.ndarray:

@@ -1,5 +1,5 @@
 """The slow reference decoder `LocationModel.sample` is checked against (tests) and timed against
-(benchmarks/sampling.py). Test code, kept out of models/."""
+(benchmarks/sampling.py): a measuring stick, kept out of models/."""
 from __future__ import annotations
 
 from typing import Optional

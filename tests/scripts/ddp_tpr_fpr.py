@@ -1,8 +1,8 @@
 """Two gloo CPU processes with uneven sample counts score one dataset; rank 0 checks the synced
 result equals the single-process result and writes "OK" to the file given as argv[2].
 
-    python tests/ddp_tpr_fpr_script.py metric OUT     # TPRFPR, torch.multiprocessing spawn
-    python tests/ddp_tpr_fpr_script.py callback OUT   # TprFprCallback in a Lightning ddp validate
+    python tests/scripts/ddp_tpr_fpr.py metric OUT     # TPRFPR, torch.multiprocessing spawn
+    python tests/scripts/ddp_tpr_fpr.py callback OUT   # TprFprCallback in a Lightning ddp validate
 
 Run as a subprocess by tests/test_tpr_fpr_ddp.py (never inside the pytest process), with the repository
 root on PYTHONPATH (tests/conftest.py)."""
@@ -62,16 +62,16 @@ def callback_run(out):
     from torch.utils.data import DataLoader, IterableDataset
 
     from callbacks.tpr_fpr import TprFprCallback
-    from tests.test_tpr_fpr import _tiny_module, _toy_batches
+    from tests.helpers.batches import tiny_module, toy_batches
 
-    batches = _toy_batches(num=9, batch_size=3)
+    batches = toy_batches(num=9, batch_size=3)
 
     class RankBatches(IterableDataset):
         def __iter__(self):
             rank = dist.get_rank() if dist.is_initialized() else 0
             return iter(batches[:1] if rank == 0 else batches[1:])
 
-    module = _tiny_module()
+    module = tiny_module()
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[TprFprCallback(num_samples=100, seed=7)])
     logged = trainer.validate(module, DataLoader(RankBatches(), batch_size=None, collate_fn=lambda b: b),
