@@ -11,8 +11,8 @@ export PYTHONPATH := $(CURDIR)
 
 venv: .venv/.installed
 
-# Exact versions from requirements/lock.txt (pyproject holds the ranges), so `make train` prints
-# the same numbers on every machine.
+# Exact versions from requirements/lock.txt (pyproject holds the ranges), so a fresh venv is the
+# tested environment and `make train` reproduces docs/results.md.
 .venv/.installed: pyproject.toml requirements/lock.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip 2>/dev/null || true
