@@ -111,6 +111,9 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     for flag, value, ok, allowed in checks:
         if not ok:
             parser.error(f"{flag} must be {allowed}, got {value}")
+    empty = [c for c in args.category if not c.strip()]
+    if empty:
+        parser.error(f"--category must name an object class, got {empty[0]!r}")
     if args.inpainter is not None and not Path(args.inpainter).is_dir():
         parser.error(f"--inpainter {args.inpainter}: no such folder; pass a local diffusers inpainting folder, or "
                      "leave --inpainter out to write boxes only")

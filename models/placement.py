@@ -132,6 +132,16 @@ def normalised_aspect(aspect_ratio: Range, image_size: tuple[int, int]) -> Optio
 
 
 # ------------------------------------------------------------------------------------------ place
+def check_category(category) -> str:
+    """A class name the prompt can be made from: a non-empty string (an empty one would prompt the
+    model with "a photo of a " and place boxes for no object)."""
+    if not isinstance(category, str):
+        raise TypeError(f"category must be a class name (str), got {type(category).__name__} {category!r}")
+    if not category.strip():
+        raise ValueError(f"category must be a class name, got an empty string {category!r}")
+    return category
+
+
 def place(model: LocationModel, image: Union[ImageLike, Sequence[ImageLike]], category: Union[str, Sequence[str]],
           n: int = 10, region=None, size=None, aspect_ratio: Range = None, temperature: float = 1.0,
           top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = 0,
@@ -147,7 +157,12 @@ def place(model: LocationModel, image: Union[ImageLike, Sequence[ImageLike]], ca
     """
     single = not isinstance(image, (list, tuple))
     images = [image] if single else list(image)
-    categories = [category] * len(images) if isinstance(category, str) else list(category)
+    if isinstance(category, str):
+        categories = [check_category(category)] * len(images)
+    elif isinstance(category, (list, tuple)):
+        categories = [check_category(c) for c in category]
+    else:
+        raise TypeError(f"category must be a class name (str) or one per image, got {type(category).__name__}")
     if len(categories) != len(images):
         raise ValueError(f"{len(images)} images but {len(categories)} categories")
     results = _sample(model, images, categories, n, [region] * len(images), [size] * len(images),
@@ -231,10 +246,13 @@ def place_many(model: LocationModel, image: ImageLike, categories: Sequence[str]
     object has no valid draw starts over (from the original image); after ``attempts`` rounds
     `NoValidSetError` is raised -- overlapping boxes are never returned.
     """
-    categories = list(categories)
-    k = len(categories)
-    if k == 0 or isinstance(categories[0], (list, tuple)) or any(not isinstance(c, str) for c in categories):
+    if isinstance(categories, str):  # list("car") would place 'c', 'a', 'r'
+        raise TypeError(f"categories must be a list of class names, one per object, got the string {categories!r}; "
+                        f"for one object write [{categories!r}]")
+    if not isinstance(categories, (list, tuple)) or not categories:
         raise ValueError(f"categories must be a non-empty list of class names, got {categories!r}")
+    categories = [check_category(c) for c in categories]
+    k = len(categories)
     if not 0.0 <= max_iou <= 1.0:
         raise ValueError(f"max_iou must be in [0, 1], got {max_iou!r}")
     if candidates < 1 or attempts < 1:

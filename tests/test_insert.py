@@ -139,6 +139,8 @@ def test_insert_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     (["--n", "0"], "--n must be >= 1"), (["--n", "-3"], "--n must be >= 1"),
     (["--max-iou", "1.5"], "--max-iou must be in [0, 1]"), (["--steps", "0"], "--steps must be >= 1"),
     (["--inpainter", "sd-inpaintnig"], "--inpainter sd-inpaintnig: no such folder"),
+    (["--category", ""], "--category must name an object class"), (["--category", "  "], "--category must name"),
+    (["--category", "cup", ""], "--category must name an object class"),
 ])
 def test_bad_arguments_fail_at_once_before_any_model_loads(argv, says, stub_sampler, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(insert, "sample_boxes", lambda *a, **k: pytest.fail("the location model was used"))

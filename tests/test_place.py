@@ -278,3 +278,20 @@ def test_insert_cli_places_several_objects_in_sequence_from_a_model_folder(model
     with pytest.raises(SystemExit) as exc:
         insert.main(["--image", str(PHOTOS[1]), "--category", "car", "person", "--checkpoint", str(model_dir), "--n", "3"])
     assert exc.value.code == 2 and "one box each" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("category, error, says", [
+    ("", ValueError, "empty string"), ("   ", ValueError, "empty string"), (None, TypeError, "NoneType"),
+    (3, TypeError, "int"), (["car", ""], ValueError, "empty string")])
+def test_place_refuses_a_missing_or_empty_class_name(model, category, error, says):
+    images = _photo() if not isinstance(category, list) else [_photo(), _photo()]
+    with pytest.raises(error, match=says):
+        place(model, images, category, n=2)
+
+
+@pytest.mark.parametrize("categories, error, says", [
+    ("car", TypeError, r"for one object write \['car'\]"), ([], ValueError, "non-empty list"),
+    (["car", " "], ValueError, "empty string"), (["car", None], TypeError, "NoneType")])
+def test_place_many_refuses_a_string_or_empty_names(model, categories, error, says):
+    with pytest.raises(error, match=says):
+        place_many(model, _photo(), categories)
