@@ -81,6 +81,9 @@ def export(checkpoint: str | Path, out: str | Path, push_to_hub: str | None = No
     from models.hub import load_location_model
 
     checkpoint, out = Path(checkpoint), Path(out)
+    if out.name in ("", ".", ".."):  # the folder is written beside its target and renamed over it
+        raise ExportError(f"--out {out}: name the model folder (e.g. --out {Path('runs') / 'my_model'}), "
+                          "not the current or a parent folder")
     if out.exists() and (not out.is_dir() or not set(os.listdir(out)) <= set(FILES)):
         raise ExportError(f"--out {out} exists and is not a model folder; choose a new or empty folder")
     try:

@@ -230,6 +230,16 @@ def test_export_bad_input_exits_2_with_one_line(run, tmp_path, capsys):
     assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".*partial"))
 
 
+@pytest.mark.parametrize("out", [".", ".."])
+def test_export_to_the_current_or_parent_folder_is_one_line(out, run, tmp_path, monkeypatch, capsys):
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    assert export_script.main(["--checkpoint", str(run[0]), "--out", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "name the model folder" in err
+    assert not list((tmp_path / "empty").iterdir()) and not list(tmp_path.glob(".*partial"))
+
+
 def test_export_replaces_an_earlier_export_and_pushes_the_folder(run, tmp_path, monkeypatch, capsys):
     import huggingface_hub
 
