@@ -232,11 +232,14 @@ def method_settings(args, method: Method) -> dict:
 
 
 def check_settings(out: Path, settings: dict) -> None:
-    """Resuming with other settings would mix edits made differently: refuse, naming the method."""
+    """Resuming with other settings would mix edits made differently: refuse, naming the method. Only
+    a method that has made edits is bound to its settings: a run that failed before editing (a wrong
+    --checkpoint, say) leaves nothing that blocks the corrected command."""
     path = out / "settings.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     for name, now in settings.items():
-        if name in old and old[name] != now:
+        made_edits = any((out / "edits" / name).glob("*.json"))
+        if name in old and old[name] != now and made_edits:
             changed = sorted(k for k in now if old[name].get(k) != now[k])
             raise UsageError(f"{out}: method {name!r} was run with other settings ({', '.join(changed)}); "
                              "use another --out or another method name")

@@ -167,3 +167,14 @@ def test_compare_needs_boxes_for_back_ends_and_a_known_input_layout(setup, tmp_p
         compare_insertion.main(["--images", str(tmp_path), "--out", str(tmp_path / "o"),
                                 "--methods", f"e=instruct-pix2pix:{setup['ip2p']}"])
     assert exc.value.code == 2 and "pairs.csv" in capsys.readouterr().err
+
+
+def test_a_run_that_failed_before_editing_does_not_block_the_corrected_command(setup, tmp_path, capsys):
+    out = tmp_path / "out"
+    methods = [f"genloc+sd=sd:{setup['sd']}"]
+    args = ["--images", str(setup["small"]), "--out", str(out), "--steps", "2", "--methods", *methods]
+    with pytest.raises(SystemExit) as exc:
+        compare_insertion.main(args + ["--checkpoint", str(tmp_path / "typo.ckpt")])
+    assert exc.value.code == 2 and "typo.ckpt" in capsys.readouterr().err
+    assert compare_insertion.main(args + ["--checkpoint", str(setup["ckpt"])]) == 0
+    assert {p.name for p in (out / "edits" / "genloc+sd").glob("*.png")} == set(PHOTOS)
