@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -35,10 +36,47 @@ def member(data_dir, name: str) -> str:
     return str(Path(text) / name)
 
 
+def url_wait() -> tuple[float, int]:
+    """(seconds one network request may go without an answer, attempts): ``GENLOC_URL_TIMEOUT``
+    (default 60) and ``GENLOC_URL_ATTEMPTS`` (default 3), so no wait is silent for longer."""
+    values = []
+    for name, default, kind in (("GENLOC_URL_TIMEOUT", "60", float), ("GENLOC_URL_ATTEMPTS", "3", int)):
+        text = os.environ.get(name, default)
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not value > 0:
+            raise ShardFormatError(f"{name}={text!r} must be a positive {kind.__name__} (unset it for {default})")
+        values.append(value)
+    return values[0], values[1]
+
+
 def _filesystem(url: str):
     import fsspec
 
+    if url.startswith(("http://", "https://")):  # aiohttp's own limit is 5 minutes of silence
+        import aiohttp
+
+        seconds = url_wait()[0]
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=seconds, sock_read=seconds)
+        return fsspec.core.url_to_fs(url, client_kwargs={"timeout": timeout})
     return fsspec.core.url_to_fs(url)
+
+
+def _retrying(location: str, request):
+    """``request()``, repeated after a request that timed out, with one line per retry; the last
+    attempt's timeout propagates."""
+    seconds, attempts = url_wait()
+    for attempt in range(1, attempts + 1):
+        try:
+            return request()
+        except TimeoutError as err:  # asyncio's and aiohttp's timeouts are TimeoutError subclasses
+            if attempt == attempts:
+                raise TimeoutError(f"no answer within {seconds:g} s, {attempts} attempts "
+                                   "(GENLOC_URL_TIMEOUT, GENLOC_URL_ATTEMPTS)") from err
+            print(f"{location}: no answer within {seconds:g} s; retrying, attempt {attempt + 1} of {attempts}",
+                  file=sys.stderr, flush=True)
 
 
 def open_binary(location: str):
@@ -53,7 +91,7 @@ def open_binary(location: str):
     fs, path = _filesystem(location)
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
     streamed = {"block_size": 0} if {"http", "https"} & set(protocols) else {}  # one GET, no range requests
-    return fs.open(path, "rb", **streamed)
+    return _retrying(location, lambda: fs.open(path, "rb", **streamed))
 
 
 def _read_bytes(location: str) -> bytes:
@@ -64,7 +102,7 @@ def _read_bytes(location: str) -> bytes:
             raise OSError(f"command exited with status {proc.returncode}: {proc.stderr.decode(errors='replace')[-300:]}")
         return proc.stdout
     fs, path = _filesystem(location)
-    return fs.cat_file(path)
+    return _retrying(location, lambda: fs.cat_file(path))
 
 
 def _unreadable(location: str, error: Exception) -> ShardFormatError:
@@ -99,11 +137,11 @@ def _missing_shards(data_dir, paths: list[str]) -> list[str]:
         return []
     fs, folder = _filesystem(str(data_dir).rstrip("/"))
     try:
-        listed = {name.rstrip("/").rsplit("/", 1)[-1] for name in fs.ls(folder, detail=False)}
+        listed = {name.rstrip("/").rsplit("/", 1)[-1] for name in _retrying(folder, lambda: fs.ls(folder, detail=False))}
     except Exception:  # servers without folder listings: check each shard below
         listed = set()
     unlisted = [p for p in paths if p.rsplit("/", 1)[-1] not in listed]
-    return [p for p in unlisted if not fs.exists(_filesystem(p)[1])]
+    return [p for p in unlisted if not _retrying(p, lambda: fs.exists(_filesystem(p)[1]))]
 
 
 def read_split_info(data_dir, split: str) -> SplitInfo:

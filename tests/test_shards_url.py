@@ -169,3 +169,50 @@ def test_two_ddp_ranks_train_from_http_exactly_as_from_local_files(toy_folder, t
             runs[name] = read_ranks(out)
     assert_same_steps(runs["http"], 4)
     assert [r["keys"] for r in runs["http"]] == [r["keys"] for r in runs["local"]]
+
+
+class SilentServer:
+    """A TCP server on 127.0.0.1 that accepts connections and never answers (a hung shard server)."""
+
+    def __init__(self):
+        import socket
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.held = []
+
+    def __enter__(self) -> str:
+        def accept():
+            while True:
+                try:
+                    self.held.append(self.sock.accept()[0])
+                except OSError:
+                    return
+        threading.Thread(target=accept, daemon=True).start()
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def __exit__(self, *exc):
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+def test_a_server_that_never_answers_is_retried_with_a_line_each_time_then_named(monkeypatch, capsys):
+    import time
+
+    monkeypatch.setenv("GENLOC_URL_TIMEOUT", "1")
+    monkeypatch.setenv("GENLOC_URL_ATTEMPTS", "2")
+    with SilentServer() as url:
+        start = time.monotonic()
+        with pytest.raises(ShardFormatError, match=r"cannot read .*val\.json.*no answer within 1 s, 2 attempts"):
+            read_split_info(url + "/toy-opa", "val")
+        waited = time.monotonic() - start
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"{url}/toy-opa/val.json: no answer within 1 s; retrying, attempt 2 of 2"]
+    assert waited < 30  # two bounded attempts, not aiohttp's five silent minutes
+
+
+@pytest.mark.parametrize("name, value", [("GENLOC_URL_TIMEOUT", "soon"), ("GENLOC_URL_ATTEMPTS", "0")])
+def test_bad_url_wait_settings_are_one_line(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ShardFormatError, match=f"{name}='{value}' must be a positive"):
+        read_split_info("http://127.0.0.1:9/toy-opa", "val")
