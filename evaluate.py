@@ -83,6 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=default_device())
     p.add_argument("--bf16", action="store_true", help="decode in bf16 autocast (a GPU speed option; docs/gpu.md)")
     p.add_argument("--allow-missing", action="store_true", help="score annotated samples without predictions as empty")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="score a split whose shards hold fewer samples than {split}.json records (damaged shards), "
+                        "recording the shortfall in metrics.json (default: stop)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--given-size", action="store_true",
                    help="(with --checkpoint) draw boxes of each labelled foreground size: the model only picks where")
@@ -132,7 +135,8 @@ def main(argv=None) -> dict | None:
     return evaluate(args.annotations or args.data, args.out, split=args.split, checkpoint=args.checkpoint,
                     data=args.data, predictions=args.predictions, baseline=args.baseline, name=args.name, ns=args.ns,
                     iou_threshold=args.iou_threshold, sampling=sampling, train_split=args.train_split,
-                    given_size=args.given_size, allow_missing=args.allow_missing, progress=not args.no_progress)
+                    given_size=args.given_size, allow_missing=args.allow_missing,
+                    allow_incomplete=args.allow_incomplete, progress=not args.no_progress)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ pipeline (`open_binary`). A URL is anything fsspec opens (``https://``, ``s3://`
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -179,6 +180,9 @@ def read_split_info(data_dir, split: str) -> SplitInfo:
                                f"re-run the conversion")
     if "shard_sizes" in info and (len(info["shard_sizes"]) != s or sum(info["shard_sizes"]) != n):
         raise ShardFormatError(f"{path}: shard_sizes do not add up to num_samples/num_shards; re-run the conversion")
+    if "shard_sha256" in info and len(info["shard_sha256"]) != s:
+        raise ShardFormatError(f"{path}: shard_sha256 lists {len(info['shard_sha256'])} checksums for {s} shards; "
+                               f"re-run the conversion")
     info["paths"] = paths
     return SplitInfo(info)
 
@@ -193,13 +197,57 @@ def shard_paths(data_dir, split: str) -> list[str]:
     return read_split_info(data_dir, split).paths
 
 
-def iter_annotations(data_dir, split: str):
+class _Hashing:
+    """A binary stream that hashes what is read through it (the shard checksum, at no extra read)."""
+
+    def __init__(self, stream):
+        self.stream, self.sha256 = stream, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.sha256.update(data)
+        return data
+
+    def hexdigest(self) -> str:
+        while self.read(1 << 20):  # the tar reader stops at the end-of-archive marker; hash the padding too
+            pass
+        return self.sha256.hexdigest()
+
+
+def iter_annotations(data_dir, split: str, mismatches: list | None = None):
     """Yield annotation-only samples (json; no image decode): dicts with ``key`` plus the json
     fields (category, width, height, positives, negatives, source, meta) in pixel xyxy, and the
-    ``shard`` they came from. Shards are read as streams, so a URL is read once, front to back."""
-    for p in read_split_info(data_dir, split).paths:
-        with open_binary(p) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member_info in tar:
-                if member_info.isfile() and member_info.name.endswith(".json"):
-                    key = os.path.basename(member_info.name).split(".", 1)[0]
-                    yield {"key": key, **json.loads(tar.extractfile(member_info).read()), "shard": p}
+    ``shard`` they came from. Shards are read as streams, so a URL is read once, front to back.
+
+    Each shard must hold the samples ``{split}.json`` records for it and, where recorded, match its
+    checksum (a shard damaged in the middle can read as a shorter valid tar): a mismatch raises
+    ShardFormatError, or with a ``mismatches`` list is appended to it as ``{"shard", "found",
+    "recorded", "checksum_ok"}`` and reading goes on."""
+    info = read_split_info(data_dir, split)
+    recorded, checksums = info.get("shard_sizes"), info.get("shard_sha256")
+    for i, p in enumerate(info.paths):
+        found = 0
+        with open_binary(p) as raw:
+            stream = _Hashing(raw)
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                for member_info in tar:
+                    if member_info.isfile() and member_info.name.endswith(".json"):
+                        key = os.path.basename(member_info.name).split(".", 1)[0]
+                        found += 1
+                        yield {"key": key, **json.loads(tar.extractfile(member_info).read()), "shard": p}
+            checksum_ok = checksums is None or stream.hexdigest() == checksums[i]
+        expected = found if recorded is None else recorded[i]
+        if found == expected and checksum_ok:
+            continue
+        problem = {"shard": p, "found": found, "recorded": expected, "checksum_ok": checksum_ok}
+        if mismatches is None:
+            raise ShardFormatError(mismatch_message(problem, split))
+        mismatches.append(problem)
+
+
+def mismatch_message(problem: dict, split: str) -> str:
+    """One line for a shard that is not what its split file records."""
+    what = (f"holds {problem['found']} samples but {split}.json records {problem['recorded']}"
+            if problem["found"] != problem["recorded"] else f"does not match its checksum in {split}.json")
+    return (f"{problem['shard']} {what}: the shard is damaged or was replaced; re-run the conversion of split "
+            f"'{split}' (python -m datamodules.verify checks every shard)")

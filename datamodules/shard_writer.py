@@ -9,6 +9,7 @@ held out from it and is not written again (its samples may now be in the replace
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -111,6 +112,15 @@ def _read_json(path: Path) -> dict | None:
     return info if isinstance(info, dict) else None
 
 
+def file_sha256(path: Path) -> str:
+    """The checksum `{split}.json` records per shard (checked by readers and `datamodules.verify`)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 class ShardBuild:
     """All splits one conversion writes: staged in ``out_dir/.build-<host>-<pid>-*`` and swapped in
     together by `commit`, so a failed conversion never touches the previous output.
@@ -156,18 +166,20 @@ class ShardBuild:
                 (self.stage / shard_name(split, i)).unlink(missing_ok=True)
             raise ShardFormatError(f"no valid sample written for split '{split}' in {self.out} "
                                    f"(dropped: {dict(stats.dropped)}); check the converter inputs")
-        sizes, pair_sizes = [], []
+        sizes, pair_sizes, checksums = [], [], []
         for i in sorted(stats.sizes):
             path = self.stage / shard_name(split, i)
             if stats.sizes[i] == 0:
                 path.unlink(missing_ok=True)
                 continue
+            checksums.append(file_sha256(path))
             os.replace(path, self.stage / shard_name(split, len(sizes)))
             sizes.append(stats.sizes[i])
             pair_sizes.append(stats.pair_sizes.get(i, 0))
         info = {"num_samples": stats.written, "num_shards": len(sizes), "source": stats.source,
                 "categories": sorted(stats.categories), "shard_sizes": sizes,
-                "num_pair_samples": stats.num_pair_samples, "pair_shard_sizes": pair_sizes}
+                "num_pair_samples": stats.num_pair_samples, "pair_shard_sizes": pair_sizes,
+                "shard_sha256": checksums}
         if held_out_from is not None:
             info["held_out_from"] = held_out_from
         write_json(self.stage / f"{split}.json", info)

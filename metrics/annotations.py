@@ -25,16 +25,19 @@ class EvaluationError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- annotations
-def load_annotations(path, split: str = "test") -> list[dict]:
+def load_annotations(path, split: str = "test", shortfalls: list | None = None) -> list[dict]:
     """Annotation dicts ``{key, category, positives, negatives, width, height, meta}`` (pixel xyxy)
-    from a shard folder (json only, no image decode), a raw OPA csv, or a FOPA pair csv/json."""
+    from a shard folder (json only, no image decode), a raw OPA csv, or a FOPA pair csv/json. A
+    shard holding other than the samples its split file records is an error; with a ``shortfalls``
+    list, a shard holding fewer is recorded there instead."""
     from datamodules import opa_labels
     from datamodules.shard_format import ShardFormatError
-    from datamodules.shard_reader import is_url, iter_annotations
+    from datamodules.shard_reader import is_url, iter_annotations, mismatch_message
 
     if is_url(path) or Path(path).is_dir():
         try:
-            samples = list(iter_annotations(path, split))
+            mismatches: list[dict] = []
+            samples = list(iter_annotations(path, split, mismatches))
         except ShardFormatError as e:
             raise EvaluationError(str(e)) from None
         except (tarfile.TarError, OSError, EOFError, ValueError) as e:
@@ -48,6 +51,10 @@ def load_annotations(path, split: str = "test") -> list[dict]:
                 raise EvaluationError(f"key {s['key']!r} appears {where}: keys must be unique in split '{split}' "
                                       "(a stale or copied shard?); re-run the conversion")
             first[s["key"]] = shard
+        for m in mismatches:  # after the key check: a copied shard names both places first
+            if shortfalls is None or m["found"] >= m["recorded"]:
+                raise EvaluationError(mismatch_message(m, split))
+            shortfalls.append(m)
         return samples
     path = Path(path)
     if not path.is_file():

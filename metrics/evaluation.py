@@ -4,6 +4,7 @@ baseline against annotations and writes ``predictions.jsonl``, ``metrics.json`` 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -29,23 +30,33 @@ def default_ns(num_samples: int) -> list[int]:
 def evaluate(annotations, out, *, split: str = "test", checkpoint=None, data=None, predictions=None, baseline: str | None = None,
              name: str | None = None, ns: list[int] | None = None, iou_threshold: float = 0.5,
              sampling: Sampling | None = None, train_split: str = "train", given_size: bool = False,
-             allow_missing: bool = False, progress: bool = True) -> dict:
+             allow_missing: bool = False, allow_incomplete: bool = False, progress: bool = True) -> dict:
     """Score one method (exactly one of ``checkpoint``, ``predictions``, ``baseline``) on the
     annotations of ``split``; writes into ``out`` and returns the metrics.json document. A checkpoint
     or baseline draws ``sampling.num_samples`` boxes per sample (a checkpoint from the images of the
-    shard folder ``data``, default: the annotations); ``ns`` defaults to `default_ns`."""
+    shard folder ``data``, default: the annotations); ``ns`` defaults to `default_ns`. A shard with
+    fewer samples than its split file records stops the evaluation unless ``allow_incomplete``: then
+    the shortfall is scored around, printed and recorded (``incomplete_shards``)."""
     if sum(x is not None for x in (checkpoint, predictions, baseline)) != 1:
         raise EvaluationError("give exactly one of checkpoint, predictions, baseline")
     sampling = sampling or Sampling()
     ns = list(ns or default_ns(sampling.num_samples))
     out_dir = Path(out)
     t0 = time.perf_counter()
-    samples, skipped, dropped = check_annotations(load_annotations(annotations, split), Path(annotations).is_dir())
+    shortfalls: list | None = [] if allow_incomplete else None
+    samples, skipped, dropped = check_annotations(load_annotations(annotations, split, shortfalls),
+                                                  Path(annotations).is_dir())
     if not samples:
         raise EvaluationError(f"no sample of {annotations} (split {split}) has valid labelled boxes: nothing to score")
     settings: dict = {"iou_threshold": iou_threshold, "annotations": str(annotations), "split": split,
                       "skipped_samples": dict(skipped), "dropped_boxes": dict(dropped)}
     settings["protocol"] = "given-size" if given_size else "free-size"
+    if shortfalls:
+        lost = sum(f["recorded"] - f["found"] for f in shortfalls)
+        print(f"warning: scoring without {lost} sample(s) that split '{split}' records: {len(shortfalls)} damaged "
+              f"shard(s), e.g. {shortfalls[0]['shard']} ({shortfalls[0]['found']} of {shortfalls[0]['recorded']})",
+              file=sys.stderr)
+        settings["incomplete_shards"] = shortfalls
     if given_size:
         settings["source_samples"] = len(samples)
         samples = size_groups(samples)

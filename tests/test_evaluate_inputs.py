@@ -130,6 +130,10 @@ def test_prediction_keys_with_raw_category_names_match(tmp_path):
 
 # ------------------------------------------------------------------------------------------ annotations
 def rewrite_json(shard, key, change):
+    """Rewrite one sample's json as another tool might: the split file records the new shard's
+    checksum, as that tool's converter would, so the bad content itself is what is tested."""
+    from datamodules.shard_writer import file_sha256
+
     with tarfile.open(shard) as tar:
         members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
     with tarfile.open(shard, "w") as tar:
@@ -141,6 +145,11 @@ def rewrite_json(shard, key, change):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+    split, index = shard.stem.rsplit("-", 1)
+    split_file = shard.parent / f"{split}.json"
+    recorded = json.loads(split_file.read_text())
+    recorded["shard_sha256"][int(index)] = file_sha256(shard)
+    split_file.write_text(json.dumps(recorded))
 
 
 def test_a_swapped_ground_truth_box_in_a_shard_is_skipped_like_training_does(shards, tmp_path, capsys):
