@@ -22,6 +22,10 @@ class _Model:
     def encode_texts(self, categories):
         self.encoded.append(list(categories))
 
+    @property
+    def cached_categories(self):  # as the real model: a category once encoded is cached
+        return {c for batch in self.encoded for c in batch}
+
 
 def _draws_after_batch_start(callback, epoch, batch_idx, rank, consume_before: int):
     torch.rand(consume_before)
