@@ -242,13 +242,17 @@ class GenLocModel(LocationModel, PyTorchModelHubMixin, library_name="genloc", li
             cfg = LocationModelConfig.from_dict(json.loads(Path(files["config.json"]).read_text()))
         except (ValueError, TypeError) as err:
             raise ModelFilesError(f"{files['config.json']}: not a GenLoc model config ({err})") from None
+        from safetensors import SafetensorError
         from safetensors.torch import load_model
 
         with weights_from_state_dict():
             model = cls(cfg)
         try:
             load_model(model, str(files["model.safetensors"]), strict=True, device=map_location)
-        except Exception as err:  # shape mismatch, missing keys, corrupt file
+        except SafetensorError as err:  # the file itself: truncated, garbled, not safetensors
+            raise ModelFilesError(f"{files['model.safetensors']} is damaged or truncated ({str(err)[:200]}); "
+                                  f"export or download the model folder again") from None
+        except Exception as err:  # shape mismatch, missing or unexpected keys
             raise ModelFilesError(f"{files['model.safetensors']}: weights do not fit {files['config.json']} "
                                   f"({type(err).__name__}: {str(err)[:300]})") from None
         model._text_cache.clear()

@@ -145,6 +145,34 @@ def test_offline_hub_id_not_cached_is_one_clear_error_without_network(tmp_path, 
         GenLocModel.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbled"])
+def test_a_damaged_weights_file_is_named_as_damaged_not_as_a_config_mismatch(folder, tmp_path, damage):
+    copy = tmp_path / "model"
+    copy.mkdir()
+    for name in FILES:
+        (copy / name).write_bytes((folder / name).read_bytes())
+    weights = (folder / "model.safetensors").read_bytes()
+    (copy / "model.safetensors").write_bytes(weights[: len(weights) // 2] if damage == "truncated"
+                                             else b"\xff" * 64 + weights[64:])
+    with pytest.raises(ModelFilesError) as info:
+        GenLocModel.from_pretrained(copy)
+    message = str(info.value)
+    assert "model.safetensors is damaged or truncated" in message and "do not fit" not in message
+    assert len(message.splitlines()) == 1
+
+
+def test_weights_of_another_architecture_are_named_as_a_config_mismatch(folder, tmp_path):
+    copy = tmp_path / "model"
+    copy.mkdir()
+    for name in FILES:
+        (copy / name).write_bytes((folder / name).read_bytes())
+    config = json.loads((copy / "config.json").read_text())
+    config["gpt2_n_layer"] += 1
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFilesError, match=r"model\.safetensors: weights do not fit .*config\.json"):
+        GenLocModel.from_pretrained(copy)
+
+
 def test_hub_id_loads_from_the_hub_cache_offline(folder, tmp_path, monkeypatch):
     """The hub cache layout huggingface_hub reads: refs/main -> snapshots/<commit>/<files>."""
     import huggingface_hub.constants

@@ -188,6 +188,15 @@ def test_bad_folders_fail_naming_folder_and_layout(folders, tmp_path):
         load_backend("dall-e", sd)
 
 
+def test_a_pipeline_folder_missing_a_component_names_that_component(folders, tmp_path):
+    import shutil
+
+    broken = shutil.copytree(folders("sd"), tmp_path / "sd")
+    shutil.rmtree(broken / "unet")
+    with pytest.raises(BackendFolderError, match=rf"sd back-end: {broken} lacks unet/; expected"):
+        load_backend("sd", broken)
+
+
 def test_instruction_editor_end_to_end(tmp_path):
     editor = load_editor("instruct-pix2pix", save_instruct_pix2pix(tmp_path / "ip2p"), steps=2)
     image = Image.open(PLANE).convert("RGB")

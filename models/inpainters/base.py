@@ -10,6 +10,7 @@ bit-identical to the input in every mode.
 from __future__ import annotations
 
 import inspect
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -38,6 +39,14 @@ def require_pipeline_folder(folder, backend: str, layout: str, parts=()) -> Path
     if not folder.is_dir():
         raise BackendFolderError(f"{backend} back-end: folder {folder} does not exist; expected {layout}")
     missing = [p for p in ("model_index.json", *parts) if not (folder / p).exists()]
+    if not missing:  # every component model_index.json names must be there (else diffusers names the root)
+        try:
+            index = json.loads((folder / "model_index.json").read_text())
+        except (OSError, ValueError) as err:
+            raise BackendFolderError(f"{backend} back-end: {folder / 'model_index.json'} is unreadable ({err}); "
+                                     f"expected {layout}") from None
+        missing = [f"{name}/" for name, value in index.items() if not name.startswith("_")
+                   and isinstance(value, list) and len(value) == 2 and all(value) and not (folder / name).is_dir()]
     if missing:
         raise BackendFolderError(f"{backend} back-end: {folder} lacks {', '.join(missing)}; expected {layout}")
     return folder
