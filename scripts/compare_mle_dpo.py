@@ -25,6 +25,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from models.files import write_atomic  # noqa: E402
+
 
 def model_rates(checkpoint: str, data: str, split: str, num_samples: int, seed: int, batch_size: int,
                 device: str, out_dir: Path) -> dict:
@@ -96,9 +98,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{c['fpr'][-1]:>8.4f} {row['tpr_at_matched_fpr']:>14.4f} {c['precision'][-1]:>9.4f}")
     print(f"image-blind baseline plausible rate: {blind:.4f}")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "matched_fpr": matched, "blind_plausible_rate": blind,
-                               **rows}, indent=2))
+    write_atomic(out, json.dumps({"args": vars(args), "matched_fpr": matched, "blind_plausible_rate": blind,
+                                  **rows}, indent=2))
     print(f"wrote {out}")
     return 0
 

@@ -40,7 +40,10 @@ def evaluate_all(stages: dict, data_dir: Path, out: Path, seed: int) -> dict[str
     from metrics.sampling import Sampling
 
     common = dict(split="val", sampling=Sampling(seed=seed), progress=False)
-    ckpt = lambda stage: f"{stages[stage]['run_dir']}/checkpoints/last.ckpt"  # noqa: E731
+
+    def ckpt(stage: str) -> str:
+        return f"{stages[stage]['run_dir']}/checkpoints/last.ckpt"
+
     rows = {
         "uniform random boxes": evaluate(data_dir, out / "random", baseline="random", **common),
         "MLE (toy_finetune)": evaluate(data_dir, out / "mle", checkpoint=ckpt("toy_finetune"), name="MLE", **common),
@@ -73,6 +76,7 @@ def run_settings() -> dict:
 
 def main(argv: list[str]) -> int:
     from configs.schema import load_config
+    from models.files import write_atomic
     from scripts import results_doc
 
     cfg = load_config(argv)
@@ -88,8 +92,8 @@ def main(argv: list[str]) -> int:
     summary = (f"{text}\n\nstage minutes: " + ", ".join(f"{k} {v['minutes']}" for k, v in stages.items())
                + f"; total {minutes:.1f} min\nDPO train rewards/accuracies {dpo.get('rewards/accuracies', float('nan')):.3f},"
                f" margins {dpo.get('rewards/margins', float('nan')):.3f}\nplot: {out / 'tpr_fpr.png'}")
-    (out / "results.md").write_text(summary + "\n")
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    write_atomic(out / "results.md", summary + "\n")
+    write_atomic(out / "results.json", json.dumps(results, indent=1, default=str))
     print("\n" + summary)
     if argv:
         print(f"\ndocs/results.md and the README's results not updated (run with overrides {argv}); to publish "
