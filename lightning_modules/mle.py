@@ -65,7 +65,22 @@ class LocationLightningModule(L.LightningModule):
 
     def configure_optimizers(self):
         total = max(1, int(self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches))
-        return self.optim.build(self.named_parameters(), total)
+        # A fused AdamW unscales fp16 gradients inside its step, after clipping would have seen them
+        # scaled: with a gradient scaler (16-mixed) the unfused optimiser runs.
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        return self.optim.build(self.named_parameters(), total, allow_fused=not scaled)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip a fused optimiser's gradients here: Lightning's mixed-precision plugin refuses any fused
+        optimiser, for the gradient scaler's sake, also under bf16-mixed, which has none (the gradients
+        are unscaled, as in fp32). Every other case is Lightning's own clipping."""
+        if not (gradient_clip_val and optimizer.defaults.get("fused")):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
 
 MODULE_KEY = "genloc_module"

@@ -18,6 +18,12 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def fused_kernel_available(params) -> bool:
+    """Whether torch's fused AdamW is used for these parameters: only on CUDA, so CPU runs keep the
+    default implementation's numbers."""
+    return all(p.is_cuda for p in params)
+
+
 @dataclass
 class AdamWCosine:
     """AdamW (no weight decay on biases and norms) and its per-step LR schedule.
@@ -48,14 +54,15 @@ class AdamWCosine:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def build(self, named_parameters, total_steps: int) -> dict:
-        """Lightning's `configure_optimizers` answer for these parameters over `total_steps` steps."""
+    def build(self, named_parameters, total_steps: int, allow_fused: bool = True) -> dict:
+        """Lightning's `configure_optimizers` answer for these parameters over `total_steps` steps;
+        ``allow_fused=False`` keeps the unfused AdamW whatever ``fused`` says."""
         decay, no_decay = [], []
         for name, param in named_parameters:
             if param.requires_grad:
                 (no_decay if param.ndim < 2 or "ln" in name or "norm" in name else decay).append(param)
         trained = decay + no_decay
-        on_cuda = self.fused and trained and all(p.is_cuda for p in trained)
+        on_cuda = self.fused and allow_fused and trained and fused_kernel_available(trained)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.lr,

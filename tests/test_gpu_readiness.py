@@ -308,3 +308,45 @@ def test_fused_adamw_only_where_every_parameter_is_on_cuda(monkeypatch):
     AdamWCosine(fused=True).build(layer.named_parameters(), total_steps=10)
     AdamWCosine(fused=False).build(layer.named_parameters(), total_steps=10)
     assert chosen == [None, True, None]
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_bf16_mixed_fit_clips_the_fused_adamw_as_it_clips_the_unfused_one(monkeypatch, algorithm):
+    """The first fit loop on a GPU stopped at its first step: Lightning's mixed-precision plugin refuses
+    to clip gradients for any fused optimiser. The fused kernel runs on a CPU too, so the GPU's case is
+    replayed here: the fused run trains, and the gradients its optimiser stepped with were clipped."""
+    import lightning as L
+
+    from lightning_modules import MLEModule, optim
+    from tests.helpers.batches import OPTIM, toy_batches
+
+    clip = 1e-3
+
+    class StepGradients(L.Callback):
+        """The gradients of each step after clipping (Lightning zeroes them at the next step's start)."""
+
+        def __init__(self):
+            self.grads = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.grads.append(torch.cat([p.grad.flatten() for p in pl_module.parameters() if p.grad is not None]))
+
+    def fit(fused: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(optim, "fused_kernel_available", lambda params: fused)
+        torch.manual_seed(0)
+        module = MLEModule(model_config=LocationModelConfig.preset("tiny", num_bins=32).to_dict(), optim=OPTIM)
+        record = StepGradients()
+        trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=2, gradient_clip_val=clip,
+                            gradient_clip_algorithm=algorithm, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                            callbacks=[record])
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(toy_batches(4, 2), batch_size=None))
+        assert trainer.optimizers[0].defaults.get("fused") is (True if fused else None)
+        return record.grads
+
+    unfused, fused = fit(False), fit(True)
+    assert len(fused) == 2
+    for grad in fused:
+        size = grad.norm() if algorithm == "norm" else grad.abs().max()
+        assert size <= clip * (1 + 1e-4)
+    assert torch.allclose(fused[0], unfused[0])  # the first step's clipped gradients: same parameters
