@@ -126,3 +126,16 @@ def test_bad_list_calls(model):
         score(model, [_photo(), _photo()], "cup", [[[1, 1, 5, 5]]])
     with pytest.raises(ValueError, match="empty string"):
         score(model, _photo(), "", [[1, 1, 5, 5]])
+
+
+def test_score_speed_benchmark_runs_tiny(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "score_speed.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.score_speed", "--tiny", "--boxes", "20", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert "sample / score" in proc.stdout and result["boxes"] == 20 and result["max_log_prob_gap"] < 1e-4
