@@ -169,3 +169,35 @@ def test_blind_scores_are_the_class_box_density():
     (category, pos, neg), = blind_scores(samples, train)
     assert category == "cup" and pos[0] == neg[1] and pos[0] > neg[0]     # image-blind: the same box, the same score
     assert ranking_metrics([(category, pos, neg)])["pair_acc"] == 0.75
+
+
+def test_rank_report_runs_on_a_recipe_folder(tmp_path, tiny_toy_data):
+    """scripts.rank_report on a folder laid out as `make train` leaves it (two tiny checkpoints, the
+    recipe's random and blind proposal files): its numbers are evaluate.py's."""
+    from metrics.evaluation import evaluate as evaluate_method
+    from scripts import rank_report
+
+    data = tiny_toy_data / "toy-opa"
+    runs = tmp_path / "runs"
+    stages = {}
+    for i, stage in enumerate(("toy_finetune", "toy_dpo")):
+        torch.manual_seed(i)
+        module = tiny_module()
+        save_model_checkpoint(module.model, runs / stage / "default" / "checkpoints" / "last.ckpt")
+        stages[stage] = {"run_dir": str(runs / stage / "default")}
+    (runs / "toy_results").mkdir(parents=True)
+    (runs / "toy_results" / "results.json").write_text(json.dumps({"stages": stages}))
+    for baseline in ("random", "blind"):
+        evaluate_method(data, runs / "toy_results" / baseline, split="val", baseline=baseline,
+                        sampling=Sampling(num_samples=20, device="cpu"), progress=False)
+    assert rank_report.main(["--runs", str(runs), "--data", str(data), "--keep", "5"]) == 0
+    doc = json.loads((runs / "toy_results" / "ranking" / "ranking.json").read_text())
+    dpo = evaluate.main(["--checkpoint", stages["toy_dpo"]["run_dir"] + "/checkpoints/last.ckpt", "--data", str(data),
+                         "--split", "val", "--num-samples", "5", "--device", "cpu", "--out", str(tmp_path / "d"),
+                         "--no-progress"])
+    assert doc["ranking"]["DPO (toy_dpo)"] == dpo["ranking"]
+    blind = json.loads((runs / "toy_results" / "blind" / "metrics.json").read_text())
+    assert doc["ranking"]["image-blind (class box density)"] == blind["ranking"]
+    assert set(doc["reranking"]) == {"random", "blind"} and "| random proposals | raw |" in (
+        runs / "toy_results" / "ranking" / "ranking.md").read_text()
+    assert rank_report.main(["--runs", str(tmp_path / "nothing"), "--data", str(data)]) == 2
