@@ -3,6 +3,7 @@
     python evaluate.py --checkpoint runs/x/checkpoints/last.ckpt --data data/toy/toy-opa --split test
     python evaluate.py --checkpoint runs/toy_model --data data/toy/toy-opa --split val --given-size
     python evaluate.py --predictions preds.jsonl --annotations fopa_test_data_pair.csv
+    python evaluate.py --predictions preds.jsonl --data data/toy/toy-opa --split val --rerank runs/toy_model --keep 10
     python evaluate.py --baseline random_gt_size --annotations data/opa --split test
     python evaluate.py --baseline blind --data data/toy/toy-opa --split val
     python evaluate.py --plot ours/metrics.json random/metrics.json --out fig.png
@@ -18,6 +19,12 @@ When the annotations are a shard folder whose kind has a plausibility oracle (``
 "source", see ``datamodules.kinds``; the toy scenes have one), metrics.json also holds the oracle's
 plausible rate of the scored boxes, overall and per class.
 ``--checkpoint`` also takes a model folder or a Hub id (``scripts/export.py``).
+Ranking (docs/design/evaluation.md#ranking): with a model (``--checkpoint``, ``--rerank``) or the
+blind baseline, metrics.json's ``ranking`` block holds how well the model's log-probability (the
+blind baseline: its class's box density) orders each sample's labelled positives above its
+negatives: pairwise accuracy and ROC-AUC, pooled and per class. ``--rerank MODEL --keep K`` (with
+``--predictions`` and a shard folder) orders each sample's predicted boxes by MODEL's score and keeps
+the first K before TPR-FPR (default --ns: 10, 20, ... K).
 ``--given-size`` (ours, docs/design/evaluation.md#given-size; the FOPA / TopNet / GracoNet setting): the labelled boxes of a
 sample are split into groups of one foreground size (OPA: one group per foreground and scale;
 pooled samples may hold several), and for each group N boxes of exactly that size (to within half
@@ -87,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="score a split whose shards hold fewer samples than {split}.json records (damaged shards), "
                         "recording the shortfall in metrics.json (default: stop)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--rerank", metavar="MODEL", help="(with --predictions) order each sample's boxes by this location "
+                   "model's log-probability (checkpoint, model folder or Hub id) and keep the first --keep")
+    p.add_argument("--keep", type=int, help="boxes kept per sample after --rerank")
     p.add_argument("--given-size", action="store_true",
                    help="(with --checkpoint) draw boxes of each labelled foreground size: the model only picks where")
     args = p.parse_args(argv)
@@ -104,9 +114,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"{flag} must be {allowed}, got {value}")
     if args.ns and (min(args.ns) < 1 or sorted(set(args.ns)) != args.ns):
         p.error(f"--ns must be increasing whole numbers >= 1, got {args.ns}")
-    args.ns = args.ns or default_ns(args.num_samples)
-    if max(args.ns) > args.num_samples:
-        p.error(f"--ns goes up to {max(args.ns)} but --num-samples is {args.num_samples}")
+    if (args.rerank is None) != (args.keep is None) or (args.rerank and not args.predictions):
+        p.error("--rerank MODEL and --keep K go together, with --predictions")
+    if args.keep is not None and args.keep < 1:
+        p.error(f"--keep must be >= 1, got {args.keep}")
+    args.ns = args.ns or default_ns(args.keep or args.num_samples)
+    if max(args.ns) > (args.keep or args.num_samples):
+        p.error(f"--ns goes up to {max(args.ns)} but " + (f"--keep is {args.keep}" if args.keep else
+                                                         f"--num-samples is {args.num_samples}"))
     if args.given_size and not args.checkpoint:
         p.error("--given-size needs --checkpoint (it constrains the model's sampler)")
     if args.checkpoint and not (args.data or args.annotations):
@@ -136,7 +151,8 @@ def main(argv=None) -> dict | None:
                     data=args.data, predictions=args.predictions, baseline=args.baseline, name=args.name, ns=args.ns,
                     iou_threshold=args.iou_threshold, sampling=sampling, train_split=args.train_split,
                     given_size=args.given_size, allow_missing=args.allow_missing,
-                    allow_incomplete=args.allow_incomplete, progress=not args.no_progress)
+                    allow_incomplete=args.allow_incomplete, progress=not args.no_progress, rerank=args.rerank,
+                    keep=args.keep)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ own samples. The metrics hold sum states and sync at ``compute()``, so the logge
 of the whole validation set whatever the per-rank counts. When fit ends after an unscored
 validation run (or with none), the validation loader is iterated once more so the final weights
 are always scored. Sampling uses a generator re-seeded at every evaluation: the same weights and
-the same data order give the same numbers.
+the same data order give the same numbers. The ranking metrics (``val/pair_acc``, ``val/rank_auc``,
+`metrics.ranking`) score the same samples' labelled boxes with the model's log-probability: no
+sampling, no random numbers; their scores are gathered from all ranks before the AUC is computed.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import torch
 from torchmetrics import MeanMetric
 
 from datamodules.kinds import DataKind, data_kind
+from metrics.ranking import RankingMetric
+from metrics.scoring import labelled_scores
 from metrics.tpr_fpr import DEFAULT_NS, TPRFPR, result_curves
 from models.sampling import check_filter_args
 
@@ -40,7 +44,8 @@ def _as_list(loaders) -> list:
 
 class TprFprCallback(L.Callback):
     """Logs ``val/tpr@n``, ``val/fpr@n``, ``val/tpr_shared@n``, ``val/fpr_shared@n``,
-    ``val/precision@n``, ``val/plausible_rate`` (when the validation data's kind has a plausibility
+    ``val/precision@n``, ``val/pair_acc`` and ``val/rank_auc`` (the model's scores of the labelled
+    boxes, `metrics.ranking`), ``val/plausible_rate`` (when the validation data's kind has a plausibility
     oracle, see ``datamodules.kinds``: the fraction of sampled boxes it accepts) and the curve image
     ``val/tpr_fpr``.
 
@@ -73,7 +78,7 @@ class TprFprCallback(L.Callback):
         self.log_curve = log_curve
         self._active = False
         self._scored_step = None
-        self._metric = self._plausible = None
+        self._metric = self._plausible = self._ranking = None
         self._oracles: list = []
         self._generator = None
         self._seen = 0
@@ -84,6 +89,7 @@ class TprFprCallback(L.Callback):
         has an oracle (the same on every rank, so the collective compute stays matched)."""
         device = pl_module.device
         self._metric = TPRFPR(ns=self.ns, iou_threshold=self.iou_threshold).to(device)
+        self._ranking = RankingMetric().to(device)
         self._oracles = [_loader_kind(loader).plausible for loader in _as_list(loaders)]
         has_oracle = any(oracle is not None for oracle in self._oracles)
         self._plausible = MeanMetric().set_dtype(torch.float64).to(device) if has_oracle else None
@@ -108,6 +114,7 @@ class TprFprCallback(L.Callback):
         boxes = out.boxes_norm
         self._metric.update(boxes, [p.to(device) for p in batch["positives"][:take]],
                             [q.to(device) for q in batch["negatives"][:take]])
+        self._ranking.update(*labelled_scores(pl_module.model, batch, take))
         oracle = self._oracles[dataloader_idx] if dataloader_idx < len(self._oracles) else None
         if oracle is not None:
             metas = batch.get("meta") or [{}] * take
@@ -125,6 +132,9 @@ class TprFprCallback(L.Callback):
             rate = self._plausible.compute()
             if not torch.isnan(rate):  # NaN: no box was scored on any rank
                 metrics["val/plausible_rate"] = rate
+        for name, value in self._ranking.compute().items():
+            if value is not None:  # None: no positive-negative pair on any rank
+                metrics[f"val/{name}"] = torch.tensor(value, dtype=torch.float64, device=pl_module.device)
         metrics["val/tpr_fpr_num_samples"] = result["num_samples"].double()
         if log_with_module:
             pl_module.log_dict({k: v.float() for k, v in metrics.items()}, sync_dist=True)
@@ -134,7 +144,7 @@ class TprFprCallback(L.Callback):
         if self.log_curve and trainer.is_global_zero:
             self._log_curve(trainer, {k: v.cpu() for k, v in result.items()})
         self._scored_step = trainer.global_step
-        self._metric = self._plausible = self._generator = None
+        self._metric = self._plausible = self._ranking = self._generator = None
         self._oracles = []
         return metrics
 

@@ -14,9 +14,10 @@ from tqdm import tqdm
 
 from metrics.annotations import EvaluationError, annotation_kind, check_annotations, image_size_of, load_annotations, \
     size_groups
-from metrics.predictions import annotation_keys, baseline_predictions, check_predictions, match_keys, \
+from metrics.predictions import annotation_keys, baseline_predictions, blind_scores, check_predictions, match_keys, \
     read_predictions, reported_ns, write_predictions
-from metrics.sampling import Sampling, sample_boxes
+from metrics.ranking import ranking_metrics
+from metrics.sampling import Sampling, evaluation_model, sample_boxes
 from metrics.tpr_fpr import DEFAULT_NS, TPRFPR, result_curves
 from models.boxes import normalise
 from models.files import write_json
@@ -30,13 +31,19 @@ def default_ns(num_samples: int) -> list[int]:
 def evaluate(annotations, out, *, split: str = "test", checkpoint=None, data=None, predictions=None, baseline: str | None = None,
              name: str | None = None, ns: list[int] | None = None, iou_threshold: float = 0.5,
              sampling: Sampling | None = None, train_split: str = "train", given_size: bool = False,
-             allow_missing: bool = False, allow_incomplete: bool = False, progress: bool = True) -> dict:
+             allow_missing: bool = False, allow_incomplete: bool = False, progress: bool = True, rerank=None,
+             keep: int | None = None) -> dict:
     """Score one method (exactly one of ``checkpoint``, ``predictions``, ``baseline``) on the
     annotations of ``split``; writes into ``out`` and returns the metrics.json document. A checkpoint
     or baseline draws ``sampling.num_samples`` boxes per sample (a checkpoint from the images of the
     shard folder ``data``, default: the annotations); ``ns`` defaults to `default_ns`. A shard with
     fewer samples than its split file records stops the evaluation unless ``allow_incomplete``: then
-    the shortfall is scored around, printed and recorded (``incomplete_shards``)."""
+    the shortfall is scored around, printed and recorded (``incomplete_shards``).
+
+    The ``ranking`` block (`metrics.ranking`) scores the labelled boxes with the checkpoint, the
+    ``rerank`` model or the blind baseline's class box density; None for other methods. With
+    ``rerank`` (a location model) each sample's predicted boxes are ordered by that model's score and
+    the first ``keep`` kept before TPR-FPR (`metrics.scoring.rerank`; needs a shard folder)."""
     if sum(x is not None for x in (checkpoint, predictions, baseline)) != 1:
         raise EvaluationError("give exactly one of checkpoint, predictions, baseline")
     sampling = sampling or Sampling()
@@ -60,17 +67,27 @@ def evaluate(annotations, out, *, split: str = "test", checkpoint=None, data=Non
     if given_size:
         settings["source_samples"] = len(samples)
         samples = size_groups(samples)
+    if (rerank is not None) != (keep is not None) or (rerank is not None and predictions is None):
+        raise EvaluationError("rerank needs predictions and keep (and keep needs rerank)")
+    ranking = None
     if checkpoint is not None:
-        preds, batch_size = sample_boxes(checkpoint, data or annotations, split, sampling, samples if given_size else None,
+        from metrics.scoring import split_ranking
+
+        model = evaluation_model(checkpoint, sampling.device)
+        preds, batch_size = sample_boxes(model, data or annotations, split, sampling, samples if given_size else None,
                                          progress)
+        ranking = split_ranking(model, data or annotations, split, sampling, progress)
         label = name or Path(checkpoint).stem
         settings.update(mode="checkpoint", checkpoint=str(checkpoint), sampling={
             "num_samples": sampling.num_samples, "temperature": sampling.temperature, "top_k": sampling.top_k,
             "top_p": sampling.top_p, "seed": sampling.seed, "batch_size": batch_size, "bf16": sampling.bf16})
     elif predictions is not None:
-        preds = read_predictions(predictions, max(ns))
+        preds = read_predictions(predictions, None if rerank is not None else max(ns))
         label = name or Path(predictions).stem
         settings.update(mode="predictions", predictions=str(predictions))
+        if rerank is not None:
+            preds, ranking, settings["rerank"] = _reranked(preds, samples, rerank, keep, data or annotations, split,
+                                                           sampling, progress)
     else:
         train = load_annotations(annotations, train_split) if baseline == "blind" else None
         preds = baseline_predictions(samples, baseline, sampling.num_samples, sampling.seed, train)
@@ -79,6 +96,7 @@ def evaluate(annotations, out, *, split: str = "test", checkpoint=None, data=Non
                         sampling={"num_samples": sampling.num_samples, "seed": sampling.seed})
         if train is not None:
             settings["train_split"] = train_split
+            ranking = ranking_metrics(blind_scores(samples, train))
     preds = annotation_keys(preds, samples)
     keys = match_keys(preds, samples, allow_missing)
     if predictions is not None:
@@ -96,15 +114,42 @@ def evaluate(annotations, out, *, split: str = "test", checkpoint=None, data=Non
         settings["plausible_rate_per_class"] = {k: v for k, v in rates.items() if k != "all"}
     lengths = [len(preds[s["key"]]) for s in samples if s["key"] in preds]
     settings.update(keys=keys, boxes_per_sample={"min": min(lengths, default=0), "max": max(lengths, default=0)},
-                    seconds=round(time.perf_counter() - t0, 3))
+                    ranking=ranking, seconds=round(time.perf_counter() - t0, 3))
     doc = write_results(out_dir, result, ns, label, settings)
     n = max(ns)
     print(f"{label}: {result['num_samples']} samples, {result['num_positives']} positives, "
           f"{result['num_negatives']} negatives; @{n}: TPR {result[f'tpr@{n}']:.4f} FPR {result[f'fpr@{n}']:.4f} "
           f"(shared: {result[f'tpr_shared@{n}']:.4f} / {result[f'fpr_shared@{n}']:.4f}) "
           f"precision {result[f'precision@{n}']:.4f}" + (f" plausible {rate:.4f}" if rate is not None else ""))
+    if ranking is not None:
+        print(f"{label}: ranking of the labelled boxes: {ranking_line(ranking)}")
     print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'tpr_fpr.png'}")
     return doc
+
+
+def ranking_line(ranking: dict) -> str:
+    """``pair_acc 0.7123 (1234 pairs in 56 groups), rank_auc 0.6543`` (n/a where undefined)."""
+    value = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    return (f"pair_acc {value(ranking['pair_acc'])} ({ranking['num_pairs']} pairs in {ranking['num_groups']} groups), "
+            f"rank_auc {value(ranking['rank_auc'])}")
+
+
+def _reranked(preds: dict, samples: list[dict], model, keep: int, data, split: str, sampling: Sampling,
+              progress: bool) -> tuple[dict, dict, dict]:
+    """Predictions re-ranked by ``model`` (`metrics.scoring.rerank`), the model's ranking block, and the settings."""
+    from datamodules.shard_reader import is_url
+    from metrics.scoring import rerank, split_ranking
+
+    if not (is_url(data) or Path(data).is_dir()):
+        raise EvaluationError(f"re-ranking scores boxes on their images: give the annotations as a shard folder, "
+                              f"not {data}")
+    scorer = evaluation_model(model, sampling.device)
+    reranked, unscorable = rerank(scorer, data, split, annotation_keys(preds, samples), keep, sampling, progress)
+    if unscorable:
+        print(f"warning: {unscorable} proposals break the box rule and cannot be scored; they rank last",
+              file=sys.stderr)
+    settings = {"model": str(model), "keep": keep, "unscorable_proposals": unscorable}
+    return reranked, split_ranking(scorer, data, split, sampling, progress), settings
 
 
 def score(preds: dict[str, np.ndarray], samples: list[dict], ns=DEFAULT_NS, iou_threshold: float = 0.5,

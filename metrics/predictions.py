@@ -162,10 +162,7 @@ def baseline_predictions(samples: list[dict], kind: str, n: int, seed: int,
             ys = np.sort(rng.uniform(0, h, size=(n, 2)), axis=1)
             boxes = np.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], 1)
         elif kind == "blind":
-            if s["category"] not in pools:
-                raise EvaluationError(f"sample {s['key']}: no training positive of class {s['category']!r} for the "
-                                      f"blind baseline (training classes: {sorted(pools)})")
-            pool = pools[s["category"]]
+            pool = _pool_of(pools, s)
             boxes = denormalise(pool[rng.integers(len(pool), size=n)], (w, h))
         else:
             gt = np.asarray(s["positives"] + s["negatives"], np.float64).reshape(-1, 4)
@@ -181,6 +178,13 @@ def baseline_predictions(samples: list[dict], kind: str, n: int, seed: int,
     return out
 
 
+def _pool_of(pools: dict[str, np.ndarray], sample: dict) -> np.ndarray:
+    if sample["category"] not in pools:
+        raise EvaluationError(f"sample {sample['key']}: no training positive of class {sample['category']!r} for the "
+                              f"blind baseline (training classes: {sorted(pools)})")
+    return pools[sample["category"]]
+
+
 def _positive_pools(train: list[dict] | None) -> dict[str, np.ndarray]:
     """Class -> normalised positive boxes ``[k, 4]`` of the training samples, in their order."""
     if not train:
@@ -192,3 +196,30 @@ def _positive_pools(train: list[dict] | None) -> dict[str, np.ndarray]:
                                                              (w, h)))
     return {c: np.concatenate(p) for c, p in pools.items() if sum(map(len, p))}
 
+
+
+def blind_scores(samples: list[dict], train: list[dict]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The image-blind baseline as a scorer: each labelled box scored by the log-density of its class's
+    training positives (normalised ``x1, y1, x2, y2``), a Gaussian kernel density with Scott's
+    bandwidth per coordinate. Returns the ``(category, positive scores, negative scores)`` groups of
+    `metrics.ranking.ranking_metrics`."""
+    pools = _positive_pools(train)
+    groups = []
+    for s in samples:
+        pool = _pool_of(pools, s)
+        w, h, _ = image_size_of(s)
+        scores = [_kde_log_density(pool, normalise(np.asarray(s[kind], np.float64).reshape(-1, 4),
+                                                                   (w, h))) for kind in ("positives", "negatives")]
+        groups.append((s["category"], *scores))
+    return groups
+
+
+def _kde_log_density(pool: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Log-density at ``boxes`` ``[m, 4]`` of a Gaussian KDE over ``pool`` ``[k, 4]`` (Scott's rule
+    ``sigma * k^(-1/8)`` per coordinate; at least 1/256 of the side, so a single box still has width)."""
+    k, d = pool.shape
+    bandwidth = np.maximum(pool.std(axis=0) * k ** (-1.0 / (d + 4)), 1.0 / 256)
+    z = (boxes[:, None, :] - pool[None]) / bandwidth                      # [m, k, 4]
+    log_kernel = -0.5 * (z ** 2).sum(-1) - np.log(bandwidth).sum() - 0.5 * d * np.log(2 * np.pi)
+    top = log_kernel.max(axis=1, keepdims=True)
+    return top[:, 0] + np.log(np.exp(log_kernel - top).sum(axis=1)) - np.log(k)

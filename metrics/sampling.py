@@ -56,33 +56,48 @@ def sampling_batch_size(model, sampling: Sampling) -> int:
     return min(MAX_SAMPLING_BATCH, fits)
 
 
+def evaluation_model(checkpoint, device: str):
+    """The location model of a checkpoint, model folder or Hub id (a loaded model is returned as it is);
+    unreadable ones are an `EvaluationError`."""
+    if isinstance(checkpoint, torch.nn.Module):
+        return checkpoint
+    from models.checkpoint import CheckpointError
+    from models.hub import ModelFilesError, load_model
+
+    try:
+        return load_model(checkpoint, device)
+    except (CheckpointError, ModelFilesError) as e:
+        raise EvaluationError(str(e)) from None
+
+
+def split_loader(data, split: str, model, batch_size: int, sampling: Sampling):
+    """The evaluation loader of ``data``/``split`` at the model's input size: no flips, shard order."""
+    from datamodules import ShardDataModule
+
+    dm = ShardDataModule(data, image_size=model.cfg.image_size, batch_size=batch_size,
+                         num_workers=sampling.num_workers, seed=sampling.seed, flip_prob=0.0, train_split=None,
+                         val_split=None, test_split=split)
+    dm.setup("test")
+    return dm.test_dataloader()
+
+
 def sample_boxes(checkpoint, data, split: str, sampling: Sampling, groups: list[dict] | None = None,
                  progress: bool = True) -> tuple[dict[str, np.ndarray], int]:
     """N boxes (pixels) per sample of ``data``/``split`` from the model's batched sampler, one seeded
     generator over the whole pass (same model, data and batch size -> same boxes). With ``groups``
     (`size_groups`), N boxes of each group's size per group, keyed by group. Returns the boxes and
     the batch size used (the boxes of a seed depend on it)."""
-    from datamodules import ShardDataModule
-    from models.checkpoint import CheckpointError
-    from models.hub import ModelFilesError, load_model
-
-    try:
-        model = load_model(checkpoint, sampling.device)
-    except (CheckpointError, ModelFilesError) as e:
-        raise EvaluationError(str(e)) from None
+    model = evaluation_model(checkpoint, sampling.device)
     batch_size = sampling_batch_size(model, sampling)
     by_key: dict[str, list[dict]] = {}
     for g in groups or []:
         by_key.setdefault(g["source_key"], []).append(g)
-    dm = ShardDataModule(data, image_size=model.cfg.image_size, batch_size=batch_size,
-                         num_workers=sampling.num_workers, seed=sampling.seed, flip_prob=0.0, train_split=None,
-                         val_split=None, test_split=split)
-    dm.setup("test")
     draw = _Draw(model, sampling, torch.Generator(device=sampling.device).manual_seed(sampling.seed),
                  f"the {split} loader of {data}")
     preds: dict[str, np.ndarray] = {}
     with torch.no_grad():
-        for batch in tqdm(dm.test_dataloader(), desc="sampling", disable=not progress, leave=False):
+        for batch in tqdm(split_loader(data, split, model, batch_size, sampling), desc="sampling",
+                          disable=not progress, leave=False):
             if groups is None:
                 draw(batch, list(range(len(batch["key"]))), None, preds)
                 continue

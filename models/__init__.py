@@ -12,8 +12,8 @@ _EXPORTS = {
     "BoxTokenizer": "box_tokenizer", "LocationModelConfig": "config",
     "GenLocModel": "hub", "ModelFilesError": "hub", "load_model": "hub",
     "ExtentMask": "location_model", "LocationModel": "location_model", "SampleOutput": "location_model",
-    "NoValidSetError": "placement", "Placement": "placement", "PlacementSet": "placement", "place": "placement",
-    "place_many": "placement", "PretrainedWeightsError": "pretrained", "draw_tokens": "sampling",
+    "BoxScores": "placement", "NoValidSetError": "placement", "Placement": "placement", "PlacementSet": "placement", "place": "placement",
+    "place_many": "placement", "score": "placement", "PretrainedWeightsError": "pretrained", "draw_tokens": "sampling",
     "filter_logits": "sampling",
 }
 __all__ = list(_EXPORTS)

@@ -202,6 +202,12 @@ class GenLocModel(LocationModel, PyTorchModelHubMixin, library_name="genloc", li
     def __init__(self, config: LocationModelConfig):
         super().__init__(config)
 
+    def score(self, image, category, boxes, *, region=None, size=None, aspect_ratio=None):
+        """`models.placement.score` with this model: log-probability and log-density of each pixel box."""
+        from .placement import score
+
+        return score(self, image, category, boxes, region=region, size=size, aspect_ratio=aspect_ratio)
+
     def _save_pretrained(self, save_directory: Path) -> None:
         from safetensors.torch import save_model
 

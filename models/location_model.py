@@ -453,9 +453,7 @@ class LocationModel(nn.Module):
         """`_decode_cached` without copying the prefix cache: each image's prefix keys/values stay
         ``[B, H, P + 1, d]`` and only the box tokens' keys/values are kept per sample."""
         batch = prefix.shape[0]
-        bos = self.input_embeds(torch.empty(batch, 0, dtype=torch.long, device=prefix.device))
-        out = self.decoder(inputs_embeds=torch.cat([prefix, bos], dim=1), use_cache=True, logits_to_keep=1)
-        shared = [(layer.keys, layer.values) for layer in self._cache_of(out).layers]
+        first_logits, shared = self._shared_prefix(prefix)
         own: list[Optional[tuple[Tensor, Tensor]]] = [None] * len(shared)
         first_position = prefix.shape[1] + 1
 
@@ -463,8 +461,15 @@ class LocationModel(nn.Module):
             hidden = self.input_embeds(tokens)[:, -1].view(batch, n, -1)
             return self._cascade_step(hidden, first_position + step, shared, own).reshape(batch * n, -1)
 
-        return self._draw_boxes(out.logits[:, -1], n, bounds, extents, (temperature, top_k, top_p), generator,
+        return self._draw_boxes(first_logits, n, bounds, extents, (temperature, top_k, top_p), generator,
                                 next_logits)
+
+    def _shared_prefix(self, prefix: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """Each image's prefix plus BOS through GPT-2 once: the logits after BOS ``[B, vocab]`` and
+        every layer's prefix keys/values ``[B, H, P + 1, d]`` for `_cascade_step`."""
+        bos = self.input_embeds(torch.empty(prefix.shape[0], 0, dtype=torch.long, device=prefix.device))
+        out = self.decoder(inputs_embeds=torch.cat([prefix, bos], dim=1), use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1], [(layer.keys, layer.values) for layer in self._cache_of(out).layers]
 
     def _draw_boxes(self, first_logits: Tensor, n: int, bounds: Tensor, extents: Optional[ExtentMask],
                     filters: tuple, generator: Optional[torch.Generator], next_logits) -> tuple[Tensor, Tensor]:
@@ -554,6 +559,75 @@ class LocationModel(nn.Module):
                                  f"got {tuple(sizes.shape)}")
             boxes = self.tokenizer.decode_pixels(tokens, sizes[:, None, :])
         return SampleOutput(boxes=boxes, boxes_norm=boxes_norm, tokens=tokens, log_probs=log_probs)
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def score_tokens(self, images: Tensor, categories: Sequence[str], tokens: Tensor, owner: Tensor,
+                     region: Optional[Tensor] = None, size: Optional[Tensor] = None,
+                     aspect_ratio: Optional[Tensor] = None) -> Tensor:
+        """Log-probability ``[M]`` of each token box ``tokens[m]`` (``[M, 4]``) for image ``owner[m]``
+        under the distribution `sample` draws from with temperature 1 and no top-k/top-p: validity
+        masks and ``region`` / ``size`` / ``aspect_ratio`` (normalised, as in `sample`), renormalised.
+
+        Teacher-forced through the cascade decoder of `sample`: each image's prefix goes through GPT-2
+        once, however many boxes it has, and the boxes' steps run as the sampler's do, so a box the
+        sampler drew scores the sampler's log-probability. A box the masks exclude scores -inf (its
+        probability is 0). Runs in eval mode (restored afterwards); float64 models score in float64.
+        """
+        if len(categories) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {len(categories)} categories")
+        batch = images.shape[0]
+        owner = torch.as_tensor(owner).long().cpu()
+        tokens = torch.as_tensor(tokens).long().cpu()
+        if tokens.ndim != 2 or tokens.shape[1] != 4 or owner.shape != tokens.shape[:1]:
+            raise ValueError(f"tokens must be [M, 4] and owner [M], got {tuple(tokens.shape)} and {tuple(owner.shape)}")
+        if len(owner) and not (0 <= int(owner.min()) and int(owner.max()) < batch):
+            raise ValueError(f"owner indices must lie in [0, {batch}), got {owner.tolist()}")
+        if tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < self.cfg.num_bins):
+            raise ValueError(f"token ids must be coordinate ids in [0, {self.cfg.num_bins}), got {tokens.tolist()}")
+        counts = torch.bincount(owner, minlength=batch)
+        slot = torch.empty_like(owner)  # position of each box among its image's boxes
+        order = torch.argsort(owner, stable=True)
+        slot[order] = torch.arange(len(owner)) - (counts.cumsum(0) - counts)[owner[order]]
+        n = int(counts.max()) if len(owner) else 1
+        padded = torch.tensor([0, 0, 1, 1]).repeat(batch, n, 1)  # unused slots: any box, scores discarded
+        padded[owner, slot] = tokens
+        was_training = self.training
+        self.eval()
+        try:
+            prefix = self.build_prefix(self.encode_images(images), self.encode_texts(categories))
+            bounds = self.region_bounds(region, batch, prefix.device)
+            extents = self.extent_mask(size, aspect_ratio, batch, prefix.device)
+            self.check_extents_fit(bounds, extents)
+            log_probs = self._teacher_forced(prefix, padded.to(prefix.device), bounds, extents)
+        finally:
+            self.train(was_training)
+        return log_probs[owner.to(log_probs.device), slot.to(log_probs.device)]
+
+    def _teacher_forced(self, prefix: Tensor, tokens: Tensor, bounds: Tensor,
+                        extents: Optional[ExtentMask]) -> Tensor:
+        """Summed masked log-probs ``[B, n]`` of ``tokens`` ``[B, n, 4]``: `_decode_cascade`'s steps with
+        the tokens given instead of drawn."""
+        batch, n = tokens.shape[:2]
+        first_logits, shared = self._shared_prefix(prefix)
+        own: list[Optional[tuple[Tensor, Tensor]]] = [None] * len(shared)
+        flat = tokens.view(batch * n, 4)
+        logits = first_logits.repeat_interleave(n, dim=0)
+        bounds = bounds.repeat_interleave(n, dim=0)
+        extents = None if extents is None else extents.repeat_interleave(n)
+        total = torch.zeros(batch * n, dtype=torch.promote_types(logits.dtype, torch.float32), device=prefix.device)
+        for step in range(4):
+            prev = flat[:, :step]
+            step_logits = self.step_logits(step, logits.to(total.dtype), prev)
+            allowed = self.allowed_tokens(step, prev, bounds, extents)
+            logp = step_logits.masked_fill(~allowed, float("-inf")).log_softmax(-1)
+            token = flat[:, step:step + 1]
+            ok = allowed.gather(-1, token).squeeze(-1)  # a row with no allowed token would give NaN
+            total = total + torch.where(ok, logp.gather(-1, token).squeeze(-1), float("-inf"))
+            if step < 3:
+                hidden = self.input_embeds(flat[:, :step + 1])[:, -1].view(batch, n, -1)
+                logits = self._cascade_step(hidden, prefix.shape[1] + 1 + step, shared, own).reshape(batch * n, -1)
+        return total.view(batch, n)
 
 
 def _per_image(value, width: int, batch: int, name: str, device: torch.device) -> Tensor:

@@ -157,14 +157,7 @@ def place(model: LocationModel, image: Union[ImageLike, Sequence[ImageLike]], ca
     """
     single = not isinstance(image, (list, tuple))
     images = [image] if single else list(image)
-    if isinstance(category, str):
-        categories = [check_category(category)] * len(images)
-    elif isinstance(category, (list, tuple)):
-        categories = [check_category(c) for c in category]
-    else:
-        raise TypeError(f"category must be a class name (str) or one per image, got {type(category).__name__}")
-    if len(categories) != len(images):
-        raise ValueError(f"{len(images)} images but {len(categories)} categories")
+    categories = _categories(category, len(images))
     results = _sample(model, images, categories, n, [region] * len(images), [size] * len(images),
                       [aspect_ratio] * len(images), temperature, top_k, top_p, seed)
     if distinct:
@@ -172,18 +165,39 @@ def place(model: LocationModel, image: Union[ImageLike, Sequence[ImageLike]], ca
     return results[0] if single else results
 
 
-def _sample(model, images, categories, n, regions, sizes, aspects, temperature, top_k, top_p, seed) -> list[Placement]:
-    """One batched `LocationModel.sample` over images (each with its own region / size / aspect ratio)."""
+def _categories(category, count: int) -> list[str]:
+    """One class name for every image, or one per image -> ``count`` checked names."""
+    if isinstance(category, str):
+        categories = [check_category(category)] * count
+    elif isinstance(category, (list, tuple)):
+        categories = [check_category(c) for c in category]
+    else:
+        raise TypeError(f"category must be a class name (str) or one per image, got {type(category).__name__}")
+    if len(categories) != count:
+        raise ValueError(f"{count} images but {len(categories)} categories")
+    return categories
+
+
+def _prepared(model, images, regions, sizes, aspects, stacklevel: int = 4) -> tuple:
+    """Images -> (RGB PIL images, their notes, (w, h) sizes, normalised region / size / aspect
+    constraints as `_stack`ed tensors or None); conversion notes are warned about."""
     converted = [to_rgb_image(img) for img in images]
     for _, notes in converted:
         for note in notes:
-            warnings.warn(note, stacklevel=3)
+            warnings.warn(note, stacklevel=stacklevel)
     pil = [c[0] for c in converted]
     dims = [img.size for img in pil]
     nb = model.cfg.num_bins
-    region = [normalised_region(r, d) for r, d in zip(regions, dims)]
-    size = [normalised_size(s, d, nb) for s, d in zip(sizes, dims)]
-    aspect = [normalised_aspect(a, d) for a, d in zip(aspects, dims)]
+    constraints = dict(
+        region=_stack([normalised_region(r, d) for r, d in zip(regions, dims)], (0.0, 0.0, 1.0, 1.0)),
+        size=_stack([normalised_size(s, d, nb) for s, d in zip(sizes, dims)], (0.0, 1.0, 0.0, 1.0)),
+        aspect_ratio=_stack([normalised_aspect(a, d) for a, d in zip(aspects, dims)], (0.0, math.inf)))
+    return pil, [c[1] for c in converted], dims, constraints
+
+
+def _sample(model, images, categories, n, regions, sizes, aspects, temperature, top_k, top_p, seed) -> list[Placement]:
+    """One batched `LocationModel.sample` over images (each with its own region / size / aspect ratio)."""
+    pil, notes, dims, constraints = _prepared(model, images, regions, sizes, aspects)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
     if seed is None:
@@ -192,11 +206,9 @@ def _sample(model, images, categories, n, regions, sizes, aspects, temperature, 
         generator.manual_seed(seed)
     out = model.sample(
         model_input(model, pil).to(device), categories, n=n, temperature=temperature, top_k=top_k, top_p=top_p,
-        region=_stack(region, (0.0, 0.0, 1.0, 1.0)), size=_stack(size, (0.0, 1.0, 0.0, 1.0)),
-        aspect_ratio=_stack(aspect, (0.0, math.inf)), generator=generator,
-        image_sizes=torch.tensor(dims, device=device))
+        generator=generator, image_sizes=torch.tensor(dims, device=device), **constraints)
     return [Placement(out.boxes[i].float().cpu(), out.log_probs[i].cpu(), out.tokens[i].cpu(),
-                      torch.ones(n, dtype=torch.long), dims[i], converted[i][1]) for i in range(len(pil))]
+                      torch.ones(n, dtype=torch.long), dims[i], notes[i]) for i in range(len(pil))]
 
 
 def _stack(values: list, free: tuple) -> Optional[Tensor]:
@@ -300,3 +312,68 @@ def place_many(model: LocationModel, image: ImageLike, categories: Sequence[str]
         f"no valid set for {categories} within {attempts} rounds of {candidates} draws per object: every round "
         f"had an object with no box at IoU <= {max_iou} from the earlier ones (inside its region). Allow more "
         f"overlap (max_iou), give larger or separate regions, or raise candidates / attempts")
+
+
+# ------------------------------------------------------------------------------------------ score
+@dataclass
+class BoxScores:
+    """Given boxes of one image scored by `score`, in that image's own pixels."""
+
+    boxes: Tensor          # FloatTensor[k, 4]: the boxes as given (x1, y1, x2, y2, pixels)
+    tokens: Tensor         # LongTensor[k, 4]: each box's token box (the cell of boxes the model scores)
+    log_probs: Tensor      # FloatTensor[k]: log-probability of the token box (-inf: outside the constraints)
+    log_densities: Tensor  # FloatTensor[k]: log-density per pixel² of each corner (comparable across image sizes)
+    image_size: tuple[int, int]  # (width, height)
+    notes: list[str] = field(default_factory=list)
+
+
+def score(model: LocationModel, image: Union[ImageLike, Sequence[ImageLike]], category: Union[str, Sequence[str]],
+          boxes, *, region=None, size=None, aspect_ratio: Range = None) -> Union[BoxScores, list[BoxScores]]:
+    """How likely the model finds each of ``boxes`` for ``category`` in ``image`` (one `BoxScores`),
+    or in each image of a list (``boxes`` one ``[k_i, 4]`` per image, ``category`` a name or one per
+    image; a list of `BoxScores`). Boxes are pixel ``x1, y1, x2, y2`` of the image as given.
+
+    A box is quantised to its token box (`BoxTokenizer.encode_pixels`); ``log_probs`` is that token
+    box's log-probability under the distribution `place` samples from (temperature 1): with
+    ``region`` / ``size`` / ``aspect_ratio`` (as in `place`) the renormalised masked model, so a box
+    `place` returned scores its ``log_probs`` and a box the constraints exclude scores -inf. A token
+    box is the set of boxes whose two corners each fall in one cell of ``W/num_bins x H/num_bins``
+    pixels; ``log_densities`` divides its probability by the two cells' areas (px² per corner), so
+    scores of images of different sizes compare. One model call; each image's prefix goes through the
+    decoder once however many boxes it has. A box outside its image or not a box (x2 <= x1, NaN, ...)
+    is a ValueError naming its index.
+    """
+    single = not isinstance(image, (list, tuple))
+    images = [image] if single else list(image)
+    categories = _categories(category, len(images))
+    per_image = [boxes] if single else list(boxes) if isinstance(boxes, (list, tuple)) else None
+    if per_image is None or len(per_image) != len(images):
+        raise ValueError(f"{len(images)} images need one [k, 4] array of pixel boxes each, got "
+                         f"{len(per_image) if per_image is not None else type(boxes).__name__}")
+    count = len(images)
+    pil, notes, dims, constraints = _prepared(model, images, [region] * count, [size] * count,
+                                              [aspect_ratio] * count, stacklevel=3)
+    given, tokens = [], []
+    for i, (b, dim) in enumerate(zip(per_image, dims)):
+        where = "" if single else f"image {i}: "
+        b = np.asarray(b, dtype=np.float64)
+        b = b.reshape(0, 4) if b.size == 0 else b
+        if b.ndim != 2 or b.shape[1] != 4:
+            raise ValueError(f"{where}boxes must be [k, 4] pixel x1, y1, x2, y2, got shape {b.shape}")
+        try:
+            tokens.append(model.tokenizer.encode_pixels(torch.from_numpy(b), torch.tensor(dim)))
+        except ValueError as e:
+            raise ValueError(f"{where}{e}") from None
+        given.append(torch.from_numpy(b).float())
+    device = next(model.parameters()).device
+    owner = torch.cat([torch.full((len(t),), i, dtype=torch.long) for i, t in enumerate(tokens)])
+    log_probs = model.score_tokens(model_input(model, pil).to(device), categories, torch.cat(tokens), owner,
+                                   **constraints).cpu()
+    nb = model.cfg.num_bins
+    results, start = [], 0
+    for i, (w, h) in enumerate(dims):
+        lp = log_probs[start:start + len(tokens[i])]
+        start += len(tokens[i])
+        cell = math.log(w / nb) + math.log(h / nb)
+        results.append(BoxScores(given[i], tokens[i], lp, lp - 2 * cell, dims[i], notes[i]))
+    return results[0] if single else results

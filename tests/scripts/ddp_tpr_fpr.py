@@ -2,7 +2,8 @@
 result equals the single-process result and writes "OK" to the file given as argv[2].
 
     python tests/scripts/ddp_tpr_fpr.py metric OUT     # TPRFPR, torch.multiprocessing spawn
-    python tests/scripts/ddp_tpr_fpr.py callback OUT   # TprFprCallback in a Lightning ddp validate
+    python tests/scripts/ddp_tpr_fpr.py callback OUT   # TprFprCallback in a Lightning ddp validate (TPR-FPR
+                                                       # and the ranking metrics)
 
 Run as a subprocess by tests/test_tpr_fpr_ddp.py (never inside the pytest process), with the repository
 root on PYTHONPATH (tests/conftest.py)."""
@@ -89,6 +90,16 @@ def callback_run(out):
            if k.split("@")[0] in ("tpr", "fpr", "tpr_shared", "fpr_shared", "precision")
            and abs(logged.get(f"val/{k}", -1.0) - float(v)) > 1e-6}
     ok = not bad and logged["val/tpr_fpr_num_samples"] == 9 and float(ref["hit_negatives@100"]) + float(ref["hit_positives@100"]) > 0
+    # ranking: every rank's scores gathered -> the single-process ranking of all batches
+    from metrics.ranking import ranking_metrics
+    from metrics.scoring import labelled_scores
+
+    groups = [g for b in batches for g in zip(b["category"], *labelled_scores(module.model, b))]
+    ranking = ranking_metrics(groups)
+    for name in ("pair_acc", "rank_auc"):
+        if abs(logged[f"val/{name}"] - ranking[name]) > 1e-6:
+            bad[name] = (logged[f"val/{name}"], ranking[name])
+    ok = ok and not bad and ranking["num_pairs"] > 0
     Path(out).write_text("OK" if ok else f"MISMATCH {bad} logged={logged}")
 
 
