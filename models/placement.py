@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .boxes import pixel_rect
 from .images import ImageLike, to_rgb_image
 from .inpainting import REGIONS
 from .location_model import LocationModel
@@ -231,15 +232,23 @@ def token_iou(a: Tensor, b: Tensor) -> Tensor:
     return inter / (area(a) + area(b) - inter)
 
 
+def pixel_masks(boxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """``LongTensor[k, 4]``: the pixel rectangle an inpainter paints for each pixel box
+    (`models.boxes.pixel_rect`, every pixel the box touches)."""
+    return torch.tensor([pixel_rect(b, size) for b in boxes.view(-1, 4).tolist()], dtype=torch.long).view(-1, 4)
+
+
 def place_many(model: LocationModel, image: ImageLike, categories: Sequence[str], max_iou: float = 0.0,
                regions: Optional[Sequence] = None, sizes: Optional[Sequence] = None,
                aspect_ratios: Optional[Sequence] = None, inpainter: Optional[Inpainter] = None,
                candidates: int = 100, attempts: int = 10, temperature: float = 1.0, top_k: Optional[int] = None,
                top_p: Optional[float] = None, seed: int = 0) -> PlacementSet:
-    """One box per category, each drawn by the model, pairwise IoU <= ``max_iou`` (0: no overlap).
+    """One box per category, each drawn by the model, pairwise IoU <= ``max_iou`` (0: no overlap) both
+    as boxes and as the pixels an inpainter paints for them (`pixel_masks`).
 
-    Objects are placed in order: object ``i`` takes the first of ``candidates`` draws whose IoU with
-    every earlier box is within ``max_iou`` -- a draw from the model conditioned on not overlapping.
+    Objects are placed in order: object ``i`` takes the first of ``candidates`` draws at least one
+    pixel wide and high whose IoU with every earlier box is within ``max_iou`` -- a draw from the
+    model conditioned on not overlapping.
     ``regions`` / ``sizes`` / ``aspect_ratios`` give one constraint per object (None entries: free),
     as in `place`. With an ``inpainter`` (``(image, box, category, seed) -> image``) each object is
     drawn into the image before the next one is sampled on the edited image. A round in which some
@@ -280,10 +289,12 @@ def place_many(model: LocationModel, image: ImageLike, categories: Sequence[str]
                                **options)[0]
             else:
                 draw = draws[i]
-            ok = torch.ones(candidates, dtype=torch.bool)
+            ok = ((draw.boxes[:, 2:] - draw.boxes[:, :2]) >= 1).all(1)  # a smaller box would be painted larger
             if chosen:
                 earlier = torch.stack([c.tokens for c in chosen])
-                ok = (token_iou(draw.tokens, earlier) <= max_iou + 1e-12).all(1)
+                painted = pixel_masks(torch.stack([c.boxes for c in chosen]), draw.image_size)
+                ok &= (token_iou(draw.tokens, earlier) <= max_iou + 1e-12).all(1)
+                ok &= (token_iou(pixel_masks(draw.boxes, draw.image_size), painted) <= max_iou + 1e-12).all(1)
             if not ok.any():
                 break
             j = int(ok.nonzero()[0])
@@ -298,5 +309,6 @@ def place_many(model: LocationModel, image: ImageLike, categories: Sequence[str]
                                 categories, current, attempt + 1, notes)
     raise NoValidSetError(
         f"no valid set for {categories} within {attempts} rounds of {candidates} draws per object: every round "
-        f"had an object with no box at IoU <= {max_iou} from the earlier ones (inside its region). Allow more "
+        f"had an object with no box of at least one pixel at IoU <= {max_iou} (boxes and painted pixels) from the "
+        f"earlier ones (inside its region). Allow more "
         f"overlap (max_iou), give larger or separate regions, or raise candidates / attempts")

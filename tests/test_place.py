@@ -295,3 +295,28 @@ def test_place_refuses_a_missing_or_empty_class_name(model, category, error, say
 def test_place_many_refuses_a_string_or_empty_names(model, categories, error, says):
     with pytest.raises(error, match=says):
         place_many(model, _photo(), categories)
+
+
+@pytest.mark.parametrize("size", [(24, 18), (64, 48), (101, 77)])
+def test_place_many_keeps_the_painted_pixels_apart_and_refuses_boxes_under_a_pixel(model, size):
+    """No overlap holds for the pixel masks an inpainter paints (`box_mask`), not only for the
+    model's boxes; boxes under one pixel are redrawn, and when none fit the answer is NoValidSetError."""
+    from models.inpainting import box_mask
+
+    photo = _photo().resize(size)
+    returned = 0
+    for seed in range(8):
+        try:
+            group = place_many(model, photo, ["car", "person", "bird", "cup"], seed=seed, candidates=30, attempts=3)
+        except NoValidSetError:
+            continue
+        returned += 1
+        extents = group.boxes[:, 2:] - group.boxes[:, :2]
+        assert (extents >= 1).all(), group.boxes
+        masks = [box_mask(box, size) for box in group.boxes.tolist()]
+        for i in range(len(masks)):
+            for j in range(i):
+                assert not (masks[i] & masks[j]).any(), (seed, group.boxes)
+    assert returned > 0
+    with pytest.raises(NoValidSetError, match="at least one pixel"):  # five objects cannot share four pixels
+        place_many(model, _photo().resize((2, 2)), ["car", "person", "bird", "cup", "dog"], candidates=30, attempts=2)
