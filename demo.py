@@ -155,12 +155,14 @@ def parse_categories(text: str, classes: list[str] | None) -> list[str]:
 
 
 def parse_region(choice: str, pixels: str, size: tuple[int, int]):
-    """The region `place` takes: None, a positional word or a pixel box inside the image."""
+    """The region `place` takes: None, a positional word or a pixel box inside the image. A typed
+    box is used unless the menu names a word (`region_note` then says why it is not)."""
     from models.placement import normalised_region
 
-    if choice in (None, "", ANYWHERE):
+    typed = bool((pixels or "").strip())
+    if choice in (None, "", ANYWHERE) and not typed:
         return None
-    if choice != PIXEL_BOX:
+    if choice not in (None, "", ANYWHERE, PIXEL_BOX):
         if choice not in REGIONS:
             raise DemoError(f"Unknown region {choice!r}: choose one of {', '.join(REGION_CHOICES)}.")
         return choice
@@ -172,6 +174,14 @@ def parse_region(choice: str, pixels: str, size: tuple[int, int]):
         raise DemoError(f"Region box {pixels!r} is not x1,y1,x2,y2 pixels inside the {size[0]}x{size[1]} photo: "
                         "type it, or click two corners on the photo.") from None
     return box
+
+
+def region_note(choice: str, pixels: str) -> str | None:
+    """What the page says about a typed region box that the menu overrides, or None."""
+    if (pixels or "").strip() and choice in REGIONS:
+        return (f"The typed region box {pixels.strip()} is not used: Region is '{choice}'. Choose "
+                f"'{PIXEL_BOX}' to use the box, or clear it.")
+    return None
 
 
 def corner_click(first: list | None, x: float, y: float) -> tuple[list | None, str | None]:
@@ -219,6 +229,9 @@ def place_boxes(backends: Backends, image, categories: str, n: int, temperature:
     except (TypeError, ValueError):
         raise DemoError(f"Temperature must be positive (a finite number), got {temperature}.") from None
     region = parse_region(region_choice, region_pixels, photo.size)
+    note = region_note(region_choice, region_pixels)
+    if note:
+        notes = [*notes, note]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # conversion notes are shown in the page instead
         results = place(backends.model, [photo] * len(names), names, n=max(n, HEAT_DRAWS), region=region,
@@ -411,6 +424,7 @@ def build_app(backends: Backends, out_root: Path):
                            [boxes_image, heat_image, boxes_file, box_choice, placed_state, message, slider, edit_file])
         insert_button.click(on_insert, [placed_state, box_choice, seed], [slider, edit_file, edit_json, message])
         image.select(on_click, [corner_state], [corner_state, region_pixels, region_choice, message])
+        region_pixels.input(lambda text: PIXEL_BOX if text.strip() else gr.skip(), [region_pixels], [region_choice])
     return app
 
 
