@@ -19,7 +19,6 @@ with the image before object i.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -73,12 +72,6 @@ def load_model(source: str):
         return load(source)
     except (CheckpointError, ModelFilesError) as err:
         raise SystemExit(f"insert.py: error: {err}") from None
-
-
-def model_source_ok(source: str | None) -> bool:
-    """An existing file or folder, or something shaped like a Hub id (owner/name)."""
-    return bool(source) and (Path(source).exists() or re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None
-                             and not source.endswith(".ckpt"))
 
 
 def sample_boxes(source: str, image: Image.Image, category: str, n: int, region: str | None, seed: int) -> torch.Tensor:
@@ -136,7 +129,9 @@ def main(argv=None) -> int:
         region = parse_region(args.region, image.size)
     except ValueError as err:
         parser.error(str(err))
-    if not model_source_ok(args.checkpoint):
+    from models.hub import is_model_source
+
+    if not is_model_source(args.checkpoint):
         parser.error(f"location model checkpoint {args.checkpoint or '(none given)'} not found: pass --checkpoint CKPT "
                      "(a train.py checkpoint or a model folder; `make train` makes both)")
     several = len(args.category) > 1

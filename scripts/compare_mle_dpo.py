@@ -59,8 +59,8 @@ def blind_rate(data: str, split: str, num_samples: int, seed: int, out_dir: Path
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mle", required=True, help="MLE checkpoint (the DPO reference)")
-    parser.add_argument("--dpo", required=True, help="DPO checkpoint")
+    parser.add_argument("--mle", required=True, help="MLE model (the DPO reference): checkpoint, model folder or Hub id")
+    parser.add_argument("--dpo", required=True, help="DPO model: checkpoint, model folder or Hub id")
     parser.add_argument("--data", default="data/toy/toy-opa", help="toy shard folder (needs meta.scene)")
     parser.add_argument("--split", default="val")
     parser.add_argument("--num-samples", type=int, default=100, help="boxes sampled per evaluation sample")
@@ -70,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="JSON path (default: next to the DPO run, "
                                                     "<run>/compare_mle_dpo_<split>.json)")
     args = parser.parse_args(argv)
+    from models.hub import is_model_source
+
+    for flag, source in (("--mle", args.mle), ("--dpo", args.dpo)):
+        if not is_model_source(source):
+            parser.error(f"{flag} {source!r} not found: give a checkpoint, a model folder or a Hub id (owner/name)")
+    if args.out is None and not Path(args.dpo).is_file():
+        parser.error("--out is needed when --dpo is a model folder or Hub id (the default lies beside a checkpoint's run)")
 
     from metrics.annotations import EvaluationError
 
