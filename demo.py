@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from models.arguments import text, whole
 from models.drawing import colour, draw_boxes
 from models.files import save_image, write_json
 from models.inpainters import BACKENDS, DEFAULT_STEPS
@@ -445,14 +446,14 @@ def tolerate_unreadable_uploads(image) -> None:
 # ------------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help=f"location model: model folder, Hub id or checkpoint (default {DEFAULT_MODEL}, "
+    p.add_argument("--model", type=text, help=f"location model: model folder, Hub id or checkpoint (default {DEFAULT_MODEL}, "
                                    "which `make train` writes)")
-    p.add_argument("--inpainter", help="local diffusers inpainting folder of --backend (without it, Insert is off)")
+    p.add_argument("--inpainter", type=text, help="local diffusers inpainting folder of --backend (without it, Insert is off)")
     p.add_argument("--backend", choices=BACKENDS, default="sd", help="inpainting back-end (see insert.py --help)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 exposes the page to the network)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--host", type=text, default="127.0.0.1", help="address to serve on (0.0.0.0 exposes the page to the network)")
+    p.add_argument("--port", type=whole(1, 65535), default=7860)
     return p
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 from metrics.annotations import EvaluationError
 from metrics.evaluation import default_ns, evaluate, plot_results
 from metrics.predictions import BASELINES
+from models.arguments import text
 from metrics.sampling import MAX_SAMPLING_BATCH, Sampling, default_device
 from models.config import ArgumentError
 from models.sampling import check_filter_args
@@ -61,10 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", help="shard folder or URL (https://, s3://, gs://, ..., pipe:...{}; checkpoint mode; "
                                   "also accepted as --annotations)")
     p.add_argument("--annotations", help="shard folder, raw OPA csv, or FOPA *_data_pair.csv / *_pair_new.json")
-    p.add_argument("--split", default="test", help="shard split (default: test)")
-    p.add_argument("--train-split", default="train", help="shard split the blind baseline draws from (default: train)")
-    p.add_argument("--out", default="results/eval", help="output folder (a .png path for --plot)")
-    p.add_argument("--name", help="method name in metrics.json and legends")
+    p.add_argument("--split", type=text, default="test", help="shard split (default: test)")
+    p.add_argument("--train-split", type=text, default="train", help="shard split the blind baseline draws from (default: train)")
+    p.add_argument("--out", type=text, default="results/eval", help="output folder (a .png path for --plot)")
+    p.add_argument("--name", type=text, help="method name in metrics.json and legends")
     p.add_argument("--labels", nargs="+", help="legend names for --plot (default: each file's method)")
     p.add_argument("--num-samples", type=int, default=Sampling.num_samples, help="boxes drawn per sample, N (default %(default)s)")
     p.add_argument("--ns", type=int, nargs="+", help="curve points (default 10 20 ... N)")

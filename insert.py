@@ -29,6 +29,7 @@ from PIL import Image
 from models.drawing import colour, draw_boxes
 from models.files import save_image, write_json
 from models.inpainters import BACKENDS, CROP_MARGIN, DEFAULT_STEPS, MODES, BackendFolderError, load_backend
+from models.arguments import text
 from models.inpainting import REGIONS, parse_region
 
 
@@ -48,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="crop mode: context on each side, as a fraction of the box's long side")
     p.add_argument("--n", type=int, help="number of boxes / edits for one category (default 4)")
     p.add_argument("--max-iou", type=float, default=0.0, help="several categories: largest IoU between two objects")
-    p.add_argument("--region", help=f"restrict boxes to {'|'.join(REGIONS)} or pixels x1,y1,x2,y2")
-    p.add_argument("--out", default="insert_out", help="output folder")
+    p.add_argument("--region", type=text, help=f"restrict boxes to {'|'.join(REGIONS)} or pixels x1,y1,x2,y2")
+    p.add_argument("--out", type=text, default="insert_out", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="box sampling seed; edit i uses seed + i")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps")
     p.add_argument("--dilate", type=int, default=0, help="grow the mask by this many pixels")

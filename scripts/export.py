@@ -20,6 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from models.arguments import text
 from models.hub import FILES
 
 
@@ -130,11 +131,11 @@ def push(folder: Path, repo_id: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="Lightning checkpoint written by train.py (or a model folder "
+    p.add_argument("--checkpoint", type=text, required=True, help="Lightning checkpoint written by train.py (or a model folder "
                                                         "or Hub id, to write it again as a local folder)")
-    p.add_argument("--out", required=True, help="model folder to write")
-    p.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the folder to this Hub repo (owner/name)")
-    p.add_argument("--eval", metavar="METRICS_JSON", help="evaluate.py metrics.json whose TPR/FPR go into the card")
+    p.add_argument("--out", type=text, required=True, help="model folder to write")
+    p.add_argument("--push-to-hub", type=text, metavar="REPO_ID", help="also upload the folder to this Hub repo (owner/name)")
+    p.add_argument("--eval", type=text, metavar="METRICS_JSON", help="evaluate.py metrics.json whose TPR/FPR go into the card")
     args = p.parse_args(argv)
     from models.hub import is_model_source
 
