@@ -16,6 +16,7 @@ in ``notes`` and as a warning. Region, size and aspect ratio are masks during de
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
@@ -82,7 +83,10 @@ def normalised_region(region, size: tuple[int, int]) -> Optional[tuple[float, fl
             region = [float(v) for v in region.split(",")]
         except ValueError:
             raise ValueError(f"region {region!r} is neither one of {sorted(REGIONS)} nor pixels x1,y1,x2,y2") from None
-    values = [float(v) for v in region]
+    try:
+        values = [float(v) for v in region]
+    except (TypeError, ValueError):
+        raise ValueError(f"region {region!r} is neither one of {sorted(REGIONS)} nor pixels x1,y1,x2,y2") from None
     w, h = size
     if len(values) != 4 or not (0 <= values[0] < values[2] <= w and 0 <= values[1] < values[3] <= h):
         raise ValueError(f"region {region!r} is not a pixel box x1,y1,x2,y2 inside the {w}x{h} image")
@@ -90,13 +94,16 @@ def normalised_region(region, size: tuple[int, int]) -> Optional[tuple[float, fl
 
 
 def _range(value: Range, name: str) -> tuple[float, float]:
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2:
-            raise ValueError(f"{name} must be a number or a (min, max) pair, got {value!r}")
-        lo, hi = float(value[0]), float(value[1])
-    else:
-        lo = hi = float(value)
-    if not (0 < lo <= hi) or math.isnan(hi):
+    try:
+        if isinstance(value, (tuple, list)):
+            if len(value) != 2:
+                raise ValueError
+            lo, hi = float(value[0]), float(value[1])
+        else:
+            lo = hi = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number or a (min, max) pair, got {value!r}") from None
+    if not (0 < lo <= hi and math.isfinite(lo)) or math.isnan(hi):
         raise ValueError(f"{name} must be positive with min <= max, got {value!r}")
     return lo, hi
 
@@ -133,6 +140,30 @@ def normalised_aspect(aspect_ratio: Range, image_size: tuple[int, int]) -> Optio
 
 
 # ------------------------------------------------------------------------------------------ place
+def check_whole(value, name: str, minimum: Optional[int] = 1, optional: bool = False):
+    """``value`` if it is a whole number >= ``minimum`` (any, for None; or None when ``optional``); else
+    one line naming ``name``."""
+    if value is None and optional:
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (minimum is not None and value < minimum):
+        allowed = "" if minimum is None else f" >= {minimum}"
+        raise ValueError(f"{name} must be a whole number{allowed}{' or None' if optional else ''}, got {value!r}")
+    return value
+
+
+def check_options(model, draws: tuple[str, int], temperature, top_k, top_p, seed, seed_optional: bool = True) -> None:
+    """The settings `place` and `place_many` share (``draws``: the name and value of the draw count),
+    checked before any image is read or model run."""
+    from .sampling import check_filter_args
+
+    if not isinstance(model, LocationModel):
+        raise TypeError(f"model must be a LocationModel (models.hub.load_model or GenLocModel.from_pretrained), "
+                        f"got {type(model).__name__}")
+    check_whole(draws[1], draws[0])
+    check_whole(seed, "seed", minimum=None, optional=seed_optional)
+    check_filter_args(temperature, top_k, top_p)
+
+
 def check_category(category) -> str:
     """A class name the prompt can be made from: a non-empty string (an empty one would prompt the
     model with "a photo of a " and place boxes for no object)."""
@@ -156,8 +187,13 @@ def place(model: LocationModel, image: Union[ImageLike, Sequence[ImageLike]], ca
     merges draws that gave the same box: each distinct box once, with its probability and the
     number of draws that gave it (``counts``), ranked by probability.
     """
+    check_options(model, ("n", n), temperature, top_k, top_p, seed)
+    if not isinstance(distinct, bool):
+        raise TypeError(f"distinct must be True or False, got {distinct!r}")
     single = not isinstance(image, (list, tuple))
     images = [image] if single else list(image)
+    if not images:
+        raise ValueError("image is an empty list: give an image or a list of images")
     if isinstance(category, str):
         categories = [check_category(category)] * len(images)
     elif isinstance(category, (list, tuple)):
@@ -262,12 +298,16 @@ def place_many(model: LocationModel, image: ImageLike, categories: Sequence[str]
         raise ValueError(f"categories must be a non-empty list of class names, got {categories!r}")
     categories = [check_category(c) for c in categories]
     k = len(categories)
-    if not 0.0 <= max_iou <= 1.0:
-        raise ValueError(f"max_iou must be in [0, 1], got {max_iou!r}")
-    if candidates < 1 or attempts < 1:
-        raise ValueError(f"candidates and attempts must be >= 1, got {candidates} and {attempts}")
+    check_options(model, ("candidates", candidates), temperature, top_k, top_p, seed, seed_optional=False)
+    check_whole(attempts, "attempts")
+    if isinstance(max_iou, bool) or not isinstance(max_iou, numbers.Real) or not 0.0 <= max_iou <= 1.0:
+        raise ValueError(f"max_iou must be a number in [0, 1], got {max_iou!r}")
+    if inpainter is not None and not callable(inpainter):
+        raise TypeError(f"inpainter must be a function (image, box, category, seed) -> image, got {inpainter!r}")
     per_object = {}
     for name, values in (("regions", regions), ("sizes", sizes), ("aspect_ratios", aspect_ratios)):
+        if values is not None and not isinstance(values, (list, tuple)):
+            raise TypeError(f"{name} must be a list with one entry per object (None = free), got {values!r}")
         values = [None] * k if values is None else list(values)
         if len(values) != k:
             raise ValueError(f"{name} has {len(values)} entries for {k} categories (one per object, None = free)")
