@@ -53,15 +53,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--checkpoint", help="location model to sample boxes from: a Lightning checkpoint, a model "
+    mode.add_argument("--checkpoint", type=text, help="location model to sample boxes from: a Lightning checkpoint, a model "
                                            "folder (scripts/export.py) or a Hub id")
-    mode.add_argument("--predictions", help="JSONL predictions {key, boxes (pixels)} of any method")
+    mode.add_argument("--predictions", type=text, help="JSONL predictions {key, boxes (pixels)} of any method")
     mode.add_argument("--baseline", choices=BASELINES, help="built-in seeded baseline (blind: random training "
                       "positives of the same class, from --train-split of the shard folder)")
     mode.add_argument("--plot", nargs="+", metavar="METRICS_JSON", help="draw several result files on one plot")
-    p.add_argument("--data", help="shard folder or URL (https://, s3://, gs://, ..., pipe:...{}; checkpoint mode; "
+    p.add_argument("--data", type=text, help="shard folder or URL (https://, s3://, gs://, ..., pipe:...{}; checkpoint mode; "
                                   "also accepted as --annotations)")
-    p.add_argument("--annotations", help="shard folder, raw OPA csv, or FOPA *_data_pair.csv / *_pair_new.json")
+    p.add_argument("--annotations", type=text, help="shard folder, raw OPA csv, or FOPA *_data_pair.csv / *_pair_new.json")
     p.add_argument("--split", type=text, default="test", help="shard split (default: test)")
     p.add_argument("--train-split", type=text, default="train", help="shard split the blind baseline draws from (default: train)")
     p.add_argument("--out", type=text, default="results/eval", help="output folder (a .png path for --plot)")

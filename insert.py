@@ -35,10 +35,10 @@ from models.inpainting import REGIONS, parse_region
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="insert.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--image", required=True, help="background photo")
+    p.add_argument("--image", type=text, required=True, help="background photo")
     p.add_argument("--category", required=True, nargs="+", help='object class, e.g. "cup"; several: one object each')
-    p.add_argument("--checkpoint", help="location model: Lightning checkpoint (train.py), model folder or Hub id")
-    p.add_argument("--inpainter", help="local diffusers pipeline folder of the --backend (e.g. a Stable Diffusion inpainting checkpoint)")
+    p.add_argument("--checkpoint", type=text, help="location model: Lightning checkpoint (train.py), model folder or Hub id")
+    p.add_argument("--inpainter", type=text, help="local diffusers pipeline folder of the --backend (e.g. a Stable Diffusion inpainting checkpoint)")
     p.add_argument("--backend", choices=BACKENDS, default="sd",
                    help="sd: AutoPipelineForInpainting (SD 1.5/2, SDXL, Kandinsky); flux-fill: FluxFillPipeline; "
                         "powerpaint: PowerPaint v1 object insertion; gligen: GLIGEN box inpainting (deprecated upstream)")
@@ -57,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feather", type=int, default=0, help="soften the mask's inner edge over this many pixels")
     p.add_argument("--resolution", type=int, help="canvas long side (default: the back-end's native resolution)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the back-end's usual value)")
-    p.add_argument("--clip-weights", help="local open_clip weights file: adds the foreground CLIP score")
-    p.add_argument("--clip-model", help="open_clip model name (default ViT-B-32, or the --clip-config stem)")
-    p.add_argument("--clip-config", help="open_clip model config JSON for models open_clip does not ship")
+    p.add_argument("--clip-weights", type=text, help="local open_clip weights file: adds the foreground CLIP score")
+    p.add_argument("--clip-model", type=text, help="open_clip model name (default ViT-B-32, or the --clip-config stem)")
+    p.add_argument("--clip-config", type=text, help="open_clip model config JSON for models open_clip does not ship")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 

@@ -32,6 +32,10 @@ BASE = {
 CASES = [
     ("evaluate", ["--split", ""], "--split"), ("evaluate", ["--train-split", " "], "--train-split"),
     ("evaluate", ["--name", ""], "--name"), ("evaluate", ["--out", ""], "--out"),
+    ("evaluate", ["--checkpoint", ""], "--checkpoint"), ("evaluate", ["--data", " "], "--data"),
+    ("evaluate", ["--predictions", ""], "--predictions"), ("evaluate", ["--annotations", ""], "--annotations"),
+    ("insert", ["--inpainter", ""], "--inpainter"), ("insert", ["--clip-weights", ""], "--clip-weights"),
+    ("scripts.compare_insertion", ["--clip-weights", ""], "--clip-weights"),
     ("insert", ["--out", ""], "--out"), ("insert", ["--region", ""], "--region"), ("insert", ["--image", ""], "--image"),
     ("demo", ["--port", "0"], "--port"), ("demo", ["--port", "70000"], "--port"), ("demo", ["--model", ""], "--model"),
     ("demo", ["--host", ""], "--host"), ("demo", ["--inpainter", ""], "--inpainter"),
@@ -92,6 +96,7 @@ def test_a_bad_argument_is_one_line_and_exit_2_before_any_work(command, argv, fl
     module = importlib.import_module(command)
     main = getattr(module, "main")
     args = [a.format(tmp=tmp_path) for a in BASE[command]]
+    argv = [a.format(tmp=tmp_path) for a in argv]
     flags = {a for a in argv if a.startswith("--")}
     kept, skip = [], False  # the case's flags replace the base's
     for a in args:

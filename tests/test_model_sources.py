@@ -131,12 +131,13 @@ def test_toy_place_many(sources, tiny_toy_data, capsys):
     (export.main, ["--checkpoint", "{bad}", "--out", "{tmp}/m"]),
     (compare_mle_dpo.main, ["--mle", "{bad}", "--dpo", "{bad}", "--out", "{tmp}/x.json"]),
 ])
-@pytest.mark.parametrize("bad", ["runs/typo.ckpt", "no_such_folder", ""])
-def test_a_reference_that_is_no_model_is_one_line_before_loading(entry, argv, bad, tmp_path, capsys):
+@pytest.mark.parametrize("bad, says", [("runs/typo.ckpt", "not found"), ("no_such_folder", "not found"),
+                                       ("", "must not be empty")])
+def test_a_reference_that_is_no_model_is_one_line_before_loading(entry, argv, bad, says, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         entry([a.format(bad=bad, tmp=tmp_path) for a in argv])
     err = capsys.readouterr().err.strip()
-    assert exc.value.code == 2 and "not found" in err and err.splitlines()[-1].count("error:") == 1, err
+    assert exc.value.code == 2 and says in err.splitlines()[-1] and err.splitlines()[-1].count("error:") == 1, err
 
 
 def test_is_model_source_rejects_what_no_loader_can_read():
