@@ -185,6 +185,17 @@ def region_note(choice: str, pixels: str) -> str | None:
     return None
 
 
+def whole_number(value, name: str) -> int:
+    """A page field that must hold a whole number (a cleared number box gives None)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not number.is_integer():
+        raise DemoError(f"{name} must be a whole number, got {value!r}.")
+    return int(number)
+
+
 def corner_click(first: list | None, x: float, y: float) -> tuple[list | None, str | None]:
     """Two clicks on the photo make a region box: (the pending first corner, the box text once complete)."""
     if first is None:
@@ -222,7 +233,7 @@ def place_boxes(backends: Backends, image, categories: str, n: int, temperature:
     start = time.perf_counter()
     photo, notes = read_image(image)
     names = parse_categories(categories, backends.classes)
-    n = int(n)
+    n, seed = whole_number(n, "n"), whole_number(seed, "Seed")
     if not 1 <= n <= HEAT_DRAWS:
         raise DemoError(f"n must be between 1 and {HEAT_DRAWS}, got {n}.")
     try:
@@ -236,7 +247,7 @@ def place_boxes(backends: Backends, image, categories: str, n: int, temperature:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # conversion notes are shown in the page instead
         results = place(backends.model, [photo] * len(names), names, n=max(n, HEAT_DRAWS), region=region,
-                        temperature=float(temperature), seed=int(seed))
+                        temperature=float(temperature), seed=seed)
     w, h = photo.size
     records, centres = [], []
     for name, result in zip(names, results):
@@ -250,7 +261,7 @@ def place_boxes(backends: Backends, image, categories: str, n: int, temperature:
                             "log_prob": log_prob, "prob": math.exp(log_prob), "color": list(colour(i))})
     doc = {"image_size": [w, h], "model": backends.source, "categories": names, "n": n,
            "temperature": float(temperature), "region": list(region) if isinstance(region, tuple) else region,
-           "seed": int(seed), "boxes": records, "notes": notes}
+           "seed": seed, "boxes": records, "notes": notes}
     heat = heat_map(photo, torch.cat(centres).numpy(), region_box(region, photo.size))
     return Placed(photo, draw_records(photo, records), heat, records, doc, notes, time.perf_counter() - start)
 
@@ -317,10 +328,11 @@ def insert_boxes(backends: Backends, placed: Placed | None, choice: str, seed: i
         chosen = [placed.records[int(choice)]]
     else:
         raise DemoError(f"Box {choice!r} is not one of the placed boxes: pick one from the list.")
+    seed = whole_number(seed, "Seed")
     start = time.perf_counter()
     current, done = placed.image, []
     for step, rec in enumerate(chosen):
-        ins = backends.inpainter.insert(current, rec["category"], box=rec["box"], seed=int(seed) + step, mode="auto")
+        ins = backends.inpainter.insert(current, rec["category"], box=rec["box"], seed=seed + step, mode="auto")
         current = ins.image
         done.append({**rec, "insertion": ins.record()})
     doc = {**placed.doc, "inserted": done}

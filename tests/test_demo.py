@@ -131,6 +131,10 @@ def test_errors_are_one_message_saying_what_to_do(backends, tmp_path):
         demo.place_boxes(known, str(PHOTO), "car, zebra", 5, 1.0)
     with pytest.raises(demo.DemoError, match="not x1,y1,x2,y2 pixels inside the 640x427 photo"):
         demo.place_boxes(backends, str(PHOTO), "person", 5, 1.0, demo.PIXEL_BOX, "10,10,700,50")
+    for n, seed, says in ((None, 0, "n must be a whole number"), (5, None, "Seed must be a whole number, got None"),
+                          (5, 1.5, "Seed must be a whole number")):  # a cleared or fractional number box
+        with pytest.raises(demo.DemoError, match=says):
+            demo.place_boxes(backends, str(PHOTO), "person", n, 1.0, seed=seed)
     with pytest.raises(demo.DemoError, match="n must be between"):
         demo.place_boxes(backends, str(PHOTO), "person", 0, 1.0)
     with pytest.raises(demo.DemoError, match="Temperature must be positive"):
