@@ -259,7 +259,8 @@ def merge_identical(result: Placement) -> Placement:
 # ------------------------------------------------------------------------------------------ place_many
 def token_iou(a: Tensor, b: Tensor) -> Tensor:
     """IoU ``[len(a), len(b)]`` of token boxes (exact integers; equal to the IoU of the decoded boxes
-    in normalised or pixel coordinates, which only scale each axis)."""
+    in normalised or pixel coordinates, which only scale each axis), or of any integer boxes such as
+    `painted_rects`."""
     a, b = a[:, None].double(), b[None].double()
     iw = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp(min=0)
     ih = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp(min=0)
@@ -268,7 +269,7 @@ def token_iou(a: Tensor, b: Tensor) -> Tensor:
     return inter / (area(a) + area(b) - inter)
 
 
-def pixel_masks(boxes: Tensor, size: tuple[int, int]) -> Tensor:
+def painted_rects(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     """``LongTensor[k, 4]``: the pixel rectangle an inpainter paints for each pixel box
     (`models.boxes.pixel_rect`, every pixel the box touches)."""
     return torch.tensor([pixel_rect(b, size) for b in boxes.view(-1, 4).tolist()], dtype=torch.long).view(-1, 4)
@@ -280,7 +281,7 @@ def place_many(model: LocationModel, image: ImageLike, categories: Sequence[str]
                candidates: int = 100, attempts: int = 10, temperature: float = 1.0, top_k: Optional[int] = None,
                top_p: Optional[float] = None, seed: int = 0) -> PlacementSet:
     """One box per category, each drawn by the model, pairwise IoU <= ``max_iou`` (0: no overlap) both
-    as boxes and as the pixels an inpainter paints for them (`pixel_masks`).
+    as boxes and as the pixels an inpainter paints for them (`painted_rects`).
 
     Objects are placed in order: object ``i`` takes the first of ``candidates`` draws at least one
     pixel wide and high whose IoU with every earlier box is within ``max_iou`` -- a draw from the
@@ -332,9 +333,9 @@ def place_many(model: LocationModel, image: ImageLike, categories: Sequence[str]
             ok = ((draw.boxes[:, 2:] - draw.boxes[:, :2]) >= 1).all(1)  # a smaller box would be painted larger
             if chosen:
                 earlier = torch.stack([c.tokens for c in chosen])
-                painted = pixel_masks(torch.stack([c.boxes for c in chosen]), draw.image_size)
+                painted = painted_rects(torch.stack([c.boxes for c in chosen]), draw.image_size)
                 ok &= (token_iou(draw.tokens, earlier) <= max_iou + 1e-12).all(1)
-                ok &= (token_iou(pixel_masks(draw.boxes, draw.image_size), painted) <= max_iou + 1e-12).all(1)
+                ok &= (token_iou(painted_rects(draw.boxes, draw.image_size), painted) <= max_iou + 1e-12).all(1)
             if not ok.any():
                 break
             j = int(ok.nonzero()[0])
