@@ -91,7 +91,9 @@ def no_heavy_work(monkeypatch):
 
 
 @pytest.mark.parametrize("command, argv, flag", CASES, ids=[f"{c[0]} {' '.join(c[1])!r}" for c in CASES])
-def test_a_bad_argument_is_one_line_and_exit_2_before_any_work(command, argv, flag, tmp_path, capsys, no_heavy_work):
+def test_a_bad_argument_is_one_line_and_exit_2_before_any_work(command, argv, flag, tmp_path, capsys, no_heavy_work,
+                                                               monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a check that let an empty path through would write here, not into the repository
     (tmp_path / "pairs.csv").write_text("image,category\nphoto.png,cat\n")
     module = importlib.import_module(command)
     main = getattr(module, "main")
