@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from models.arguments import text, whole
 from models.drawing import colour, draw_boxes
 from models.files import save_image, write_json
 from models.inpainters import BACKENDS, DEFAULT_STEPS
@@ -155,12 +156,14 @@ def parse_categories(text: str, classes: list[str] | None) -> list[str]:
 
 
 def parse_region(choice: str, pixels: str, size: tuple[int, int]):
-    """The region `place` takes: None, a positional word or a pixel box inside the image."""
+    """The region `place` takes: None, a positional word or a pixel box inside the image. A typed
+    box is used unless the menu names a word (`region_note` then says why it is not)."""
     from models.placement import normalised_region
 
-    if choice in (None, "", ANYWHERE):
+    typed = bool((pixels or "").strip())
+    if choice in (None, "", ANYWHERE) and not typed:
         return None
-    if choice != PIXEL_BOX:
+    if choice not in (None, "", ANYWHERE, PIXEL_BOX):
         if choice not in REGIONS:
             raise DemoError(f"Unknown region {choice!r}: choose one of {', '.join(REGION_CHOICES)}.")
         return choice
@@ -172,6 +175,25 @@ def parse_region(choice: str, pixels: str, size: tuple[int, int]):
         raise DemoError(f"Region box {pixels!r} is not x1,y1,x2,y2 pixels inside the {size[0]}x{size[1]} photo: "
                         "type it, or click two corners on the photo.") from None
     return box
+
+
+def region_note(choice: str, pixels: str) -> str | None:
+    """What the page says about a typed region box that the menu overrides, or None."""
+    if (pixels or "").strip() and choice in REGIONS:
+        return (f"The typed region box {pixels.strip()} is not used: Region is '{choice}'. Choose "
+                f"'{PIXEL_BOX}' to use the box, or clear it.")
+    return None
+
+
+def whole_number(value, name: str) -> int:
+    """A page field that must hold a whole number (a cleared number box gives None)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not number.is_integer():
+        raise DemoError(f"{name} must be a whole number, got {value!r}.")
+    return int(number)
 
 
 def corner_click(first: list | None, x: float, y: float) -> tuple[list | None, str | None]:
@@ -211,7 +233,7 @@ def place_boxes(backends: Backends, image, categories: str, n: int, temperature:
     start = time.perf_counter()
     photo, notes = read_image(image)
     names = parse_categories(categories, backends.classes)
-    n = int(n)
+    n, seed = whole_number(n, "n"), whole_number(seed, "Seed")
     if not 1 <= n <= HEAT_DRAWS:
         raise DemoError(f"n must be between 1 and {HEAT_DRAWS}, got {n}.")
     try:
@@ -219,10 +241,13 @@ def place_boxes(backends: Backends, image, categories: str, n: int, temperature:
     except (TypeError, ValueError):
         raise DemoError(f"Temperature must be positive (a finite number), got {temperature}.") from None
     region = parse_region(region_choice, region_pixels, photo.size)
+    note = region_note(region_choice, region_pixels)
+    if note:
+        notes = [*notes, note]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # conversion notes are shown in the page instead
         results = place(backends.model, [photo] * len(names), names, n=max(n, HEAT_DRAWS), region=region,
-                        temperature=float(temperature), seed=int(seed))
+                        temperature=float(temperature), seed=seed)
     w, h = photo.size
     records, centres = [], []
     for name, result in zip(names, results):
@@ -236,7 +261,7 @@ def place_boxes(backends: Backends, image, categories: str, n: int, temperature:
                             "log_prob": log_prob, "prob": math.exp(log_prob), "color": list(colour(i))})
     doc = {"image_size": [w, h], "model": backends.source, "categories": names, "n": n,
            "temperature": float(temperature), "region": list(region) if isinstance(region, tuple) else region,
-           "seed": int(seed), "boxes": records, "notes": notes}
+           "seed": seed, "boxes": records, "notes": notes}
     heat = heat_map(photo, torch.cat(centres).numpy(), region_box(region, photo.size))
     return Placed(photo, draw_records(photo, records), heat, records, doc, notes, time.perf_counter() - start)
 
@@ -303,10 +328,11 @@ def insert_boxes(backends: Backends, placed: Placed | None, choice: str, seed: i
         chosen = [placed.records[int(choice)]]
     else:
         raise DemoError(f"Box {choice!r} is not one of the placed boxes: pick one from the list.")
+    seed = whole_number(seed, "Seed")
     start = time.perf_counter()
     current, done = placed.image, []
     for step, rec in enumerate(chosen):
-        ins = backends.inpainter.insert(current, rec["category"], box=rec["box"], seed=int(seed) + step, mode="auto")
+        ins = backends.inpainter.insert(current, rec["category"], box=rec["box"], seed=seed + step, mode="auto")
         current = ins.image
         done.append({**rec, "insertion": ins.record()})
     doc = {**placed.doc, "inserted": done}
@@ -411,6 +437,7 @@ def build_app(backends: Backends, out_root: Path):
                            [boxes_image, heat_image, boxes_file, box_choice, placed_state, message, slider, edit_file])
         insert_button.click(on_insert, [placed_state, box_choice, seed], [slider, edit_file, edit_json, message])
         image.select(on_click, [corner_state], [corner_state, region_pixels, region_choice, message])
+        region_pixels.input(lambda text: PIXEL_BOX if text.strip() else gr.skip(), [region_pixels], [region_choice])
     return app
 
 
@@ -431,14 +458,14 @@ def tolerate_unreadable_uploads(image) -> None:
 # ------------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help=f"location model: model folder, Hub id or checkpoint (default {DEFAULT_MODEL}, "
+    p.add_argument("--model", type=text, help=f"location model: model folder, Hub id or checkpoint (default {DEFAULT_MODEL}, "
                                    "which `make train` writes)")
-    p.add_argument("--inpainter", help="local diffusers inpainting folder of --backend (without it, Insert is off)")
+    p.add_argument("--inpainter", type=text, help="local diffusers inpainting folder of --backend (without it, Insert is off)")
     p.add_argument("--backend", choices=BACKENDS, default="sd", help="inpainting back-end (see insert.py --help)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 exposes the page to the network)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--host", type=text, default="127.0.0.1", help="address to serve on (0.0.0.0 exposes the page to the network)")
+    p.add_argument("--port", type=whole(1, 65535), default=7860)
     return p
 
 

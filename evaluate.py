@@ -50,6 +50,7 @@ from pathlib import Path
 from metrics.annotations import EvaluationError
 from metrics.evaluation import default_ns, evaluate, plot_results
 from metrics.predictions import BASELINES
+from models.arguments import text
 from metrics.sampling import MAX_SAMPLING_BATCH, Sampling, default_device
 from models.config import ArgumentError
 from models.sampling import check_filter_args
@@ -59,19 +60,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--checkpoint", help="location model to sample boxes from: a Lightning checkpoint, a model "
+    mode.add_argument("--checkpoint", type=text, help="location model to sample boxes from: a Lightning checkpoint, a model "
                                            "folder (scripts/export.py) or a Hub id")
-    mode.add_argument("--predictions", help="JSONL predictions {key, boxes (pixels)} of any method")
+    mode.add_argument("--predictions", type=text, help="JSONL predictions {key, boxes (pixels)} of any method")
     mode.add_argument("--baseline", choices=BASELINES, help="built-in seeded baseline (blind: random training "
                       "positives of the same class, from --train-split of the shard folder)")
     mode.add_argument("--plot", nargs="+", metavar="METRICS_JSON", help="draw several result files on one plot")
-    p.add_argument("--data", help="shard folder or URL (https://, s3://, gs://, ..., pipe:...{}; checkpoint mode; "
+    p.add_argument("--data", type=text, help="shard folder or URL (https://, s3://, gs://, ..., pipe:...{}; checkpoint mode; "
                                   "also accepted as --annotations)")
-    p.add_argument("--annotations", help="shard folder, raw OPA csv, or FOPA *_data_pair.csv / *_pair_new.json")
-    p.add_argument("--split", default="test", help="shard split (default: test)")
-    p.add_argument("--train-split", default="train", help="shard split the blind baseline draws from (default: train)")
-    p.add_argument("--out", default="results/eval", help="output folder (a .png path for --plot)")
-    p.add_argument("--name", help="method name in metrics.json and legends")
+    p.add_argument("--annotations", type=text, help="shard folder, raw OPA csv, or FOPA *_data_pair.csv / *_pair_new.json")
+    p.add_argument("--split", type=text, default="test", help="shard split (default: test)")
+    p.add_argument("--train-split", type=text, default="train", help="shard split the blind baseline draws from (default: train)")
+    p.add_argument("--out", type=text, default="results/eval", help="output folder (a .png path for --plot)")
+    p.add_argument("--name", type=text, help="method name in metrics.json and legends")
     p.add_argument("--labels", nargs="+", help="legend names for --plot (default: each file's method)")
     p.add_argument("--num-samples", type=int, default=Sampling.num_samples, help="boxes drawn per sample, N (default %(default)s)")
     p.add_argument("--ns", type=int, nargs="+", help="curve points (default 10 20 ... N)")

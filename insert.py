@@ -19,7 +19,6 @@ with the image before object i.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -30,15 +29,16 @@ from PIL import Image
 from models.drawing import colour, draw_boxes
 from models.files import save_image, write_json
 from models.inpainters import BACKENDS, CROP_MARGIN, DEFAULT_STEPS, MODES, BackendFolderError, load_backend
+from models.arguments import text
 from models.inpainting import REGIONS, parse_region
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="insert.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--image", required=True, help="background photo")
+    p.add_argument("--image", type=text, required=True, help="background photo")
     p.add_argument("--category", required=True, nargs="+", help='object class, e.g. "cup"; several: one object each')
-    p.add_argument("--checkpoint", help="location model: Lightning checkpoint (train.py), model folder or Hub id")
-    p.add_argument("--inpainter", help="local diffusers pipeline folder of the --backend (e.g. a Stable Diffusion inpainting checkpoint)")
+    p.add_argument("--checkpoint", type=text, help="location model: Lightning checkpoint (train.py), model folder or Hub id")
+    p.add_argument("--inpainter", type=text, help="local diffusers pipeline folder of the --backend (e.g. a Stable Diffusion inpainting checkpoint)")
     p.add_argument("--backend", choices=BACKENDS, default="sd",
                    help="sd: AutoPipelineForInpainting (SD 1.5/2, SDXL, Kandinsky); flux-fill: FluxFillPipeline; "
                         "powerpaint: PowerPaint v1 object insertion; gligen: GLIGEN box inpainting (deprecated upstream)")
@@ -49,17 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="crop mode: context on each side, as a fraction of the box's long side")
     p.add_argument("--n", type=int, help="number of boxes / edits for one category (default 4)")
     p.add_argument("--max-iou", type=float, default=0.0, help="several categories: largest IoU between two objects")
-    p.add_argument("--region", help=f"restrict boxes to {'|'.join(REGIONS)} or pixels x1,y1,x2,y2")
-    p.add_argument("--out", default="insert_out", help="output folder")
+    p.add_argument("--region", type=text, help=f"restrict boxes to {'|'.join(REGIONS)} or pixels x1,y1,x2,y2")
+    p.add_argument("--out", type=text, default="insert_out", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="box sampling seed; edit i uses seed + i")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps")
     p.add_argument("--dilate", type=int, default=0, help="grow the mask by this many pixels")
     p.add_argument("--feather", type=int, default=0, help="soften the mask's inner edge over this many pixels")
     p.add_argument("--resolution", type=int, help="canvas long side (default: the back-end's native resolution)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the back-end's usual value)")
-    p.add_argument("--clip-weights", help="local open_clip weights file: adds the foreground CLIP score")
-    p.add_argument("--clip-model", help="open_clip model name (default ViT-B-32, or the --clip-config stem)")
-    p.add_argument("--clip-config", help="open_clip model config JSON for models open_clip does not ship")
+    p.add_argument("--clip-weights", type=text, help="local open_clip weights file: adds the foreground CLIP score")
+    p.add_argument("--clip-model", type=text, help="open_clip model name (default ViT-B-32, or the --clip-config stem)")
+    p.add_argument("--clip-config", type=text, help="open_clip model config JSON for models open_clip does not ship")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -73,12 +73,6 @@ def load_model(source: str):
         return load(source)
     except (CheckpointError, ModelFilesError) as err:
         raise SystemExit(f"insert.py: error: {err}") from None
-
-
-def model_source_ok(source: str | None) -> bool:
-    """An existing file or folder, or something shaped like a Hub id (owner/name)."""
-    return bool(source) and (Path(source).exists() or re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None
-                             and not source.endswith(".ckpt"))
 
 
 def sample_boxes(source: str, image: Image.Image, category: str, n: int, region: str | None, seed: int) -> torch.Tensor:
@@ -136,7 +130,9 @@ def main(argv=None) -> int:
         region = parse_region(args.region, image.size)
     except ValueError as err:
         parser.error(str(err))
-    if not model_source_ok(args.checkpoint):
+    from models.hub import is_model_source
+
+    if not is_model_source(args.checkpoint):
         parser.error(f"location model checkpoint {args.checkpoint or '(none given)'} not found: pass --checkpoint CKPT "
                      "(a train.py checkpoint or a model folder; `make train` makes both)")
     several = len(args.category) > 1

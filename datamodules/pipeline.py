@@ -22,7 +22,9 @@ DDP safety:
 - A corrupt sample (unreadable image/json, size mismatch, invalid box) or tar is skipped, logged
   with its key and reason, and counted in shared memory (`ShardStream.num_skipped`). The same holds
   for shards read from a URL (`datamodules.shard_reader.open_binary`: fsspec or a pipe: command): a shard
-  that cannot be opened or that breaks off mid-stream is a counted skip.
+  that cannot be opened or that breaks off mid-stream is a counted skip. Where ``{split}.json``
+  records each shard's sample count, a shard read to its end counts every recorded sample it did
+  not hold (torn, garbled, or damaged so that it reads as a shorter valid tar), not one per error.
 - Mid-epoch resume: ``set_skip(n)`` (shared memory, read with the epoch) makes the next train
   iteration drop exactly the epoch's first ``n`` batches and continue with batch ``n``, bit for bit
   as the uninterrupted epoch would; worker ``w`` then plays reader ``(w + n) % num_workers``,
@@ -41,7 +43,7 @@ from itertools import islice
 import numpy as np
 import torch
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -163,6 +165,8 @@ class ShardStream(IterableDataset):
             raise ShardFormatError(f"{data_dir}/{split}: no sample has both a positive and a negative box, "
                                    f"so pairs=True has nothing to read; use pairs=False or an OPA-style split")
         self.shard_sizes = sizes
+        self.recorded_sizes = info.get("shard_sizes")  # raw samples per shard, to count what a damaged one lost
+        self._shard_index = {p: i for i, p in enumerate(self.paths)}
         self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
         self._skip = torch.zeros(1, dtype=torch.long).share_memory_()
         self._skipped = torch.zeros(_MAX_SLOTS, dtype=torch.long).share_memory_()
@@ -221,19 +225,39 @@ class ShardStream(IterableDataset):
             pass_ += 1
 
     def _tar_error(self, exn) -> bool:
-        slot = self._worker()[0] + 1
-        self._skipped[slot % _MAX_SLOTS] += 1
+        """Log unreadable tar data; count it as one skip only when ``{split}.json`` records no shard
+        sizes (otherwise `_account` counts every sample the shard lost)."""
+        if self.recorded_sizes is None:
+            slot = self._worker()[0] + 1
+            self._skipped[slot % _MAX_SLOTS] += 1
         log.warning("skipping unreadable tar data in %s/%s: %s", self.data_dir, self.split, exn)
         return True
 
-    def _open_shards(self, sources):
+    def _account(self, url: str, keys: set):
+        """A shard read to its end: count each sample ``{split}.json`` records for it that was not
+        found (a shard damaged in the middle may read as a shorter valid tar, without any error)."""
+        if self.recorded_sizes is None:
+            return
+        recorded = self.recorded_sizes[self._shard_index[url]]
+        if len(keys) == recorded:
+            return
+        if len(keys) < recorded:
+            self._skipped[(self._worker()[0] + 1) % _MAX_SLOTS] += recorded - len(keys)
+        log.warning("%s holds %d samples but %s.json records %d: %d lost; the shard is damaged or was replaced, "
+                    "re-run the conversion (python -m datamodules.verify checks every shard) [%d skipped so far]",
+                    url, len(keys), self.split, recorded, max(0, recorded - len(keys)), self.num_skipped)
+
+    def _open_shards(self, sources, keys: set):
         """``{url}`` -> ``{url, stream}`` through `open_binary` (local file, fsspec URL or pipe:); a shard
-        that cannot be opened is a counted skip, and each stream is closed once its tar is read."""
+        that cannot be opened is a counted skip, and each stream is closed once its tar is read.
+        ``keys`` collects the sample keys of the shard being read (`_noting_keys`)."""
         for source in sources:
+            keys.clear()
             try:
                 stream = open_binary(source["url"])
             except Exception as exn:
                 self._tar_error(exn)
+                self._account(source["url"], keys)
                 continue
             try:
                 yield {**source, "stream": stream}
@@ -242,11 +266,20 @@ class ShardStream(IterableDataset):
                     stream.close()
                 except Exception as exn:  # a pipe: command that failed after its last byte
                     self._tar_error(exn)
+            self._account(source["url"], keys)  # not reached when the reader stops mid-shard
+
+    @staticmethod
+    def _noting_keys(files, keys: set):
+        for file in files:
+            if "fname" in file:
+                keys.add(base_plus_ext(file["fname"])[0])
+            yield file
 
     def _tar_samples(self, sources):
         """Shard URLs -> raw tar samples (webdataset's tar expansion and key grouping)."""
-        files = tar_file_expander(self._open_shards(sources), handler=self._tar_error)
-        return group_by_keys(files, handler=self._tar_error)
+        keys: set = set()
+        files = tar_file_expander(self._open_shards(sources, keys), handler=self._tar_error)
+        return group_by_keys(self._noting_keys(files, keys), handler=self._tar_error)
 
     def _samples(self, src, epoch: int, worker: int):
         """Decode, flip, pair; skip (count + log) corrupt samples."""

@@ -14,6 +14,7 @@ import tarfile
 from pathlib import Path
 
 from datamodules.shard_format import ShardFormatError
+from models.arguments import text
 from datamodules.shard_reader import is_url, iter_annotations, mismatch_message
 
 
@@ -39,8 +40,8 @@ def splits_of(data_dir) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("data_dir", help="shard folder or URL")
-    p.add_argument("--split", nargs="+", help="splits to check (default: every {split}.json of a local folder)")
+    p.add_argument("data_dir", type=text, help="shard folder or URL")
+    p.add_argument("--split", type=text, nargs="+", help="splits to check (default: every {split}.json of a local folder)")
     args = p.parse_args(argv)
     if not args.split and is_url(args.data_dir):
         p.error("a URL needs --split (its folder cannot always be listed)")

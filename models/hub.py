@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Optional, Union
 
@@ -99,6 +100,16 @@ def load_location_model(path: Union[str, Path]) -> "GenLocModel":
                                      model_state_dict(ckpt), f"checkpoint {path}")
     except ModelFilesError as err:
         raise CheckpointError(str(err)) from None
+
+
+def is_model_source(source) -> bool:
+    """A reference `load_model` can try: an existing file or folder, or an ``owner/name`` Hub id
+    (checked before any heavy work, so a typo is one line, not a failed Hub look-up)."""
+    if not isinstance(source, (str, Path)) or not str(source).strip():
+        return False
+    text = str(source)
+    return Path(text).expanduser().exists() or (re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None
+                                                 and not text.endswith(".ckpt"))
 
 
 def load_model(source: Union[str, Path], device: str = "cpu") -> "GenLocModel":

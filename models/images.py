@@ -22,6 +22,8 @@ ImageLike = Union[str, Path, Image.Image, np.ndarray, "torch.Tensor"]
 def to_rgb_image(image: ImageLike) -> tuple[Image.Image, list[str]]:
     """Any supported image -> (8-bit RGB PIL image of the same size, notes on lossy conversions)."""
     if isinstance(image, (str, Path)):
+        if not str(image).strip():
+            raise ValueError(f"image is an empty path {str(image)!r}: give a path, PIL image, numpy array or tensor")
         path = Path(image).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"image {path} not found")

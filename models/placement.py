@@ -16,6 +16,7 @@ in ``notes`` and as a warning. Region, size and aspect ratio are masks during de
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
@@ -25,6 +26,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .boxes import pixel_rect
 from .images import ImageLike, to_rgb_image
 from .inpainting import REGIONS
 from .location_model import LocationModel
@@ -81,7 +83,10 @@ def normalised_region(region, size: tuple[int, int]) -> Optional[tuple[float, fl
             region = [float(v) for v in region.split(",")]
         except ValueError:
             raise ValueError(f"region {region!r} is neither one of {sorted(REGIONS)} nor pixels x1,y1,x2,y2") from None
-    values = [float(v) for v in region]
+    try:
+        values = [float(v) for v in region]
+    except (TypeError, ValueError):
+        raise ValueError(f"region {region!r} is neither one of {sorted(REGIONS)} nor pixels x1,y1,x2,y2") from None
     w, h = size
     if len(values) != 4 or not (0 <= values[0] < values[2] <= w and 0 <= values[1] < values[3] <= h):
         raise ValueError(f"region {region!r} is not a pixel box x1,y1,x2,y2 inside the {w}x{h} image")
@@ -89,13 +94,16 @@ def normalised_region(region, size: tuple[int, int]) -> Optional[tuple[float, fl
 
 
 def _range(value: Range, name: str) -> tuple[float, float]:
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2:
-            raise ValueError(f"{name} must be a number or a (min, max) pair, got {value!r}")
-        lo, hi = float(value[0]), float(value[1])
-    else:
-        lo = hi = float(value)
-    if not (0 < lo <= hi) or math.isnan(hi):
+    try:
+        if isinstance(value, (tuple, list)):
+            if len(value) != 2:
+                raise ValueError
+            lo, hi = float(value[0]), float(value[1])
+        else:
+            lo = hi = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number or a (min, max) pair, got {value!r}") from None
+    if not (0 < lo <= hi and math.isfinite(lo)) or math.isnan(hi):
         raise ValueError(f"{name} must be positive with min <= max, got {value!r}")
     return lo, hi
 
@@ -132,6 +140,34 @@ def normalised_aspect(aspect_ratio: Range, image_size: tuple[int, int]) -> Optio
 
 
 # ------------------------------------------------------------------------------------------ place
+def check_whole(value, name: str, minimum: Optional[int] = 1, optional: bool = False):
+    """``value`` if it is a whole number >= ``minimum`` (any, for None; or None when ``optional``); else
+    one line naming ``name``."""
+    if value is None and optional:
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (minimum is not None and value < minimum):
+        allowed = "" if minimum is None else f" >= {minimum}"
+        raise ValueError(f"{name} must be a whole number{allowed}{' or None' if optional else ''}, got {value!r}")
+    return value
+
+
+def check_model(model) -> None:
+    if not isinstance(model, LocationModel):
+        raise TypeError(f"model must be a LocationModel (models.hub.load_model or GenLocModel.from_pretrained), "
+                        f"got {type(model).__name__}")
+
+
+def check_options(model, draws: tuple[str, int], temperature, top_k, top_p, seed, seed_optional: bool = True) -> None:
+    """The settings `place` and `place_many` share (``draws``: the name and value of the draw count),
+    checked before any image is read or model run."""
+    from .sampling import check_filter_args
+
+    check_model(model)
+    check_whole(draws[1], draws[0])
+    check_whole(seed, "seed", minimum=None, optional=seed_optional)
+    check_filter_args(temperature, top_k, top_p)
+
+
 def check_category(category) -> str:
     """A class name the prompt can be made from: a non-empty string (an empty one would prompt the
     model with "a photo of a " and place boxes for no object)."""
@@ -155,14 +191,25 @@ def place(model: LocationModel, image: Union[ImageLike, Sequence[ImageLike]], ca
     merges draws that gave the same box: each distinct box once, with its probability and the
     number of draws that gave it (``counts``), ranked by probability.
     """
-    single = not isinstance(image, (list, tuple))
-    images = [image] if single else list(image)
+    check_options(model, ("n", n), temperature, top_k, top_p, seed)
+    if not isinstance(distinct, bool):
+        raise TypeError(f"distinct must be True or False, got {distinct!r}")
+    single, images = _image_list(image)
     categories = _categories(category, len(images))
     results = _sample(model, images, categories, n, [region] * len(images), [size] * len(images),
                       [aspect_ratio] * len(images), temperature, top_k, top_p, seed)
     if distinct:
         results = [merge_identical(r) for r in results]
     return results[0] if single else results
+
+
+def _image_list(image) -> tuple[bool, list]:
+    """(whether one image was given, the images as a list); an empty list is an error."""
+    single = not isinstance(image, (list, tuple))
+    images = [image] if single else list(image)
+    if not images:
+        raise ValueError("image is an empty list: give an image or a list of images")
+    return single, images
 
 
 def _categories(category, count: int) -> list[str]:
@@ -234,7 +281,8 @@ def merge_identical(result: Placement) -> Placement:
 # ------------------------------------------------------------------------------------------ place_many
 def token_iou(a: Tensor, b: Tensor) -> Tensor:
     """IoU ``[len(a), len(b)]`` of token boxes (exact integers; equal to the IoU of the decoded boxes
-    in normalised or pixel coordinates, which only scale each axis)."""
+    in normalised or pixel coordinates, which only scale each axis), or of any integer boxes such as
+    `painted_rects`."""
     a, b = a[:, None].double(), b[None].double()
     iw = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp(min=0)
     ih = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp(min=0)
@@ -243,15 +291,23 @@ def token_iou(a: Tensor, b: Tensor) -> Tensor:
     return inter / (area(a) + area(b) - inter)
 
 
+def painted_rects(boxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """``LongTensor[k, 4]``: the pixel rectangle an inpainter paints for each pixel box
+    (`models.boxes.pixel_rect`, every pixel the box touches)."""
+    return torch.tensor([pixel_rect(b, size) for b in boxes.view(-1, 4).tolist()], dtype=torch.long).view(-1, 4)
+
+
 def place_many(model: LocationModel, image: ImageLike, categories: Sequence[str], max_iou: float = 0.0,
                regions: Optional[Sequence] = None, sizes: Optional[Sequence] = None,
                aspect_ratios: Optional[Sequence] = None, inpainter: Optional[Inpainter] = None,
                candidates: int = 100, attempts: int = 10, temperature: float = 1.0, top_k: Optional[int] = None,
                top_p: Optional[float] = None, seed: int = 0) -> PlacementSet:
-    """One box per category, each drawn by the model, pairwise IoU <= ``max_iou`` (0: no overlap).
+    """One box per category, each drawn by the model, pairwise IoU <= ``max_iou`` (0: no overlap) both
+    as boxes and as the pixels an inpainter paints for them (`painted_rects`).
 
-    Objects are placed in order: object ``i`` takes the first of ``candidates`` draws whose IoU with
-    every earlier box is within ``max_iou`` -- a draw from the model conditioned on not overlapping.
+    Objects are placed in order: object ``i`` takes the first of ``candidates`` draws at least one
+    pixel wide and high whose IoU with every earlier box is within ``max_iou`` -- a draw from the
+    model conditioned on not overlapping.
     ``regions`` / ``sizes`` / ``aspect_ratios`` give one constraint per object (None entries: free),
     as in `place`. With an ``inpainter`` (``(image, box, category, seed) -> image``) each object is
     drawn into the image before the next one is sampled on the edited image. A round in which some
@@ -265,12 +321,16 @@ def place_many(model: LocationModel, image: ImageLike, categories: Sequence[str]
         raise ValueError(f"categories must be a non-empty list of class names, got {categories!r}")
     categories = [check_category(c) for c in categories]
     k = len(categories)
-    if not 0.0 <= max_iou <= 1.0:
-        raise ValueError(f"max_iou must be in [0, 1], got {max_iou!r}")
-    if candidates < 1 or attempts < 1:
-        raise ValueError(f"candidates and attempts must be >= 1, got {candidates} and {attempts}")
+    check_options(model, ("candidates", candidates), temperature, top_k, top_p, seed, seed_optional=False)
+    check_whole(attempts, "attempts")
+    if isinstance(max_iou, bool) or not isinstance(max_iou, numbers.Real) or not 0.0 <= max_iou <= 1.0:
+        raise ValueError(f"max_iou must be a number in [0, 1], got {max_iou!r}")
+    if inpainter is not None and not callable(inpainter):
+        raise TypeError(f"inpainter must be a function (image, box, category, seed) -> image, got {inpainter!r}")
     per_object = {}
     for name, values in (("regions", regions), ("sizes", sizes), ("aspect_ratios", aspect_ratios)):
+        if values is not None and not isinstance(values, (list, tuple)):
+            raise TypeError(f"{name} must be a list with one entry per object (None = free), got {values!r}")
         values = [None] * k if values is None else list(values)
         if len(values) != k:
             raise ValueError(f"{name} has {len(values)} entries for {k} categories (one per object, None = free)")
@@ -292,10 +352,12 @@ def place_many(model: LocationModel, image: ImageLike, categories: Sequence[str]
                                **options)[0]
             else:
                 draw = draws[i]
-            ok = torch.ones(candidates, dtype=torch.bool)
+            ok = ((draw.boxes[:, 2:] - draw.boxes[:, :2]) >= 1).all(1)  # a smaller box would be painted larger
             if chosen:
                 earlier = torch.stack([c.tokens for c in chosen])
-                ok = (token_iou(draw.tokens, earlier) <= max_iou + 1e-12).all(1)
+                painted = painted_rects(torch.stack([c.boxes for c in chosen]), draw.image_size)
+                ok &= (token_iou(draw.tokens, earlier) <= max_iou + 1e-12).all(1)
+                ok &= (token_iou(painted_rects(draw.boxes, draw.image_size), painted) <= max_iou + 1e-12).all(1)
             if not ok.any():
                 break
             j = int(ok.nonzero()[0])
@@ -310,7 +372,8 @@ def place_many(model: LocationModel, image: ImageLike, categories: Sequence[str]
                                 categories, current, attempt + 1, notes)
     raise NoValidSetError(
         f"no valid set for {categories} within {attempts} rounds of {candidates} draws per object: every round "
-        f"had an object with no box at IoU <= {max_iou} from the earlier ones (inside its region). Allow more "
+        f"had an object with no box of at least one pixel at IoU <= {max_iou} (boxes and painted pixels) from the "
+        f"earlier ones (inside its region). Allow more "
         f"overlap (max_iou), give larger or separate regions, or raise candidates / attempts")
 
 
@@ -343,8 +406,8 @@ def score(model: LocationModel, image: Union[ImageLike, Sequence[ImageLike]], ca
     decoder once however many boxes it has. A box outside its image or not a box (x2 <= x1, NaN, ...)
     is a ValueError naming its index.
     """
-    single = not isinstance(image, (list, tuple))
-    images = [image] if single else list(image)
+    check_model(model)
+    single, images = _image_list(image)
     categories = _categories(category, len(images))
     per_image = [boxes] if single else list(boxes) if isinstance(boxes, (list, tuple)) else None
     if per_image is None or len(per_image) != len(images):

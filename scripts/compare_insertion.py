@@ -37,6 +37,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from models.arguments import number, text, whole
 from models.drawing import draw_boxes
 from models.files import read_jsonl, save_image, write_atomic, write_json
 from models.inpainters import BACKENDS, CROP_MARGIN, DEFAULT_STEPS, EDITORS, MODES, BackendFolderError, load_backend, load_editor
@@ -72,26 +73,26 @@ class Method:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", required=True, help="folder with pairs.csv (image,category) or a shard split folder")
-    p.add_argument("--split", default="test", help="shard split to read when --images is a shard folder")
+    p.add_argument("--images", type=text, required=True, help="folder with pairs.csv (image,category) or a shard split folder")
+    p.add_argument("--split", type=text, default="test", help="shard split to read when --images is a shard folder")
     p.add_argument("--methods", nargs="+", required=True, metavar="NAME=KIND:FOLDER",
                    help=f"KIND: a back-end ({', '.join(BACKENDS)}) or an editor ({', '.join(EDITORS)})")
-    p.add_argument("--checkpoint", help="GenLoc location model (checkpoint, model folder or Hub id): one box per "
+    p.add_argument("--checkpoint", type=text, help="GenLoc location model (checkpoint, model folder or Hub id): one box per "
                                         "image for the back-ends, sampled by models.place")
-    p.add_argument("--boxes", help="instead of --checkpoint: a predictions JSONL ({key, boxes: [[x1,y1,x2,y2], ...]}, "
+    p.add_argument("--boxes", type=text, help="instead of --checkpoint: a predictions JSONL ({key, boxes: [[x1,y1,x2,y2], ...]}, "
                                    "pixels; the first box of each key is used)")
-    p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
-    p.add_argument("--limit", type=int, help="use only the first N samples")
+    p.add_argument("--out", type=text, required=True, help="output folder (rerun the same command to resume)")
+    p.add_argument("--limit", type=whole(1), help="use only the first N samples")
     p.add_argument("--seed", type=int, default=0, help="base seed: each image's box and noise seed derive from it and its key")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps (all methods)")
+    p.add_argument("--steps", type=whole(1), default=DEFAULT_STEPS, help="denoising steps (all methods)")
     p.add_argument("--mode", choices=MODES, default="auto", help="back-ends: crop / whole-image inpainting")
-    p.add_argument("--margin", type=float, default=CROP_MARGIN, help="back-ends, crop mode: context per side / box long side")
-    p.add_argument("--resolution", type=int, help="canvas long side (default: each model's native resolution)")
-    p.add_argument("--clip-weights", help="local open_clip weights file for the foreground CLIP score")
-    p.add_argument("--clip-model", help="open_clip model name (default ViT-B-32, or the --clip-config stem)")
-    p.add_argument("--clip-config", help="open_clip model config JSON for models open_clip does not ship")
-    p.add_argument("--grid-rows", type=int, default=6, help="images (rows) in grid.png")
-    p.add_argument("--grid-cell", type=int, default=192, help="cell side of grid.png in pixels")
+    p.add_argument("--margin", type=number(0), default=CROP_MARGIN, help="back-ends, crop mode: context per side / box long side")
+    p.add_argument("--resolution", type=whole(8), help="canvas long side (default: each model's native resolution)")
+    p.add_argument("--clip-weights", type=text, help="local open_clip weights file for the foreground CLIP score")
+    p.add_argument("--clip-model", type=text, help="open_clip model name (default ViT-B-32, or the --clip-config stem)")
+    p.add_argument("--clip-config", type=text, help="open_clip model config JSON for models open_clip does not ship")
+    p.add_argument("--grid-rows", type=whole(1), default=6, help="images (rows) in grid.png")
+    p.add_argument("--grid-cell", type=whole(8), default=192, help="cell side of grid.png in pixels")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 

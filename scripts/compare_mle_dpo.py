@@ -25,6 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from models.arguments import text, whole  # noqa: E402
 from models.files import write_atomic  # noqa: E402
 
 
@@ -59,17 +60,24 @@ def blind_rate(data: str, split: str, num_samples: int, seed: int, out_dir: Path
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mle", required=True, help="MLE checkpoint (the DPO reference)")
-    parser.add_argument("--dpo", required=True, help="DPO checkpoint")
-    parser.add_argument("--data", default="data/toy/toy-opa", help="toy shard folder (needs meta.scene)")
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--num-samples", type=int, default=100, help="boxes sampled per evaluation sample")
+    parser.add_argument("--mle", type=text, required=True, help="MLE model (the DPO reference): checkpoint, model folder or Hub id")
+    parser.add_argument("--dpo", type=text, required=True, help="DPO model: checkpoint, model folder or Hub id")
+    parser.add_argument("--data", type=text, default="data/toy/toy-opa", help="toy shard folder (needs meta.scene)")
+    parser.add_argument("--split", type=text, default="val")
+    parser.add_argument("--num-samples", type=whole(1), default=100, help="boxes sampled per evaluation sample")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=whole(1), default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None, help="JSON path (default: next to the DPO run, "
+    parser.add_argument("--out", type=text, default=None, help="JSON path (default: next to the DPO run, "
                                                     "<run>/compare_mle_dpo_<split>.json)")
     args = parser.parse_args(argv)
+    from models.hub import is_model_source
+
+    for flag, source in (("--mle", args.mle), ("--dpo", args.dpo)):
+        if not is_model_source(source):
+            parser.error(f"{flag} {source!r} not found: give a checkpoint, a model folder or a Hub id (owner/name)")
+    if args.out is None and not Path(args.dpo).is_file():
+        parser.error("--out is needed when --dpo is a model folder or Hub id (the default lies beside a checkpoint's run)")
 
     from metrics.annotations import EvaluationError
 

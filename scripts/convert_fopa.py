@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import argparse
 
+from models.arguments import text
 from scripts.convert_common import add_common_arguments, run
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--labels", required=True, help="*_data_pair.csv or *_pair_new.json")
-    ap.add_argument("--backgrounds", required=True, help="folder searched recursively for <bg_id>.jpg "
+    ap.add_argument("--labels", type=text, required=True, help="*_data_pair.csv or *_pair_new.json")
+    ap.add_argument("--backgrounds", type=text, required=True, help="folder searched recursively for <bg_id>.jpg "
                                                          "(leading zeros ignored)")
     ap.add_argument("--categories", help="fg_id -> category map (.json object or .csv with fg_id,category)")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--split", required=True, help="split name to write, e.g. train or test")
+    ap.add_argument("--out", type=text, required=True)
+    ap.add_argument("--split", type=text, required=True, help="split name to write, e.g. train or test")
     ap.add_argument("--num-shards", type=int, default=16)
     ap.add_argument("--val-fraction", type=float, default=0.0, help="hold out backgrounds as split 'val'")
     add_common_arguments(ap)

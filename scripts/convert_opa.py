@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 
+from models.arguments import text
 from scripts.convert_common import add_common_arguments, run
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--opa-root", required=True, help="folder with {train,test}_set.csv, background/, foreground/")
-    ap.add_argument("--out", required=True, help="output folder for {split}-*.tar + {split}.json")
+    ap.add_argument("--opa-root", type=text, required=True, help="folder with {train,test}_set.csv, background/, foreground/")
+    ap.add_argument("--out", type=text, required=True, help="output folder for {split}-*.tar + {split}.json")
     ap.add_argument("--splits", default="train,test", help="comma list of csv prefixes (default: train,test)")
     ap.add_argument("--num-shards", type=int, default=16, help="shards per split (>= ranks x workers; default 16)")
     ap.add_argument("--val-fraction", type=float, default=0.0,

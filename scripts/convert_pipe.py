@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import argparse
 
+from models.arguments import text
 from scripts.convert_common import add_common_arguments, run
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parquet", nargs="+", required=True, help="PIPE parquet file(s)")
+    ap.add_argument("--parquet", type=text, nargs="+", required=True, help="PIPE parquet file(s)")
     ap.add_argument("--masks", nargs="*", default=[], help="PIPE_Masks parquet file(s) (optional)")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--split", required=True)
+    ap.add_argument("--out", type=text, required=True)
+    ap.add_argument("--split", type=text, required=True)
     ap.add_argument("--diff-threshold", type=int, default=30, help="|source-target| threshold, 0-255 (default 30)")
     ap.add_argument("--min-area", type=int, default=64, help="minimum changed pixels for a difference box")
     ap.add_argument("--max-per-shard", type=int, default=2000, help="input rows per shard (default 2000)")
-    ap.add_argument("--category-column", default="Instruction_Class")
+    ap.add_argument("--category-column", type=text, default="Instruction_Class")
     ap.add_argument("--keep-target", action="store_true", help="also store target.jpg (image with the object)")
     ap.add_argument("--batch-rows", type=int, default=64, help="parquet rows read at a time")
     ap.add_argument("--limit", type=int, help="convert at most this many rows")

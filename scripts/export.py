@@ -1,5 +1,6 @@
 """Export a trained checkpoint as a model folder (config.json, model.safetensors, README.md) and
-optionally push it to the Hugging Face Hub.
+optionally push it to the Hugging Face Hub. ``--checkpoint`` takes what every entry point takes
+(`models.hub.load_model`): a model folder or Hub id is written again as a local folder.
 
     python -m scripts.export --checkpoint runs/toy_dpo/default/checkpoints/last.ckpt --out runs/toy_model
     python -m scripts.export --checkpoint CKPT --out DIR --push-to-hub user/genloc-toy
@@ -19,6 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from models.arguments import text
 from models.hub import FILES
 
 
@@ -78,7 +80,7 @@ def export(checkpoint: str | Path, out: str | Path, push_to_hub: str | None = No
            eval_metrics: str | Path | None = None) -> Path:
     """Write the model folder ``out`` from ``checkpoint`` (atomically) and push it if asked."""
     from models.checkpoint import CheckpointError
-    from models.hub import load_location_model
+    from models.hub import ModelFilesError, load_model
 
     checkpoint, out = Path(checkpoint), Path(out)
     if out.name in ("", ".", ".."):  # the folder is written beside its target and renamed over it
@@ -87,8 +89,8 @@ def export(checkpoint: str | Path, out: str | Path, push_to_hub: str | None = No
     if out.exists() and (not out.is_dir() or not set(os.listdir(out)) <= set(FILES)):
         raise ExportError(f"--out {out} exists and is not a model folder; choose a new or empty folder")
     try:
-        model = load_location_model(checkpoint)
-    except CheckpointError as err:
+        model = load_model(checkpoint)
+    except (CheckpointError, ModelFilesError) as err:
         raise ExportError(str(err)) from None
     info = run_info(checkpoint, Path(eval_metrics) if eval_metrics else None)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -129,12 +131,15 @@ def push(folder: Path, repo_id: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="Lightning checkpoint written by train.py")
-    p.add_argument("--out", required=True, help="model folder to write")
-    p.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the folder to this Hub repo (owner/name)")
-    p.add_argument("--eval", metavar="METRICS_JSON", help="evaluate.py metrics.json whose TPR/FPR go into the card")
+    p.add_argument("--checkpoint", type=text, required=True, help="Lightning checkpoint written by train.py (or a model folder "
+                                                        "or Hub id, to write it again as a local folder)")
+    p.add_argument("--out", type=text, required=True, help="model folder to write")
+    p.add_argument("--push-to-hub", type=text, metavar="REPO_ID", help="also upload the folder to this Hub repo (owner/name)")
+    p.add_argument("--eval", type=text, metavar="METRICS_JSON", help="evaluate.py metrics.json whose TPR/FPR go into the card")
     args = p.parse_args(argv)
-    if not Path(args.checkpoint).is_file():
+    from models.hub import is_model_source
+
+    if not is_model_source(args.checkpoint):
         p.error(f"--checkpoint {args.checkpoint} not found (train a model first: `make train`)")
     if args.eval and not Path(args.eval).is_file():
         p.error(f"--eval {args.eval} not found")

@@ -26,16 +26,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from models.arguments import text  # noqa: E402
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda)")
+    p.add_argument("--device", type=text, default="cuda", help="cuda, cuda:N or cpu (default cuda)")
     p.add_argument("--tiny", action="store_true", help="tiny preset and a few steps (the CPU rehearsal)")
     p.add_argument("--steps", type=int, help="training steps (default 300, tiny 4)")
     p.add_argument("--batch-size", type=int, help="training batch (default 32, tiny 4)")
     p.add_argument("--workers", type=int, help="loader workers (default 4, tiny 0)")
-    p.add_argument("--out", help="keep the run, results and edit here (default: a temporary folder)")
+    p.add_argument("--out", type=text, help="keep the run, results and edit here (default: a temporary folder)")
     args = p.parse_args(argv)
     for name, full, tiny in (("steps", 300, 4), ("batch_size", 32, 4), ("workers", 4, 0)):
         if getattr(args, name) is None:

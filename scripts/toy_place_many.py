@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from models.arguments import number, text, whole
+
 
 def samples_with_images(data_dir, split: str):
     """(annotation, RGB image) of every sample of a split, in shard order."""
@@ -40,13 +42,13 @@ def samples_with_images(data_dir, split: str):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model folder, Hub id or Lightning checkpoint")
-    p.add_argument("--data", default="data/toy/toy-opa", help="toy shard folder (scenes in meta.scene)")
-    p.add_argument("--split", default="val")
-    p.add_argument("--categories", nargs="+", default=["car", "person", "bird"])
-    p.add_argument("--max-iou", type=float, default=0.0)
-    p.add_argument("--candidates", type=int, default=100, help="place_many draws per object and round")
-    p.add_argument("--limit", type=int, help="only the first N scenes")
+    p.add_argument("--model", type=text, required=True, help="model folder, Hub id or Lightning checkpoint")
+    p.add_argument("--data", type=text, default="data/toy/toy-opa", help="toy shard folder (scenes in meta.scene)")
+    p.add_argument("--split", type=text, default="val")
+    p.add_argument("--categories", type=text, nargs="+", default=["car", "person", "bird"])
+    p.add_argument("--max-iou", type=number(0, 1), default=0.0)
+    p.add_argument("--candidates", type=whole(1), default=100, help="place_many draws per object and round")
+    p.add_argument("--limit", type=whole(1), help="only the first N scenes")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 

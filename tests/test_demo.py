@@ -74,6 +74,22 @@ def test_regions_from_words_pixels_and_two_clicks_hold_every_box(backends):
     assert placed.doc["region"] == [100.0, 50.0, 400.0, 300.0]
 
 
+def test_a_typed_region_box_is_used_or_the_page_says_why_not(backends):
+    """The Region menu left at "anywhere" does not drop a typed box; a word in the menu wins, and
+    the notes the page shows say the typed box is not used and how to use it."""
+    for choice in (demo.ANYWHERE, None):
+        placed = demo.place_boxes(backends, str(PHOTO), "person", 8, 1.0, choice, " 100, 50, 400, 300 ", seed=0)
+        assert placed.doc["region"] == [100.0, 50.0, 400.0, 300.0] and placed.notes == []
+        for x1, y1, x2, y2 in (r["box"] for r in placed.records):
+            assert 100 - 1e-6 <= x1 and 50 - 1e-6 <= y1 and x2 <= 400 + 1e-6 and y2 <= 300 + 1e-6
+    placed = demo.place_boxes(backends, str(PHOTO), "person", 8, 1.0, "right", "100,50,400,300", seed=0)
+    assert placed.doc["region"] == "right" and all(r["box"][0] >= 320 - 1e-6 for r in placed.records)
+    assert placed.notes == ["The typed region box 100,50,400,300 is not used: Region is 'right'. Choose "
+                            "'pixel box' to use the box, or clear it."]
+    with pytest.raises(demo.DemoError, match="not x1,y1,x2,y2 pixels inside"):  # a typed box is checked, not dropped
+        demo.place_boxes(backends, str(PHOTO), "person", 8, 1.0, demo.ANYWHERE, "100,50,4000,300")
+
+
 def test_heat_map_is_bright_where_the_centres_are_and_outlines_the_region():
     photo = Image.new("RGB", (200, 100), (128, 128, 128))
     centres = np.array([[150.0, 25.0]] * 50)
@@ -115,6 +131,10 @@ def test_errors_are_one_message_saying_what_to_do(backends, tmp_path):
         demo.place_boxes(known, str(PHOTO), "car, zebra", 5, 1.0)
     with pytest.raises(demo.DemoError, match="not x1,y1,x2,y2 pixels inside the 640x427 photo"):
         demo.place_boxes(backends, str(PHOTO), "person", 5, 1.0, demo.PIXEL_BOX, "10,10,700,50")
+    for n, seed, says in ((None, 0, "n must be a whole number"), (5, None, "Seed must be a whole number, got None"),
+                          (5, 1.5, "Seed must be a whole number")):  # a cleared or fractional number box
+        with pytest.raises(demo.DemoError, match=says):
+            demo.place_boxes(backends, str(PHOTO), "person", n, 1.0, seed=seed)
     with pytest.raises(demo.DemoError, match="n must be between"):
         demo.place_boxes(backends, str(PHOTO), "person", 0, 1.0)
     with pytest.raises(demo.DemoError, match="Temperature must be positive"):

@@ -295,3 +295,64 @@ def test_place_refuses_a_missing_or_empty_class_name(model, category, error, say
 def test_place_many_refuses_a_string_or_empty_names(model, categories, error, says):
     with pytest.raises(error, match=says):
         place_many(model, _photo(), categories)
+
+
+@pytest.mark.parametrize("size", [(24, 18), (64, 48), (101, 77)])
+def test_place_many_keeps_the_painted_pixels_apart_and_refuses_boxes_under_a_pixel(model, size):
+    """No overlap holds for the pixel masks an inpainter paints (`box_mask`), not only for the
+    model's boxes; boxes under one pixel are redrawn, and when none fit the answer is NoValidSetError."""
+    from models.inpainting import box_mask
+
+    photo = _photo().resize(size)
+    returned = 0
+    for seed in range(8):
+        try:
+            group = place_many(model, photo, ["car", "person", "bird", "cup"], seed=seed, candidates=30, attempts=3)
+        except NoValidSetError:
+            continue
+        returned += 1
+        extents = group.boxes[:, 2:] - group.boxes[:, :2]
+        assert (extents >= 1).all(), group.boxes
+        masks = [box_mask(box, size) for box in group.boxes.tolist()]
+        for i in range(len(masks)):
+            for j in range(i):
+                assert not (masks[i] & masks[j]).any(), (seed, group.boxes)
+    assert returned > 0
+    with pytest.raises(NoValidSetError, match="at least one pixel"):  # five objects cannot share four pixels
+        place_many(model, _photo().resize((2, 2)), ["car", "person", "bird", "cup", "dog"], candidates=30, attempts=2)
+
+
+@pytest.mark.parametrize("call, kwargs, error, says", [
+    ("place", {"n": 0}, ValueError, "n must be a whole number >= 1"),
+    ("place", {"n": 2.5}, ValueError, "n must be a whole number >= 1"),
+    ("place", {"n": True}, ValueError, "n must be a whole number >= 1"),
+    ("place", {"temperature": 0}, ValueError, "temperature"), ("place", {"top_k": 0}, ValueError, "top_k"),
+    ("place", {"top_p": 1.5}, ValueError, "top_p"), ("place", {"seed": "7"}, ValueError, "seed must be a whole number"),
+    ("place", {"seed": 1.5}, ValueError, "seed must be a whole number"),
+    ("place", {"model": None}, TypeError, "model must be a LocationModel"),
+    ("place", {"image": []}, ValueError, "image is an empty list"), ("place", {"image": ""}, ValueError, "empty path"),
+    ("place", {"image": None}, TypeError, "unsupported image type NoneType"),
+    ("place", {"region": 5}, ValueError, "region 5 is neither"),
+    ("place", {"region": ["a", 1, 2, 3]}, ValueError, r"region \['a', 1, 2, 3\] is neither"),
+    ("place", {"size": ("a", 30)}, ValueError, "size width must be a number or a"),
+    ("place", {"aspect_ratio": "wide"}, ValueError, "aspect_ratio must be a number"),
+    ("place", {"aspect_ratio": float("inf")}, ValueError, "aspect_ratio must be positive"),
+    ("place", {"distinct": "yes"}, TypeError, "distinct must be True or False"),
+    ("place_many", {"max_iou": "0"}, ValueError, "max_iou must be a number in"),
+    ("place_many", {"max_iou": float("nan")}, ValueError, "max_iou must be a number in"),
+    ("place_many", {"candidates": "5"}, ValueError, "candidates must be a whole number >= 1"),
+    ("place_many", {"attempts": 0}, ValueError, "attempts must be a whole number >= 1"),
+    ("place_many", {"seed": None}, ValueError, "seed must be a whole number"),
+    ("place_many", {"temperature": -1.0}, ValueError, "temperature"),
+    ("place_many", {"regions": "left"}, TypeError, "regions must be a list with one entry per object"),
+    ("place_many", {"sizes": 5}, TypeError, "sizes must be a list"),
+    ("place_many", {"inpainter": "sd"}, TypeError, "inpainter must be a function"),
+    ("place_many", {"model": "runs/toy_model"}, TypeError, "model must be a LocationModel"),
+])
+def test_placement_rejects_wrong_types_and_ranges_before_sampling(model, monkeypatch, call, kwargs, error, says):
+    """One line naming the argument, raised before the model draws anything."""
+    monkeypatch.setattr(model, "sample", lambda *a, **k: pytest.fail("the model sampled before the check"))
+    args = {"model": model, "image": _photo(), **({"category": "car"} if call == "place" else {"categories": ["car"]})}
+    args.update(kwargs)
+    with pytest.raises(error, match=says):
+        (place if call == "place" else place_many)(**args)

@@ -11,16 +11,18 @@ from __future__ import annotations
 import argparse
 import time
 
+from models.arguments import text, whole
+
 from .scenes import CLASSES, write_toy_dataset
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m datamodules.toy", description=__doc__.splitlines()[0],
                                  epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="data/toy", help="output folder (default: data/toy)")
+    ap.add_argument("--out", type=text, default="data/toy", help="output folder (default: data/toy)")
     ap.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
-    ap.add_argument("--size", type=int, default=64, help="image width = height in pixels (default: 64)")
-    ap.add_argument("--num-shards", type=int, default=8, help="shards per split (default: 8)")
+    ap.add_argument("--size", type=whole(4), default=64, help="image width = height in pixels (default: 64)")
+    ap.add_argument("--num-shards", type=whole(1), default=8, help="shards per split (default: 8)")
     ap.add_argument("--pipe-train", type=int, default=4000, help="toy-pipe train samples (0 skips a split)")
     ap.add_argument("--opa-train", type=int, default=2000, help="toy-opa train samples")
     ap.add_argument("--val", type=int, default=256, help="val samples per flavour (default: 256)")
@@ -28,6 +30,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--classes", default=",".join(CLASSES), help=f"comma list from {CLASSES}")
     a = ap.parse_args(argv)
     classes = tuple(c for c in a.classes.split(",") if c)
+    if not classes:
+        ap.error(f"--classes names no class; give a comma list from {CLASSES}")
     if unknown := set(classes) - set(CLASSES):
         ap.error(f"unknown classes {sorted(unknown)}; known: {CLASSES}")
     counts = {"toy-pipe": {"train": a.pipe_train, "val": a.val, "test": a.test},

@@ -14,6 +14,8 @@ import argparse
 import numpy as np
 import torch
 
+from models.arguments import number, text, whole
+
 from .scenes import make_sample
 
 TARGETS = ("horizon", "table_top", "table_x1", "table_x2", "table_cx")
@@ -34,15 +36,19 @@ def scenes_with_one_table(count: int, seed: int) -> tuple[torch.Tensor, torch.Te
 
 def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     parser = argparse.ArgumentParser(prog="python -m datamodules.toy.probe", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint")
-    parser.add_argument("--scenes", type=int, default=3000, help="scenes generated (about half have one table)")
+    parser.add_argument("checkpoint", type=text, help="location model: checkpoint, model folder or Hub id")
+    parser.add_argument("--scenes", type=whole(1), default=3000, help="scenes generated (about half have one table)")
     parser.add_argument("--seed", type=int, default=5)
-    parser.add_argument("--ridge", type=float, default=1.0)
+    parser.add_argument("--ridge", type=number(0, above=True), default=1.0)
     args = parser.parse_args(argv)
 
-    from models.hub import load_location_model
+    from models.checkpoint import CheckpointError
+    from models.hub import ModelFilesError, load_model
 
-    model = load_location_model(args.checkpoint)
+    try:
+        model = load_model(args.checkpoint)
+    except (CheckpointError, ModelFilesError) as err:
+        parser.error(str(err))
     images, geometry = scenes_with_one_table(args.scenes, args.seed)
     with torch.no_grad():
         feats = torch.cat([model.image_proj(model.encode_images(images[i:i + 256])).flatten(1)
