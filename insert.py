@@ -11,7 +11,7 @@ each edit's `mask_box` are identical to the input. Without --inpainter the boxes
 records are still written.
 `--checkpoint` takes a Lightning checkpoint, a model folder (scripts/export.py) or a Hub id.
 
-Several categories place one object each (`models.placement.place_many`): pairwise IoU at most
+Several categories place one object each (`genloc.placement.place_many`): pairwise IoU at most
 `--max-iou`, inserted one after another, each box sampled on the image with the earlier objects
 already drawn; `edit_{i}.png` is the image after objects 0..i and its record's metrics compare it
 with the image before object i.
@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.drawing import colour, draw_boxes
-from models.files import save_image, write_json
-from models.inpainters import BACKENDS, CROP_MARGIN, DEFAULT_STEPS, MODES, BackendFolderError, load_backend
-from models.inpainting import REGIONS, parse_region
+from genloc.drawing import colour, draw_boxes
+from genloc.files import save_image, write_json
+from genloc.inpainters import BACKENDS, CROP_MARGIN, DEFAULT_STEPS, MODES, BackendFolderError, load_backend
+from genloc.inpainting import REGIONS, parse_region
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_model(source: str):
     """The location model of a checkpoint, model folder or Hub id; errors end the program in one line."""
-    from models.checkpoint import CheckpointError
-    from models.hub import ModelFilesError, load_model as load
+    from genloc.checkpoint import CheckpointError
+    from genloc.hub import ModelFilesError, load_model as load
 
     try:
         return load(source)
@@ -83,8 +83,8 @@ def model_source_ok(source: str | None) -> bool:
 
 def sample_boxes(source: str, image: Image.Image, category: str, n: int, region: str | None, seed: int) -> torch.Tensor:
     """`n` boxes (pixels of `image`, `[n,4]`) from the location model, inside `region` (a word or
-    pixels ``x1,y1,x2,y2``) if given: `models.place`, the one photo -> boxes path."""
-    from models.placement import place
+    pixels ``x1,y1,x2,y2``) if given: `genloc.place`, the one photo -> boxes path."""
+    from genloc.placement import place
 
     return place(load_model(source), image, category, n=n, region=region, seed=seed).boxes
 
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_arguments(parser, args)
-    from models.images import to_rgb_image
+    from genloc.images import to_rgb_image
 
     try:
         image, notes = to_rgb_image(args.image)
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
 def insert_several(args, image: Image.Image, pipe, clip, out: Path) -> int:
     """One object per category via `place_many`, inserted one after another when a pipeline is given."""
     from metrics.inpainting import background_ssim
-    from models.placement import NoValidSetError, place_many
+    from genloc.placement import NoValidSetError, place_many
 
     model = load_model(args.checkpoint)
     w, h = image.size

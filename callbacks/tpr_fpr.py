@@ -19,7 +19,7 @@ from torchmetrics import MeanMetric
 
 from datamodules.kinds import DataKind, data_kind
 from metrics.tpr_fpr import DEFAULT_NS, TPRFPR, result_curves
-from models.sampling import check_filter_args
+from genloc.sampling import check_filter_args
 
 from .schedule import EveryNValidations
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from models.checkpoint import CheckpointError
-from models.files import write_atomic
+from genloc.checkpoint import CheckpointError
+from genloc.files import write_atomic
 
 # Keys a resumed run may change: how and how long it runs, not what it learns.
 RESUME_MAY_CHANGE = (

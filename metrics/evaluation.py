@@ -18,8 +18,8 @@ from metrics.predictions import annotation_keys, baseline_predictions, check_pre
     read_predictions, reported_ns, write_predictions
 from metrics.sampling import Sampling, sample_boxes
 from metrics.tpr_fpr import DEFAULT_NS, TPRFPR, result_curves
-from models.boxes import normalise
-from models.files import write_json
+from genloc.boxes import normalise
+from genloc.files import write_json
 
 
 def default_ns(num_samples: int) -> list[int]:

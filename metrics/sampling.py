@@ -63,8 +63,8 @@ def sample_boxes(checkpoint, data, split: str, sampling: Sampling, groups: list[
     (`size_groups`), N boxes of each group's size per group, keyed by group. Returns the boxes and
     the batch size used (the boxes of a seed depend on it)."""
     from datamodules import ShardDataModule
-    from models.checkpoint import CheckpointError
-    from models.hub import ModelFilesError, load_model
+    from genloc.checkpoint import CheckpointError
+    from genloc.hub import ModelFilesError, load_model
 
     try:
         model = load_model(checkpoint, sampling.device)

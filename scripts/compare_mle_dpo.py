@@ -25,7 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from models.files import write_atomic  # noqa: E402
+from genloc.files import write_atomic  # noqa: E402
 
 
 def model_rates(checkpoint: str, data: str, split: str, num_samples: int, seed: int, batch_size: int,

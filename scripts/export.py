@@ -19,7 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from models.hub import FILES
+from genloc.hub import FILES
 
 
 class ExportError(RuntimeError):
@@ -77,8 +77,8 @@ def run_info(checkpoint: Path, eval_metrics: Path | None) -> dict:
 def export(checkpoint: str | Path, out: str | Path, push_to_hub: str | None = None,
            eval_metrics: str | Path | None = None) -> Path:
     """Write the model folder ``out`` from ``checkpoint`` (atomically) and push it if asked."""
-    from models.checkpoint import CheckpointError
-    from models.hub import load_location_model
+    from genloc.checkpoint import CheckpointError
+    from genloc.hub import load_location_model
 
     checkpoint, out = Path(checkpoint), Path(out)
     if out.name in ("", ".", ".."):  # the folder is written beside its target and renamed over it
@@ -112,7 +112,7 @@ def push(folder: Path, repo_id: str) -> str:
     """Upload the exported folder as it is (create the repo if needed)."""
     from huggingface_hub import HfApi
 
-    from models.pretrained import hub_offline
+    from genloc.pretrained import hub_offline
 
     if hub_offline():
         raise ExportError(f"cannot push to {repo_id}: HF_HUB_OFFLINE=1 forbids network access; unset it "

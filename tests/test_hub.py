@@ -16,10 +16,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from models.hub import load_location_model
+from genloc.hub import load_location_model
 from lightning_modules.mle import MLEModule
-from models import GenLocModel, LocationModel, LocationModelConfig, ModelFilesError
-from models.hub import FILES, card_metrics, portable_config
+from genloc import GenLocModel, LocationModel, LocationModelConfig, ModelFilesError
+from genloc.hub import FILES, card_metrics, portable_config
 from scripts import export as export_script
 from tests.helpers import FIXTURES, ROOT
 
@@ -73,7 +73,7 @@ def _env():
 
 ROUND_TRIP = """
 import sys, torch
-from models import GenLocModel
+from genloc import GenLocModel
 model = GenLocModel.from_pretrained(sys.argv[1])
 images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
 out = model.sample(images, ["car", "person"], n=30, temperature=1.3, top_p=0.95,

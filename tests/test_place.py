@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from models import GenLocModel, LocationModelConfig, NoValidSetError, place, place_many
-from models.images import to_rgb_image
-from models.placement import model_input, token_iou
+from genloc import GenLocModel, LocationModelConfig, NoValidSetError, place, place_many
+from genloc.images import to_rgb_image
+from genloc.placement import model_input, token_iou
 from tests.helpers import FIXTURES
 
 PHOTOS = [FIXTURES / "libcom" / "controllable_composition" / "background" / "000000049931.png",

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     parser.add_argument("--ridge", type=float, default=1.0)
     args = parser.parse_args(argv)
 
-    from models.hub import load_location_model
+    from genloc.hub import load_location_model
 
     model = load_location_model(args.checkpoint)
     images, geometry = scenes_with_one_table(args.scenes, args.seed)

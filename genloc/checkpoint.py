@@ -2,7 +2,7 @@
 
 A checkpoint holds the model config under ``hyper_parameters["model_config"]`` and the weights under
 the ``model.`` prefix of ``state_dict``: what Lightning writes for the training modules, and what
-`save_model_checkpoint` writes for tools and tests. `models.hub.load_location_model` rebuilds the
+`save_model_checkpoint` writes for tools and tests. `genloc.hub.load_location_model` rebuilds the
 model of one; the training side (resume checks, init_from) is in lightning_modules/checkpoint.py.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def model_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
 
 
 def atomic_save(checkpoint: dict, path: str | Path) -> None:
-    """`torch.save` through the one atomic writer (`models.files.write_atomic`): a crash or SIGKILL
+    """`torch.save` through the one atomic writer (`genloc.files.write_atomic`): a crash or SIGKILL
     while saving leaves the previous ``last.ckpt`` intact. A full disk is a `CheckpointError` that
     names the file; a SIGKILL leftover (``.partial``) is removed at the next start under the run lock."""
     path = Path(path)
@@ -58,7 +58,7 @@ def atomic_save(checkpoint: dict, path: str | Path) -> None:
 
 def save_model_checkpoint(model, path: str | Path, **hyper_parameters) -> None:
     """Write ``model`` (a `LocationModel`) as the smallest checkpoint `read_checkpoint` and
-    `models.hub.load_location_model` accept (its config under ``hyper_parameters["model_config"]``, its
+    `genloc.hub.load_location_model` accept (its config under ``hyper_parameters["model_config"]``, its
     weights under the ``model.`` prefix), atomically; extra ``hyper_parameters`` (e.g. a module's
     ``optim``) are stored beside the config. The one place outside Lightning that builds a checkpoint
     dict (tools, tests, benchmarks)."""

@@ -91,7 +91,7 @@ def model_from_state_dict(cfg: LocationModelConfig, state: dict, source: str) ->
 
 
 def load_location_model(path: Union[str, Path]) -> "GenLocModel":
-    """Rebuild the LocationModel of a checkpoint (`models.checkpoint`), in eval mode, on the CPU; every
+    """Rebuild the LocationModel of a checkpoint (`genloc.checkpoint`), in eval mode, on the CPU; every
     weight comes from the checkpoint (no pretrained weights are fetched, see `model_from_state_dict`)."""
     ckpt = read_checkpoint(path)
     try:
@@ -158,7 +158,7 @@ def model_card(cfg: LocationModelConfig, model_id: str, run: Optional[dict] = No
         "", "## Usage", "",
         "Run from the root of the GenLoc repository (its `models` package holds the code), with a `photo.jpg`:", "",
         "```python",
-        "from models import GenLocModel, place, place_many",
+        "from genloc import GenLocModel, place, place_many",
         "",
         f"model = GenLocModel.from_pretrained({model_id!r})",
         'boxes = place(model, "photo.jpg", "person", n=5, seed=0)  # pixel boxes of photo.jpg + log-probabilities',

@@ -1,7 +1,7 @@
 """Pure-PyTorch GenLoc location model (no Lightning): tokenizer, config/presets, model + sampler,
 Hub-style model files and the one-call placement API.
 
-Names are loaded on first use (PEP 562), so ``import models.images`` or ``import models.files``
+Names are loaded on first use (PEP 562), so ``import genloc.images`` or ``import genloc.files``
 does not load torch's model stack. `versions` is imported first: an installed release too old for
 the APIs used fails here, with one line."""
 import importlib
@@ -21,7 +21,7 @@ __all__ = list(_EXPORTS)
 
 def __getattr__(name: str):
     if name not in _EXPORTS:
-        raise AttributeError(f"module 'models' has no attribute {name!r}")
+        raise AttributeError(f"module 'genloc' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     globals()[name] = value
     return value
