@@ -131,17 +131,20 @@ def test_an_old_release_is_one_line_at_import(monkeypatch):
 
 
 def test_pyproject_lower_bounds_are_the_checked_minimums():
+    """genloc's floors are those of the base install, Lightning's that of the train extra."""
     import tomllib
 
     from tests.helpers import ROOT
     from genloc.versions import MINIMUM
+    from lightning_modules import MINIMUM as TRAINING_MINIMUM
 
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    floors = {d.split(">=")[0]: d.split(">=")[1].split(",")[0] for d in deps if ">=" in d}
-    assert {name: floors.get(name) for name in MINIMUM} == MINIMUM
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     lock = (ROOT / "requirements" / "lock.txt").read_text().splitlines()
     pinned = dict(line.split("==") for line in lock if "==" in line)
-    assert all(name in pinned for name in MINIMUM)
+    for deps, minimum in ((project["dependencies"], MINIMUM), (project["optional-dependencies"]["train"], TRAINING_MINIMUM)):
+        floors = {d.split(">=")[0]: d.split(">=")[1].split(",")[0] for d in deps if ">=" in d}
+        assert {name: floors.get(name) for name in minimum} == minimum
+        assert all(name in pinned for name in minimum)
 
 
 # ------------------------------------------------------------------------------ bf16 sampling

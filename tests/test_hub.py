@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from genloc.hub import load_location_model
 from lightning_modules.mle import MLEModule
 from genloc import GenLocModel, LocationModel, LocationModelConfig, ModelFilesError
-from genloc.hub import FILES, card_metrics, portable_config
+from genloc.hub import FILES, INSTALL, VERSION_KEY, card_metrics, portable_config
 from scripts import export as export_script
 from tests.helpers import FIXTURES, ROOT
 
@@ -101,8 +101,11 @@ def test_round_trip_in_a_fresh_process_gives_the_checkpoints_boxes_exactly(run, 
 
 
 def test_folder_holds_only_the_listed_files_with_a_portable_config(folder, run):
+    import genloc
+
     assert sorted(os.listdir(folder)) == sorted(FILES)
     config = json.loads((folder / "config.json").read_text())
+    assert config.pop(VERSION_KEY) == genloc.__version__  # the release that wrote the folder
     assert config["vit_weights"] is None and config["clip_weights"] is None and config["gpt2_weights"] is None
     assert LocationModelConfig.from_dict(config) == portable_config(run[1].model.cfg)
     assert config["relative_extents"] is True
@@ -122,6 +125,7 @@ def test_model_card_names_the_run_and_its_metrics_and_its_snippet_runs_as_writte
         assert f"| `{key}` | {value:.4f} |" in card
     assert "val/tpr@10`" not in card and "lr-AdamW" not in card
     snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert snippet.startswith(f"# {INSTALL}\nfrom genloc import ")  # the install line first
     assert f"GenLocModel.from_pretrained({str(folder)!r})" in snippet
     Image.open(PHOTO).convert("RGB").save(tmp_path / "photo.jpg")
     proc = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=_env(), capture_output=True, text=True,

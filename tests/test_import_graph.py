@@ -1,5 +1,5 @@
 """The project's import graph: no cycles, and the layers point one way. genloc/ is the pure model
-package (a library of its own): it imports nothing of the training side or the applications, and
+package (installable on its own): it imports nothing of the training side or the applications, and
 the data converters import nothing heavy."""
 import ast
 import subprocess
@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SKIP = {".venv", ".git", "node_modules"}
 # What the pure model package may never import (the training side, measurement, configs, applications).
-ABOVE_MODELS = ("lightning", "lightning_modules", "datamodules", "callbacks", "metrics", "configs", "benchmarks",
+ABOVE_GENLOC = ("lightning", "lightning_modules", "datamodules", "callbacks", "metrics", "configs", "benchmarks",
                 "scripts", "tests", "train", "evaluate", "insert", "demo")
 
 
@@ -96,9 +96,9 @@ def test_no_import_cycles():
     assert cycles(graph()) == []
 
 
-def test_models_imports_nothing_above_it():
+def test_genloc_imports_nothing_above_it():
     upward = {f"{name} -> {target}" for name, targets in graph().items() if name.split(".")[0] == "genloc"
-              for target in targets if target.split(".")[0] in ABOVE_MODELS}
+              for target in targets if target.split(".")[0] in ABOVE_GENLOC}
     assert not upward, sorted(upward)
     third_party = {f"{path.relative_to(ROOT)}: {alias}" for path in (ROOT / "genloc").rglob("*.py")
                    for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, (ast.Import, ast.ImportFrom))
@@ -131,5 +131,20 @@ def test_the_data_converters_load_no_model_stack():
 
 def test_the_image_conversion_and_the_writer_load_no_torch():
     code = "import sys, genloc.images, genloc.files; print([m for m in ('torch', 'genloc.location_model') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_genloc_and_its_public_api_load_no_training_side():
+    """Every genloc module, the public API and the command imported in a fresh interpreter: none of the
+    training side, its dependencies or the package's old name is loaded (what an install without the
+    train extra needs)."""
+    code = ("import sys, pkgutil, importlib, genloc\n"
+            "from genloc import GenLocModel, place, place_many\n"
+            "for info in pkgutil.walk_packages(genloc.__path__, 'genloc.'):\n"
+            "    importlib.import_module(info.name)\n"
+            "banned = ('lightning', 'lightning_modules', 'datamodules', 'callbacks', 'metrics', 'configs', 'omegaconf',\n"
+            "          'webdataset', 'torchmetrics', 'models')\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in banned))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

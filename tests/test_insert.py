@@ -144,7 +144,7 @@ def test_insert_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
 ])
 def test_bad_arguments_fail_at_once_before_any_model_loads(argv, says, stub_sampler, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(insert, "sample_boxes", lambda *a, **k: pytest.fail("the location model was used"))
-    monkeypatch.setattr(insert, "load_backend", lambda *a, **k: pytest.fail("an inpainter was loaded"))
+    monkeypatch.setattr(insert, "load_inpainter", lambda *a, **k: pytest.fail("an inpainter was loaded"))
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exc:
         insert.main(["--image", str(PHOTO), "--category", "cat", "--checkpoint", str(stub_sampler), "--out", str(out),
