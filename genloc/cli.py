@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", required=True, help="model folder, Hub id (owner/name) or checkpoint")
         p.add_argument("--image", required=True, help="background photo")
         p.add_argument("--category", required=True, help='object class, e.g. "cup"')
-        p.add_argument("--n", type=int, default=DEFAULT_N, help="number of boxes")
+        p.add_argument("--n", type=int, default=DEFAULT_N, help=f"number of boxes (default {DEFAULT_N})")
         p.add_argument("--region", help=f"restrict boxes to {'|'.join(REGIONS)} or pixels x1,y1,x2,y2")
         p.add_argument("--size", type=pixel_size, help="box size W,H in pixels")
         p.add_argument("--aspect-ratio", type=float, help="box aspect ratio w/h in pixels")
