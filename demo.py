@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from models.arguments import text, whole
-from models.drawing import colour, draw_boxes
-from models.files import save_image, write_json
-from models.inpainters import BACKENDS, DEFAULT_STEPS
-from models.inpainting import REGIONS, pixel_rect
+from genloc.arguments import text, whole
+from genloc.drawing import colour, draw_boxes
+from genloc.files import save_image, write_json
+from genloc.inpainters import BACKENDS, DEFAULT_STEPS
+from genloc.inpainting import REGIONS, pixel_rect
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = "runs/toy_model"  # in the repository root
@@ -64,7 +64,7 @@ class Backends:
     model: object = None          # a LocationModel, or None
     model_note: str = ""
     classes: list | None = None   # the classes the model was trained on, when its run says so
-    inpainter: object = None      # a models.inpainters.Inpainter, or None
+    inpainter: object = None      # a genloc.inpainters.Inpainter, or None
     inpainter_note: str = ""
     source: str = DEFAULT_MODEL
 
@@ -98,9 +98,9 @@ def training_classes(source: str) -> list[str] | None:
 def load_backends(model: str | None, inpainter: str | None, backend: str, device: str, steps: int) -> Backends:
     """Load the location model and the inpainter. Missing defaults become notes shown in the page;
     a source given explicitly that cannot be loaded raises DemoError (the CLI exits 2 with it)."""
-    from models.checkpoint import CheckpointError
-    from models.hub import ModelFilesError, load_model
-    from models.inpainters import BackendFolderError, load_backend
+    from genloc.checkpoint import CheckpointError
+    from genloc.hub import ModelFilesError, load_model
+    from genloc.inpainters import BackendFolderError, load_backend
 
     out = Backends(source=model or DEFAULT_MODEL)
     if model is None and not (ROOT / DEFAULT_MODEL).exists():
@@ -131,7 +131,7 @@ def load_backends(model: str | None, inpainter: str | None, backend: str, device
 # ------------------------------------------------------------------------------------------ inputs
 def read_image(image) -> tuple[Image.Image, list[str]]:
     """The uploaded photo (a path or PIL image) as 8-bit RGB, with notes on lossy conversions."""
-    from models.images import to_rgb_image
+    from genloc.images import to_rgb_image
 
     if image is None:
         raise DemoError("No photo: upload one or pick an example.")
@@ -158,7 +158,7 @@ def parse_categories(text: str, classes: list[str] | None) -> list[str]:
 def parse_region(choice: str, pixels: str, size: tuple[int, int]):
     """The region `place` takes: None, a positional word or a pixel box inside the image. A typed
     box is used unless the menu names a word (`region_note` then says why it is not)."""
-    from models.placement import normalised_region
+    from genloc.placement import normalised_region
 
     typed = bool((pixels or "").strip())
     if choice in (None, "", ANYWHERE) and not typed:
@@ -225,8 +225,8 @@ def place_boxes(backends: Backends, image, categories: str, n: int, temperature:
                 region_pixels: str = "", seed: int = 0) -> Placed:
     """Sample ``n`` boxes per category (one batched model call, plus the heat map's draws); each
     category's boxes are listed most probable first."""
-    from models.placement import place
-    from models.sampling import check_filter_args
+    from genloc.placement import place
+    from genloc.sampling import check_filter_args
 
     if backends.model is None:
         raise DemoError(backends.model_note)
@@ -277,7 +277,7 @@ def region_box(region, size: tuple[int, int]):
 
 
 def draw_records(photo: Image.Image, records: list[dict]) -> Image.Image:
-    """Each box with its index, class and probability (`models.drawing.draw_boxes`)."""
+    """Each box with its index, class and probability (`genloc.drawing.draw_boxes`)."""
     return draw_boxes(photo, [rec["box"] for rec in records], [rec["color"] for rec in records],
                       [f"{rec['index']} {rec['category']} {rec['prob']:.1e}" for rec in records])
 
@@ -341,7 +341,7 @@ def insert_boxes(backends: Backends, placed: Placed | None, choice: str, seed: i
 
 # ------------------------------------------------------------------------------------------ files
 def save_json(folder: Path, name: str, doc: dict) -> str:
-    """Downloads are written atomically (`models.files`): never half written."""
+    """Downloads are written atomically (`genloc.files`): never half written."""
     write_json(folder / name, doc, indent=2)
     return str(folder / name)
 

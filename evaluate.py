@@ -31,7 +31,7 @@ pooled samples may hold several), and for each group N boxes of exactly that siz
 a bin; sizes are clamped to 1..num_bins-1 bins) are drawn, so the model only chooses where. Each
 group is scored as its own sample (key ``{key}@{w}x{h}``); every labelled box still counts once.
 
-Inputs are checked like training inputs, by the one box rule of `models.boxes`: a shard sample with
+Inputs are checked like training inputs, by the one box rule of `genloc.boxes`: a shard sample with
 a broken labelled box is skipped and counted (as the training pipeline skips it), a broken box of a
 label file is dropped and counted (as the converters drop it); a key found twice in a split is an
 error naming both shards. Predicted boxes that break the rule (swapped corners, x/y/w/h order,
@@ -50,10 +50,10 @@ from pathlib import Path
 from metrics.annotations import EvaluationError
 from metrics.evaluation import default_ns, evaluate, plot_results
 from metrics.predictions import BASELINES
-from models.arguments import text
+from genloc.arguments import text
 from metrics.sampling import MAX_SAMPLING_BATCH, Sampling, default_device
-from models.config import ArgumentError
-from models.sampling import check_filter_args
+from genloc.config import ArgumentError
+from genloc.sampling import check_filter_args
 
 
 def parse_args(argv=None) -> argparse.Namespace:

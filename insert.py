@@ -11,7 +11,7 @@ each edit's `mask_box` are identical to the input. Without --inpainter the boxes
 records are still written.
 `--checkpoint` takes a Lightning checkpoint, a model folder (scripts/export.py) or a Hub id.
 
-Several categories place one object each (`models.placement.place_many`): pairwise IoU at most
+Several categories place one object each (`genloc.placement.place_many`): pairwise IoU at most
 `--max-iou`, inserted one after another, each box sampled on the image with the earlier objects
 already drawn; `edit_{i}.png` is the image after objects 0..i and its record's metrics compare it
 with the image before object i.
@@ -26,11 +26,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.drawing import colour, draw_boxes
-from models.files import save_image, write_json
-from models.inpainters import BACKENDS, CROP_MARGIN, DEFAULT_STEPS, MODES, BackendFolderError, load_backend
-from models.arguments import text
-from models.inpainting import REGIONS, parse_region
+from genloc.arguments import text
+from genloc.cli import DEFAULT_N, add_inpainter_arguments, check_arguments, draw_overlay, load_inpainter, load_model, read_inputs
+from genloc.hub import is_model_source
+from genloc.drawing import colour
+from genloc.files import save_image, write_json
+from genloc.inpainting import REGIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,100 +39,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", type=text, required=True, help="background photo")
     p.add_argument("--category", required=True, nargs="+", help='object class, e.g. "cup"; several: one object each')
     p.add_argument("--checkpoint", type=text, help="location model: Lightning checkpoint (train.py), model folder or Hub id")
-    p.add_argument("--inpainter", type=text, help="local diffusers pipeline folder of the --backend (e.g. a Stable Diffusion inpainting checkpoint)")
-    p.add_argument("--backend", choices=BACKENDS, default="sd",
-                   help="sd: AutoPipelineForInpainting (SD 1.5/2, SDXL, Kandinsky); flux-fill: FluxFillPipeline; "
-                        "powerpaint: PowerPaint v1 object insertion; gligen: GLIGEN box inpainting (deprecated upstream)")
-    p.add_argument("--mode", choices=MODES, default="auto",
-                   help="crop: inpaint a context crop around the box at the back-end's resolution; whole: the whole "
-                        "image; auto: crop when the box is smaller than the resolution")
-    p.add_argument("--margin", type=float, default=CROP_MARGIN,
-                   help="crop mode: context on each side, as a fraction of the box's long side")
-    p.add_argument("--n", type=int, help="number of boxes / edits for one category (default 4)")
+    add_inpainter_arguments(p, required=False)
+    p.add_argument("--n", type=int, help=f"number of boxes / edits for one category (default {DEFAULT_N})")
     p.add_argument("--max-iou", type=float, default=0.0, help="several categories: largest IoU between two objects")
     p.add_argument("--region", type=text, help=f"restrict boxes to {'|'.join(REGIONS)} or pixels x1,y1,x2,y2")
     p.add_argument("--out", type=text, default="insert_out", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="box sampling seed; edit i uses seed + i")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps")
-    p.add_argument("--dilate", type=int, default=0, help="grow the mask by this many pixels")
-    p.add_argument("--feather", type=int, default=0, help="soften the mask's inner edge over this many pixels")
-    p.add_argument("--resolution", type=int, help="canvas long side (default: the back-end's native resolution)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the back-end's usual value)")
     p.add_argument("--clip-weights", type=text, help="local open_clip weights file: adds the foreground CLIP score")
     p.add_argument("--clip-model", type=text, help="open_clip model name (default ViT-B-32, or the --clip-config stem)")
     p.add_argument("--clip-config", type=text, help="open_clip model config JSON for models open_clip does not ship")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
-
-
-def load_model(source: str):
-    """The location model of a checkpoint, model folder or Hub id; errors end the program in one line."""
-    from models.checkpoint import CheckpointError
-    from models.hub import ModelFilesError, load_model as load
-
-    try:
-        return load(source)
-    except (CheckpointError, ModelFilesError) as err:
-        raise SystemExit(f"insert.py: error: {err}") from None
 
 
 def sample_boxes(source: str, image: Image.Image, category: str, n: int, region: str | None, seed: int) -> torch.Tensor:
     """`n` boxes (pixels of `image`, `[n,4]`) from the location model, inside `region` (a word or
-    pixels ``x1,y1,x2,y2``) if given: `models.place`, the one photo -> boxes path."""
-    from models.placement import place
+    pixels ``x1,y1,x2,y2``) if given: `genloc.place`, the one photo -> boxes path."""
+    from genloc.placement import place
 
-    return place(load_model(source), image, category, n=n, region=region, seed=seed).boxes
-
-
-def draw_overlay(image: Image.Image, boxes: list) -> Image.Image:
-    """All boxes outlined on a copy of `image`, each labelled with its index."""
-    return draw_boxes(image, boxes, labels=[str(i) for i in range(len(boxes))])
+    return place(load_model(source, "insert.py"), image, category, n=n, region=region, seed=seed).boxes
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
 
 
-def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Numbers and folders checked before anything heavy is loaded: one line, exit code 2."""
-    checks = (("--n", args.n, args.n is None or args.n >= 1, ">= 1"),
-              ("--max-iou", args.max_iou, 0.0 <= args.max_iou <= 1.0, "in [0, 1]"),
-              ("--steps", args.steps, args.steps >= 1, ">= 1"),
-              ("--margin", args.margin, args.margin >= 0, ">= 0"),
-              ("--dilate", args.dilate, args.dilate >= 0, ">= 0"),
-              ("--feather", args.feather, args.feather >= 0, ">= 0"),
-              ("--resolution", args.resolution, args.resolution is None or args.resolution >= 8, ">= 8"),
-              ("--guidance", args.guidance, args.guidance is None or args.guidance >= 0, ">= 0"))
-    for flag, value, ok, allowed in checks:
-        if not ok:
-            parser.error(f"{flag} must be {allowed}, got {value}")
-    empty = [c for c in args.category if not c.strip()]
-    if empty:
-        parser.error(f"--category must name an object class, got {empty[0]!r}")
-    if args.inpainter is not None and not Path(args.inpainter).is_dir():
-        parser.error(f"--inpainter {args.inpainter}: no such folder; pass a local diffusers inpainting folder, or "
-                     "leave --inpainter out to write boxes only")
-
-
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_arguments(parser, args)
-    from models.images import to_rgb_image
-
-    try:
-        image, notes = to_rgb_image(args.image)
-    except (OSError, ValueError) as err:
-        parser.error(f"--image {args.image}: {err}")
-    for note in notes:
-        print(f"note: {note}")
+    image, region = read_inputs(parser, args)
     w, h = image.size
-    try:
-        region = parse_region(args.region, image.size)
-    except ValueError as err:
-        parser.error(str(err))
-    from models.hub import is_model_source
-
     if not is_model_source(args.checkpoint):
         parser.error(f"location model checkpoint {args.checkpoint or '(none given)'} not found: pass --checkpoint CKPT "
                      "(a train.py checkpoint or a model folder; `make train` makes both)")
@@ -141,11 +78,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     pipe = None
     if args.inpainter:
-        try:
-            pipe = load_backend(args.backend, args.inpainter, device=args.device, steps=args.steps,
-                                guidance_scale=args.guidance, resolution=args.resolution)
-        except (BackendFolderError, ValueError) as err:
-            parser.error(str(err))
+        pipe = load_inpainter(parser, args)
     else:
         print("no --inpainter: wrote boxes, overlay and records only; pass --inpainter DIR, a local diffusers "
               "inpainting folder (e.g. a Stable Diffusion inpainting checkpoint saved with save_pretrained)")
@@ -156,7 +89,7 @@ def main(argv=None) -> int:
         clip = ForegroundCLIPScore(args.clip_weights, args.clip_model, args.clip_config).to(args.device)
     if several:
         return insert_several(args, image, pipe, clip, out)
-    boxes = sample_boxes(args.checkpoint, image, args.category[0], args.n or 4, args.region, args.seed)
+    boxes = sample_boxes(args.checkpoint, image, args.category[0], args.n or DEFAULT_N, args.region, args.seed)
     out.mkdir(parents=True, exist_ok=True)
     save_image(out / "overlay.png", draw_overlay(image, boxes.tolist()))
 
@@ -191,9 +124,9 @@ def main(argv=None) -> int:
 def insert_several(args, image: Image.Image, pipe, clip, out: Path) -> int:
     """One object per category via `place_many`, inserted one after another when a pipeline is given."""
     from metrics.inpainting import background_ssim
-    from models.placement import NoValidSetError, place_many
+    from genloc.placement import NoValidSetError, place_many
 
-    model = load_model(args.checkpoint)
+    model = load_model(args.checkpoint, "insert.py")
     w, h = image.size
     insertions = []
 

@@ -27,12 +27,12 @@ import torch  # noqa: E402
 
 from configs.schema import ConfigError, instantiate, internal_args, load_config, locate, model_config  # noqa: E402
 from datamodules.shard_format import ShardFormatError  # noqa: E402
-from models.checkpoint import CheckpointError  # noqa: E402
-from models.files import write_atomic  # noqa: E402
+from genloc.checkpoint import CheckpointError  # noqa: E402
+from genloc.files import write_atomic  # noqa: E402
 from lightning_modules.run_files import (RunLock, config_changes_on_resume, is_global_rank_zero,  # noqa: E402
                                          move_earlier_run_aside, newest_last_checkpoint, remove_stale_partials,
                                          write_metrics)
-from models.pretrained import PretrainedWeightsError  # noqa: E402
+from genloc.pretrained import PretrainedWeightsError  # noqa: E402
 
 log = logging.getLogger("genloc.train")
 SUMMARY_KEYS = ("train/loss", "val/loss", "val/token_acc", "val/plausible_rate", "val/tpr@100", "val/fpr@100",
@@ -126,7 +126,7 @@ def _fit(cfg: DictConfig, module_cls: type, datamodule, directory: Path, extra_c
     from callbacks.preemption import Preemption
     from callbacks.reproducible import ReproducibleSteps
     from lightning_modules.checkpoint import check_resumable, load_model_weights
-    from models.checkpoint import read_checkpoint
+    from genloc.checkpoint import read_checkpoint
 
     checkpoints = directory / "checkpoints"
     last = newest_last_checkpoint(checkpoints) if cfg.resume else None

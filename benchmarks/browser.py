@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from models.files import save_image
+from genloc.files import save_image
 
 ROOT = Path(__file__).resolve().parents[1]
 

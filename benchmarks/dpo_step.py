@@ -26,11 +26,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from models.checkpoint import save_model_checkpoint  # noqa: E402
+from genloc.checkpoint import save_model_checkpoint  # noqa: E402
 from lightning_modules.dpo import DPOModule  # noqa: E402
 from lightning_modules.dpo_loss import dpo_loss  # noqa: E402
 from lightning_modules.mle import MLEModule  # noqa: E402
-from models import LocationModelConfig  # noqa: E402
+from genloc import LocationModelConfig  # noqa: E402
 
 OPTIM = dict(lr=1e-5, weight_decay=0.01, betas=[0.9, 0.95], warmup_steps=1, min_lr_ratio=0.1)
 

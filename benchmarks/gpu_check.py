@@ -13,7 +13,7 @@ batches (random images, random valid boxes):
   step runs out of memory (caught) or ``--max-batch``;
 - the speed switches side by side (CUDA): TF32 for fp32, foreach instead of fused AdamW,
   ``compile_decoder`` (compile time in the note), bf16 cascade sampling;
-- MFU of every MLE step row: model FLOPs per sample from the config (`models.flops`) times
+- MFU of every MLE step row: model FLOPs per sample from the config (`genloc.flops`) times
   samples/s over a bf16 matmul peak measured in the same run (the "matmul peak" row);
 - ``train.py``'s fit loop on toy shards (real pipeline, ``--workers`` loader workers) at the same
   batch and precision as the synthetic step, and the ratio of their samples/s.
@@ -50,12 +50,12 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.dpo_step import OPTIM, make_batch  # noqa: E402
-from models.checkpoint import save_model_checkpoint  # noqa: E402
-from models.files import write_atomic  # noqa: E402
+from genloc.checkpoint import save_model_checkpoint  # noqa: E402
+from genloc.files import write_atomic  # noqa: E402
 from lightning_modules.dpo import DPOModule  # noqa: E402
 from lightning_modules.mle import MLEModule  # noqa: E402
-from models import LocationModelConfig  # noqa: E402
-from models.flops import training_flops_per_sample  # noqa: E402
+from genloc import LocationModelConfig  # noqa: E402
+from genloc.flops import training_flops_per_sample  # noqa: E402
 
 GIB = 2 ** 30
 CLIP = 1.0  # configs/schema.py TrainerSection.gradient_clip_val
@@ -456,7 +456,7 @@ def markdown(result: dict) -> str:
     if ratios:
         lines += ["", "Sampling, cascade / copied cache: " + "; ".join(ratios)]
     lines += [line for line in (precision_ratios(result["rows"]), fit_ratio(result["rows"])) if line]
-    lines += ["", f"Model FLOPs per MLE training sample (models/flops.py): {result['flops_per_sample'] / 1e9:.2f} GFLOP"]
+    lines += ["", f"Model FLOPs per MLE training sample (genloc/flops.py): {result['flops_per_sample'] / 1e9:.2f} GFLOP"]
     if result["skipped"]:
         lines += ["", f"Skipped (time budget {result['settings']['time_budget_s']:.0f} s): "
                   + ", ".join(result["skipped"])]

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_PAPER = """
 import json, sys, torch
 torch.set_num_threads(1)
-from models import LocationModel, LocationModelConfig
+from genloc import LocationModel, LocationModelConfig
 
 def status(field):
     for line in open("/proc/self/status"):

@@ -1,5 +1,5 @@
 """The slow reference decoder `LocationModel.sample` is checked against (tests) and timed against
-(benchmarks/sampling.py): a measuring stick, kept out of models/."""
+(benchmarks/sampling.py): a measuring stick, kept out of genloc/."""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from models import LocationModel, draw_tokens, filter_logits
+from genloc import LocationModel, draw_tokens, filter_logits
 
 
 @torch.no_grad()

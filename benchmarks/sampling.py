@@ -28,7 +28,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from benchmarks.reference_decode import naive_reference_decode  # noqa: E402
-from models import LocationModel, LocationModelConfig  # noqa: E402
+from genloc import LocationModel, LocationModelConfig  # noqa: E402
 
 
 def _seconds(fn, device: torch.device) -> float:

@@ -17,7 +17,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from benchmarks.sampling import alternating_medians  # noqa: E402
-from models import LocationModel, LocationModelConfig  # noqa: E402
+from genloc import LocationModel, LocationModelConfig  # noqa: E402
 
 
 def bench(preset: str, boxes: int, repeats: int, device: torch.device) -> dict:
@@ -57,7 +57,7 @@ def main() -> None:
           f"score {r['score_s']:.3f} s, sample / score = {r['sample_over_score']:.2f}x "
           f"(max |score - sampler log-prob| {r['max_log_prob_gap']:.2e})")
     if args.out:
-        from models.files import write_json
+        from genloc.files import write_json
 
         write_json(args.out, r)
 

@@ -38,12 +38,12 @@ import torch  # noqa: E402
 
 from benchmarks.dpo_step import OPTIM, make_batch  # noqa: E402
 from datamodules import ShardDataModule  # noqa: E402
-from models.checkpoint import save_model_checkpoint  # noqa: E402
+from genloc.checkpoint import save_model_checkpoint  # noqa: E402
 from lightning_modules.dpo import DPOModule, pair_box_log_probs  # noqa: E402
 from lightning_modules.dpo_loss import dpo_loss  # noqa: E402
 from lightning_modules.mle import MLEModule, flatten_boxes  # noqa: E402
 from lightning_modules.optim import warmup_cosine  # noqa: E402
-from models import LocationModelConfig  # noqa: E402
+from genloc import LocationModelConfig  # noqa: E402
 
 CLIP = 1.0  # configs/schema.py TrainerSection.gradient_clip_val
 

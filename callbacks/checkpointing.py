@@ -6,7 +6,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from models.checkpoint import atomic_save
+from genloc.checkpoint import atomic_save
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -19,9 +19,9 @@ from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
 from metrics.inpainting import BackgroundSSIM, ForegroundCLIPScore, to_pil
-from models.boxes import denormalise
-from models.inpainters import BACKENDS, load_backend
-from models.inpainting import working_size
+from genloc.boxes import denormalise
+from genloc.inpainters import BACKENDS, load_backend
+from genloc.inpainting import working_size
 
 from .schedule import EveryNValidations
 

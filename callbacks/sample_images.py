@@ -8,15 +8,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.utils import make_grid
 
-from models import drawing
-from models.boxes import denormalise
+from genloc import drawing
+from genloc.boxes import denormalise
 
 from .schedule import EveryNValidations
 
 
 def draw_boxes(image: torch.Tensor, positives: torch.Tensor, samples: torch.Tensor, size: int = 128) -> torch.Tensor:
     """uint8 [3,size,size] picture of one image ([3,H,W] in [0,1]) with normalised boxes drawn on it
-    by the applications' drawer (`models.drawing`): positives green, samples red on top."""
+    by the applications' drawer (`genloc.drawing`): positives green, samples red on top."""
     picture = F.interpolate(image[None].float().cpu(), size=(size, size), mode="bilinear", align_corners=False)[0]
     picture = Image.fromarray((picture.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy(), "RGB")
     boxes = denormalise(torch.cat([positives.cpu(), samples.cpu()]).double(), (size, size)).tolist()

@@ -23,7 +23,7 @@ from datamodules.kinds import DataKind, data_kind
 from metrics.ranking import RankingMetric
 from metrics.scoring import labelled_scores
 from metrics.tpr_fpr import DEFAULT_NS, TPRFPR, result_curves
-from models.sampling import check_filter_args
+from genloc.sampling import check_filter_args
 
 from .schedule import EveryNValidations
 

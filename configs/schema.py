@@ -31,7 +31,7 @@ from typing import Any, Optional, Union
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from models.config import ArgumentError, LocationModelConfig
+from genloc.config import ArgumentError, LocationModelConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent
 GROUPS = ("model", "data", "module", "optim", "trainer", "callbacks")
@@ -111,7 +111,7 @@ ARGUMENT_CHECKS = {
     "lightning_modules.AdamWCosine": "lightning_modules.optim.AdamWCosine",  # a plain dataclass
     "lightning_modules.MLEModule": "lightning_modules.mle.check_args",
     "lightning_modules.DPOModule": "lightning_modules.dpo.check_args",
-    "callbacks.TprFprCallback": "models.sampling.check_filter_args",
+    "callbacks.TprFprCallback": "genloc.sampling.check_filter_args",
 }
 
 
@@ -255,7 +255,7 @@ def section_schema(target_path: str) -> type:
 def _model_schema() -> type:
     """Every LocationModelConfig field, optional (None = the preset's value), plus `preset`."""
     hints = typing.get_type_hints(LocationModelConfig)
-    fields = [("_target_", str, field(default="models.LocationModelConfig")), ("preset", str, field(default="tiny"))]
+    fields = [("_target_", str, field(default="genloc.LocationModelConfig")), ("preset", str, field(default="tiny"))]
     for f in dataclasses.fields(LocationModelConfig):
         kind = hints[f.name]
         kind = Optional[Any] if typing.get_origin(kind) in (dict, list, tuple) or kind in (dict, list) else Optional[kind]

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from models.images import to_rgb_image
+from genloc.images import to_rgb_image
 
 from .opa_labels import LabelledSample, read_fopa_pairs, read_opa_csv
 from .shard_format import safe_key

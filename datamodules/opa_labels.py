@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.boxes import fopa_centre_to_xyxy, xywh_to_xyxy
+from genloc.boxes import fopa_centre_to_xyxy, xywh_to_xyxy
 
 from .shard_format import safe_key
 

@@ -1,7 +1,7 @@
 """The one WebDataset pipeline shared by PIPE, OPA and toy data.
 
 Per rank and worker: shard list -> tar samples -> (train) seeded sample shuffle buffer -> decode,
-validate (the one box rule, `models.boxes.validate_boxes`), resize (stretch to ``image_size``;
+validate (the one box rule, `genloc.boxes.validate_boxes`), resize (stretch to ``image_size``;
 normalised boxes unchanged), (train) horizontal flip of image, boxes and -- through the data kind's
 ``flip_meta`` hook (`datamodules.kinds`, the kind named by ``{split}.json``'s "source") -- meta,
 (pairs) one (positive, negative) pair per sample -> batches collated into the batch dict of
@@ -47,8 +47,8 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expan
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from models.boxes import hflip, normalise, validate_boxes
-from models.images import to_rgb_image
+from genloc.boxes import hflip, normalise, validate_boxes
+from genloc.images import to_rgb_image
 
 from .kinds import data_kind
 from .shard_format import ShardFormatError
@@ -66,7 +66,7 @@ class CorruptSample(ValueError):
 
 
 def _boxes(raw, w: int, h: int, what: str) -> torch.Tensor:
-    """Pixel boxes of the json -> normalised float32 ``[k, 4]``, by the one rule of `models.boxes`."""
+    """Pixel boxes of the json -> normalised float32 ``[k, 4]``, by the one rule of `genloc.boxes`."""
     check = validate_boxes(np.asarray(raw, dtype=np.float64).reshape(-1, 4), (w, h))
     check.raise_first(f"{what} box", CorruptSample)
     return torch.from_numpy(normalise(check.clipped, (w, h))).float()

@@ -10,7 +10,7 @@ positives / negatives, source, meta) and ``{key}.jpg`` or ``{key}.png``.
 
 Images are stored verbatim only when their plain 8-bit RGB reading is exact (JPEG / PNG in RGB, L,
 1 or palette mode); any other mode (16-bit, alpha, CMYK, LAB, float ...) is converted once by
-`models.images.to_rgb_image` -- the conversion the placement API uses -- and re-encoded, with a
+`genloc.images.to_rgb_image` -- the conversion the placement API uses -- and re-encoded, with a
 note per kind of change in the summary, so every reader decodes the same values.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 from PIL import Image
 
-from models.images import to_rgb_image
+from genloc.images import to_rgb_image
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_%\-]+$")
 _KEY_CHARS = frozenset(string.ascii_letters + string.digits + "_-")

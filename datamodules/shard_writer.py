@@ -26,16 +26,16 @@ import numpy as np
 from PIL import Image
 
 from datamodules.shard_format import KEY_RE, ShardFormatError, decode_image, shard_name
-from models.boxes import validate_boxes
-from models.files import write_json
-from models.images import to_rgb_image
+from genloc.boxes import validate_boxes
+from genloc.files import write_json
+from genloc.images import to_rgb_image
 
 _VERBATIM = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png"}   # PIL format -> member extension kept as is
 _LOSSY = ("JPEG", "MPO", "WEBP")                          # re-encoded in the writer's image_format, else PNG
 
 
 def _valid_boxes(boxes, width: int, height: int) -> tuple[list[list[float]], Counter]:
-    """(valid boxes clipped to the image, Counter of problems) by the one rule of `models.boxes`."""
+    """(valid boxes clipped to the image, Counter of problems) by the one rule of `genloc.boxes`."""
     parsed, problems = [], Counter()
     for b in boxes:
         try:

@@ -14,7 +14,7 @@ import tarfile
 from pathlib import Path
 
 from datamodules.shard_format import ShardFormatError
-from models.arguments import text
+from genloc.arguments import text
 from datamodules.shard_reader import is_url, iter_annotations, mismatch_message
 
 

@@ -1,13 +1,13 @@
 """Checkpoints on the training side: resume checks and init_from. Reading and writing checkpoint
-files is `models.checkpoint` (no Lightning); rebuilding a model from one is `models.hub.load_location_model`."""
+files is `genloc.checkpoint` (no Lightning); rebuilding a model from one is `genloc.hub.load_location_model`."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 from lightning_modules.mle import MODULE_KEY, OLD_MODULE_PATHS, module_path
-from models.checkpoint import CheckpointError, model_state_dict, read_checkpoint
-from models.location_model import LocationModel
+from genloc.checkpoint import CheckpointError, model_state_dict, read_checkpoint
+from genloc.location_model import LocationModel
 
 
 # Fields that do not change what the weights mean: where they came from and how they train.

@@ -23,11 +23,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from models.checkpoint import model_state_dict, read_checkpoint
+from genloc.checkpoint import model_state_dict, read_checkpoint
 from lightning_modules.dpo_loss import check_dpo_args, dpo_loss
 from lightning_modules.mle import LocationLightningModule
-from models import LocationModel
-from models.config import ArgumentError
+from genloc import LocationModel
+from genloc.config import ArgumentError
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.config import ArgumentError
+from genloc.config import ArgumentError
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 

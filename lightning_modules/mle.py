@@ -7,8 +7,8 @@ import lightning as L
 import torch
 
 from lightning_modules.optim import AdamWCosine
-from models import LocationModel, LocationModelConfig
-from models.config import ArgumentError
+from genloc import LocationModel, LocationModelConfig
+from genloc.config import ArgumentError
 
 
 def flatten_boxes(box_lists: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

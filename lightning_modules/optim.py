@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models.config import ArgumentError
+from genloc.config import ArgumentError
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from models.checkpoint import CheckpointError
-from models.files import write_atomic
+from genloc.checkpoint import CheckpointError, current_module
+from genloc.files import write_atomic
 
 # Keys a resumed run may change: how and how long it runs, not what it learns.
 RESUME_MAY_CHANGE = (
@@ -123,8 +123,10 @@ def _flatten(node, prefix: str = "") -> dict:
 
 def config_changes_on_resume(saved: DictConfig, cfg: DictConfig) -> list[str]:
     """Keys whose value differs from the run's saved config.yaml and that a resume would not honour
-    (the optimiser, schedule, model and data order come from the checkpoint and the saved config)."""
-    old = _flatten(OmegaConf.to_container(saved, resolve=True))
+    (the optimiser, schedule, model and data order come from the checkpoint and the saved config).
+    A ``_target_`` saved under the package's old name (``models.``) is the same target."""
+    old = {k: current_module(v) if k.endswith("_target_") else v
+           for k, v in _flatten(OmegaConf.to_container(saved, resolve=True)).items()}
     new = _flatten(OmegaConf.to_container(cfg, resolve=True))
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     return [f"{k}: run {old.get(k)!r} vs now {new.get(k)!r}" for k in changed

@@ -1,5 +1,5 @@
 """Ground truth for the TPR-FPR evaluation: labelled boxes from a shard folder (or URL), a raw OPA
-csv or a FOPA pair file, checked by the one box rule of `models.boxes` as training checks them.
+csv or a FOPA pair file, checked by the one box rule of `genloc.boxes` as training checks them.
 
 Annotation dicts are ``{key, category, positives, negatives, width, height, meta}`` with pixel
 ``x1, y1, x2, y2`` boxes; keys are the shard ``__key__`` or ``opa-{bg}-{category}`` /
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.boxes import validate_boxes
+from genloc.boxes import validate_boxes
 
 
 class EvaluationError(RuntimeError):

@@ -19,8 +19,8 @@ from metrics.predictions import annotation_keys, baseline_predictions, blind_sco
 from metrics.ranking import ranking_metrics
 from metrics.sampling import Sampling, evaluation_model, sample_boxes
 from metrics.tpr_fpr import DEFAULT_NS, TPRFPR, result_curves
-from models.boxes import normalise
-from models.files import write_json
+from genloc.boxes import normalise
+from genloc.files import write_json
 
 
 def default_ns(num_samples: int) -> list[int]:

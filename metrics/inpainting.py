@@ -1,7 +1,7 @@
 """Edit-quality metrics for object insertion (docs/design/evaluation.md#inpainting-metrics), as torchmetrics `Metric`s.
 
 Images are float `[B,3,H,W]` in [0,1]; boxes are normalised `x1,y1,x2,y2` (docs/ARCHITECTURE.md) and
-rasterised with `models.boxes.pixel_rect`, the same rule the insertion mask uses.
+rasterised with `genloc.boxes.pixel_rect`, the same rule the insertion mask uses.
 
 - `BackgroundSSIM`: how well the edit preserves the background (paper: ~0.78 for its method).
 - `ForegroundCLIPScore`: whether the box now shows the class (raw cosine; paper: ~0.28). torchmetrics'
@@ -19,8 +19,8 @@ from PIL import Image
 from torchmetrics import MeanMetric
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from models.boxes import pixel_rects
-from models.inpainting import PROMPT_TEMPLATE
+from genloc.boxes import pixel_rects
+from genloc.inpainting import PROMPT_TEMPLATE
 
 
 def background_ssim(preds: torch.Tensor, target: torch.Tensor, boxes: torch.Tensor, *, data_range: float = 1.0,

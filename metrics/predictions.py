@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from metrics.annotations import EvaluationError, box_extent, image_size_of
-from models.files import read_jsonl, write_jsonl
-from models.boxes import PROBLEMS, denormalise, normalise, validate_boxes, xywh_to_xyxy, xyxy_to_xywh
+from genloc.files import read_jsonl, write_jsonl
+from genloc.boxes import PROBLEMS, denormalise, normalise, validate_boxes, xywh_to_xyxy, xyxy_to_xywh
 
 BASELINES = ("random", "random_gt_size", "blind")
 

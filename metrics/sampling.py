@@ -61,8 +61,8 @@ def evaluation_model(checkpoint, device: str):
     unreadable ones are an `EvaluationError`."""
     if isinstance(checkpoint, torch.nn.Module):
         return checkpoint
-    from models.checkpoint import CheckpointError
-    from models.hub import ModelFilesError, load_model
+    from genloc.checkpoint import CheckpointError
+    from genloc.hub import ModelFilesError, load_model
 
     try:
         return load_model(checkpoint, device)

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from metrics.ranking import ranking_metrics
 from metrics.sampling import MAX_SAMPLING_BATCH, Sampling, split_loader
-from models.boxes import normalise, validate_boxes
+from genloc.boxes import normalise, validate_boxes
 
 
 def box_scores(model, images: torch.Tensor, categories, boxes: list[torch.Tensor]) -> list[torch.Tensor]:

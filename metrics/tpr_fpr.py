@@ -23,7 +23,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torchmetrics import Metric
 
-from models.boxes import pairwise_inter_union
+from genloc.boxes import pairwise_inter_union
 
 __all__ = ["TPRFPR", "DEFAULT_NS", "result_curves"]
 

@@ -37,10 +37,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from models.arguments import number, text, whole
-from models.drawing import draw_boxes
-from models.files import read_jsonl, save_image, write_atomic, write_json
-from models.inpainters import BACKENDS, CROP_MARGIN, DEFAULT_STEPS, EDITORS, MODES, BackendFolderError, load_backend, load_editor
+from genloc.arguments import number, text, whole
+from genloc.drawing import draw_boxes
+from genloc.files import read_jsonl, save_image, write_atomic, write_json
+from genloc.inpainters import BACKENDS, CROP_MARGIN, DEFAULT_STEPS, EDITORS, MODES, BackendFolderError, load_backend, load_editor
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+\-]+$")
 
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", required=True, metavar="NAME=KIND:FOLDER",
                    help=f"KIND: a back-end ({', '.join(BACKENDS)}) or an editor ({', '.join(EDITORS)})")
     p.add_argument("--checkpoint", type=text, help="GenLoc location model (checkpoint, model folder or Hub id): one box per "
-                                        "image for the back-ends, sampled by models.place")
+                                        "image for the back-ends, sampled by genloc.place")
     p.add_argument("--boxes", type=text, help="instead of --checkpoint: a predictions JSONL ({key, boxes: [[x1,y1,x2,y2], ...]}, "
                                    "pixels; the first box of each key is used)")
     p.add_argument("--out", type=text, required=True, help="output folder (rerun the same command to resume)")
@@ -200,9 +200,9 @@ def genloc_boxes(args, samples: list[Sample]) -> dict[str, list[float]]:
         if missing:
             raise UsageError(f"--boxes {args.boxes}: no box for {len(missing)} sample(s), e.g. {missing[0]!r}")
         return {s.key: found[s.key] for s in samples}
-    from models.checkpoint import CheckpointError
-    from models.hub import ModelFilesError, load_model
-    from models.placement import place
+    from genloc.checkpoint import CheckpointError
+    from genloc.hub import ModelFilesError, load_model
+    from genloc.placement import place
 
     try:
         model = load_model(args.checkpoint)
@@ -216,7 +216,7 @@ def genloc_boxes(args, samples: list[Sample]) -> dict[str, list[float]]:
 
 
 def _jsonl_records(path: str):
-    """`models.files.read_jsonl`, with a missing file or a line that is not JSON as a UsageError."""
+    """`genloc.files.read_jsonl`, with a missing file or a line that is not JSON as a UsageError."""
     try:
         yield from read_jsonl(path)
     except (OSError, ValueError) as err:

@@ -25,8 +25,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from models.arguments import text, whole  # noqa: E402
-from models.files import write_atomic  # noqa: E402
+from genloc.arguments import text, whole  # noqa: E402
+from genloc.files import write_atomic  # noqa: E402
 
 
 def model_rates(checkpoint: str, data: str, split: str, num_samples: int, seed: int, batch_size: int,
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=text, default=None, help="JSON path (default: next to the DPO run, "
                                                     "<run>/compare_mle_dpo_<split>.json)")
     args = parser.parse_args(argv)
-    from models.hub import is_model_source
+    from genloc.hub import is_model_source
 
     for flag, source in (("--mle", args.mle), ("--dpo", args.dpo)):
         if not is_model_source(source):

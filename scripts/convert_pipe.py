@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from models.arguments import text
+from genloc.arguments import text
 from scripts.convert_common import add_common_arguments, run
 
 

@@ -1,6 +1,6 @@
 """Export a trained checkpoint as a model folder (config.json, model.safetensors, README.md) and
 optionally push it to the Hugging Face Hub. ``--checkpoint`` takes what every entry point takes
-(`models.hub.load_model`): a model folder or Hub id is written again as a local folder.
+(`genloc.hub.load_model`): a model folder or Hub id is written again as a local folder.
 
     python -m scripts.export --checkpoint runs/toy_dpo/default/checkpoints/last.ckpt --out runs/toy_model
     python -m scripts.export --checkpoint CKPT --out DIR --push-to-hub user/genloc-toy
@@ -20,8 +20,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from models.arguments import text
-from models.hub import FILES
+from genloc.arguments import text
+from genloc.hub import FILES
 
 
 class ExportError(RuntimeError):
@@ -79,8 +79,8 @@ def run_info(checkpoint: Path, eval_metrics: Path | None) -> dict:
 def export(checkpoint: str | Path, out: str | Path, push_to_hub: str | None = None,
            eval_metrics: str | Path | None = None) -> Path:
     """Write the model folder ``out`` from ``checkpoint`` (atomically) and push it if asked."""
-    from models.checkpoint import CheckpointError
-    from models.hub import ModelFilesError, load_model
+    from genloc.checkpoint import CheckpointError
+    from genloc.hub import ModelFilesError, load_model
 
     checkpoint, out = Path(checkpoint), Path(out)
     if out.name in ("", ".", ".."):  # the folder is written beside its target and renamed over it
@@ -114,7 +114,7 @@ def push(folder: Path, repo_id: str) -> str:
     """Upload the exported folder as it is (create the repo if needed)."""
     from huggingface_hub import HfApi
 
-    from models.pretrained import hub_offline
+    from genloc.pretrained import hub_offline
 
     if hub_offline():
         raise ExportError(f"cannot push to {repo_id}: HF_HUB_OFFLINE=1 forbids network access; unset it "
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     p.add_argument("--push-to-hub", type=text, metavar="REPO_ID", help="also upload the folder to this Hub repo (owner/name)")
     p.add_argument("--eval", type=text, metavar="METRICS_JSON", help="evaluate.py metrics.json whose TPR/FPR go into the card")
     args = p.parse_args(argv)
-    from models.hub import is_model_source
+    from genloc.hub import is_model_source
 
     if not is_model_source(args.checkpoint):
         p.error(f"--checkpoint {args.checkpoint} not found (train a model first: `make train`)")

@@ -82,7 +82,7 @@ def markdown(doc: dict) -> str:
 
 def main(argv=None) -> int:
     from metrics.annotations import EvaluationError
-    from models.files import write_atomic, write_json
+    from genloc.files import write_atomic, write_json
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

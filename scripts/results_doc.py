@@ -129,7 +129,7 @@ def quoted_block(readme: str) -> str:
 def write_docs(results: dict, root: Path = ROOT, plot: Path | None = None) -> list[Path]:
     """docs/results.json, docs/results.md, README.md's block and (given ``plot``) docs/toy_tpr_fpr.png
     from one run's results; each written atomically."""
-    from models.files import write_atomic
+    from genloc.files import write_atomic
 
     summary = summarise(results)
     readme = root / "README.md"

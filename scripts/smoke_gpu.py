@@ -26,7 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from models.arguments import text  # noqa: E402
+from genloc.arguments import text  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from models import LocationModel, LocationModelConfig
+from genloc import LocationModel, LocationModelConfig
 from scripts import compare_insertion
 from scripts.tiny_builders import save_tiny_gligen, save_tiny_open_clip
 from scripts.tiny_inpainters import save_flux_fill, save_instruct_pix2pix, save_powerpaint, save_sd

@@ -131,7 +131,7 @@ def save_powerpaint(out_dir, task_words_in_tokenizer=False):
     folder) unless `task_words_in_tokenizer`."""
     from diffusers import StableDiffusionInpaintPipeline
 
-    from models.inpainters.powerpaint import TASK_WORDS, word_tokens
+    from genloc.inpainters.powerpaint import TASK_WORDS, word_tokens
 
     parts = _sd_parts(9)
     names = [t for w in TASK_WORDS for t in word_tokens(w)]

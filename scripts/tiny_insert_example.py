@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 import insert
-from models.checkpoint import save_model_checkpoint
-from models import LocationModel, LocationModelConfig
+from genloc.checkpoint import save_model_checkpoint
+from genloc import LocationModel, LocationModelConfig
 from scripts.tiny_builders import save_tiny_sd_inpainter
 
 ROOT = Path(__file__).resolve().parents[1]

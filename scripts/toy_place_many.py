@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from models.arguments import number, text, whole
+from genloc.arguments import number, text, whole
 
 
 def samples_with_images(data_dir, split: str):
@@ -55,9 +55,9 @@ def main(argv=None) -> int:
     from datamodules.kinds import data_kind
     from datamodules.shard_format import ShardFormatError
     from datamodules.shard_reader import read_split_info
-    from models.hub import ModelFilesError, load_model
-    from models.placement import NoValidSetError, place, place_many, token_iou
-    from models.checkpoint import CheckpointError
+    from genloc.hub import ModelFilesError, load_model
+    from genloc.placement import NoValidSetError, place, place_many, token_iou
+    from genloc.checkpoint import CheckpointError
 
     try:
         model = load_model(args.model)

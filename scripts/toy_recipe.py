@@ -76,7 +76,7 @@ def run_settings() -> dict:
 
 def main(argv: list[str]) -> int:
     from configs.schema import load_config
-    from models.files import write_atomic
+    from genloc.files import write_atomic
     from scripts import results_doc
 
     cfg = load_config(argv)

@@ -19,8 +19,8 @@ import train as train_script
 from configs.schema import load_config
 from datamodules import ShardDataModule
 from datamodules.pipeline import decode_sample
-from models.checkpoint import CheckpointError, save_model_checkpoint
-from models import LocationModel, LocationModelConfig
+from genloc.checkpoint import CheckpointError, save_model_checkpoint
+from genloc import LocationModel, LocationModelConfig
 from tests.helpers.runs import tiny_run_overrides
 
 

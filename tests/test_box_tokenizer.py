@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from models import BoxTokenizer
+from genloc import BoxTokenizer
 
 
 def _random_boxes(num: int, num_bins: int, gen: torch.Generator) -> torch.Tensor:

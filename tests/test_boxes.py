@@ -1,10 +1,10 @@
-"""models/boxes.py: conversions, the FOPA centre rule, normalisation, flips, pixel rectangles and the
+"""genloc/boxes.py: conversions, the FOPA centre rule, normalisation, flips, pixel rectangles and the
 one validity rule (IoU is tested with the TPR-FPR metric in tests/test_tpr_fpr.py)."""
 import numpy as np
 import pytest
 import torch
 
-from models import boxes as B
+from genloc import boxes as B
 
 
 def _random_boxes(n, seed, scale=1.0):

@@ -79,14 +79,14 @@ CASES = [
 def no_heavy_work(monkeypatch):
     """Loading a model or an inpainter, or writing toy data, fails the test: checks come first."""
     import datamodules.toy
-    import models.hub
-    import models.inpainters
+    import genloc.hub
+    import genloc.inpainters
 
     def heavy(*args, **kwargs):
         pytest.fail("heavy work started before the arguments were checked")
 
-    for module, name in ((models.hub, "load_model"), (models.hub, "load_location_model"),
-                         (models.inpainters, "load_backend"), (datamodules.toy, "write_toy_dataset")):
+    for module, name in ((genloc.hub, "load_model"), (genloc.hub, "load_location_model"),
+                         (genloc.inpainters, "load_backend"), (datamodules.toy, "write_toy_dataset")):
         monkeypatch.setattr(module, name, heavy)
 
 

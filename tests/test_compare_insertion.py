@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from metrics.inpainting import background_ssim
-from models.inpainting import pixel_rect
+from genloc.inpainting import pixel_rect
 from scripts import compare_insertion
 from scripts.tiny_builders import save_tiny_open_clip
 from scripts.tiny_inpainters import save_instruct_pix2pix, save_powerpaint, save_sd
@@ -24,7 +24,7 @@ PHOTOS = {  # real photos: two libcom COCO crops (512x512) and the OPA backgroun
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from models import LocationModel, LocationModelConfig
+    from genloc import LocationModel, LocationModelConfig
 
     root = tmp_path_factory.mktemp("compare")
     for folder, scale in (("photos", 1), ("small", 4)):  # small: the same photos at 1/4 side, for quick mechanics

@@ -87,7 +87,7 @@ def test_group_files_do_not_restate_constructor_defaults():
         raw = OmegaConf.load(path)
         entries = raw.items() if path.parent.name == "callbacks" else [(path.parent.name, raw)]
         for key, section in entries:
-            if "_target_" not in section or section._target_ == "models.LocationModelConfig":
+            if "_target_" not in section or section._target_ == "genloc.LocationModelConfig":
                 continue
             schema = OmegaConf.structured(section_schema(section._target_))
             for name in section:

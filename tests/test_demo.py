@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 import demo
-from models import GenLocModel, LocationModelConfig
-from models.boxes import pixel_rect
-from models.hub import model_card
+from genloc import GenLocModel, LocationModelConfig
+from genloc.boxes import pixel_rect
+from genloc.hub import model_card
 from scripts.tiny_inpainters import save_sd
 from tests.helpers import FIXTURES, ROOT
 
@@ -26,7 +26,7 @@ def backends():
 
 @pytest.fixture(scope="module")
 def inpainter(tmp_path_factory):
-    from models.inpainters import load_backend
+    from genloc.inpainters import load_backend
 
     return load_backend("sd", save_sd(tmp_path_factory.mktemp("sd") / "sd"), steps=2)
 

@@ -15,8 +15,8 @@ from selenium.webdriver.common.by import By
 
 from benchmarks.browser import (chromium, demo_server, fetch, file_url, full_page_screenshot, message, press,
                                 set_text, shown_image, upload, wait_for)
-from models import GenLocModel, LocationModelConfig
-from models.boxes import pixel_rect, validate_boxes
+from genloc import GenLocModel, LocationModelConfig
+from genloc.boxes import pixel_rect, validate_boxes
 from scripts.tiny_inpainters import save_sd
 from tests.helpers import FIXTURES, ROOT
 

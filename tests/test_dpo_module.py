@@ -12,11 +12,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 import lightning_modules.dpo as dpo_module
-from models.checkpoint import model_state_dict, read_checkpoint, save_model_checkpoint
-from models.hub import load_location_model
+from genloc.checkpoint import model_state_dict, read_checkpoint, save_model_checkpoint
+from genloc.hub import load_location_model
 from lightning_modules.dpo import DPOModule, pair_box_log_probs
 from lightning_modules.mle import MLEModule
-from models import LocationModelConfig
+from genloc import LocationModelConfig
 from tests.helpers.batches import OPTIM, pair_batch
 
 def _save_mle(path, **overrides):

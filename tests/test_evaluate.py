@@ -14,7 +14,7 @@ from metrics.annotations import EvaluationError, annotation_kind, load_annotatio
 from metrics.evaluation import evaluate as evaluate_method, plausible_rates
 from metrics.predictions import baseline_predictions, read_predictions
 from metrics.sampling import Sampling
-from models.checkpoint import save_model_checkpoint
+from genloc.checkpoint import save_model_checkpoint
 from tests.helpers import FIXTURES, ROOT
 
 OPA = FIXTURES / "opa_sample"
@@ -235,7 +235,7 @@ def test_baselines_are_seeded_and_valid_and_plot_mode(toy_shards, tmp_path):
 
 
 def test_checkpoint_mode_matches_rescoring_its_predictions(toy_shards, tmp_path):
-    from models import LocationModel, LocationModelConfig
+    from genloc import LocationModel, LocationModelConfig
 
     torch.manual_seed(0)
     cfg = LocationModelConfig.preset("tiny", num_bins=32)

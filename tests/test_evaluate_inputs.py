@@ -218,9 +218,9 @@ def test_exit_code_2_and_one_line_from_the_command(shards, tmp_path):
                                          ("--iou-threshold", "0"), ("--batch-size", "0"), ("--num-workers", "-1"),
                                          ("--ns", "0")])
 def test_bad_sampling_arguments_fail_before_the_checkpoint_is_loaded(flag, value, tmp_path, capsys, monkeypatch):
-    import models.hub
+    import genloc.hub
 
-    monkeypatch.setattr(models.hub, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(genloc.hub, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(SystemExit) as exc:
         evaluate.main(["--checkpoint", str(tmp_path / "model.ckpt"), "--data", str(tmp_path), flag, value])
     err = capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""models.files: the one atomic writer (every tool's JSON, PNG, checkpoint and run file goes through
+"""genloc.files: the one atomic writer (every tool's JSON, PNG, checkpoint and run file goes through
 it) and the one JSONL reader."""
 import os
 import stat
@@ -6,7 +6,7 @@ import stat
 import pytest
 from PIL import Image
 
-from models import files
+from genloc import files
 
 
 def test_a_failed_write_keeps_the_previous_file_and_leaves_no_partial(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import torch
 
 import evaluate
 from metrics.annotations import load_annotations, size_groups
-from models import GenLocModel, LocationModelConfig
+from genloc import GenLocModel, LocationModelConfig
 from tests.helpers import FIXTURES
 
 FOPA_ROWS = FIXTURES / "opa_sample" / "annotations_original" / "fopa_test_data_pair__bg580029_rows.csv"

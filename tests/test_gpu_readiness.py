@@ -10,7 +10,7 @@ import transformers.modeling_outputs
 
 from benchmarks import gpu_check
 from configs.schema import ConfigError, load_config, model_config
-from models import LocationModel, LocationModelConfig
+from genloc import LocationModel, LocationModelConfig
 
 
 # ------------------------------------------------------------------------------ gpu_check device
@@ -68,7 +68,7 @@ def test_paper_preset_with_pretrained_false_builds_from_the_command_line_offline
         raise AssertionError("looked for pretrained weights")
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("models.pretrained._cached_file", no_hub)
+    monkeypatch.setattr("genloc.pretrained._cached_file", no_hub)
     cfg = model_config(load_config(["model=paper", "model.pretrained=false", "trainer=cpu"]))
     model = LocationModel(cfg)
     assert model.cfg.pretrained is False and model.prefix_len == 1 + 196
@@ -120,7 +120,7 @@ def test_decoding_works_with_the_older_cache_name(monkeypatch, cascade):
 
 # ------------------------------------------------------------------------------ dependency floors
 def test_an_old_release_is_one_line_at_import(monkeypatch):
-    from models import versions
+    from genloc import versions
 
     monkeypatch.setattr(versions, "version", lambda name: {"transformers": "5.10.2"}.get(name, "99.0"))
     with pytest.raises(ImportError) as error:
@@ -131,17 +131,20 @@ def test_an_old_release_is_one_line_at_import(monkeypatch):
 
 
 def test_pyproject_lower_bounds_are_the_checked_minimums():
+    """genloc's floors are those of the base install, Lightning's that of the train extra."""
     import tomllib
 
     from tests.helpers import ROOT
-    from models.versions import MINIMUM
+    from genloc.versions import MINIMUM
+    from lightning_modules import MINIMUM as TRAINING_MINIMUM
 
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    floors = {d.split(">=")[0]: d.split(">=")[1].split(",")[0] for d in deps if ">=" in d}
-    assert {name: floors.get(name) for name in MINIMUM} == MINIMUM
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     lock = (ROOT / "requirements" / "lock.txt").read_text().splitlines()
     pinned = dict(line.split("==") for line in lock if "==" in line)
-    assert all(name in pinned for name in MINIMUM)
+    for deps, minimum in ((project["dependencies"], MINIMUM), (project["optional-dependencies"]["train"], TRAINING_MINIMUM)):
+        floors = {d.split(">=")[0]: d.split(">=")[1].split(",")[0] for d in deps if ">=" in d}
+        assert {name: floors.get(name) for name in minimum} == minimum
+        assert all(name in pinned for name in minimum)
 
 
 # ------------------------------------------------------------------------------ bf16 sampling
@@ -150,7 +153,7 @@ def test_bf16_sampling_keeps_toy_tpr_fpr_within_seed_noise(tmp_path):
     more than fp32 differs from itself across three sampling seeds."""
     import evaluate
     from datamodules.toy import write_toy_split
-    from models.checkpoint import save_model_checkpoint
+    from genloc.checkpoint import save_model_checkpoint
 
     data = tmp_path / "toy-opa"
     write_toy_split(data, "toy-opa", "test", num_samples=24, seed=0, num_shards=1, progress=False)
@@ -211,7 +214,7 @@ def test_training_flops_from_the_config_match_flop_counter(preset, overrides, ba
 
     from benchmarks.dpo_step import OPTIM, make_batch
     from lightning_modules.mle import MLEModule
-    from models.flops import training_flops_per_sample
+    from genloc.flops import training_flops_per_sample
 
     cfg = LocationModelConfig.preset(preset, **overrides)
     torch.manual_seed(0)

@@ -16,10 +16,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from models.hub import load_location_model
+from genloc.hub import load_location_model
 from lightning_modules.mle import MLEModule
-from models import GenLocModel, LocationModel, LocationModelConfig, ModelFilesError
-from models.hub import FILES, card_metrics, portable_config
+from genloc import GenLocModel, LocationModel, LocationModelConfig, ModelFilesError
+from genloc.hub import FILES, INSTALL, VERSION_KEY, card_metrics, portable_config
 from scripts import export as export_script
 from tests.helpers import FIXTURES, ROOT
 
@@ -73,7 +73,7 @@ def _env():
 
 ROUND_TRIP = """
 import sys, torch
-from models import GenLocModel
+from genloc import GenLocModel
 model = GenLocModel.from_pretrained(sys.argv[1])
 images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
 out = model.sample(images, ["car", "person"], n=30, temperature=1.3, top_p=0.95,
@@ -101,8 +101,11 @@ def test_round_trip_in_a_fresh_process_gives_the_checkpoints_boxes_exactly(run, 
 
 
 def test_folder_holds_only_the_listed_files_with_a_portable_config(folder, run):
+    import genloc
+
     assert sorted(os.listdir(folder)) == sorted(FILES)
     config = json.loads((folder / "config.json").read_text())
+    assert config.pop(VERSION_KEY) == genloc.__version__  # the release that wrote the folder
     assert config["vit_weights"] is None and config["clip_weights"] is None and config["gpt2_weights"] is None
     assert LocationModelConfig.from_dict(config) == portable_config(run[1].model.cfg)
     assert config["relative_extents"] is True
@@ -122,6 +125,7 @@ def test_model_card_names_the_run_and_its_metrics_and_its_snippet_runs_as_writte
         assert f"| `{key}` | {value:.4f} |" in card
     assert "val/tpr@10`" not in card and "lr-AdamW" not in card
     snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert snippet.startswith(f"# {INSTALL}\nfrom genloc import ")  # the install line first
     assert f"GenLocModel.from_pretrained({str(folder)!r})" in snippet
     Image.open(PHOTO).convert("RGB").save(tmp_path / "photo.jpg")
     proc = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=_env(), capture_output=True, text=True,

@@ -17,7 +17,7 @@ from skimage import data as skdata
 from datamodules.pipeline import decode_sample
 from datamodules.shard_format import decode_image
 from datamodules.shard_writer import ShardWriter
-from models.images import to_rgb_image
+from genloc.images import to_rgb_image
 
 SIZE = 32
 BASE = np.asarray(Image.fromarray(skdata.astronaut()).resize((SIZE, SIZE), Image.BILINEAR))  # a real photo

@@ -1,5 +1,5 @@
-"""The project's import graph: no cycles, and the layers point one way. models/ is the pure model
-package (a library of its own): it imports nothing of the training side or the applications, and
+"""The project's import graph: no cycles, and the layers point one way. genloc/ is the pure model
+package (installable on its own): it imports nothing of the training side or the applications, and
 the data converters import nothing heavy."""
 import ast
 import subprocess
@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SKIP = {".venv", ".git", "node_modules"}
 # What the pure model package may never import (the training side, measurement, configs, applications).
-ABOVE_MODELS = ("lightning", "lightning_modules", "datamodules", "callbacks", "metrics", "configs", "benchmarks",
+ABOVE_GENLOC = ("lightning", "lightning_modules", "datamodules", "callbacks", "metrics", "configs", "benchmarks",
                 "scripts", "tests", "train", "evaluate", "insert", "demo")
 
 
@@ -86,9 +86,9 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_sees_relative_lazy_and_package_imports():
     edges = graph()
-    assert "models.location_model" in edges["models.placement"]  # `from .location_model import ...`
-    assert "models.hub" in edges["insert"]  # inside a function
-    assert {"models.checkpoint", "lightning_modules.mle"} <= edges["lightning_modules.checkpoint"]
+    assert "genloc.location_model" in edges["genloc.placement"]  # `from .location_model import ...`
+    assert "genloc.hub" in edges["genloc.cli"] and "genloc.cli" in edges["insert"]  # inside a function; a module
+    assert {"genloc.checkpoint", "lightning_modules.mle"} <= edges["lightning_modules.checkpoint"]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
@@ -96,11 +96,11 @@ def test_no_import_cycles():
     assert cycles(graph()) == []
 
 
-def test_models_imports_nothing_above_it():
-    upward = {f"{name} -> {target}" for name, targets in graph().items() if name.split(".")[0] == "models"
-              for target in targets if target.split(".")[0] in ABOVE_MODELS}
+def test_genloc_imports_nothing_above_it():
+    upward = {f"{name} -> {target}" for name, targets in graph().items() if name.split(".")[0] == "genloc"
+              for target in targets if target.split(".")[0] in ABOVE_GENLOC}
     assert not upward, sorted(upward)
-    third_party = {f"{path.relative_to(ROOT)}: {alias}" for path in (ROOT / "models").rglob("*.py")
+    third_party = {f"{path.relative_to(ROOT)}: {alias}" for path in (ROOT / "genloc").rglob("*.py")
                    for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, (ast.Import, ast.ImportFrom))
                    for alias in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""])
                    if alias.split(".")[0] == "lightning"}
@@ -111,7 +111,7 @@ def test_libraries_import_no_application_and_data_imports_no_training():
     """Entry points (train.py, evaluate.py, insert.py, demo.py, scripts/, benchmarks/) sit on top: no
     library package imports them; the data and metrics packages import no training code."""
     applications = ("train", "evaluate", "insert", "demo", "scripts", "benchmarks", "tests")
-    libraries = ("models", "datamodules", "lightning_modules", "callbacks", "metrics", "configs")
+    libraries = ("genloc", "datamodules", "lightning_modules", "callbacks", "metrics", "configs")
     upward = set()
     for name, targets in graph().items():
         layer = name.split(".")[0]
@@ -122,14 +122,29 @@ def test_libraries_import_no_application_and_data_imports_no_training():
 
 
 def test_the_data_converters_load_no_model_stack():
-    code = ("import sys, datamodules.convert, models.images, models.files\n"
-            "heavy = [m for m in ('models.location_model', 'transformers', 'lightning', 'open_clip', 'timm') if m in sys.modules]\n"
+    code = ("import sys, datamodules.convert, genloc.images, genloc.files\n"
+            "heavy = [m for m in ('genloc.location_model', 'transformers', 'lightning', 'open_clip', 'timm') if m in sys.modules]\n"
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_the_image_conversion_and_the_writer_load_no_torch():
-    code = "import sys, models.images, models.files; print([m for m in ('torch', 'models.location_model') if m in sys.modules])"
+    code = "import sys, genloc.images, genloc.files; print([m for m in ('torch', 'genloc.location_model') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_genloc_and_its_public_api_load_no_training_side():
+    """Every genloc module, the public API and the command imported in a fresh interpreter: none of the
+    training side, its dependencies or the package's old name is loaded (what an install without the
+    train extra needs)."""
+    code = ("import sys, pkgutil, importlib, genloc\n"
+            "from genloc import GenLocModel, place, place_many\n"
+            "for info in pkgutil.walk_packages(genloc.__path__, 'genloc.'):\n"
+            "    importlib.import_module(info.name)\n"
+            "banned = ('lightning', 'lightning_modules', 'datamodules', 'callbacks', 'metrics', 'configs', 'omegaconf',\n"
+            "          'webdataset', 'torchmetrics', 'models')\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in banned))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from models.inpainters import (BACKENDS, BackendFolderError, DiffRegion, Inpainter, changed_region, load_backend,
+from genloc.inpainters import (BACKENDS, BackendFolderError, DiffRegion, Inpainter, changed_region, load_backend,
                                load_editor)
-from models.inpainters.powerpaint import TASK_WORDS, expand, word_tokens
-from models.inpainting import box_mask, context_rect, feathered_alpha, mask_bbox, working_size
+from genloc.inpainters.powerpaint import TASK_WORDS, expand, word_tokens
+from genloc.inpainting import box_mask, context_rect, feathered_alpha, mask_bbox, working_size
 from scripts.tiny_builders import save_tiny_gligen
 from scripts.tiny_inpainters import (NATIVE, save_flux_fill, save_instruct_pix2pix, save_kandinsky, save_powerpaint,
                                      save_sd, save_sdxl)

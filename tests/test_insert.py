@@ -1,4 +1,4 @@
-"""insert.py and models/inpainting.py end to end with tiny random diffusers pipelines on real photos:
+"""insert.py and genloc/inpainting.py end to end with tiny random diffusers pipelines on real photos:
 outside-mask pixels untouched, boxes inside the requested region, records consistent with images."""
 import json
 
@@ -10,10 +10,10 @@ from PIL import Image
 from skimage import data
 
 import insert
-from models.checkpoint import save_model_checkpoint
+from genloc.checkpoint import save_model_checkpoint
 from metrics.inpainting import background_ssim
-from models.inpainters import load_backend
-from models.inpainting import box_mask, mask_bbox, parse_region, pixel_rect, working_size
+from genloc.inpainters import load_backend
+from genloc.inpainting import box_mask, mask_bbox, parse_region, pixel_rect, working_size
 from scripts.tiny_builders import TINY_CLIP_NAME, save_tiny_gligen, save_tiny_open_clip, save_tiny_sd_inpainter
 from tests.helpers import FIXTURES
 
@@ -144,7 +144,7 @@ def test_insert_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
 ])
 def test_bad_arguments_fail_at_once_before_any_model_loads(argv, says, stub_sampler, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(insert, "sample_boxes", lambda *a, **k: pytest.fail("the location model was used"))
-    monkeypatch.setattr(insert, "load_backend", lambda *a, **k: pytest.fail("an inpainter was loaded"))
+    monkeypatch.setattr(insert, "load_inpainter", lambda *a, **k: pytest.fail("an inpainter was loaded"))
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exc:
         insert.main(["--image", str(PHOTO), "--category", "cat", "--checkpoint", str(stub_sampler), "--out", str(out),
@@ -190,7 +190,7 @@ def test_mask_helpers():
 
 
 def test_insert_with_real_tiny_location_model(tmp_path):
-    from models import LocationModel, LocationModelConfig
+    from genloc import LocationModel, LocationModelConfig
 
     cfg = LocationModelConfig.preset("tiny")
     model = LocationModel(cfg)

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from models import LocationModel, LocationModelConfig, PretrainedWeightsError
+from genloc import LocationModel, LocationModelConfig, PretrainedWeightsError
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +247,7 @@ def test_paper_preset_builds_with_random_weights_and_counts_add_up():
 
 
 def test_ordinal_init_makes_nearby_bins_similar_and_keeps_norms():
-    from models.pretrained import ordinal_init
+    from genloc.pretrained import ordinal_init
 
     torch.manual_seed(0)
     embedding = torch.nn.Embedding(66, 128)
@@ -283,8 +283,8 @@ def test_relative_extents_reindex_the_x2_y2_outputs_and_embed_the_width():
 
 # ------------------------------------------------------------------------------------------- checkpoint
 def test_save_model_checkpoint_round_trips_through_load_location_model(tmp_path):
-    from models.checkpoint import read_checkpoint, save_model_checkpoint
-    from models.hub import load_location_model
+    from genloc.checkpoint import read_checkpoint, save_model_checkpoint
+    from genloc.hub import load_location_model
 
     torch.manual_seed(3)
     model = LocationModel(LocationModelConfig.preset("tiny", num_bins=32, relative_extents=True))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lightning_modules.mle import MLEModule, smoothed_token_nll
-from models import LocationModelConfig
+from genloc import LocationModelConfig
 
 OPTIM = {"lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.95], "warmup_steps": 0, "min_lr_ratio": 1.0}
 

@@ -1,5 +1,5 @@
 """One loader: every entry point that takes a location model accepts a checkpoint, a model folder and
-a Hub id (`models.hub.load_model`), and gives the same result from each; a reference that is none of
+a Hub id (`genloc.hub.load_model`), and gives the same result from each; a reference that is none of
 them is one line before any model loads."""
 import argparse
 import json
@@ -12,9 +12,9 @@ from PIL import Image
 import demo
 import evaluate
 import insert
-from models import GenLocModel, LocationModelConfig
-from models.checkpoint import save_model_checkpoint
-from models.hub import FILES
+from genloc import GenLocModel, LocationModelConfig
+from genloc.checkpoint import save_model_checkpoint
+from genloc.hub import FILES
 from scripts import compare_insertion, compare_mle_dpo, export, toy_place_many
 from tests.helpers import FIXTURES
 
@@ -141,7 +141,7 @@ def test_a_reference_that_is_no_model_is_one_line_before_loading(entry, argv, ba
 
 
 def test_is_model_source_rejects_what_no_loader_can_read():
-    from models.hub import is_model_source
+    from genloc.hub import is_model_source
 
     assert is_model_source(HUB_ID) and is_model_source(str(FIXTURES))
     assert not any(is_model_source(s) for s in ("", "  ", None, 3, "runs/typo.ckpt", "no_such_folder",

@@ -9,7 +9,7 @@ import torch
 import train as train_script
 from configs.schema import load_config
 from lightning_modules.mle import MLEModule
-from models import LocationModel, LocationModelConfig
+from genloc import LocationModel, LocationModelConfig
 from tests.helpers.runs import tiny_run_overrides
 
 OPTIM = dict(lr=1e-3, weight_decay=0.01, betas=[0.9, 0.95], warmup_steps=1, min_lr_ratio=0.1)

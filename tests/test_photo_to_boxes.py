@@ -1,6 +1,6 @@
 """One photo -> boxes path: insert.py, compare_insertion and the demo all sample through
-`models.place`, so the model sees a photo exactly as it saw the training images (PIL bilinear to
-its square input, `models.placement.model_input`) and the same seed gives the same boxes."""
+`genloc.place`, so the model sees a photo exactly as it saw the training images (PIL bilinear to
+its square input, `genloc.placement.model_input`) and the same seed gives the same boxes."""
 import csv
 
 import pytest
@@ -9,11 +9,11 @@ import torch
 import demo
 import insert
 from tests.helpers import FIXTURES
-from models.checkpoint import save_model_checkpoint
-from models.hub import load_model
-from models.images import to_rgb_image
-from models.location_model import LocationModel
-from models.placement import model_input, place
+from genloc.checkpoint import save_model_checkpoint
+from genloc.hub import load_model
+from genloc.images import to_rgb_image
+from genloc.location_model import LocationModel
+from genloc.placement import model_input, place
 from scripts import compare_insertion
 
 PHOTO = FIXTURES / "opa_sample/reconstructed/580029_background_reconstructed.png"  # 640x427, real
@@ -21,7 +21,7 @@ PHOTO = FIXTURES / "opa_sample/reconstructed/580029_background_reconstructed.png
 
 @pytest.fixture(scope="module")
 def model_files(tmp_path_factory):
-    from models import GenLocModel, LocationModelConfig
+    from genloc import GenLocModel, LocationModelConfig
 
     root = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)

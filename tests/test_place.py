@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from models import GenLocModel, LocationModelConfig, NoValidSetError, place, place_many
-from models.images import to_rgb_image
-from models.placement import model_input, token_iou
+from genloc import GenLocModel, LocationModelConfig, NoValidSetError, place, place_many
+from genloc.images import to_rgb_image
+from genloc.placement import model_input, token_iou
 from tests.helpers import FIXTURES
 
 PHOTOS = [FIXTURES / "libcom" / "controllable_composition" / "background" / "000000049931.png",
@@ -301,7 +301,7 @@ def test_place_many_refuses_a_string_or_empty_names(model, categories, error, sa
 def test_place_many_keeps_the_painted_pixels_apart_and_refuses_boxes_under_a_pixel(model, size):
     """No overlap holds for the pixel masks an inpainter paints (`box_mask`), not only for the
     model's boxes; boxes under one pixel are redrawn, and when none fit the answer is NoValidSetError."""
-    from models.inpainting import box_mask
+    from genloc.inpainting import box_mask
 
     photo = _photo().resize(size)
     returned = 0

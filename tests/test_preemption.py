@@ -47,8 +47,8 @@ def test_sigusr1_checkpoints_requeues_and_the_requeued_run_resumes(tiny_toy_data
 def test_crash_while_saving_keeps_the_previous_last_checkpoint(tiny_toy_data, tmp_path, monkeypatch):
     """Checkpoints are written to `.<name>.partial`, fsynced and renamed: dying halfway through
     writing step 2's last.ckpt leaves step 1's intact, and the same command resumes from it."""
-    import models.checkpoint as checkpoint
-    import models.files as files
+    import genloc.checkpoint as checkpoint
+    import genloc.files as files
     import train as train_script
     from configs.schema import load_config
     from tests.helpers.runs import tiny_run_overrides

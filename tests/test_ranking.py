@@ -11,7 +11,7 @@ from metrics.predictions import blind_scores
 from metrics.ranking import RankingMetric, pair_wins, ranking_metrics
 from metrics.sampling import Sampling
 from metrics.scoring import box_scores, rerank
-from models.checkpoint import save_model_checkpoint
+from genloc.checkpoint import save_model_checkpoint
 from tests.helpers.batches import tiny_module
 
 

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 import train as train_script
 from configs.schema import CONFIG_DIR, ConfigError, load_config
-from models import checkpoint, files
+from genloc import checkpoint, files
 from lightning_modules.run_files import RunLock, newest_last_checkpoint
 from tests.helpers.runs import tiny_run_overrides
 

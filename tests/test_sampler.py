@@ -5,7 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.reference_decode import naive_reference_decode
-from models import LocationModel, LocationModelConfig, SampleOutput, draw_tokens, filter_logits
+from genloc import LocationModel, LocationModelConfig, SampleOutput, draw_tokens, filter_logits
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import evaluate
 from metrics.predictions import read_predictions
 from metrics.sampling import MAX_SAMPLING_BATCH
-from models.checkpoint import save_model_checkpoint
-from models import LocationModel, LocationModelConfig
+from genloc.checkpoint import save_model_checkpoint
+from genloc import LocationModel, LocationModelConfig
 
 
 class PeakLiveBytes(TorchDispatchMode):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models import GenLocModel, LocationModelConfig, place, score
-from models.placement import model_input
+from genloc import GenLocModel, LocationModelConfig, place, score
+from genloc.placement import model_input
 from tests.test_place import PHOTOS
 
 CONSTRAINTS = [{}, {"region": "left"}, {"region": (100, 50, 500, 400)},

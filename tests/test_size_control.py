@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from benchmarks.reference_decode import naive_reference_decode
-from models import LocationModel, LocationModelConfig
+from genloc import LocationModel, LocationModelConfig
 
 SIZE = torch.tensor([[0.2, 0.2, 0.1, 0.5], [0.0, 1.0, 0.0, 1.0], [0.05, 0.3, 0.3, 0.3]])
 ASPECT = torch.tensor([[0.5, 2.0], [1.0, 1.0], [0.0, float("inf")]])

@@ -1,8 +1,8 @@
 """scripts/toy_place_many.py (README's several-objects report) runs end to end on toy shards."""
 import torch
 
-from models.checkpoint import save_model_checkpoint
-from models import LocationModel, LocationModelConfig
+from genloc.checkpoint import save_model_checkpoint
+from genloc import LocationModel, LocationModelConfig
 from scripts import toy_place_many
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from metrics.tpr_fpr import TPRFPR, result_curves
-from models.boxes import iou_at_least, pairwise_iou
+from genloc.boxes import iou_at_least, pairwise_iou
 from tests.helpers.batches import tiny_module
 
 # Two samples, boxes in pixels; positives and negatives of a sample overlap with IoU < 0.5.

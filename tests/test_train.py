@@ -49,7 +49,7 @@ def test_every_experiment_trains_and_validates_one_step(name, tiny_toy_data, tin
 
 
 def test_init_from_loads_previous_stage_weights(tiny_toy_data, tiny_mle_checkpoint, tmp_path):
-    from models.checkpoint import model_state_dict, read_checkpoint
+    from genloc.checkpoint import model_state_dict, read_checkpoint
 
     cfg = load_config(["experiment=toy_finetune", f"init_from={tiny_mle_checkpoint}", "optim.lr=0.0"]
                       + tiny_run_overrides(tiny_toy_data / "toy-opa", tmp_path))
@@ -136,7 +136,7 @@ def test_resume_false_starts_over(tiny_toy_data, tmp_path):
 
 
 def test_corrupt_last_checkpoint_is_an_error_not_a_restart(tiny_toy_data, tmp_path):
-    from models.checkpoint import CheckpointError
+    from genloc.checkpoint import CheckpointError
 
     base = ["experiment=toy_pretrain"] + tiny_run_overrides(tiny_toy_data / "toy-pipe", tmp_path, steps=1)
     first = train_script.train(load_config(base))

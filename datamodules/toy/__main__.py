@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from models.arguments import text, whole
+from genloc.arguments import text, whole
 
 from .scenes import CLASSES, write_toy_dataset
 

@@ -14,7 +14,7 @@ import argparse
 import numpy as np
 import torch
 
-from models.arguments import number, text, whole
+from genloc.arguments import number, text, whole
 
 from .scenes import make_sample
 
@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     parser.add_argument("--ridge", type=number(0, above=True), default=1.0)
     args = parser.parse_args(argv)
 
-    from models.checkpoint import CheckpointError
-    from models.hub import ModelFilesError, load_model
+    from genloc.checkpoint import CheckpointError
+    from genloc.hub import ModelFilesError, load_model
 
     try:
         model = load_model(args.checkpoint)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.boxes import denormalise
+from genloc.boxes import denormalise
 
 __all__ = ["CLASSES", "generate_scene", "render_scene", "is_plausible", "flip_scene", "sample_positive",
            "sample_negative", "make_sample", "write_toy_split", "write_toy_dataset", "DEFAULT_SIZES"]

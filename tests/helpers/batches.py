@@ -36,7 +36,7 @@ def tiny_module():
     """A tiny random LocationModel in a minimal LightningModule (SGD, MLE loss on the first positive)."""
     import lightning as L
 
-    from models import LocationModel, LocationModelConfig
+    from genloc import LocationModel, LocationModelConfig
 
     class Tiny(L.LightningModule):
         def __init__(self):

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.inpainters.base import (BackendFolderError, DEFAULT_STEPS, default_dtype, open_pipeline,
+from genloc.inpainters.base import (BackendFolderError, DEFAULT_STEPS, default_dtype, open_pipeline,
                                     require_pipeline_folder, to_pil)
-from models.inpainting import working_size
+from genloc.inpainting import working_size
 
 EDIT_TEMPLATE = "add a {}"
 LAYOUT = ("a StableDiffusionInstructPix2PixPipeline folder (model_index.json, unet/ with 8 input channels, vae/, "

@@ -1,7 +1,7 @@
 """Object insertion geometry: masks, feathering, context crops and paste-back (pure numpy / PIL).
 
 Boxes here are *pixel* `x1,y1,x2,y2` of the input image: this is the edge of the framework where
-pixels appear (docs/ARCHITECTURE.md). The back-ends in `models/inpainters/` use these helpers so
+pixels appear (docs/ARCHITECTURE.md). The back-ends in `genloc/inpainters/` use these helpers so
 that every back-end, in every mode, changes only pixels inside the mask.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Insertion back-ends behind one interface, and the instruction-editor baselines (docs/design/placement.md#insertion-back-ends).
 
-    from models.inpainters import load_backend
+    from genloc.inpainters import load_backend
     inpainter = load_backend("sd", "/models/sd-inpainting", device="cuda", steps=30)
     ins = inpainter.insert(image, "cup", box=(x1, y1, x2, y2), seed=0)   # mode="auto": crop small boxes
     ins.image                                                             # pixels outside the mask unchanged
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import warnings
 
-from models.inpainters.backends import FluxFillInpainter, GLIGENInpainter, SDInpainter
-from models.inpainters.base import (CROP_MARGIN, DEFAULT_STEPS, MODES, BackendFolderError, Inpainter, Insertion)
-from models.inpainters.editors import DiffRegion, Edit, InstructEditor, changed_region
-from models.inpainters.powerpaint import PowerPaintInpainter
+from genloc.inpainters.backends import FluxFillInpainter, GLIGENInpainter, SDInpainter
+from genloc.inpainters.base import (CROP_MARGIN, DEFAULT_STEPS, MODES, BackendFolderError, Inpainter, Insertion)
+from genloc.inpainters.editors import DiffRegion, Edit, InstructEditor, changed_region
+from genloc.inpainters.powerpaint import PowerPaintInpainter
 
 _BACKENDS = {cls.name: cls for cls in (SDInpainter, FluxFillInpainter, PowerPaintInpainter, GLIGENInpainter)}
 _EDITORS = {cls.name: cls for cls in (InstructEditor,)}

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.inpainting import (PROMPT_TEMPLATE, box_mask, composite, context_rect, feathered_alpha, grow_mask,
+from genloc.inpainting import (PROMPT_TEMPLATE, box_mask, composite, context_rect, feathered_alpha, grow_mask,
                                mask_bbox, prompt_for, working_size)
 
 MODES = ("auto", "crop", "whole")

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from models.inpainters.base import (BackendFolderError, Inpainter, call_accepted, default_dtype,
+from genloc.inpainters.base import (BackendFolderError, Inpainter, call_accepted, default_dtype,
                                     open_pipeline, require_pipeline_folder, to_pil)
 
 SD_LAYOUT = ("a diffusers inpainting pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "

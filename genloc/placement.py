@@ -153,7 +153,7 @@ def check_whole(value, name: str, minimum: Optional[int] = 1, optional: bool = F
 
 def check_model(model) -> None:
     if not isinstance(model, LocationModel):
-        raise TypeError(f"model must be a LocationModel (models.hub.load_model or GenLocModel.from_pretrained), "
+        raise TypeError(f"model must be a LocationModel (genloc.hub.load_model or GenLocModel.from_pretrained), "
                         f"got {type(model).__name__}")
 
 
@@ -293,7 +293,7 @@ def token_iou(a: Tensor, b: Tensor) -> Tensor:
 
 def painted_rects(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     """``LongTensor[k, 4]``: the pixel rectangle an inpainter paints for each pixel box
-    (`models.boxes.pixel_rect`, every pixel the box touches)."""
+    (`genloc.boxes.pixel_rect`, every pixel the box touches)."""
     return torch.tensor([pixel_rect(b, size) for b in boxes.view(-1, 4).tolist()], dtype=torch.long).view(-1, 4)
 
 

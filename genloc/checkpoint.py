@@ -2,18 +2,46 @@
 
 A checkpoint holds the model config under ``hyper_parameters["model_config"]`` and the weights under
 the ``model.`` prefix of ``state_dict``: what Lightning writes for the training modules, and what
-`save_model_checkpoint` writes for tools and tests. `models.hub.load_location_model` rebuilds the
+`save_model_checkpoint` writes for tools and tests. `genloc.hub.load_location_model` rebuilds the
 model of one; the training side (resume checks, init_from) is in lightning_modules/checkpoint.py.
+
+Files written before the package was named ``genloc`` name its modules ``models.*`` (a pickled
+`LocationModelConfig` is ``models.config.LocationModelConfig``; a run's config.yaml has
+``_target_: models.LocationModelConfig``). `current_module` maps such a path to today's, and
+`read_checkpoint` unpickles through it. That is a rename at the one place old paths are read, not
+a ``models`` package or a ``sys.modules["models"]`` alias: ``models`` is a name many projects use
+for their own package, and an alias would shadow theirs in the whole process.
 """
 from __future__ import annotations
 
 import errno
 import io
+import pickle
+import types
 from pathlib import Path
 
 import torch
 
 from .files import write_atomic
+
+# The package's name before it was installable; checkpoints and run configs of that time use it.
+OLD_PACKAGE = "models"
+
+
+def current_module(path: str) -> str:
+    """A dotted module or class path with the old package name replaced: ``models.config`` -> ``genloc.config``."""
+    head, dot, rest = path.partition(".")
+    return f"{__package__}{dot}{rest}" if head == OLD_PACKAGE else path
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        return super().find_class(current_module(module), name)
+
+
+# What torch.load needs of a pickle module, with the old class paths mapped to genloc's.
+_PICKLE = types.SimpleNamespace(__name__=__name__, Unpickler=_Unpickler,
+                                load=lambda file, **kwargs: _Unpickler(file, **kwargs).load())
 
 
 class CheckpointError(RuntimeError):
@@ -26,7 +54,7 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (train a model first, or fix the path)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PICKLE)
     except Exception as err:  # truncated zip, pickle error, ...
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(err).__name__}: {err}); "
                               "delete it or point to another checkpoint") from None
@@ -41,7 +69,7 @@ def model_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
 
 
 def atomic_save(checkpoint: dict, path: str | Path) -> None:
-    """`torch.save` through the one atomic writer (`models.files.write_atomic`): a crash or SIGKILL
+    """`torch.save` through the one atomic writer (`genloc.files.write_atomic`): a crash or SIGKILL
     while saving leaves the previous ``last.ckpt`` intact. A full disk is a `CheckpointError` that
     names the file; a SIGKILL leftover (``.partial``) is removed at the next start under the run lock."""
     path = Path(path)
@@ -58,7 +86,7 @@ def atomic_save(checkpoint: dict, path: str | Path) -> None:
 
 def save_model_checkpoint(model, path: str | Path, **hyper_parameters) -> None:
     """Write ``model`` (a `LocationModel`) as the smallest checkpoint `read_checkpoint` and
-    `models.hub.load_location_model` accept (its config under ``hyper_parameters["model_config"]``, its
+    `genloc.hub.load_location_model` accept (its config under ``hyper_parameters["model_config"]``, its
     weights under the ``model.`` prefix), atomically; extra ``hyper_parameters`` (e.g. a module's
     ``optim``) are stored beside the config. The one place outside Lightning that builds a checkpoint
     dict (tools, tests, benchmarks)."""

@@ -1,6 +1,7 @@
 """Location-model files in the Hugging Face Hub convention (docs/design/placement.md#model-folders), pure PyTorch.
 
-A model folder (or Hub repo) holds exactly `FILES`: ``config.json`` (the `LocationModelConfig`),
+A model folder (or Hub repo) holds exactly `FILES`: ``config.json`` (the `LocationModelConfig`, and
+``genloc_version``: the release that wrote it; folders written before it was recorded have none),
 ``model.safetensors`` (every weight, frozen encoders included) and ``README.md`` (the model card).
 `GenLocModel` is the `LocationModel` with `huggingface_hub.PyTorchModelHubMixin`: ``save_pretrained``,
 ``push_to_hub`` and ``from_pretrained(folder_or_repo_id)``.
@@ -19,12 +20,16 @@ from typing import Optional, Union
 
 from huggingface_hub import PyTorchModelHubMixin, ModelCard
 
+from . import __version__
 from .checkpoint import CheckpointError, model_state_dict, read_checkpoint
 from .config import PRESETS, LocationModelConfig
 from .location_model import LocationModel
 from .pretrained import hub_offline
 
 FILES = ("config.json", "model.safetensors", "README.md")
+VERSION_KEY = "genloc_version"
+# The model card's install line: genloc is installed from a clone of the repository (no index has it).
+INSTALL = "pip install /path/to/GenLoc"
 PAPER_URL = "https://arxiv.org/abs/2410.13564"
 _POSITIONS = "decoder.transformer.wpe.weight"
 
@@ -92,7 +97,7 @@ def model_from_state_dict(cfg: LocationModelConfig, state: dict, source: str) ->
 
 
 def load_location_model(path: Union[str, Path]) -> "GenLocModel":
-    """Rebuild the LocationModel of a checkpoint (`models.checkpoint`), in eval mode, on the CPU; every
+    """Rebuild the LocationModel of a checkpoint (`genloc.checkpoint`), in eval mode, on the CPU; every
     weight comes from the checkpoint (no pretrained weights are fetched, see `model_from_state_dict`)."""
     ckpt = read_checkpoint(path)
     try:
@@ -133,7 +138,7 @@ def preset_name(cfg: LocationModelConfig) -> str:
 def model_card(cfg: LocationModelConfig, model_id: str, run: Optional[dict] = None) -> str:
     """README.md of a model folder: what the model is, how it was trained (``run``, from
     scripts/export.py: ``stages``, ``metrics``, ``metrics_files``, ``checkpoint``), licence, paper and a usage snippet
-    that runs as written from the GenLoc repository root with a ``photo.jpg`` beside it."""
+    that starts with the install line (`INSTALL`) and runs as written with a ``photo.jpg`` beside it."""
     run = run or {}
     lines = [
         "---", "library_name: genloc", "license: apache-2.0",
@@ -167,9 +172,11 @@ def model_card(cfg: LocationModelConfig, model_id: str, run: Optional[dict] = No
         lines += [f"| `{k}` | {v:.4f} |" for k, v in sorted(card_metrics(metrics).items())]
     lines += [
         "", "## Usage", "",
-        "Run from the root of the GenLoc repository (its `models` package holds the code), with a `photo.jpg`:", "",
+        "Install the `genloc` package (not on PyPI: from a clone of the GenLoc repository; `[insert]` adds object "
+        "insertion), then run this with a `photo.jpg`:", "",
         "```python",
-        "from models import GenLocModel, place, place_many",
+        f"# {INSTALL}",
+        "from genloc import GenLocModel, place, place_many",
         "",
         f"model = GenLocModel.from_pretrained({model_id!r})",
         'boxes = place(model, "photo.jpg", "person", n=5, seed=0)  # pixel boxes of photo.jpg + log-probabilities',
@@ -214,7 +221,7 @@ class GenLocModel(LocationModel, PyTorchModelHubMixin, library_name="genloc", li
         super().__init__(config)
 
     def score(self, image, category, boxes, *, region=None, size=None, aspect_ratio=None):
-        """`models.placement.score` with this model: log-probability and log-density of each pixel box."""
+        """`genloc.placement.score` with this model: log-probability and log-density of each pixel box."""
         from .placement import score
 
         return score(self, image, category, boxes, region=region, size=size, aspect_ratio=aspect_ratio)
@@ -222,7 +229,7 @@ class GenLocModel(LocationModel, PyTorchModelHubMixin, library_name="genloc", li
     def _save_pretrained(self, save_directory: Path) -> None:
         from safetensors.torch import save_model
 
-        config = portable_config(self.cfg).to_dict()
+        config = {**portable_config(self.cfg).to_dict(), VERSION_KEY: __version__}
         (Path(save_directory) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_model(self, str(Path(save_directory) / "model.safetensors"))
 
@@ -256,8 +263,10 @@ class GenLocModel(LocationModel, PyTorchModelHubMixin, library_name="genloc", li
         else:
             files = {name: _download(source, name, revision, cache_dir, local_files_only, token) for name in FILES[:2]}
         try:
-            cfg = LocationModelConfig.from_dict(json.loads(Path(files["config.json"]).read_text()))
-        except (ValueError, TypeError) as err:
+            data = json.loads(Path(files["config.json"]).read_text())
+            data.pop(VERSION_KEY, None)
+            cfg = LocationModelConfig.from_dict(data)
+        except (ValueError, TypeError, AttributeError) as err:
             raise ModelFilesError(f"{files['config.json']}: not a GenLoc model config ({err})") from None
         from safetensors import SafetensorError
         from safetensors.torch import load_model

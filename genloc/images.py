@@ -1,6 +1,6 @@
 """The one image conversion of the framework: any supported image -> 8-bit RGB PIL image.
 
-Placement (`models.placement`) and the shard writer (`datamodules`) both convert through
+Placement (`genloc.placement`) and the shard writer (`datamodules`) both convert through
 `to_rgb_image`, so a photo reaches the model exactly as the training images did. Pure numpy/PIL:
 importing this module loads no torch (a tensor can only be given once torch is imported).
 """

@@ -6,7 +6,7 @@ coordinate vocabulary is shared by all four positions; BOS and EOS follow it.
 
 Validity of a token box means ``bin(x2) > bin(x1)`` and ``bin(y2) > bin(y1)``, so its decoded box
 (bin centres) has positive area. The location model masks its logits so that it only ever assigns
-probability to valid token boxes (see ``models.location_model``).
+probability to valid token boxes (see ``genloc.location_model``).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class BoxTokenizer:
     (down) -- or, when ``x1`` is already in the last bin, ``x1`` one bin to the left -- so that every
     valid box maps to a valid token box. Only such sub-bin boxes are affected.
 
-    Boxes are checked with the one validity rule, `models.boxes.validate_boxes`: an invalid box is a
+    Boxes are checked with the one validity rule, `genloc.boxes.validate_boxes`: an invalid box is a
     ValueError naming it, and a box overhanging the image within the rule's tolerance is clamped.
     """
 

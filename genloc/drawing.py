@@ -1,6 +1,6 @@
 """The one box drawer and colour table of the applications (insert.py, the demo, compare_insertion's grid).
 
-Boxes are outlined inside their pixel rectangle (`models.inpainting.pixel_rect`, the pixels an
+Boxes are outlined inside their pixel rectangle (`genloc.inpainting.pixel_rect`, the pixels an
 inpainter would edit) and labels sit in a tag clipped to the box: nothing is drawn outside the
 boxes, so every other pixel is the photo's.
 """

@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-# Name under which the tiny open_clip text tower is registered (see models/genloc-tiny-text.json).
+# Name under which the tiny open_clip text tower is registered (see genloc/genloc-tiny-text.json).
 TINY_CLIP_MODEL = "genloc-tiny-text"
 
 
@@ -50,7 +50,7 @@ class LocationModelConfig:
     gpt2_dropout: float = 0.1
     gpt2_weights: Optional[str] = None
     # read the x2/y2 outputs as the box's width/height and embed the width at the x2 input (ours;
-    # see models/location_model.py); the tokens and the distribution's meaning are unchanged
+    # see genloc/location_model.py); the tokens and the distribution's meaning are unchanged
     relative_extents: bool = False
     freeze_image_encoder: bool = True
     freeze_text_encoder: bool = True

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from models.inpainters.base import (BackendFolderError, Inpainter, default_dtype, open_pipeline,
+from genloc.inpainters.base import (BackendFolderError, Inpainter, default_dtype, open_pipeline,
                                     require_pipeline_folder, to_pil)
 
 TASK_WORDS = ("P_obj", "P_ctxt", "P_shape")  # order of the release's extra text-encoder rows

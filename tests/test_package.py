@@ -1,0 +1,81 @@
+"""`pip install` gives the model and the placement API: the package is built and installed into an
+empty folder (no network, no build isolation) and used from outside the repository, as a user of a
+model folder would: the model card's snippet runs as written, an object is inserted with a tiny
+pipeline, the `genloc` command works, a checkpoint written before the rename loads, and nothing of the
+training side is imported."""
+import gzip
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import torch
+from PIL import Image
+
+from genloc import GenLocModel, LocationModelConfig
+from scripts.tiny_builders import save_tiny_sd_inpainter
+from tests.helpers import FIXTURES, ROOT
+
+PHOTO = FIXTURES / "libcom" / "controllable_composition" / "background" / "000000049931.png"
+# What pyproject.toml builds the package from.
+SOURCES = ("pyproject.toml", "README.md", "LICENSE", "genloc")
+
+AFTER_SNIPPET = """
+import sys
+import genloc
+from genloc.hub import load_model
+from genloc.inpainters import load_backend
+from PIL import Image
+
+edit = load_backend("sd", sys.argv[1], steps=2).insert(Image.open("photo.jpg"), "person", box=boxes.boxes[0].tolist(),
+                                                       seed=0)
+edit.image.save("edit.png")
+old = load_model(sys.argv[2])  # a checkpoint written before the package was named genloc
+print("GENLOC", genloc.__file__)
+print("LOADED", sorted({m.split(".")[0] for m in sys.modules} & {"lightning", "lightning_modules", "datamodules",
+      "callbacks", "metrics", "omegaconf", "webdataset", "models"}))
+"""
+
+
+def test_installed_package_runs_the_model_card_outside_the_repository(tmp_path):
+    source, target, work = tmp_path / "source", tmp_path / "target", tmp_path / "work"
+    source.mkdir()
+    for name in SOURCES:  # a copy: building writes build/ and *.egg-info beside the sources
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, source / name)
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                              "--no-index", "--target", str(target), str(source)],
+                             capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr
+    assert (target / "genloc" / "genloc-tiny-text.json").is_file()  # package data
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "tiny_model"
+    GenLocModel(LocationModelConfig.preset("tiny")).save_pretrained(model_dir,
+                                                                     model_card_kwargs={"model_id": str(model_dir)})
+    sd_dir = save_tiny_sd_inpainter(tmp_path / "sd")
+    old_checkpoint = tmp_path / "old.ckpt"
+    old_checkpoint.write_bytes(gzip.decompress((FIXTURES / "pre_genloc" / "model.ckpt.gz").read_bytes()))
+    work.mkdir()
+    Image.open(PHOTO).convert("RGB").save(work / "photo.jpg")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
+
+    snippet = re.search(r"```python\n(.*?)```", (model_dir / "README.md").read_text(), re.S).group(1)
+    run = subprocess.run([sys.executable, "-c", snippet + AFTER_SNIPPET, str(sd_dir), str(old_checkpoint)], cwd=work,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = dict(line.split(" ", 1) for line in run.stdout.splitlines() if line.startswith(("GENLOC", "LOADED")))
+    assert lines["GENLOC"].startswith(str(target))  # the installed copy, not the repository's
+    assert lines["LOADED"] == "[]"
+    assert run.stdout.count("tensor(") >= 3  # the card's boxes, log-probabilities and group
+    assert Image.open(work / "edit.png").size == Image.open(PHOTO).size
+
+    command = subprocess.run([str(target / "bin" / "genloc"), "place", "--model", str(model_dir), "--image",
+                              "photo.jpg", "--category", "cup", "--n", "2", "--out", "out"], cwd=work, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert command.returncode == 0, command.stderr
+    assert len(json.loads((work / "out" / "boxes.json").read_text())["boxes"]) == 2
