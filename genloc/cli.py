@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(command_parser=p)  # errors name the subcommand
         p.add_argument("--model", type=text, required=True, help="model folder, Hub id (owner/name) or checkpoint")
         p.add_argument("--image", type=text, required=True, help="background photo")
-        p.add_argument("--category", type=text, required=True, help='object class, e.g. "cup"')
+        p.add_argument("--category", required=True, help='object class, e.g. "cup"')
         p.add_argument("--n", type=int, default=DEFAULT_N, help=f"number of boxes (default {DEFAULT_N})")
         p.add_argument("--region", type=text, help=f"restrict boxes to {'|'.join(REGIONS)} or pixels x1,y1,x2,y2")
         p.add_argument("--size", type=pixel_size, help="box size W,H in pixels")
