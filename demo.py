@@ -8,6 +8,9 @@ n, temperature and an optional region (a positional word, or a pixel box: type i
 corners on the photo), press Place: the sampled boxes are drawn with their probabilities beside a
 heat map of where the model puts box centres. Pick a box (or all), press Insert: the inpainting
 back-end draws the object(s), shown before/after; the edit and a JSON of boxes and scores download.
+Mark any box (two clicks, or type it as the region box) and press Score: how likely the model finds
+it for each category, as a probability, a density per pixel² and a percentile among the model's own
+draws.
 Served on 127.0.0.1 unless --host says otherwise.
 
 The app's logic lives in plain functions (`place_boxes`, `insert_boxes`, ...), tested directly;
@@ -50,6 +53,8 @@ ALL = "all"
 # distribution far better than the n boxes shown.
 HEAT_DRAWS = 256
 HEAT_GRID = 64  # heat map cells along the image's long side
+# Boxes the model draws per category to rank a scored box among (its percentile).
+SCORE_DRAWS = 1000
 
 
 class DemoError(ValueError):
@@ -339,6 +344,60 @@ def insert_boxes(backends: Backends, placed: Placed | None, choice: str, seed: i
     return Inserted(placed.image, current, done, doc, time.perf_counter() - start)
 
 
+# ------------------------------------------------------------------------------------------ score
+@dataclass
+class Scored:
+    """What Score produced: the marked box on the photo and one record per category."""
+
+    boxes_image: Image.Image      # the photo with the scored box drawn
+    records: list[dict]           # category, box, log_prob, prob, log_density, percentile
+    seconds: float = 0.0
+
+
+def score_box(backends: Backends, image, categories: str, box_text: str, seed: int = 0) -> Scored:
+    """The model's probability of the marked box (pixels ``x1,y1,x2,y2``) for each category
+    (`genloc.score`, no constraints), and its percentile among `SCORE_DRAWS` boxes the model draws
+    for that category: the share of draws the model finds less likely (ties count half)."""
+    from genloc.placement import place, score
+
+    if backends.model is None:
+        raise DemoError(backends.model_note)
+    start = time.perf_counter()
+    photo, _ = read_image(image)
+    names = parse_categories(categories, backends.classes)
+    seed = whole_number(seed, "Seed")
+    if not (box_text or "").strip():
+        raise DemoError("No box to score: click two corners on the photo, or type x1,y1,x2,y2 in the region box.")
+    box = parse_region(PIXEL_BOX, box_text, photo.size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # conversion notes: Place shows them
+        try:
+            scored = score(backends.model, [photo] * len(names), names, [[box]] * len(names))
+        except ValueError as err:  # a box too thin to be a box of this model
+            raise DemoError(f"Cannot score the box {box_text.strip()}: {err}") from None
+        drawn = place(backends.model, [photo] * len(names), names, n=SCORE_DRAWS, seed=seed)
+    records = []
+    for name, one, draws in zip(names, scored, drawn):
+        log_prob = float(one.log_probs[0])
+        others = draws.log_probs.double()
+        tied = torch.isclose(others, torch.tensor(log_prob, dtype=torch.float64), rtol=0.0, atol=1e-5)
+        share = float(((others < log_prob) & ~tied).double().mean() + 0.5 * tied.double().mean())
+        records.append({"category": name, "box": list(box), "log_prob": log_prob, "prob": math.exp(log_prob),
+                        "log_density": float(one.log_densities[0]), "percentile": 100.0 * share})
+    drawn_box = draw_boxes(photo, [box], labels=["scored"])
+    return Scored(drawn_box, records, time.perf_counter() - start)
+
+
+def score_message(scored: Scored) -> str:
+    """The page's table of a Score result."""
+    rows = [f"| {r['category']} | {r['prob']:.2e} | {r['log_prob']:.3f} | {r['log_density']:.2f} | "
+            f"{r['percentile']:.1f} |" for r in scored.records]
+    return (f"Score of the box {', '.join(f'{v:.0f}' for v in scored.records[0]['box'])} in {scored.seconds:.2f} s "
+            f"(percentile: share of {SCORE_DRAWS} boxes the model draws for the class that it finds less likely).\n\n"
+            "| class | probability | log-probability | log-density per px² | percentile |\n|---|---|---|---|---|\n"
+            + "\n".join(rows))
+
+
 # ------------------------------------------------------------------------------------------ files
 def save_json(folder: Path, name: str, doc: dict) -> str:
     """Downloads are written atomically (`genloc.files`): never half written."""
@@ -393,6 +452,13 @@ def build_app(backends: Backends, out_root: Path):
         return ((inserted.before, inserted.after), edit, doc,
                 f"Inserted {len(inserted.records)} object(s) in {inserted.seconds:.2f} s.")
 
+    def on_score(image, categories, region_pixels, seed):
+        try:
+            scored = score_box(backends, image, categories, region_pixels, seed)
+        except Exception as err:  # noqa: BLE001
+            return None, error_message(err)
+        return scored.boxes_image, score_message(scored)
+
     def on_click(first, evt: gr.SelectData):
         first, box = corner_click(first, float(evt.index[0]), float(evt.index[1]))
         if box is None:
@@ -417,7 +483,9 @@ def build_app(backends: Backends, out_root: Path):
                     region_choice = gr.Dropdown(REGION_CHOICES, value=ANYWHERE, label="Region", elem_id="region")
                     region_pixels = gr.Textbox(label="Region box x1,y1,x2,y2 (pixels)", elem_id="region-pixels")
                 seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
-                place_button = gr.Button("Place", variant="primary", elem_id="place")
+                with gr.Row():
+                    place_button = gr.Button("Place", variant="primary", elem_id="place")
+                    score_button = gr.Button("Score the region box", elem_id="score")
         message = gr.Markdown("", elem_id="message")
         with gr.Row():
             boxes_image = gr.Image(label="Sampled boxes (index, class, probability)", format="png", interactive=False,
@@ -435,6 +503,7 @@ def build_app(backends: Backends, out_root: Path):
 
         place_button.click(on_place, [image, categories, n, temperature, region_choice, region_pixels, seed],
                            [boxes_image, heat_image, boxes_file, box_choice, placed_state, message, slider, edit_file])
+        score_button.click(on_score, [image, categories, region_pixels, seed], [boxes_image, message])
         insert_button.click(on_insert, [placed_state, box_choice, seed], [slider, edit_file, edit_json, message])
         image.select(on_click, [corner_state], [corner_state, region_pixels, region_choice, message])
         region_pixels.input(lambda text: PIXEL_BOX if text.strip() else gr.skip(), [region_pixels], [region_choice])

@@ -90,6 +90,43 @@ def test_a_typed_region_box_is_used_or_the_page_says_why_not(backends):
         demo.place_boxes(backends, str(PHOTO), "person", 8, 1.0, demo.ANYWHERE, "100,50,4000,300")
 
 
+def test_score_gives_the_models_probability_of_the_marked_box_and_its_rank_among_draws(backends):
+    """Score: the log-probability `genloc.score` gives the box, per category; its percentile is the
+    share of the model's own draws that are less likely, so the model's most likely draw ranks at the
+    top and a box the model never draws near the bottom; the marked box is drawn, nothing else."""
+    from genloc import place, score
+
+    photo = Image.open(PHOTO).convert("RGB")
+    draws = place(backends.model, photo, "person", n=demo.SCORE_DRAWS, seed=5)
+    top = draws.boxes[draws.log_probs.argmax()].tolist()
+    text = ",".join(f"{v:.0f}" for v in top)
+    scored = demo.score_box(backends, str(PHOTO), "person, car", text, seed=5)
+    box = [float(v) for v in text.split(",")]
+    assert [r["category"] for r in scored.records] == ["person", "car"]
+    for r in scored.records:
+        expected = score(backends.model, photo, r["category"], [box])
+        assert r["box"] == box and r["log_prob"] == pytest.approx(float(expected.log_probs[0]), abs=1e-5)  # float32
+        assert r["log_density"] == pytest.approx(float(expected.log_densities[0]), abs=1e-5)
+        assert r["prob"] == pytest.approx(np.exp(r["log_prob"]))
+        assert 0.0 <= r["percentile"] <= 100.0
+    person = demo.score_box(backends, str(PHOTO), "person", text, seed=5).records[0]  # the draws of `draws`
+    below = float((draws.log_probs.double() < person["log_prob"] - 1e-5).double().mean())
+    assert person["percentile"] >= 100 * below and person["percentile"] > 95  # the model's likeliest kind of box
+    thin = demo.score_box(backends, str(PHOTO), "person", "0,0,4,420", seed=5).records[0]
+    assert thin["log_prob"] < person["log_prob"] and thin["percentile"] < person["percentile"]
+    changed = (np.asarray(scored.boxes_image) != np.asarray(photo)).any(-1)
+    assert changed.any() and not changed[~_rect_mask(box, photo.size)].any()
+    message = demo.score_message(scored)
+    assert message.startswith("Score of the box") and "| person |" in message and "| car |" in message
+
+
+@pytest.mark.parametrize("box, says", [("", "No box to score"), ("10,10,700,100", "not x1,y1,x2,y2 pixels inside"),
+                                       ("10,10,20", "not x1,y1,x2,y2 pixels inside")])
+def test_score_without_a_valid_box_is_one_message(backends, box, says):
+    with pytest.raises(demo.DemoError, match=says):
+        demo.score_box(backends, str(PHOTO), "person", box)
+
+
 def test_heat_map_is_bright_where_the_centres_are_and_outlines_the_region():
     photo = Image.new("RGB", (200, 100), (128, 128, 128))
     centres = np.array([[150.0, 25.0]] * 50)

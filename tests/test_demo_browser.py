@@ -1,5 +1,5 @@
 """The demo page in a real headless Chromium (Debian's chromium + chromedriver, driven by selenium):
-upload a real photo, type a category, Place, check the boxes on screen and in the JSON; Insert with
+upload a real photo, mark a box with two clicks and Score it, type a category, Place, check the boxes on screen and in the JSON; Insert with
 a tiny random inpainting pipeline and check that only the box changed; save a screenshot
 (docs/demo.png, the README's, with GENLOC_UPDATE_SCREENSHOT=1)."""
 import json
@@ -29,12 +29,19 @@ return t.startsWith(arguments[0]) || t.includes('Error') ? t : null;"""
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory):
-    """The demo serving a tiny random location model and a tiny random SD inpainter, and a browser on it."""
+def served(tmp_path_factory):
+    """A tiny random location model (``model/``) and a tiny random SD inpainter (``inpainter/``)."""
     root = tmp_path_factory.mktemp("demo")
     torch.manual_seed(0)
     GenLocModel(LocationModelConfig.preset("tiny", relative_extents=True)).save_pretrained(root / "model")
     save_sd(root / "inpainter")
+    return root
+
+
+@pytest.fixture(scope="module")
+def page(served):
+    """The demo serving the `served` models, and a browser on it."""
+    root = served
     with demo_server(["--model", str(root / "model"), "--inpainter", str(root / "inpainter"), "--steps", "2"]) as url:
         driver = chromium()
         try:
@@ -49,7 +56,7 @@ def _rects(boxes, size):
 
 
 @pytest.mark.slow
-def test_place_then_insert_in_a_real_browser(page, tmp_path):
+def test_place_then_insert_in_a_real_browser(page, served, tmp_path):
     photo = Image.open(PHOTO).convert("RGB")
     w, h = photo.size
     upload(page, "photo", PHOTO)
@@ -68,6 +75,20 @@ def test_place_then_insert_in_a_real_browser(page, tmp_path):
     assert 0 <= rx1 < rx2 <= w and 0 <= ry1 < ry2 <= h
 
     set_text(page, "categories", "person")
+    _, text = press(page, "score", "boxes", timeout=120)  # Score the two-click box
+    import demo
+
+    expected = demo.score_box(demo.Backends(model=GenLocModel.from_pretrained(served / "model")), str(PHOTO),
+                              "person", region, seed=0).records[0]
+    assert text.startswith(f"Score of the box {region.replace(',', ', ')}"), text
+    row = [expected["prob"], expected["log_prob"], expected["log_density"], expected["percentile"]]
+    assert "person\t" + "\t".join(format(v, f) for v, f in zip(row, (".2e", ".3f", ".2f", ".1f"))) in text, text  # the table
+    shown = (np.asarray(shown_image(page, "boxes"), dtype=np.int16) != np.asarray(photo, dtype=np.int16)).any(-1)
+    x0, y0, x1, y1 = pixel_rect([rx1, ry1, rx2, ry2], (w, h))
+    outside = np.ones((h, w), bool)
+    outside[y0:y1, x0:x1] = False
+    assert shown.any() and not shown[outside].any(), "Score drew outside the marked box"
+
     set_text(page, "n", str(N))
     _, text = press(page, "place", "boxes", timeout=120)
     assert text.startswith(f"{N} boxes for person"), text
