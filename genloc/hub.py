@@ -176,13 +176,15 @@ def model_card(cfg: LocationModelConfig, model_id: str, run: Optional[dict] = No
         "insertion), then run this with a `photo.jpg`:", "",
         "```python",
         f"# {INSTALL}",
-        "from genloc import GenLocModel, place, place_many",
+        "from genloc import GenLocModel, place, place_many, score",
         "",
         f"model = GenLocModel.from_pretrained({model_id!r})",
         'boxes = place(model, "photo.jpg", "person", n=5, seed=0)  # pixel boxes of photo.jpg + log-probabilities',
         "print(boxes.boxes, boxes.log_probs)",
         'group = place_many(model, "photo.jpg", ["car", "person"], seed=0)  # one box each, no overlap',
         "print(group.boxes)",
+        'scored = score(model, "photo.jpg", "person", [[10, 10, 60, 90]])  # any pixel box: its log-probability',
+        "print(scored.log_probs, scored.log_densities)",
         "```", "",
         "`place` also takes `region=\"left\"` or pixel `(x1, y1, x2, y2)`, `size=(w, h)` in pixels, "
         "`aspect_ratio=w/h`, `temperature`, `top_k`, `top_p` and `distinct=True` (distinct boxes ranked by "
