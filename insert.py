@@ -139,7 +139,7 @@ def insert_several(args, image: Image.Image, pipe, clip, out: Path) -> int:
     try:
         result = place_many(model, image, args.category, max_iou=args.max_iou,
                             regions=[args.region] * len(args.category),
-                            inpainter=inpaint if pipe is not None else None, seed=args.seed)
+                            inpainter=inpaint if pipe is not None else None, seed=args.seed, dilate=args.dilate)
     except NoValidSetError as err:
         print(f"insert.py: {err}", file=sys.stderr)
         return 1

@@ -291,19 +291,26 @@ def token_iou(a: Tensor, b: Tensor) -> Tensor:
     return inter / (area(a) + area(b) - inter)
 
 
-def painted_rects(boxes: Tensor, size: tuple[int, int]) -> Tensor:
+def painted_rects(boxes: Tensor, size: tuple[int, int], dilate: int = 0) -> Tensor:
     """``LongTensor[k, 4]``: the pixel rectangle an inpainter paints for each pixel box
-    (`genloc.boxes.pixel_rect`, every pixel the box touches)."""
-    return torch.tensor([pixel_rect(b, size) for b in boxes.view(-1, 4).tolist()], dtype=torch.long).view(-1, 4)
+    (`genloc.boxes.pixel_rect`, every pixel the box touches), grown by ``dilate`` px and clipped to
+    the image as `genloc.inpainting.box_mask` grows it."""
+    w, h = size
+    rects = torch.tensor([pixel_rect(b, size) for b in boxes.view(-1, 4).tolist()], dtype=torch.long).view(-1, 4)
+    if dilate:
+        rects = (rects + torch.tensor([-dilate, -dilate, dilate, dilate])).clamp(min=0)
+        rects[:, 0::2], rects[:, 1::2] = rects[:, 0::2].clamp(max=w), rects[:, 1::2].clamp(max=h)
+    return rects
 
 
 def place_many(model: LocationModel, image: ImageLike, categories: Sequence[str], max_iou: float = 0.0,
                regions: Optional[Sequence] = None, sizes: Optional[Sequence] = None,
                aspect_ratios: Optional[Sequence] = None, inpainter: Optional[Inpainter] = None,
                candidates: int = 100, attempts: int = 10, temperature: float = 1.0, top_k: Optional[int] = None,
-               top_p: Optional[float] = None, seed: int = 0) -> PlacementSet:
+               top_p: Optional[float] = None, seed: int = 0, dilate: int = 0) -> PlacementSet:
     """One box per category, each drawn by the model, pairwise IoU <= ``max_iou`` (0: no overlap) both
-    as boxes and as the pixels an inpainter paints for them (`painted_rects`).
+    as boxes and as the pixels an inpainter paints for them (`painted_rects`; ``dilate``: the pixels
+    each mask is grown by, as ``insert.py --dilate`` grows it).
 
     Objects are placed in order: object ``i`` takes the first of ``candidates`` draws at least one
     pixel wide and high whose IoU with every earlier box is within ``max_iou`` -- a draw from the
@@ -323,6 +330,7 @@ def place_many(model: LocationModel, image: ImageLike, categories: Sequence[str]
     k = len(categories)
     check_options(model, ("candidates", candidates), temperature, top_k, top_p, seed, seed_optional=False)
     check_whole(attempts, "attempts")
+    check_whole(dilate, "dilate", minimum=0)
     if isinstance(max_iou, bool) or not isinstance(max_iou, numbers.Real) or not 0.0 <= max_iou <= 1.0:
         raise ValueError(f"max_iou must be a number in [0, 1], got {max_iou!r}")
     if inpainter is not None and not callable(inpainter):
@@ -355,9 +363,9 @@ def place_many(model: LocationModel, image: ImageLike, categories: Sequence[str]
             ok = ((draw.boxes[:, 2:] - draw.boxes[:, :2]) >= 1).all(1)  # a smaller box would be painted larger
             if chosen:
                 earlier = torch.stack([c.tokens for c in chosen])
-                painted = painted_rects(torch.stack([c.boxes for c in chosen]), draw.image_size)
+                painted = painted_rects(torch.stack([c.boxes for c in chosen]), draw.image_size, dilate)
                 ok &= (token_iou(draw.tokens, earlier) <= max_iou + 1e-12).all(1)
-                ok &= (token_iou(painted_rects(draw.boxes, draw.image_size), painted) <= max_iou + 1e-12).all(1)
+                ok &= (token_iou(painted_rects(draw.boxes, draw.image_size, dilate), painted) <= max_iou + 1e-12).all(1)
             if not ok.any():
                 break
             j = int(ok.nonzero()[0])

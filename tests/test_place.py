@@ -297,23 +297,25 @@ def test_place_many_refuses_a_string_or_empty_names(model, categories, error, sa
         place_many(model, _photo(), categories)
 
 
-@pytest.mark.parametrize("size", [(24, 18), (64, 48), (101, 77)])
-def test_place_many_keeps_the_painted_pixels_apart_and_refuses_boxes_under_a_pixel(model, size):
-    """No overlap holds for the pixel masks an inpainter paints (`box_mask`), not only for the
-    model's boxes; boxes under one pixel are redrawn, and when none fit the answer is NoValidSetError."""
+@pytest.mark.parametrize("size, dilate", [((24, 18), 0), ((64, 48), 0), ((101, 77), 0), ((101, 77), 4)])
+def test_place_many_keeps_the_painted_pixels_apart_and_refuses_boxes_under_a_pixel(model, size, dilate):
+    """No overlap holds for the pixel masks an inpainter paints (`box_mask`, grown by ``dilate`` as
+    insert.py --dilate grows them), not only for the model's boxes; boxes under one pixel are
+    redrawn, and when none fit the answer is NoValidSetError."""
     from genloc.inpainting import box_mask
 
     photo = _photo().resize(size)
     returned = 0
     for seed in range(8):
         try:
-            group = place_many(model, photo, ["car", "person", "bird", "cup"], seed=seed, candidates=30, attempts=3)
+            group = place_many(model, photo, ["car", "person", "bird", "cup"], seed=seed, candidates=30, attempts=3,
+                               dilate=dilate)
         except NoValidSetError:
             continue
         returned += 1
         extents = group.boxes[:, 2:] - group.boxes[:, :2]
         assert (extents >= 1).all(), group.boxes
-        masks = [box_mask(box, size) for box in group.boxes.tolist()]
+        masks = [box_mask(box, size, dilate) for box in group.boxes.tolist()]
         for i in range(len(masks)):
             for j in range(i):
                 assert not (masks[i] & masks[j]).any(), (seed, group.boxes)
@@ -339,6 +341,7 @@ def test_place_many_keeps_the_painted_pixels_apart_and_refuses_boxes_under_a_pix
     ("place", {"aspect_ratio": float("inf")}, ValueError, "aspect_ratio must be positive"),
     ("place", {"distinct": "yes"}, TypeError, "distinct must be True or False"),
     ("place_many", {"max_iou": "0"}, ValueError, "max_iou must be a number in"),
+    ("place_many", {"dilate": -1}, ValueError, "dilate must be a whole number >= 0"),
     ("place_many", {"max_iou": float("nan")}, ValueError, "max_iou must be a number in"),
     ("place_many", {"candidates": "5"}, ValueError, "candidates must be a whole number >= 1"),
     ("place_many", {"attempts": 0}, ValueError, "attempts must be a whole number >= 1"),
