@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 
 from benchmarks.browser import (chromium, demo_server, fetch, file_url, full_page_screenshot, message, press,
                                 set_text, shown_image, upload, wait_for)
@@ -24,6 +25,7 @@ PHOTO = FIXTURES / "libcom" / "controllable_composition" / "background" / "00000
 # The README's picture is refreshed only on request (GENLOC_UPDATE_SCREENSHOT=1): a test run leaves the tree clean.
 README_SCREENSHOT = ROOT / "docs" / "demo.png"
 N = 6
+MENU = "const v = document.querySelector('#region input').value; return v === arguments[0] ? v : null;"
 DONE = """const m = document.querySelector('#message [data-testid=markdown]'); const t = m ? m.innerText.trim() : '';
 return t.startsWith(arguments[0]) || t.includes('Error') ? t : null;"""
 
@@ -132,3 +134,12 @@ def test_place_then_insert_in_a_real_browser(page, served, tmp_path):
     screenshot = README_SCREENSHOT if os.environ.get("GENLOC_UPDATE_SCREENSHOT") == "1" else tmp_path / "demo.png"
     full_page_screenshot(page, screenshot)
     assert Image.open(screenshot).size[0] > 0 and "Error" not in message(page)
+
+    # a box typed while the Region menu names a word switches the menu to the box (it is not dropped)
+    menu = page.find_element(By.CSS_SELECTOR, "#region input")
+    menu.click()
+    menu.send_keys(Keys.CONTROL, "a")
+    menu.send_keys("left", Keys.ENTER)
+    assert wait_for(page, MENU, 30, "left") == "left"
+    set_text(page, "region-pixels", "10,10,200,150")
+    assert wait_for(page, MENU, 30, "pixel box") == "pixel box"
