@@ -64,7 +64,7 @@ def test_resuming_a_run_started_before_the_rename_sees_no_config_change():
     saved = OmegaConf.load(OLD / "run_config.yaml")
     assert saved.model._target_ == "models.LocationModelConfig"
     same = ["experiment=toy_pretrain", "trainer.max_steps=40", "trainer.val_check_interval=20",
-            "log_root=/tmp/parity_pkg_base"]  # the command that wrote it (its README)
+            "log_root=/tmp/parity_pkg_base"]  # the command that wrote it (log_root as run_config.yaml records it)
     assert config_changes_on_resume(saved, load_config(same)) == []
     assert config_changes_on_resume(saved, load_config([*same, "model.num_bins=32"])) == [
         "model.num_bins: run None vs now 32"]  # a real change is still refused
