@@ -103,8 +103,8 @@ def training_classes(source: str) -> list[str] | None:
 def load_backends(model: str | None, inpainter: str | None, backend: str, device: str, steps: int) -> Backends:
     """Load the location model and the inpainter. Missing defaults become notes shown in the page;
     a source given explicitly that cannot be loaded raises DemoError (the CLI exits 2 with it)."""
-    from genloc.checkpoint import CheckpointError
-    from genloc.hub import ModelFilesError, load_model
+    from genloc.checkpoint import ModelSourceError
+    from genloc.hub import load_model
     from genloc.inpainters import BackendFolderError, load_backend
 
     out = Backends(source=model or DEFAULT_MODEL)
@@ -114,7 +114,7 @@ def load_backends(model: str | None, inpainter: str | None, backend: str, device
     else:
         try:
             out.model = load_model(model or ROOT / DEFAULT_MODEL, device=device)
-        except (CheckpointError, ModelFilesError, OSError) as err:
+        except (ModelSourceError, OSError) as err:
             raise DemoError(f"--model {out.source}: {err}") from None
         out.classes = training_classes(model or str(ROOT / DEFAULT_MODEL))
         cfg = out.model.cfg

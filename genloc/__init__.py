@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "BoxTokenizer": "box_tokenizer", "LocationModelConfig": "config",
-    "GenLocModel": "hub", "ModelFilesError": "hub", "load_model": "hub",
+    "GenLocModel": "hub", "ModelFilesError": "hub", "ModelSourceError": "checkpoint", "load_model": "hub",
     "ExtentMask": "location_model", "LocationModel": "location_model", "SampleOutput": "location_model",
     "BoxScores": "placement", "NoValidSetError": "placement", "Placement": "placement", "PlacementSet": "placement", "place": "placement",
     "place_many": "placement", "score": "placement", "PretrainedWeightsError": "pretrained", "draw_tokens": "sampling",

@@ -44,7 +44,12 @@ _PICKLE = types.SimpleNamespace(__name__=__name__, Unpickler=_Unpickler,
                                 load=lambda file, **kwargs: _Unpickler(file, **kwargs).load())
 
 
-class CheckpointError(RuntimeError):
+class ModelSourceError(Exception):
+    """A model reference (checkpoint, model folder or Hub id) that cannot be loaded: what
+    `genloc.hub.load_model` raises, so a caller catches one class; the message names the cause."""
+
+
+class CheckpointError(ModelSourceError, RuntimeError):
     """A checkpoint that is missing, unreadable or not a GenLoc checkpoint."""
 
 

@@ -96,12 +96,12 @@ def read_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace):
 
 def load_model(source: str, prog: str):
     """The location model of a checkpoint, model folder or Hub id; errors end the program in one line."""
-    from .checkpoint import CheckpointError
-    from .hub import ModelFilesError, load_model as load
+    from .checkpoint import ModelSourceError
+    from .hub import load_model as load
 
     try:
         return load(source)
-    except (CheckpointError, ModelFilesError) as err:
+    except ModelSourceError as err:
         raise SystemExit(f"{prog}: error: {err}") from None
 
 

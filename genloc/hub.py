@@ -21,7 +21,7 @@ from typing import Optional, Union
 from huggingface_hub import PyTorchModelHubMixin, ModelCard
 
 from . import __version__
-from .checkpoint import CheckpointError, model_state_dict, read_checkpoint
+from .checkpoint import CheckpointError, ModelSourceError, model_state_dict, read_checkpoint
 from .config import PRESETS, LocationModelConfig
 from .location_model import LocationModel
 from .pretrained import hub_offline
@@ -34,7 +34,7 @@ PAPER_URL = "https://arxiv.org/abs/2410.13564"
 _POSITIONS = "decoder.transformer.wpe.weight"
 
 
-class ModelFilesError(FileNotFoundError):
+class ModelFilesError(ModelSourceError, FileNotFoundError):
     """A model folder or Hub id that cannot be loaded; the message says why and what to do."""
 
 
@@ -119,7 +119,7 @@ def is_model_source(source) -> bool:
 
 def load_model(source: Union[str, Path], device: str = "cpu") -> "GenLocModel":
     """The one loader of a trained location model: a checkpoint file, a model folder or a Hub id, in
-    eval mode. Errors are `CheckpointError` or `ModelFilesError`, each naming the source."""
+    eval mode. Errors are `ModelSourceError`s (`CheckpointError`, `ModelFilesError`), each naming the source."""
     path = Path(source).expanduser()
     if path.is_file():
         return load_location_model(path).to(device)

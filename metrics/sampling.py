@@ -61,12 +61,12 @@ def evaluation_model(checkpoint, device: str):
     unreadable ones are an `EvaluationError`."""
     if isinstance(checkpoint, torch.nn.Module):
         return checkpoint
-    from genloc.checkpoint import CheckpointError
-    from genloc.hub import ModelFilesError, load_model
+    from genloc.checkpoint import ModelSourceError
+    from genloc.hub import load_model
 
     try:
         return load_model(checkpoint, device)
-    except (CheckpointError, ModelFilesError) as e:
+    except ModelSourceError as e:
         raise EvaluationError(str(e)) from None
 
 

@@ -200,13 +200,13 @@ def genloc_boxes(args, samples: list[Sample]) -> dict[str, list[float]]:
         if missing:
             raise UsageError(f"--boxes {args.boxes}: no box for {len(missing)} sample(s), e.g. {missing[0]!r}")
         return {s.key: found[s.key] for s in samples}
-    from genloc.checkpoint import CheckpointError
-    from genloc.hub import ModelFilesError, load_model
+    from genloc.checkpoint import ModelSourceError
+    from genloc.hub import load_model
     from genloc.placement import place
 
     try:
         model = load_model(args.checkpoint)
-    except (CheckpointError, ModelFilesError) as err:
+    except ModelSourceError as err:
         raise UsageError(f"--checkpoint {args.checkpoint}: {err}") from None
     boxes = {}
     for s in tqdm(samples, desc="GenLoc boxes", disable=None):

@@ -79,8 +79,8 @@ def run_info(checkpoint: Path, eval_metrics: Path | None) -> dict:
 def export(checkpoint: str | Path, out: str | Path, push_to_hub: str | None = None,
            eval_metrics: str | Path | None = None) -> Path:
     """Write the model folder ``out`` from ``checkpoint`` (atomically) and push it if asked."""
-    from genloc.checkpoint import CheckpointError
-    from genloc.hub import ModelFilesError, load_model
+    from genloc.checkpoint import ModelSourceError
+    from genloc.hub import load_model
 
     checkpoint, out = Path(checkpoint), Path(out)
     if out.name in ("", ".", ".."):  # the folder is written beside its target and renamed over it
@@ -90,7 +90,7 @@ def export(checkpoint: str | Path, out: str | Path, push_to_hub: str | None = No
         raise ExportError(f"--out {out} exists and is not a model folder; choose a new or empty folder")
     try:
         model = load_model(checkpoint)
-    except (CheckpointError, ModelFilesError) as err:
+    except ModelSourceError as err:
         raise ExportError(str(err)) from None
     info = run_info(checkpoint, Path(eval_metrics) if eval_metrics else None)
     out.parent.mkdir(parents=True, exist_ok=True)

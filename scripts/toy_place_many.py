@@ -55,15 +55,15 @@ def main(argv=None) -> int:
     from datamodules.kinds import data_kind
     from datamodules.shard_format import ShardFormatError
     from datamodules.shard_reader import read_split_info
-    from genloc.hub import ModelFilesError, load_model
+    from genloc.hub import load_model
     from genloc.placement import NoValidSetError, place, place_many, token_iou
-    from genloc.checkpoint import CheckpointError
+    from genloc.checkpoint import ModelSourceError
 
     try:
         model = load_model(args.model)
         plausible_fn = data_kind(read_split_info(args.data, args.split).get("source")).plausible
         samples = list(samples_with_images(args.data, args.split))
-    except (CheckpointError, ModelFilesError, ShardFormatError, FileNotFoundError) as err:
+    except (ModelSourceError, ShardFormatError, FileNotFoundError) as err:
         print(f"toy_place_many: error: {err}", file=sys.stderr)
         return 2
     samples = samples[:args.limit] if args.limit else samples

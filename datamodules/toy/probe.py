@@ -42,12 +42,12 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     parser.add_argument("--ridge", type=number(0, above=True), default=1.0)
     args = parser.parse_args(argv)
 
-    from genloc.checkpoint import CheckpointError
-    from genloc.hub import ModelFilesError, load_model
+    from genloc.checkpoint import ModelSourceError
+    from genloc.hub import load_model
 
     try:
         model = load_model(args.checkpoint)
-    except (CheckpointError, ModelFilesError) as err:
+    except ModelSourceError as err:
         parser.error(str(err))
     images, geometry = scenes_with_one_table(args.scenes, args.seed)
     with torch.no_grad():
