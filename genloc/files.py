@@ -8,6 +8,7 @@ SIGKILL leftover keeps the ``.partial`` suffix, so it never passes for the real 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -15,6 +16,47 @@ from pathlib import Path
 from typing import Iterable, Iterator, Union
 
 PathLike = Union[str, Path]
+
+
+class OutputError(OSError):
+    """An output location that cannot be created or written; the message is one line naming the path."""
+
+
+def _output_reason(err: OSError) -> str:
+    if err.errno == errno.ENOSPC:
+        return "the disk is full: free space or choose another location"
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return "it is not writable (read-only file system or no permission): choose a writable location"
+    return f"{err.strerror or err}: choose another location"
+
+
+def prepare_output_dir(path: PathLike, flag: str = "--out") -> Path:
+    """Create the folder ``path`` (parents too) and prove it takes a file, before any work is done.
+
+    Commands call this before they load a model or sample, so a bad ``--out`` (an existing file, a
+    read-only file system, a full disk) is one line naming the path instead of a traceback after
+    minutes of work. Raises :class:`OutputError`.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{flag} {path}: is an existing file, not a folder; name a folder (it is created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a file in the way further up
+        raise OutputError(f"{flag} {path}: a parent of it is a file, not a folder; name a folder") from None
+    except OSError as err:
+        raise OutputError(f"{flag} {path}: cannot create the folder: {_output_reason(err)}") from None
+    probe = path / f".genloc-write-check.{secrets.token_hex(4)}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise OutputError(f"{flag} {path}: cannot write there: {_output_reason(err)}") from None
+    finally:
+        probe.unlink(missing_ok=True)
+    return path
 
 
 @contextlib.contextmanager
@@ -38,6 +80,12 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         with open(partial, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(partial, path)
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        if isinstance(err, OutputError) or err.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+            raise
+        raise OutputError(f"{path}: could not be written ({_output_reason(err)}); "
+                          "any previous version of it is kept unchanged") from err
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
