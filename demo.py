@@ -18,7 +18,6 @@ The app's logic lives in plain functions (`place_boxes`, `insert_boxes`, ...), t
 """
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -74,37 +73,11 @@ class Backends:
     source: str = DEFAULT_MODEL
 
 
-def training_classes(source: str) -> list[str] | None:
-    """Classes of the data the model was trained on, read from the shard folders its run names
-    (a model folder's card, a checkpoint's config.yaml) when they are on this machine; else None."""
-    path = Path(source).expanduser()
-    folders = []
-    if path.is_dir() and (path / "README.md").is_file():
-        for line in (path / "README.md").read_text().splitlines():
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if len(cells) == 5 and cells[0].isdigit():  # a row of the card's training table
-                folders.append(cells[3].strip("`"))
-    elif path.is_file() and path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
-        from omegaconf import OmegaConf
-
-        data_dir = OmegaConf.select(OmegaConf.load(path.parent.parent / "config.yaml"), "data.data_dir")
-        folders = [data_dir] if data_dir else []
-    classes = set()
-    for folder in folders:  # relative folders: to where training ran, usually the repository root
-        folder = next((f for f in (Path(folder), ROOT / folder) if f.is_dir()), None)
-        for split in sorted(folder.glob("*.json")) if folder else []:
-            try:
-                classes.update(json.loads(split.read_text()).get("categories") or [])
-            except (OSError, json.JSONDecodeError, AttributeError):
-                continue
-    return sorted(classes) or None
-
-
 def load_backends(model: str | None, inpainter: str | None, backend: str, device: str, steps: int) -> Backends:
     """Load the location model and the inpainter. Missing defaults become notes shown in the page;
     a source given explicitly that cannot be loaded raises DemoError (the CLI exits 2 with it)."""
     from genloc.checkpoint import ModelSourceError
-    from genloc.hub import load_model
+    from genloc.hub import load_model, training_classes
     from genloc.inpainters import BackendFolderError, load_backend
 
     out = Backends(source=model or DEFAULT_MODEL)
@@ -116,7 +89,8 @@ def load_backends(model: str | None, inpainter: str | None, backend: str, device
             out.model = load_model(model or ROOT / DEFAULT_MODEL, device=device)
         except (ModelSourceError, OSError) as err:
             raise DemoError(f"--model {out.source}: {err}") from None
-        out.classes = training_classes(model or str(ROOT / DEFAULT_MODEL))
+        # relative data folders: from where the demo runs, else the repository root (where make train ran)
+        out.classes = out.model.training_classes = training_classes(model or str(ROOT / DEFAULT_MODEL), roots=(ROOT,))
         cfg = out.model.cfg
         known = f"trained on: {', '.join(out.classes)}" if out.classes else "open vocabulary (its training classes are unknown here)"
         out.model_note = f"Location model `{out.source}` ({cfg.image_size} px, {cfg.num_bins} bins; {known})."

@@ -30,7 +30,7 @@ import torch
 __all__ = ["TOLERANCE", "PROBLEMS", "BoxCheck", "validate_boxes", "xywh_to_xyxy", "xyxy_to_xywh",
            "cxcywh_to_xyxy", "xyxy_to_cxcywh", "fopa_centre_to_xyxy", "xyxy_to_fopa_centre", "normalise",
            "denormalise", "hflip", "pixel_rect", "pixel_rects", "box_area", "pairwise_inter_union",
-           "pairwise_iou", "iou_at_least"]
+           "pairwise_iou", "iou_at_least", "looks_normalised"]
 
 # Allowed overhang, as a fraction of the image side: absorbs the rounding of labelled pixel boxes and
 # float slack of computed boxes, while a pixel box mistaken for a normalised one is far outside.
@@ -234,3 +234,12 @@ def validate_boxes(boxes, size=None) -> BoxCheck:
     for code, broken in reversed(list(enumerate(rules, 1))):  # the first rule a box breaks names it
         problem[broken] = code
     return BoxCheck(b, clipped, hi, problem)
+
+
+def looks_normalised(boxes, size) -> np.ndarray:
+    """``bool [...]``: pixel boxes whose four coordinates all lie in [0, 1] of an image more than two
+    pixels on each side -- the mark of normalised boxes given where pixels are expected (a real pixel
+    box there would sit inside the top-left pixel). The one rule for evaluate.py's predictions and
+    `genloc.score`'s boxes."""
+    b = np.asarray(boxes, dtype=np.float64)
+    return (b <= 1.0).all(-1) & (min(float(v) for v in size) > 2)

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Optional, Union
@@ -101,10 +102,45 @@ def load_location_model(path: Union[str, Path]) -> "GenLocModel":
     weight comes from the checkpoint (no pretrained weights are fetched, see `model_from_state_dict`)."""
     ckpt = read_checkpoint(path)
     try:
-        return model_from_state_dict(LocationModelConfig.from_dict(ckpt["hyper_parameters"]["model_config"]),
-                                     model_state_dict(ckpt), f"checkpoint {path}")
+        model = model_from_state_dict(LocationModelConfig.from_dict(ckpt["hyper_parameters"]["model_config"]),
+                                      model_state_dict(ckpt), f"checkpoint {path}")
     except ModelFilesError as err:
         raise CheckpointError(str(err)) from None
+    model.training_classes = training_classes(path)
+    return model
+
+
+def training_classes(source: Union[str, Path], roots: tuple = ()) -> Optional[list[str]]:
+    """The classes of the data a model was trained on, or None when unknown. A model records no class
+    list itself; its shard folders do (``{split}.json``'s ``categories``), and a model folder's card
+    (its training table) or a checkpoint's run (``config.yaml``'s ``data.data_dir``) names them. Folders
+    are read when they are on this machine: relative ones from the working folder, then from each of
+    ``roots`` (where training ran, e.g. the repository root)."""
+    path = Path(source).expanduser()
+    folders = []
+    if path.is_dir() and (path / "README.md").is_file():
+        for line in (path / "README.md").read_text().splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) == 5 and cells[0].isdigit():  # a row of the card's training table
+                folders.append(cells[3].strip("`"))
+    elif path.is_file() and path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
+        import yaml
+
+        try:
+            run = yaml.safe_load((path.parent.parent / "config.yaml").read_text())
+            data_dir = run["data"]["data_dir"]
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            data_dir = None
+        folders = [str(data_dir)] if data_dir else []
+    classes = set()
+    for folder in folders:
+        folder = next((f for f in (Path(folder), *(Path(r) / folder for r in roots)) if f.is_dir()), None)
+        for split in sorted(folder.glob("*.json")) if folder else []:
+            try:
+                classes.update(json.loads(split.read_text()).get("categories") or [])
+            except (OSError, json.JSONDecodeError, AttributeError):
+                continue
+    return sorted(classes) or None
 
 
 def is_model_source(source) -> bool:
@@ -219,6 +255,9 @@ class GenLocModel(LocationModel, PyTorchModelHubMixin, library_name="genloc", li
                   paper_url=PAPER_URL, tags=["object-placement", "object-insertion"]):
     """`LocationModel` that saves and loads as a model folder / Hub repo (see module docstring)."""
 
+    # Set by the loaders (`training_classes`); `genloc.place` and `score` note a class outside them.
+    training_classes: Optional[list[str]] = None
+
     def __init__(self, config: LocationModelConfig):
         super().__init__(config)
 
@@ -233,7 +272,11 @@ class GenLocModel(LocationModel, PyTorchModelHubMixin, library_name="genloc", li
 
         config = {**portable_config(self.cfg).to_dict(), VERSION_KEY: __version__}
         (Path(save_directory) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_model(self, str(Path(save_directory) / "model.safetensors"))
+        weights = Path(save_directory) / "model.safetensors"
+        save_model(self, str(weights))
+        umask = os.umask(0)  # safetensors writes 0600; the folder's other files follow the umask
+        os.umask(umask)
+        os.chmod(weights, 0o666 & ~umask)
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
         """``model_card_kwargs`` of ``save_pretrained``: ``model_id`` and ``run`` (see `model_card`)."""
@@ -284,6 +327,7 @@ class GenLocModel(LocationModel, PyTorchModelHubMixin, library_name="genloc", li
             raise ModelFilesError(f"{files['model.safetensors']}: weights do not fit {files['config.json']} "
                                   f"({type(err).__name__}: {str(err)[:300]})") from None
         model._text_cache.clear()
+        model.training_classes = training_classes(folder) if folder.is_dir() else None
         return model.eval()
 
 

@@ -26,12 +26,15 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .boxes import pixel_rect
+from .boxes import looks_normalised, pixel_rect
 from .images import ImageLike, to_rgb_image
 from .inpainting import REGIONS
 from .location_model import LocationModel
 
 Range = Union[float, tuple[float, float], None]
+# Most boxes drawn per image in one call (`place`'s n, `place_many`'s candidates): far above any use,
+# far below a draw count whose boxes and decoder cache would exhaust memory.
+MAX_DRAWS = 10_000
 # (image, pixel box, category, seed) -> edited image of the same size
 Inpainter = Callable[[Image.Image, list, str, int], Image.Image]
 
@@ -164,6 +167,9 @@ def check_options(model, draws: tuple[str, int], temperature, top_k, top_p, seed
 
     check_model(model)
     check_whole(draws[1], draws[0])
+    if draws[1] > MAX_DRAWS:
+        raise ValueError(f"{draws[0]} must be at most {MAX_DRAWS} boxes per image, got {draws[1]}: for more, call "
+                         "again with another seed")
     check_whole(seed, "seed", minimum=None, optional=seed_optional)
     check_filter_args(temperature, top_k, top_p)
 
@@ -176,6 +182,34 @@ def check_category(category) -> str:
     if not category.strip():
         raise ValueError(f"category must be a class name, got an empty string {category!r}")
     return category
+
+
+def unknown_class_note(model, categories: Sequence[str]) -> Optional[str]:
+    """A note when a class is not one of the model's training classes (``model.training_classes``,
+    found by `genloc.hub.training_classes` when the model was loaded; None: unknown, no note): the
+    boxes of an unseen class are the text encoder's guess, not something the model learnt."""
+    known = getattr(model, "training_classes", None)
+    unknown = sorted({c for c in categories if c not in known}) if known else []
+    if not unknown:
+        return None
+    return (f"class {', '.join(map(repr, unknown))} is not one the model was trained on ({', '.join(known)}): "
+            "its boxes are a guess for an unseen class")
+
+
+def subpixel_note(boxes: Tensor, size: tuple[int, int]) -> Optional[str]:
+    """A note when some pixel boxes are under one pixel wide or high (a tiny image: the model's bins
+    are finer than its pixels); an inpainter paints at least one whole pixel for each."""
+    small = int(((boxes[..., 2:] - boxes[..., :2]) < 1).any(-1).sum())
+    if not small:
+        return None
+    return (f"{small} of {boxes.shape[-2]} boxes are under one pixel wide or high on the {size[0]}x{size[1]} image: "
+            "an inpainter paints at least one whole pixel for each (place_many redraws such boxes)")
+
+
+def _add_note(note: Optional[str], notes: list[str], stacklevel: int) -> None:
+    if note is not None:
+        warnings.warn(note, stacklevel=stacklevel + 1)
+        notes.append(note)
 
 
 def place(model: LocationModel, image: Union[ImageLike, Sequence[ImageLike]], category: Union[str, Sequence[str]],
@@ -198,6 +232,13 @@ def place(model: LocationModel, image: Union[ImageLike, Sequence[ImageLike]], ca
     categories = _categories(category, len(images))
     results = _sample(model, images, categories, n, [region] * len(images), [size] * len(images),
                       [aspect_ratio] * len(images), temperature, top_k, top_p, seed)
+    unknown = unknown_class_note(model, categories)
+    for r, c in zip(results, categories):
+        _add_note(subpixel_note(r.boxes, r.image_size), r.notes, stacklevel=2)
+        if unknown is not None and c not in model.training_classes:
+            r.notes.append(unknown)
+    if unknown is not None:
+        warnings.warn(unknown, stacklevel=2)
     if distinct:
         results = [merge_identical(r) for r in results]
     return results[0] if single else results
@@ -346,6 +387,7 @@ def place_many(model: LocationModel, image: ImageLike, categories: Sequence[str]
     original, notes = to_rgb_image(image)
     for note in notes:
         warnings.warn(note, stacklevel=2)
+    _add_note(unknown_class_note(model, categories), notes, stacklevel=2)
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     for attempt in range(attempts):
         round_seed = seed + 1_000_003 * attempt
@@ -427,15 +469,23 @@ def score(model: LocationModel, image: Union[ImageLike, Sequence[ImageLike]], ca
     given, tokens = [], []
     for i, (b, dim) in enumerate(zip(per_image, dims)):
         where = "" if single else f"image {i}: "
-        b = np.asarray(b, dtype=np.float64)
-        b = b.reshape(0, 4) if b.size == 0 else b
-        if b.ndim != 2 or b.shape[1] != 4:
-            raise ValueError(f"{where}boxes must be [k, 4] pixel x1, y1, x2, y2, got shape {b.shape}")
+        b = _pixel_boxes(b, where)
+        suspect = np.flatnonzero(looks_normalised(b, dim)).tolist()
+        if suspect:
+            raise ValueError(f"{where}boxes at index {suspect[:5]}{' ...' if len(suspect) > 5 else ''} lie within "
+                             f"[0, 1] on the {dim[0]}x{dim[1]} image: they look normalised; give pixel x1, y1, x2, y2 "
+                             f"(genloc.boxes.denormalise(boxes, {tuple(dim)}))")
         try:
             tokens.append(model.tokenizer.encode_pixels(torch.from_numpy(b), torch.tensor(dim)))
         except ValueError as e:
             raise ValueError(f"{where}{e}") from None
         given.append(torch.from_numpy(b).float())
+    unknown = unknown_class_note(model, categories)
+    if unknown is not None:
+        warnings.warn(unknown, stacklevel=2)
+        for i, c in enumerate(categories):
+            if c not in model.training_classes:
+                notes[i].append(unknown)
     device = next(model.parameters()).device
     owner = torch.cat([torch.full((len(t),), i, dtype=torch.long) for i, t in enumerate(tokens)])
     log_probs = model.score_tokens(model_input(model, pil).to(device), categories, torch.cat(tokens), owner,
@@ -448,3 +498,24 @@ def score(model: LocationModel, image: Union[ImageLike, Sequence[ImageLike]], ca
         cell = math.log(w / nb) + math.log(h / nb)
         results.append(BoxScores(given[i], tokens[i], lp, lp - 2 * cell, dims[i], notes[i]))
     return results[0] if single else results
+
+
+def _pixel_boxes(boxes, where: str) -> np.ndarray:
+    """One image's boxes for `score` as float64 ``[k, 4]``; anything else is one line naming ``boxes``."""
+    wanted = f"{where}boxes must be [k, 4] pixel x1, y1, x2, y2 (a list of 4-number lists, an array or a tensor)"
+    if boxes is None or isinstance(boxes, (str, bytes)):
+        raise TypeError(f"{wanted}, got {boxes!r}")
+    try:
+        b = np.asarray(boxes.detach().cpu() if isinstance(boxes, Tensor) else boxes, dtype=np.float64)
+    except (TypeError, ValueError):
+        try:
+            lengths = sorted({len(row) for row in boxes})
+        except TypeError:
+            lengths = []
+        got = (f"a ragged list (rows of {' and '.join(map(str, lengths))} numbers)" if len(lengths) > 1
+               else "entries that are not numbers")
+        raise ValueError(f"{wanted}, got {got}") from None
+    b = b.reshape(0, 4) if b.size == 0 else b
+    if b.ndim != 2 or b.shape[1] != 4:
+        raise ValueError(f"{wanted}, got shape {b.shape}")
+    return b

@@ -12,7 +12,8 @@ import numpy as np
 
 from metrics.annotations import EvaluationError, box_extent, image_size_of
 from genloc.files import read_jsonl, write_jsonl
-from genloc.boxes import PROBLEMS, denormalise, normalise, validate_boxes, xywh_to_xyxy, xyxy_to_xywh
+from genloc.boxes import PROBLEMS, denormalise, looks_normalised, normalise, validate_boxes, xywh_to_xyxy, \
+    xyxy_to_xywh
 
 BASELINES = ("random", "random_gt_size", "blind")
 
@@ -63,7 +64,7 @@ def check_predictions(preds: dict[str, np.ndarray], samples: list[dict]) -> dict
         total += len(boxes)
         problems.update(check.counts())
         bad = ~check.valid
-        tiny = check.valid & (boxes <= 1.0).all(-1) & (min(size) > 2)
+        tiny = check.valid & looks_normalised(boxes, size)
         problems[NORMALISED] += int(tiny.sum())
         if tiny.any():
             suspects["normalised"] += int(tiny.sum())

@@ -202,6 +202,8 @@ def test_error_messages_never_show_a_stack_trace(capsys):
 
 
 def test_training_classes_come_from_the_data_the_card_names(tmp_path, monkeypatch):
+    from genloc.hub import training_classes
+
     data = tmp_path / "data" / "toy-opa"
     data.mkdir(parents=True)
     (data / "train.json").write_text(json.dumps({"categories": ["person", "car"]}))
@@ -212,17 +214,17 @@ def test_training_classes_come_from_the_data_the_card_names(tmp_path, monkeypatc
     run = {"stages": [{"experiment": "toy_finetune", "objective": "MLE", "data": "data/toy-opa", "steps": 2}]}
     (folder / "README.md").write_text(model_card(cfg, "model", run))
     monkeypatch.chdir(tmp_path)  # the card's data folders are relative to where training ran
-    assert demo.training_classes(str(folder)) == ["bird", "car", "person"]
+    assert training_classes(str(folder)) == ["bird", "car", "person"]
     monkeypatch.chdir(ROOT)
-    assert demo.training_classes(str(folder)) is None  # the data is not on this machine: open vocabulary
-    monkeypatch.setattr(demo, "ROOT", tmp_path)  # relative to the repository root, from anywhere
-    assert demo.training_classes(str(folder)) == ["bird", "car", "person"]
-    assert demo.training_classes("owner/name") is None
+    assert training_classes(str(folder)) is None  # the data is not on this machine: open vocabulary
+    # relative to the repository root (the demo's root), from anywhere
+    assert training_classes(str(folder), roots=(tmp_path,)) == ["bird", "car", "person"]
+    assert training_classes("owner/name") is None
     checkpoint = tmp_path / "runs" / "toy_finetune" / "default" / "checkpoints" / "last.ckpt"
     checkpoint.parent.mkdir(parents=True)
     checkpoint.write_bytes(b"")  # only its run's config.yaml is read
     (checkpoint.parent.parent / "config.yaml").write_text(f"data:\n  data_dir: {data}\n")
-    assert demo.training_classes(str(checkpoint)) == ["bird", "car", "person"]
+    assert training_classes(str(checkpoint)) == ["bird", "car", "person"]
 
 
 def test_default_model_missing_is_a_note_and_a_bad_source_exits_2(tmp_path, monkeypatch, capsys):
