@@ -53,6 +53,7 @@ from metrics.predictions import BASELINES
 from genloc.arguments import text
 from metrics.sampling import MAX_SAMPLING_BATCH, Sampling, default_device
 from genloc.config import ArgumentError
+from genloc.files import OutputError
 from genloc.sampling import check_filter_args
 
 
@@ -159,6 +160,6 @@ def main(argv=None) -> dict | None:
 if __name__ == "__main__":
     try:
         main()
-    except EvaluationError as e:
+    except (EvaluationError, OutputError) as e:  # OutputError: --out unusable, or the disk filled while writing
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -20,7 +20,7 @@ from metrics.ranking import ranking_metrics
 from metrics.sampling import Sampling, evaluation_model, sample_boxes
 from metrics.tpr_fpr import DEFAULT_NS, TPRFPR, result_curves
 from genloc.boxes import normalise
-from genloc.files import write_json
+from genloc.files import prepare_output_dir, write_json
 
 
 def default_ns(num_samples: int) -> list[int]:
@@ -48,7 +48,7 @@ def evaluate(annotations, out, *, split: str = "test", checkpoint=None, data=Non
         raise EvaluationError("give exactly one of checkpoint, predictions, baseline")
     sampling = sampling or Sampling()
     ns = list(ns or default_ns(sampling.num_samples))
-    out_dir = Path(out)
+    out_dir = prepare_output_dir(out, "--out")  # before any sample is read, drawn or ranked
     t0 = time.perf_counter()
     shortfalls: list | None = [] if allow_incomplete else None
     samples, skipped, dropped = check_annotations(load_annotations(annotations, split, shortfalls),
@@ -69,7 +69,7 @@ def evaluate(annotations, out, *, split: str = "test", checkpoint=None, data=Non
         samples = size_groups(samples)
     if (rerank is not None) != (keep is not None) or (rerank is not None and predictions is None):
         raise EvaluationError("rerank needs predictions and keep (and keep needs rerank)")
-    ranking = None
+    ranking, keys = None, None
     if checkpoint is not None:
         from metrics.scoring import split_ranking
 
@@ -85,7 +85,9 @@ def evaluate(annotations, out, *, split: str = "test", checkpoint=None, data=Non
         preds = read_predictions(predictions, None if rerank is not None else max(ns))
         label = name or Path(predictions).stem
         settings.update(mode="predictions", predictions=str(predictions))
-        if rerank is not None:
+        if rerank is not None:  # keys checked first: predictions of another split fail before re-ranking
+            preds = annotation_keys(preds, samples)
+            keys = match_keys(preds, samples, allow_missing, split)
             preds, ranking, settings["rerank"] = _reranked(preds, samples, rerank, keep, data or annotations, split,
                                                            sampling, progress)
     else:
@@ -97,13 +99,13 @@ def evaluate(annotations, out, *, split: str = "test", checkpoint=None, data=Non
         if train is not None:
             settings["train_split"] = train_split
             ranking = ranking_metrics(blind_scores(samples, train))
-    preds = annotation_keys(preds, samples)
-    keys = match_keys(preds, samples, allow_missing)
+    if keys is None:
+        preds = annotation_keys(preds, samples)
+        keys = match_keys(preds, samples, allow_missing, split)
     if predictions is not None:
         settings["prediction_check"] = check_predictions(preds, samples)
         ns = reported_ns(preds, samples, ns)
     else:
-        out_dir.mkdir(parents=True, exist_ok=True)
         write_predictions(out_dir / "predictions.jsonl", {s["key"]: preds[s["key"]] for s in samples})
     result = score(preds, samples, ns, iou_threshold, progress=progress)
     oracle = annotation_kind(annotations, split).plausible
@@ -189,7 +191,6 @@ def write_results(out_dir: Path, result: dict, ns, label: str, extra: dict) -> d
 
     import matplotlib.pyplot as plt
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     curves = result_curves(result, ns)
     doc = {"method": label, **extra, "ns": list(ns), "curves": curves, "metrics": result,
            "counts": {k: result[k] for k in ("num_samples", "num_positives", "num_negatives")}}
@@ -206,6 +207,9 @@ def plot_results(files: list[str], out: Path, labels: list[str] | None) -> None:
 
     if labels and len(labels) != len(files):
         raise EvaluationError(f"--labels has {len(labels)} names for {len(files)} --plot files")
+    if out.suffix.lower() != ".png":
+        out = out / "tpr_fpr.png"
+    prepare_output_dir(out.parent, "--out")
     curves = {}
     for i, f in enumerate(files):
         try:
@@ -217,8 +221,6 @@ def plot_results(files: list[str], out: Path, labels: list[str] | None) -> None:
         if label in curves:
             label = f"{label} ({f})"
         curves[label] = curve
-    if out.suffix.lower() != ".png":
-        out = out / "tpr_fpr.png"
     plt.close(plot_curves(curves, out))
     print(f"wrote {out}")
 

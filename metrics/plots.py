@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 import numpy as np  # noqa: E402
+
+from genloc.files import atomic_path  # noqa: E402
 
 __all__ = ["plot_curves", "figure_to_array"]
 
@@ -21,7 +22,8 @@ VARIANTS = {"separate": ("fpr", "tpr", "separate denominators"),
 def plot_curves(curves: Mapping[str, Mapping], out_path=None, variants=("separate", "shared"), title=None):
     """Draw ``{label: curve}`` where a curve is a ``result_curves`` dict (keys n, tpr, fpr, ...).
 
-    Writes a PNG when ``out_path`` is given and returns the matplotlib Figure (caller closes it).
+    Writes a PNG when ``out_path`` is given (atomically: a failed write keeps the previous file) and
+    returns the matplotlib Figure (caller closes it).
     """
     if not curves:
         raise ValueError("no curves to plot")
@@ -46,8 +48,8 @@ def plot_curves(curves: Mapping[str, Mapping], out_path=None, variants=("separat
         fig.suptitle(title)
     fig.tight_layout()
     if out_path is not None:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out_path, dpi=120)
+        with atomic_path(out_path) as partial:
+            fig.savefig(partial, format="png", dpi=120)
     return fig
 
 

@@ -123,11 +123,17 @@ def annotation_keys(preds: dict, samples: list[dict]) -> dict:
     return {k if k in keys or safe_key(k) not in keys else safe_key(k): v for k, v in preds.items()}
 
 
-def match_keys(preds: dict, samples: list[dict], allow_missing: bool) -> dict:
-    """Check prediction keys against annotation keys; returns the key report for metrics.json."""
+def match_keys(preds: dict, samples: list[dict], allow_missing: bool, split: str | None = None) -> dict:
+    """Check prediction keys against annotation keys (``split``: the annotations' split, named in the
+    error when no key matches); returns the key report for metrics.json."""
     ann_keys = {s["key"] for s in samples}
     missing = sorted(ann_keys - preds.keys())
     extra = sorted(preds.keys() - ann_keys)
+    if preds and not preds.keys() & ann_keys:
+        where = f"split '{split}'" if split else "the annotations"
+        raise EvaluationError(
+            f"none of the {len(preds)} prediction keys match the {len(ann_keys)} keys of {where} (predictions "
+            f"e.g. {extra[:3]}, {where} e.g. {missing[:3]}): are the predictions for another split or data set?")
     if missing and not allow_missing:
         raise EvaluationError(
             f"{len(missing)} of {len(ann_keys)} annotated samples have no predictions, e.g. {missing[:5]}; "

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from genloc.arguments import number, text, whole
 from genloc.drawing import draw_boxes
-from genloc.files import read_jsonl, save_image, write_atomic, write_json
+from genloc.files import OutputError, prepare_output_dir, read_jsonl, save_image, write_atomic, write_json
 from genloc.inpainters import BACKENDS, CROP_MARGIN, DEFAULT_STEPS, EDITORS, MODES, BackendFolderError, load_backend, load_editor
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+\-]+$")
@@ -401,21 +401,23 @@ def main(argv=None) -> int:
         if needs_boxes and not (args.checkpoint or args.boxes):
             raise UsageError("the back-end methods need GenLoc boxes: pass --checkpoint MODEL (a train.py checkpoint, "
                              "model folder or Hub id) or --boxes PREDICTIONS.jsonl")
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = prepare_output_dir(args.out, "--out")  # before any model loads
         check_settings(out, {m.name: method_settings(args, m) for m in methods})
         boxes = genloc_boxes(args, samples) if needs_boxes else {}
         if boxes:
             write_json(out / "boxes.json", boxes)
         for method in methods:
             run_method(args, method, samples, boxes, out)
+        results = score(args, methods, samples, out)
+        results["settings"] = json.loads((out / "settings.json").read_text())
+        write_json(out / "results.json", results)
+        write_atomic(out / "results.md", markdown(results))
+        save_image(out / "grid.png", grid(methods, samples, out, args.grid_rows, args.grid_cell))
     except UsageError as err:
         parser.error(str(err))
-    results = score(args, methods, samples, out)
-    results["settings"] = json.loads((out / "settings.json").read_text())
-    write_json(out / "results.json", results)
-    write_atomic(out / "results.md", markdown(results))
-    save_image(out / "grid.png", grid(methods, samples, out, args.grid_rows, args.grid_cell))
+    except OutputError as err:  # --out unusable, or the disk filled during a write (finished files are kept)
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
     print(markdown(results))
     print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'grid.png'}")
     return 0

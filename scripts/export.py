@@ -80,6 +80,7 @@ def export(checkpoint: str | Path, out: str | Path, push_to_hub: str | None = No
            eval_metrics: str | Path | None = None) -> Path:
     """Write the model folder ``out`` from ``checkpoint`` (atomically) and push it if asked."""
     from genloc.checkpoint import ModelSourceError
+    from genloc.files import OutputError, prepare_output_dir
     from genloc.hub import load_model
 
     checkpoint, out = Path(checkpoint), Path(out)
@@ -88,15 +89,24 @@ def export(checkpoint: str | Path, out: str | Path, push_to_hub: str | None = No
                           "not the current or a parent folder")
     if out.exists() and (not out.is_dir() or not set(os.listdir(out)) <= set(FILES)):
         raise ExportError(f"--out {out} exists and is not a model folder; choose a new or empty folder")
+    try:  # the folder is written beside its target: that location must take files, before the model loads
+        prepare_output_dir(out.parent, f"--out {out}: its folder")
+    except OutputError as err:
+        raise ExportError(str(err)) from None
     try:
         model = load_model(checkpoint)
     except ModelSourceError as err:
         raise ExportError(str(err)) from None
     info = run_info(checkpoint, Path(eval_metrics) if eval_metrics else None)
-    out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial, model_card_kwargs={"model_id": push_to_hub or str(out), "run": info})
+    try:
+        model.save_pretrained(partial, model_card_kwargs={"model_id": push_to_hub or str(out), "run": info})
+    except OSError as err:  # a full disk or a vanished mount while writing: no half folder, the old one kept
+        shutil.rmtree(partial, ignore_errors=True)
+        raise ExportError(f"--out {out}: the model folder could not be written ({err.strerror or err}); "
+                          f"{'the previous export there is kept' if out.exists() else 'nothing was written'}; "
+                          "free space or choose another location") from None
     if out.exists():
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)
