@@ -20,6 +20,7 @@ The app's logic lives in plain functions (`place_boxes`, `insert_boxes`, ...), t
 import argparse
 import math
 import re
+import socket
 import sys
 import tempfile
 import time
@@ -512,6 +513,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_port(host: str, port: int) -> None:
+    """Bind ``host:port`` once before anything loads, so a port in use is one line naming ``--port``
+    (Gradio's own error names an environment variable and comes after the model has loaded)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        raise DemoError(f"--host {host}: not an address of this machine ({err.strerror})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise DemoError(f"--port {port}: cannot serve on {host}:{port} ({err.strerror}): another program uses "
+                            "it; choose another --port") from None
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -522,6 +539,7 @@ def main(argv=None) -> int:
     except ImportError:
         parser.error("gradio is not installed: pip install '.[demo]' (or `make demo`, which does it)")
     try:
+        check_port(args.host, args.port)
         backends = load_backends(args.model, args.inpainter, args.backend, args.device, args.steps)
     except DemoError as err:
         parser.error(str(err))

@@ -2,6 +2,8 @@
 map, Insert with a tiny random pipeline, the training classes of a model, and every error as one
 message (bad image, unknown class, no model, no inpainter, out of memory)."""
 import json
+import socket
+
 import numpy as np
 import pytest
 import torch
@@ -242,3 +244,17 @@ def test_default_model_missing_is_a_note_and_a_bad_source_exits_2(tmp_path, monk
             demo.main(args)
         err = capsys.readouterr().err.strip()
         assert exit_.value.code == 2 and expected in err.splitlines()[-1] and "Traceback" not in err
+
+
+def test_a_port_in_use_is_one_line_naming_port_before_the_model_loads(monkeypatch, capsys):
+    monkeypatch.setattr(demo, "load_backends", lambda *a, **k: pytest.fail("the model was loaded"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(SystemExit) as exit_:
+            demo.main(["--port", str(port)])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "Traceback" not in err and "GRADIO_SERVER_PORT" not in err
+    assert f": error: --port {port}: cannot serve on 127.0.0.1:{port}" in err.splitlines()[-1]
+    assert "choose another --port" in err
