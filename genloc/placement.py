@@ -212,6 +212,16 @@ def _add_note(note: Optional[str], notes: list[str], stacklevel: int) -> None:
         notes.append(note)
 
 
+def _note_unknown_classes(model, categories: list[str], notes: list[list[str]], stacklevel: int) -> None:
+    """`unknown_class_note` warned once and kept in the notes of each image whose class it names."""
+    note = unknown_class_note(model, categories)
+    if note is not None:
+        warnings.warn(note, stacklevel=stacklevel + 1)
+        for category, image_notes in zip(categories, notes):
+            if category not in model.training_classes:
+                image_notes.append(note)
+
+
 def place(model: LocationModel, image: Union[ImageLike, Sequence[ImageLike]], category: Union[str, Sequence[str]],
           n: int = 10, region=None, size=None, aspect_ratio: Range = None, temperature: float = 1.0,
           top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = 0,
@@ -232,13 +242,9 @@ def place(model: LocationModel, image: Union[ImageLike, Sequence[ImageLike]], ca
     categories = _categories(category, len(images))
     results = _sample(model, images, categories, n, [region] * len(images), [size] * len(images),
                       [aspect_ratio] * len(images), temperature, top_k, top_p, seed)
-    unknown = unknown_class_note(model, categories)
-    for r, c in zip(results, categories):
+    for r in results:
         _add_note(subpixel_note(r.boxes, r.image_size), r.notes, stacklevel=2)
-        if unknown is not None and c not in model.training_classes:
-            r.notes.append(unknown)
-    if unknown is not None:
-        warnings.warn(unknown, stacklevel=2)
+    _note_unknown_classes(model, categories, [r.notes for r in results], stacklevel=2)
     if distinct:
         results = [merge_identical(r) for r in results]
     return results[0] if single else results
@@ -480,12 +486,7 @@ def score(model: LocationModel, image: Union[ImageLike, Sequence[ImageLike]], ca
         except ValueError as e:
             raise ValueError(f"{where}{e}") from None
         given.append(torch.from_numpy(b).float())
-    unknown = unknown_class_note(model, categories)
-    if unknown is not None:
-        warnings.warn(unknown, stacklevel=2)
-        for i, c in enumerate(categories):
-            if c not in model.training_classes:
-                notes[i].append(unknown)
+    _note_unknown_classes(model, categories, notes, stacklevel=2)
     device = next(model.parameters()).device
     owner = torch.cat([torch.full((len(t),), i, dtype=torch.long) for i, t in enumerate(tokens)])
     log_probs = model.score_tokens(model_input(model, pil).to(device), categories, torch.cat(tokens), owner,
