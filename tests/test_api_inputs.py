@@ -59,11 +59,6 @@ def test_bad_box_lists_are_one_line_naming_boxes(model, boxes, error, says):
     assert "inhomogeneous" not in str(exc.value) and "\n" not in str(exc.value)
 
 
-def test_place_with_no_class_is_one_line(model):
-    with pytest.raises(TypeError, match="category must be a class name .* got NoneType"):
-        place(model, _photo(), None)
-
-
 def test_tiny_image_boxes_get_the_sub_pixel_note(model):
     with pytest.warns(UserWarning, match=r"boxes are under one pixel wide or high on the 1x1 image"):
         result = place(model, Image.new("RGB", (1, 1), (90, 120, 30)), "cup", n=4)
