@@ -364,3 +364,44 @@ def test_rle_masks_decode_in_column_major_order():
     assert np.array_equal(own.decode_rle({"size": [40, 30], "counts": rle_string(runs)}), big)
     with pytest.raises(ValueError, match="not 4x3"):
         own.decode_rle({"size": [4, 3], "counts": [5, 2]})
+
+
+# ---------------------------------------------------------------------------------------------
+# each route's output trains (and the manifest's evaluates) with no code written
+
+def train_two_steps(data_dir, log_root, *extra) -> int:
+    import train as train_script
+    from tests.helpers.runs import tiny_run_overrides
+
+    return train_script.main(["data=opa", "data.persistent_workers=false", "data.pin_memory=false", *extra]
+                             + tiny_run_overrides(data_dir, log_root, steps=2))
+
+
+@pytest.mark.slow
+def test_manifest_of_three_photos_converts_verifies_trains_and_evaluates(tmp_path, capsys):
+    from evaluate import main as evaluate_main
+    from scripts.convert_manifest import main as convert_main
+
+    data = tmp_path / "mine"
+    convert_main(["--manifest", str(MANIFEST), "--images", str(FIXTURES), "--out", str(data), "--no-progress"])
+    assert verify_main([str(data)]) == 0
+    assert train_two_steps(data, tmp_path / "runs") == 0
+    ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
+    evaluate_main(["--checkpoint", str(ckpt), "--data", str(data), "--split", "val", "--out", str(tmp_path / "eval"),
+                   "--num-samples", "10", "--ns", "5", "10", "--no-progress"])
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    text = json.dumps(metrics)
+    assert '"fpr' in text.lower() and '"tpr' in text.lower(), metrics.keys()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("route", ["remove", "keep"])
+def test_coco_routes_train_two_steps(route, removed, tmp_path, capsys):
+    if route == "remove":
+        assert train_two_steps(removed[0], tmp_path / "runs", "data.val_split=train") == 0
+    else:
+        data = tmp_path / "kept"
+        own.convert_coco(INSTANCES, FIXTURES, data, "train", own.KEEP_OBJECTS, progress=False)
+        with pytest.warns(UserWarning, match="written with --keep-objects"):
+            assert train_two_steps(data, tmp_path / "runs", "data.val_split=train") == 0
+    assert next((tmp_path / "runs").rglob("last.ckpt")).is_file()
