@@ -98,7 +98,7 @@ class _Resume:
         tar = self.dir / shard_name(split, index)
         if rec.get("key") != key or not tar.is_file():
             return None
-        shutil.copyfile(tar, build.stage / shard_name(split, index))
+        _link(tar, build.stage / shard_name(split, index))
         self.reused += 1
         return _stats_from(rec)
 
@@ -106,7 +106,7 @@ class _Resume:
         self.dir.mkdir(exist_ok=True)
         staged = build.stage / shard_name(split, index)
         if staged.is_file():
-            shutil.copyfile(staged, self.dir / f"{shard_name(split, index)}.tmp")
+            _link(staged, self.dir / f"{shard_name(split, index)}.tmp")
             os.replace(self.dir / f"{shard_name(split, index)}.tmp", self.dir / shard_name(split, index))
         write_json(self.dir / f"{split}-{index:06d}.json", {"key": key, **_stats_record(stats, lines)})
 
@@ -115,6 +115,15 @@ class _Resume:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _link(source: Path, target: Path) -> None:
+    """A second name for a finished shard (no copy: shards are never changed once written)."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(source, target)
 
 
 def _run_resumable(build: ShardBuild, resume: _Resume, units: list[tuple], fn, workers: int, desc: str,
@@ -551,15 +560,20 @@ def _write_coco_shard(build: ShardBuild, split: str, index: int, payload) -> tup
             where = f"{name} images id {image.id} ({image.file_name})"
             try:
                 data = _read_image_bytes(image.file_name, root)
-                photo = decode_image(data).image
+                if remove:
+                    photo = decode_image(data).image
+                    size = photo.size
+                else:  # the size only: the writer decodes the photo it stores
+                    with Image.open(io.BytesIO(data)) as header:
+                        size = header.size
             except Exception as e:  # missing or undecodable: the image's objects are dropped
                 w.stats.dropped["image not found or unreadable"] += len(image.kept)
                 lines.append(f"{where}: cannot be read under {root} ({type(e).__name__}); its {len(image.kept)} "
                              f"object(s) dropped")
                 continue
-            if photo.size != (image.width, image.height):
+            if size != (image.width, image.height):
                 w.stats.dropped["image size differs from annotation size"] += len(image.kept)
-                lines.append(f"{where}: the file is {photo.size[0]}x{photo.size[1]}, the json says "
+                lines.append(f"{where}: the file is {size[0]}x{size[1]}, the json says "
                              f"{image.width}x{image.height}; its object(s) dropped")
                 continue
             if remove:
@@ -587,22 +601,33 @@ def _keep_objects(w: ShardWriter, image: _CocoImage, data: bytes, where: str, li
             lines.append(f"{where}, class {category!r}: {reason}; sample dropped")
 
 
+def _grown(mask: np.ndarray, dilate: int) -> np.ndarray:
+    """`genloc.inpainting.grow_mask` computed on the window the growth can reach (the same mask, fast)."""
+    from genloc.inpainting import grow_mask, mask_bbox
+
+    if dilate <= 0:
+        return mask
+    h, w = mask.shape
+    x0, y0, x1, y1 = mask_bbox(mask)
+    x0, y0, x1, y1 = max(x0 - dilate, 0), max(y0 - dilate, 0), min(x1 + dilate, w), min(y1 + dilate, h)
+    out = np.zeros_like(mask)
+    out[y0:y1, x0:x1] = grow_mask(mask[y0:y1, x0:x1], dilate)
+    return out
+
+
 def _remove_objects(w: ShardWriter, image: _CocoImage, photo: Image.Image, opts: dict, where: str,
                     lines: list[str]) -> None:
-    from genloc.inpainting import grow_mask
-
     size = photo.size
     regions = {o.index: _object_region(o, size) for o in image.objects}
     inpainter, check = _MODELS["inpainter"], _MODELS.get("check")
     for o in image.kept:
         mask, origin = regions[o.index]
-        grown = grow_mask(mask, opts["dilate"])
+        grown = _grown(mask, opts["dilate"])
         if any((grown & regions[other.index][0]).any() for other in image.objects if other is not o):
             w.drop("object: overlaps another object (skipped)")
             continue
         seed = int.from_bytes(hashlib.sha256(f"{opts['seed']}-{image.id}-{o.id}".encode()).digest()[:4], "big")
-        erased = inpainter.insert(photo, o.category, mask=mask, seed=seed, mode=opts["inpaint_mode"],
-                                  dilate=opts["dilate"]).image
+        erased = inpainter.insert(photo, o.category, mask=grown, seed=seed, mode=opts["inpaint_mode"]).image
         meta = {"image_id": image.id, "file_name": image.file_name, "ann_id": o.id, "mode": REMOVE_OBJECTS,
                 "erased": origin, "dilate": opts["dilate"], "seed": seed}
         if check is not None:

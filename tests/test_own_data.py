@@ -405,3 +405,34 @@ def test_coco_routes_train_two_steps(route, removed, tmp_path, capsys):
         with pytest.warns(UserWarning, match="written with --keep-objects"):
             assert train_two_steps(data, tmp_path / "runs", "data.val_split=train") == 0
     assert next((tmp_path / "runs").rglob("last.ckpt")).is_file()
+
+
+@pytest.mark.parametrize("dilate", [0, 1, 5])
+def test_growing_a_mask_in_its_window_equals_growing_it_whole(dilate):
+    rng = np.random.default_rng(dilate)
+    for _ in range(5):
+        mask = np.zeros((40, 50), bool)
+        y, x = rng.integers(0, 40), rng.integers(0, 50)
+        mask[y:y + rng.integers(1, 8), x:x + rng.integers(1, 8)] = rng.random() > 0.0
+        mask &= rng.random(mask.shape) > 0.3
+        mask[y, x] = True
+        assert np.array_equal(own._grown(mask, dilate), grow_mask(mask, dilate))
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--remove-objects", "/nonexistent/sd"], "/nonexistent/sd"),
+    (["--keep-objects", "--check-clip", "w.pt"], "--check-clip"),
+    (["--keep-objects", "--min-area", "0.5", "--max-area", "0.1"], "--min-area"),
+    (["--keep-objects", "--classes", "dgo"], "dgo"),
+    (["--keep-objects", "--remove-objects", "x"], "not allowed with argument"),
+])
+def test_coco_command_line_errors_are_one_line_and_exit_2(args, needle, tmp_path, capsys):
+    from scripts.convert_coco import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--instances", str(INSTANCES), "--images", str(FIXTURES), "--out", str(tmp_path / "o"), "--split", "t",
+              "--no-progress", *args])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and needle in err, err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1
+    assert not (tmp_path / "o" / "t.json").exists()
