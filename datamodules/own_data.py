@@ -312,7 +312,7 @@ def _write_manifest_shard(build: ShardBuild, split: str, index: int, payload) ->
             where = f"{name} row {row.line}"
             try:
                 data = _read_image_bytes(row.image, root)
-            except OSError as e:
+            except Exception as e:  # a missing file, an unreachable URL, an unknown protocol
                 w.drop("image not found or unreadable")
                 lines.append(f"{where}, field 'image': {row.image} cannot be read under {root} ({type(e).__name__}); "
                              f"row dropped")
@@ -353,7 +353,7 @@ def convert_manifest(manifest, out_dir, images_root=None, box_format: str = "xyx
     for row in rows:
         by_split[row.split].append(row)
     if not by_split:
-        raise ConversionError(f"manifest {path}: every row is bad:\n" + "\n".join(lines))
+        raise ConversionError(f"manifest {path}: all {len(lines)} rows are bad, the first: {lines[0]}")
     options = [box_format, num_shards, str(root.resolve())]
     resume = _Resume(out_dir, _digest("manifest", str(path.resolve()), options))
     units = []
@@ -681,7 +681,7 @@ def convert_coco(instances, images_root, out_dir, split: str, mode: str = REMOVE
     images, dropped, lines = _coco_index(path, set(classes or ()), min_area, max_area, include_crowd, max_objects)
     if not images:
         raise ConversionError(f"{path}: no object left after the filters (dropped: {dict(dropped)})"
-                              + "".join("\n" + line for line in lines))
+                              + (f"; the first bad entry: {lines[0]}" if lines else ""))
     opts = {"mode": mode, "dilate": dilate, "inpaint_mode": inpaint_mode, "seed": seed,
             "check_threshold": check_threshold if check is not None else None}
     options = [opts, num_shards, str(root.resolve()), inpainter_id if mode == REMOVE_OBJECTS else None,

@@ -436,3 +436,17 @@ def test_coco_command_line_errors_are_one_line_and_exit_2(args, needle, tmp_path
     assert e.value.code == 2 and needle in err, err
     assert len([line for line in err.splitlines() if "error" in line]) == 1
     assert not (tmp_path / "o" / "t.json").exists()
+
+
+def test_manifest_rows_may_name_urls_and_a_file_of_bad_rows_is_one_line(tmp_path):
+    rows = [json.loads(line) for line in MANIFEST.read_text().splitlines()]
+    rows[0]["image"] = (FIXTURES / rows[0]["image"]).as_uri()
+    rows[1]["image"] = "nosuchprotocol://x/y.png"
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = own.convert_manifest(tmp_path / "rows.jsonl", tmp_path / "out", FIXTURES, progress=False)
+    assert report["train"].written == 1 and report["train"].dropped == {"image not found or unreadable": 1}
+    assert sum(line.startswith("rows.jsonl row 2, field 'image'") for line in report.summary().splitlines()) == 1
+    (tmp_path / "bad.jsonl").write_text("{\n[]\n")
+    with pytest.raises(ConversionError) as e:
+        own.convert_manifest(tmp_path / "bad.jsonl", tmp_path / "out", FIXTURES, progress=False)
+    assert "\n" not in str(e.value) and "all 2 rows are bad, the first: bad.jsonl row 1" in str(e.value)
