@@ -95,12 +95,16 @@ class _Resume:
             rec = json.loads(record.read_text())
         except (OSError, ValueError):
             return None
-        tar = self.dir / shard_name(split, index)
-        if rec.get("key") != key or not tar.is_file():
+        if rec.get("key") != key:
             return None
-        _link(tar, build.stage / shard_name(split, index))
+        stats, lines = _stats_from(rec)
+        tar = self.dir / shard_name(split, index)
+        if stats.sizes:  # a shard whose every sample was dropped has no tar
+            if not tar.is_file():
+                return None
+            _link(tar, build.stage / shard_name(split, index))
         self.reused += 1
-        return _stats_from(rec)
+        return stats, lines
 
     def save(self, build: ShardBuild, split: str, index: int, key: str, stats: SplitStats, lines: list[str]):
         self.dir.mkdir(exist_ok=True)
