@@ -6,7 +6,13 @@ streamed PIPE conversion.
    release of real photos (scikit-image's sample photos as JPEG at their own 300-640 px size) through
    `convert_opa`, and a PIPE-format parquet (the same photos as source, an object pasted into the
    target, no masks: difference boxes) through `convert_pipe`.
-2. Memory: PIPE-format parquets of --pipe-rows (default 10,000) rows and of a fifth of that, written a
+2. Routes, measured side by side (alternating, best of --repeats, 1 worker each): rows per second of the
+   OPA converter, the manifest converter (one row per sample of that OPA release: the same photos and
+   boxes), the COCO converter with --keep-objects (the same photos, two polygon-masked objects each)
+   and with --remove-objects through the tiny random SD inpainting pipeline at 2 steps (--remove-images
+   photos: the converter's own work around an inpainter -- masks, paste-back, lossless storage -- not
+   a real model's time).
+3. Memory: PIPE-format parquets of --pipe-rows (default 10,000) rows and of a fifth of that, written a
    row group at a time, each converted by `python -m scripts.convert_pipe` in a child process; prints
    the file size, the child's resident memory after the imports and its peak during the conversion
    (streaming: the increase stays the same for the 5x larger file).
@@ -97,6 +103,59 @@ def pipe_parquet(path: Path, rows: int, size=(384, 288), group: int = 250) -> No
     writer.close()
 
 
+def manifest_and_coco(root: Path, backgrounds: int) -> None:
+    """``manifest.jsonl`` with the OPA release's samples (same photos, same boxes) and ``instances.json``
+    with two polygon-masked objects per photo, apart from each other (every one can be erased)."""
+    pics = photos()
+    rows, images, annotations = [], [], []
+    for b in range(backgrounds):
+        name = f"{b + 1}.jpg"
+        rows.append({"image": name, "category": "person", "positives": [[20, 30, 80, 150]]})
+        rows.append({"image": name, "category": "car", "positives": [[100, 150, 220, 210]][: b % 2],
+                     "negatives": [[100, 150, 220, 210]][: 1 - b % 2]})
+        h, w = pics[b % len(pics)].shape[:2]
+        images.append({"id": b + 1, "file_name": name, "width": w, "height": h})
+        for k, (x, y) in enumerate(((20, 30), (160, 150))):
+            poly = [x, y, x + 60, y, x + 70, y + 50, x + 30, y + 90, x, y + 60]
+            annotations.append({"id": 2 * b + k + 1, "image_id": b + 1, "category_id": k + 1, "iscrowd": 0,
+                                "bbox": [x, y, 71, 91], "area": 4000, "segmentation": [poly]})
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "instances.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": [
+        {"id": 1, "name": "person"}, {"id": 2, "name": "car"}]}))
+
+
+def routes(tmp: Path, backgrounds: int, remove_images: int, repeats: int) -> dict[str, tuple[int, float]]:
+    """(rows, best seconds) per converter route, the routes alternating, 1 worker each."""
+    from datamodules.convert import convert_opa
+    from datamodules.own_data import KEEP_OBJECTS, REMOVE_OBJECTS, convert_coco, convert_manifest
+    from genloc.inpainters import load_backend
+    from scripts.tiny_inpainters import save_sd
+
+    images = tmp / "OPA" / "background" / "any"
+    manifest_and_coco(images, backgrounds)
+    (images / "removal").mkdir()
+    removal = json.loads((images / "instances.json").read_text())
+    removal["images"] = removal["images"][:remove_images]
+    removal["annotations"] = [a for a in removal["annotations"] if a["image_id"] <= remove_images]
+    (images / "removal" / "instances.json").write_text(json.dumps(removal))
+    inpainter = load_backend("sd", save_sd(tmp / "sd"), steps=2)
+    runs = {
+        "OPA": (2 * backgrounds, lambda: convert_opa(tmp / "OPA", tmp / "r-opa", ["train"], progress=False)),
+        "manifest": (2 * backgrounds, lambda: convert_manifest(images / "manifest.jsonl", tmp / "r-man",
+                                                                progress=False)),
+        "COCO --keep-objects": (2 * backgrounds, lambda: convert_coco(images / "instances.json", images, tmp / "r-keep",
+                                                                      "train", KEEP_OBJECTS, progress=False)),
+        "COCO --remove-objects (tiny inpainter)": (
+            2 * remove_images, lambda: convert_coco(images / "removal" / "instances.json", images, tmp / "r-rem",
+                                                    "train", REMOVE_OBJECTS, inpainter, progress=False)),
+    }
+    best = {name: float("inf") for name in runs}
+    for _ in range(repeats):
+        for name, (_, convert) in runs.items():
+            best[name] = min(best[name], timed(convert))
+    return {name: (rows, best[name]) for name, (rows, _) in runs.items()}
+
+
 def timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -143,17 +202,28 @@ def main(argv=None) -> int:
     ap.add_argument("--backgrounds", type=int, default=1000, help="OPA backgrounds (2 samples each; default 1000)")
     ap.add_argument("--pipe-rows", type=int, default=10_000, help="rows of the PIPE parquet for the memory run")
     ap.add_argument("--speed-rows", type=int, default=1000, help="PIPE rows for the throughput run")
+    ap.add_argument("--remove-images", type=int, default=40, help="photos of the --remove-objects route (2 objects each)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="300 backgrounds, 300 + 2000 PIPE rows, 2 repeats")
+    ap.add_argument("--quick", action="store_true", help="300 backgrounds, 300 + 2000 PIPE rows, 20 removal photos, "
+                    "2 repeats")
+    ap.add_argument("--routes-only", action="store_true", help="only the side-by-side rows/s of the converter routes")
     a = ap.parse_args(argv)
     if a.quick:
-        a.backgrounds, a.speed_rows, a.pipe_rows, a.repeats = 300, 300, 2000, 2
+        a.backgrounds, a.speed_rows, a.pipe_rows, a.remove_images, a.repeats = 300, 300, 2000, 20, 2
     from datamodules.convert import convert_opa, convert_pipe
 
     result = {"cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         n = opa_release(tmp / "OPA", a.backgrounds)
+        timings = routes(tmp, a.backgrounds, a.remove_images, a.repeats)
+        opa_rate = timings["OPA"][0] / timings["OPA"][1]
+        for name, (rows, seconds) in timings.items():
+            print(f"{name:<40} {rows:5d} rows  {rows / seconds:7.1f} rows/s  ({rows / seconds / opa_rate:.2f}x OPA)")
+        result["routes"] = {name: {"rows": rows, "rows_per_s": rows / seconds} for name, (rows, seconds) in timings.items()}
+        if a.routes_only:
+            print("RESULT " + json.dumps(result))
+            return 0
         opa = side_by_side(lambda w: convert_opa(tmp / "OPA", tmp / f"opa{w}", ["train"], num_shards=16,
                                                  progress=False, workers=w), a.repeats)
         same = all((tmp / "opa1" / p.name).read_bytes() == p.read_bytes() for p in (tmp / "opa2").glob("train*"))

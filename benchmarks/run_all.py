@@ -125,6 +125,8 @@ def convert_rows(out: str) -> list:
     return [row(f"converters, --workers 2 / 1 on real photos: OPA ({r['opa_samples']} samples), PIPE ({r['pipe_rows']} rows)",
                 f"{r['opa_ratio']:.2f}x, {r['pipe_ratio']:.2f}x ({r['cpus']} cores)", ">= 1.6x",
                 min(r["opa_ratio"], r["pipe_ratio"]) >= 1.6),
+            row("converter routes, rows/s with 1 worker: " + ", ".join(r["routes"]),
+                ", ".join(f"{v['rows_per_s']:.0f}" for v in r["routes"].values())),
             row(f"PIPE conversion, peak RSS above the imports: {r['memory_rows']} rows ({r['parquet_mib']:.0f} MiB "
                 f"parquet) ({r['small_rows']} rows)", f"{r['peak_mib'] - r['imports_mib']:.0f} MiB "
                 f"({r['small_increase_mib']:.0f} MiB)")]

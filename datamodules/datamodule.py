@@ -11,8 +11,10 @@ from __future__ import annotations
 from functools import partial
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 
 from .kinds import data_kind
+from .own_data import KEEP_OBJECTS
 from .pipeline import EpochLoader, ShardStream
 from .shard_format import ShardFormatError
 from .shard_reader import is_url, member, read_split_info, split_file_exists
@@ -72,10 +74,14 @@ class ShardDataModule(L.LightningDataModule):
         for name, split in zip(("train_split", "val_split", "test_split"), (hp.train_split, hp.val_split, hp.test_split)):
             if split is not None and split in wanted:
                 try:
-                    read_split_info(self.data_dir, split)  # fail early with a clear message
+                    info = read_split_info(self.data_dir, split)  # fail early with a clear message
                 except ShardFormatError as e:
                     raise ShardFormatError(f"{e} (this split is {type(self).__name__}'s {name}; set "
                                            f"{name}=None to skip it or name another split)") from None
+                if name == "train_split" and stage == "fit" and info.get("mode") == KEEP_OBJECTS:
+                    rank_zero_warn(f"training split '{split}' of {self.data_dir} was written with --keep-objects: "
+                                   f"its objects are still in the photos, so the model learns to find them, not "
+                                   f"where a missing one could go; convert with --remove-objects to train placement")
 
     def stream(self, split: str, train: bool) -> ShardStream:
         hp = self.hparams

@@ -5,8 +5,9 @@ Layout of a split folder: ``{split}-000000.tar ...`` plus ``{split}.json`` holdi
 ``num_samples, num_shards, source, categories`` (and, ours, ``shard_sizes``, ``num_pair_samples``
 and ``pair_shard_sizes`` (samples with >=1 positive and >=1 negative) so loaders know exact
 per-shard counts without reading the tars; ``held_out_from`` names the split a held-out split
-was taken from). A sample is ``{key}.json`` (category, width, height, pixel ``x1, y1, x2, y2``
-positives / negatives, source, meta) and ``{key}.jpg`` or ``{key}.png``.
+was taken from; ``mode`` how a split of the user's own data was made, see `datamodules.own_data`).
+A sample is ``{key}.json`` (category, width, height, pixel ``x1, y1, x2, y2`` positives /
+negatives, source, meta) and ``{key}.jpg`` or ``{key}.png``.
 
 Images are stored verbatim only when their plain 8-bit RGB reading is exact (JPEG / PNG in RGB, L,
 1 or palette mode); any other mode (16-bit, alpha, CMYK, LAB, float ...) is converted once by

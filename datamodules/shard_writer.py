@@ -155,9 +155,10 @@ class ShardBuild:
     def writer(self, split: str, source: str, **kwargs) -> "ShardWriter":
         return ShardWriter(self.out, split, source, build=self, **kwargs)
 
-    def finish_split(self, stats: SplitStats, held_out_from: str | None = None) -> dict:
+    def finish_split(self, stats: SplitStats, held_out_from: str | None = None, mode: str | None = None) -> dict:
         """Write the staged ``{split}.json`` of finished shards (empty shards removed, the rest
-        numbered in order). An empty split is an error naming why its samples were dropped."""
+        numbered in order). An empty split is an error naming why its samples were dropped.
+        ``mode`` names how the samples were made (`datamodules.own_data`; train.py warns on one)."""
         split = stats.split
         if split in self.infos:
             raise ValueError(f"split {split!r} written twice in one conversion")
@@ -182,6 +183,8 @@ class ShardBuild:
                 "shard_sha256": checksums}
         if held_out_from is not None:
             info["held_out_from"] = held_out_from
+        if mode is not None:
+            info["mode"] = mode
         write_json(self.stage / f"{split}.json", info)
         self.infos[split] = info
         return info
