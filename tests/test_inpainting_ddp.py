@@ -27,3 +27,16 @@ def test_two_ranks_log_the_values_of_one_process(tmp_path):
     for name in ("val/inpaint_background_ssim", "val/inpaint_clip_score"):
         assert 0 < abs(single[name]) <= 1
         assert ranks[0][name] == ranks[1][name] == pytest.approx(single[name], abs=1e-6)
+
+
+@pytest.mark.parametrize("total", [0, 1, 5, 8])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_rank_shares_are_disjoint_and_cover_the_set(total, world):
+    from metrics.ranks import gather_to_rank_zero, rank_indices
+
+    shares = [list(rank_indices(total, rank, world)) for rank in range(world)]
+    assert sorted(i for share in shares for i in share) == list(range(total))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    assert gather_to_rank_zero({"a": 1}) == [{"a": 1}]  # no process group: this process's object alone
+    with pytest.raises(ValueError, match="rank 2 is not one of world size 2"):
+        rank_indices(total, 2, 2)
