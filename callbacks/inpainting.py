@@ -87,7 +87,7 @@ class InpaintingCallback(L.Callback):
         for image, category, size in zip(batch["image"], batch["category"], batch["size"].tolist()):
             if len(self._share) == len(indices):
                 break
-            self._share.append((indices[len(self._share)], image.detach(), category, size))
+            self._share.append((indices[len(self._share)], image.detach().clone(), category, size))
 
     def _load(self, device) -> None:
         if self._pipe is None:
@@ -136,6 +136,8 @@ class InpaintingCallback(L.Callback):
             for index, picture, prompt in sorted((p for part in gathered for p in part), key=lambda p: p[0]):
                 experiment.add_image(f"val/inpaint/{index}", picture, global_step=trainer.global_step)
                 experiment.add_text(f"val/inpaint/{index}", prompt, global_step=trainer.global_step)
+        if torch.isnan(ssim):  # no rank had a validation image to edit
+            return
         # already synced: every rank holds the same values
         pl_module.log("val/inpaint_background_ssim", ssim, sync_dist=True)
         if clip is not None:
