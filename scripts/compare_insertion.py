@@ -189,9 +189,10 @@ def sample_seed(seed: int, key: str) -> int:
     return zlib.crc32(f"{seed}:{key}".encode()) & 0x7FFFFFFF
 
 
-def genloc_boxes(args, samples: list[Sample], share: list[Sample]) -> dict[str, list[float]]:
-    """One pixel box per image of `share`: sampled by the location model, or the first box of a
-    predictions file (which must hold a box for every one of `samples`)."""
+def genloc_boxes(args, samples: list[Sample], share: list[Sample] | None = None) -> dict[str, list[float]]:
+    """One pixel box per image of `share` (a rank's part; default all `samples`): sampled by the location
+    model, or the first box of a predictions file (which must hold a box for every one of `samples`)."""
+    share = samples if share is None else share
     if args.boxes:
         found = {}
         for n, rec in _jsonl_records(args.boxes):
