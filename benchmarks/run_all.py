@@ -1,5 +1,5 @@
 """`make bench`: every benchmark in quick mode (the GPU check in its CPU smoke-test mode), each in
-its own subprocess, then ONE table of ratios (measured, target, met) in Markdown. About 3-5
+its own subprocess, then ONE table of ratios (measured, target, met) in Markdown. About 5-8
 minutes on 2 shared CPU cores.
 
     .venv/bin/python -m benchmarks.run_all [--skip-compile] [--labels CSV]
@@ -132,6 +132,12 @@ def convert_rows(out: str) -> list:
                 f"({r['small_increase_mib']:.0f} MiB)")]
 
 
+def insertion_ranks_rows(out: str) -> list:
+    r = result_json(out)
+    return [row(f"compare_insertion, 2 ranks / 1 process, wall s ({r['images']} photos, tiny SD, torchrun gloo, "
+                f"{r['cpus']} cores)", f"{r['two'] / r['one']:.2f} ({r['two']:.0f} s / {r['one']:.0f} s)")]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile row (~2 min on CPU)")
@@ -147,6 +153,7 @@ def main(argv=None) -> int:
         ("eval_speed", (["--labels", args.labels] if args.labels else []) + ["--threads", "1"], 180, eval_rows),
         ("memory", ["--quick"], 300, memory_rows),
         ("convert_speed", ["--quick"], 300, convert_rows),
+        ("insertion_ranks", ["--quick"], 600, insertion_ranks_rows),
         ("gpu_check", ["--quick", "--out", gpu_check_out.name], 180, lambda _: gpu_check_rows(gpu_check_out.name)),
     ]
     rows, notes, start = [], [], time.perf_counter()

@@ -1,11 +1,16 @@
 """Object insertion on a few validation images during training, with edit-quality metrics (docs/design/evaluation.md#inpainting-metrics).
 
-Every ``every_n_val_epochs`` validation runs (sanity checks excluded) the callback takes the first
-``num_images`` samples of the first validation batch, samples one box per image with the model,
-inpaints the class there with a local diffusers pipeline and logs, on global rank zero only:
-``val/inpaint_background_ssim``, ``val/inpaint_clip_score`` (when open_clip weights are given) and
-one picture per edit (``val/inpaint/{i}``: original | edit, box drawn). Cheap enough to leave on:
-few images, few steps, a small canvas. Without an inpainter folder it logs one line and does nothing.
+Every ``every_n_val_epochs`` validation runs (sanity checks excluded) the callback edits
+``num_images`` validation images, shared by the ranks (`metrics.ranks`): edit ``i`` is made by rank
+``i % world_size`` on its ``(i // world_size)``-th validation image of the run, so with one process
+these are the first ``num_images`` images, and with a sampler that deals samples out in turn
+(sample ``j`` to rank ``j % world_size``) the same ones. For each, one box sampled by the model (a
+generator seeded by ``seed + i``), the class inpainted there by a local diffusers pipeline (noise
+seed ``seed + i``), so an edit does not depend on which rank makes it. The metric states sync at
+compute, so every rank logs the values of the whole set: ``val/inpaint_background_ssim``,
+``val/inpaint_clip_score`` (when open_clip weights are given); rank zero gathers the pictures and
+logs one per edit (``val/inpaint/{i}``: original | edit, box drawn). Cheap enough to leave on: few
+images, few steps, a small canvas. Without an inpainter folder it logs one line and does nothing.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
 from metrics.inpainting import BackgroundSSIM, ForegroundCLIPScore, to_pil
+from metrics.ranks import gather_to_rank_zero, rank_indices
 from genloc.boxes import denormalise
 from genloc.inpainters import BACKENDS, load_backend
 from genloc.inpainting import working_size
@@ -32,7 +38,7 @@ class InpaintingCallback(L.Callback):
     """Args:
         inpainter: local diffusers pipeline folder (None or missing: disabled, one log line).
         every_n_val_epochs: run on every k-th validation run (0 disables).
-        num_images: validation images edited per run.
+        num_images: validation images edited per run, all ranks together.
         steps, resolution, guidance_scale, dilate, feather, backend: insertion settings
             (``resolution`` is the long side of the canvas the batch image is resized to).
         clip_weights, clip_model, clip_config: local open_clip weights (+ optional model name /
@@ -57,7 +63,8 @@ class InpaintingCallback(L.Callback):
         self.seed = seed
         self.enabled = bool(every_n_val_epochs) and inpainter is not None and Path(inpainter).is_dir()
         self._announced = False
-        self._batch = None
+        self._due = False
+        self._share: list = []
         self._pipe = self._ssim = self._clip = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -69,53 +76,69 @@ class InpaintingCallback(L.Callback):
             rank_zero_info(f"InpaintingCallback disabled ({reason}); set callbacks.inpainting.inpainter to a local "
                            "diffusers inpainting folder to log edits and SSIM/CLIP scores")
 
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._due = self.enabled and self.schedule.due(trainer)
+        self._share = []
+
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if self.enabled and batch_idx == 0 and dataloader_idx == 0 and trainer.is_global_zero:
-            self._batch = {k: batch[k][: self.num_images] for k in ("image", "category", "size")}
+        if not self._due or dataloader_idx != 0:
+            return
+        indices = rank_indices(self.num_images, trainer.global_rank, trainer.world_size)
+        for image, category, size in zip(batch["image"], batch["category"], batch["size"].tolist()):
+            if len(self._share) == len(indices):
+                break
+            self._share.append((indices[len(self._share)], image.detach().clone(), category, size))
 
     def _load(self, device) -> None:
         if self._pipe is None:
             self._pipe = load_backend(self.backend, self.inpainter, device=device, **self.load_kwargs)
-            # no cross-rank sync: only global rank zero ever updates or computes these
-            self._ssim = BackgroundSSIM(sync_on_compute=False)
+            self._ssim = BackgroundSSIM().to(device)
             if self.clip_args[0]:
-                self._clip = ForegroundCLIPScore(*self.clip_args, sync_on_compute=False).to(device)
+                self._clip = ForegroundCLIPScore(*self.clip_args).to(device)
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not self.enabled:
+        if not self._due:
             return
-        due = self.schedule.due(trainer)
-        batch, self._batch = self._batch, None
-        if not due or batch is None or not trainer.is_global_zero:
-            return
+        self._due, share, self._share = False, self._share, []
         device = pl_module.device
         # diffusers and GLIGEN draw some noise from the global RNG: keep training's random stream untouched
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            self._run(trainer, pl_module, batch, device)
+            self._run(trainer, pl_module, share, device)
 
-    def _run(self, trainer, pl_module, batch, device) -> None:
+    def _run(self, trainer, pl_module, share, device) -> None:
+        """Edit this rank's share; collective from the metrics' compute on (every rank calls it)."""
         self._load(device)
-        images = batch["image"].to(device)
-        generator = torch.Generator(device=device).manual_seed(self.seed)
-        boxes = pl_module.model.sample(images, batch["category"], n=1, generator=generator).boxes_norm[:, 0].float().cpu()
         self._ssim.reset()
         if self._clip is not None:
             self._clip.reset()
-        experiment = trainer.logger.experiment if trainer.logger is not None else None
-        for i, (image, category, size, box) in enumerate(zip(images, batch["category"], batch["size"].tolist(), boxes)):
+        pictures = []
+        for index, image, category, size in share:
+            # one generator per image, seeded by its index: the same box whichever rank edits it
+            generator = torch.Generator(device=device).manual_seed(self.seed + index)
+            box = pl_module.model.sample(image[None].to(device), [category], n=1,
+                                         generator=generator).boxes_norm[0, 0].float().cpu()
             canvas = to_pil(image).resize(working_size(tuple(size), self.load_kwargs["resolution"]), Image.BICUBIC)
             w, h = canvas.size
             box_px = denormalise(box, (w, h)).tolist()
-            edit = self._pipe.insert(canvas, category, box=box_px, seed=self.seed + i, **self.insert_kwargs)
+            edit = self._pipe.insert(canvas, category, box=box_px, seed=self.seed + index, **self.insert_kwargs)
             before, after = (torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in (canvas, edit.image))
             self._ssim.update(after[None] / 255.0, before[None] / 255.0, box[None])
             if self._clip is not None:
                 self._clip.update(after[None] / 255.0, box[None], [category])
-            if experiment is not None and hasattr(experiment, "add_image"):
-                drawn = draw_bounding_boxes(after, torch.tensor([box_px]), colors="red", width=2)
-                experiment.add_image(f"val/inpaint/{i}", torch.cat([before, drawn], dim=2), global_step=trainer.global_step)
-                experiment.add_text(f"val/inpaint/{i}", edit.prompt, global_step=trainer.global_step)
-        pl_module.log("val/inpaint_background_ssim", self._ssim.compute(), rank_zero_only=True)
-        if self._clip is not None:
-            pl_module.log("val/inpaint_clip_score", self._clip.compute(), rank_zero_only=True)
+            drawn = draw_bounding_boxes(after, torch.tensor([box_px]), colors="red", width=2)
+            pictures.append((index, torch.cat([before, drawn], dim=2), edit.prompt))
+        ssim = self._ssim.compute()
+        clip = self._clip.compute() if self._clip is not None else None
+        gathered = gather_to_rank_zero(pictures)
+        experiment = trainer.logger.experiment if trainer.is_global_zero and trainer.logger is not None else None
+        if hasattr(experiment, "add_image"):
+            for index, picture, prompt in sorted((p for part in gathered for p in part), key=lambda p: p[0]):
+                experiment.add_image(f"val/inpaint/{index}", picture, global_step=trainer.global_step)
+                experiment.add_text(f"val/inpaint/{index}", prompt, global_step=trainer.global_step)
+        if torch.isnan(ssim):  # no rank had a validation image to edit
+            return
+        # already synced: every rank holds the same values
+        pl_module.log("val/inpaint_background_ssim", ssim, sync_dist=True)
+        if clip is not None:
+            pl_module.log("val/inpaint_clip_score", clip, sync_dist=True)

@@ -61,7 +61,7 @@ class BackgroundSSIM(MeanMetric):
         self.ssim_kwargs = dict(data_range=data_range, kernel_size=kernel_size, sigma=sigma)
 
     def update(self, preds: torch.Tensor, target: torch.Tensor, boxes: torch.Tensor) -> None:
-        super().update(background_ssim(preds, target, boxes, **self.ssim_kwargs))
+        super().update(background_ssim(preds, target, boxes, **self.ssim_kwargs).to(self.device))
 
     def compute(self) -> torch.Tensor:
         return super().compute().float()

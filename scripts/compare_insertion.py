@@ -17,6 +17,11 @@ are never redone: rerun the same command to resume or to add methods), `boxes.js
 `results.json` and `results.md` (per method: background SSIM and foreground CLIP, mean and 95 %
 t-interval, plus every edit's scores) and `grid.png` (rows: images, columns: input and methods; the
 scored box drawn in red). Every file is written atomically.
+
+Across ranks (GPUs of one or several machines, or CPU processes): `torchrun --nproc_per_node N -m
+scripts.compare_insertion ...` with the same arguments. Image `i` is boxed, edited and scored by rank
+`i % N`; rank zero then writes boxes.json, results.json, results.md and grid.png, the same files one
+process writes. The edits are per image, so a rerun with any number of ranks resumes.
 """
 from __future__ import annotations
 
@@ -30,10 +35,12 @@ import sys
 import tarfile
 import zlib
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
@@ -41,6 +48,7 @@ from genloc.arguments import number, text, whole
 from genloc.drawing import draw_boxes
 from genloc.files import OutputError, prepare_output_dir, read_jsonl, save_image, write_atomic, write_json
 from genloc.inpainters import BACKENDS, CROP_MARGIN, DEFAULT_STEPS, EDITORS, MODES, BackendFolderError, load_backend, load_editor
+from metrics.ranks import gather_to_rank_zero, rank_indices
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+\-]+$")
 
@@ -181,8 +189,10 @@ def sample_seed(seed: int, key: str) -> int:
     return zlib.crc32(f"{seed}:{key}".encode()) & 0x7FFFFFFF
 
 
-def genloc_boxes(args, samples: list[Sample]) -> dict[str, list[float]]:
-    """One pixel box per image: sampled by the location model, or the first box of a predictions file."""
+def genloc_boxes(args, samples: list[Sample], share: list[Sample] | None = None) -> dict[str, list[float]]:
+    """One pixel box per image of `share` (a rank's part; default all `samples`): sampled by the location
+    model, or the first box of a predictions file (which must hold a box for every one of `samples`)."""
+    share = samples if share is None else share
     if args.boxes:
         found = {}
         for n, rec in _jsonl_records(args.boxes):
@@ -199,7 +209,7 @@ def genloc_boxes(args, samples: list[Sample]) -> dict[str, list[float]]:
         missing = [s.key for s in samples if s.key not in found]
         if missing:
             raise UsageError(f"--boxes {args.boxes}: no box for {len(missing)} sample(s), e.g. {missing[0]!r}")
-        return {s.key: found[s.key] for s in samples}
+        return {s.key: found[s.key] for s in share}
     from genloc.checkpoint import ModelSourceError
     from genloc.hub import load_model
     from genloc.placement import place
@@ -209,7 +219,7 @@ def genloc_boxes(args, samples: list[Sample]) -> dict[str, list[float]]:
     except ModelSourceError as err:
         raise UsageError(f"--checkpoint {args.checkpoint}: {err}") from None
     boxes = {}
-    for s in tqdm(samples, desc="GenLoc boxes", disable=None):
+    for s in tqdm(share, desc="GenLoc boxes", disable=None):
         placed = place(model, s.image(), s.category, n=1, seed=sample_seed(args.seed, s.key))
         boxes[s.key] = [float(v) for v in placed.boxes[0]]
     return boxes
@@ -223,6 +233,57 @@ def _jsonl_records(path: str):
         raise UsageError(f"--boxes {err}" if isinstance(err, ValueError) else f"--boxes {path}: {err.strerror}") from None
 
 
+# --- ranks --------------------------------------------------------------------------------------
+# How long a rank waits at a barrier for the slowest one: a rerun may find one rank's share done and
+# another's untouched, so it is the time of a whole share, not of a few edits.
+RANK_TIMEOUT = timedelta(days=2)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among those torchrun started (`WORLD_SIZE`, `RANK`, ...; one process
+    without). Image `i` is edited and scored by rank `i % world` (`metrics.ranks`); every edit and its
+    scores are files of their own, so a rerun, with any number of ranks, redoes only what is missing.
+    Rank zero merges them into the files one process writes. The ranks talk over gloo (barriers and
+    the boxes: small objects) whatever the device the models run on."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def start(cls, args) -> Ranks:
+        """Join torchrun's process group; on GPUs each rank takes the device of its `LOCAL_RANK`."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=RANK_TIMEOUT)
+        if args.device == "cuda":
+            args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        return cls(dist.get_rank(), world)
+
+    def share(self, samples: list[Sample]) -> list[Sample]:
+        return [samples[i] for i in rank_indices(len(samples), self.rank, self.world)]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def write_boxes(self, path: Path, samples: list[Sample], boxes: dict) -> None:
+        """Rank zero writes every rank's boxes, in the samples' order (collective)."""
+        parts = gather_to_rank_zero(boxes)
+        if parts is not None:
+            merged = {k: v for part in parts for k, v in part.items()}
+            write_json(path, {s.key: merged[s.key] for s in samples})
+
+    def merge(self) -> bool:
+        """Wait until every rank's edits and scores are written; True on the rank that merges them."""
+        if self.world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+        return self.rank == 0
+
+
 # --- running ------------------------------------------------------------------------------------
 def method_settings(args, method: Method) -> dict:
     common = {"kind": method.kind, "folder": method.folder, "steps": args.steps, "resolution": args.resolution,
@@ -232,10 +293,11 @@ def method_settings(args, method: Method) -> dict:
     return {**common, "mode": args.mode, "margin": args.margin, "boxes": args.boxes or args.checkpoint}
 
 
-def check_settings(out: Path, settings: dict) -> None:
+def check_settings(out: Path, settings: dict, write: bool = True) -> None:
     """Resuming with other settings would mix edits made differently: refuse, naming the method. Only
     a method that has made edits is bound to its settings: a run that failed before editing (a wrong
-    --checkpoint, say) leaves nothing that blocks the corrected command."""
+    --checkpoint, say) leaves nothing that blocks the corrected command. Every rank checks; rank zero
+    writes (after its own check passed, so a rank reading either version reaches the same verdict)."""
     path = out / "settings.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     for name, now in settings.items():
@@ -244,7 +306,8 @@ def check_settings(out: Path, settings: dict) -> None:
             changed = sorted(k for k in now if old[name].get(k) != now[k])
             raise UsageError(f"{out}: method {name!r} was run with other settings ({', '.join(changed)}); "
                              "use another --out or another method name")
-    write_json(path, {**old, **settings})
+    if write:
+        write_json(path, {**old, **settings})
 
 
 def run_method(args, method: Method, samples: list[Sample], boxes: dict, out: Path) -> None:
@@ -296,53 +359,71 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
 
 
-def score(args, methods: list[Method], samples: list[Sample], out: Path) -> dict:
-    """Background SSIM outside the scored box and CLIP of the box crop. The scored box is the GenLoc box
-    for back-ends and the changed region for editors; an editor edit with no changed region is scored
-    on the whole image (SSIM of everything but one corner pixel, CLIP of the whole picture) and counted.
-    Scores are kept next to each edit (`{key}.scores.json`) and only missing ones are computed."""
+def clip_identity(args) -> dict | None:
+    """What a stored CLIP score was computed with; a score of other weights is computed again."""
+    if not args.clip_weights:
+        return None
+    return {"weights": str(args.clip_weights), "model": args.clip_model, "config": args.clip_config}
+
+
+def score(args, methods: list[Method], samples: list[Sample], out: Path) -> None:
+    """Background SSIM outside the scored box and CLIP of the box crop, for the edits of `samples`. The
+    scored box is the GenLoc box for back-ends and the changed region for editors; an editor edit with
+    no changed region is scored on the whole image (SSIM of everything but one corner pixel, CLIP of the
+    whole picture). Scores are kept next to each edit (`{key}.scores.json`) and only missing ones are
+    computed."""
     from metrics.inpainting import ForegroundCLIPScore, background_ssim
 
-    clip, clip_id = None, None
-    if args.clip_weights:
+    clip, clip_id = None, clip_identity(args)
+    if clip_id is not None:
         clip = ForegroundCLIPScore(args.clip_weights, args.clip_model, args.clip_config).to(args.device)
-        clip_id = {"weights": str(args.clip_weights), "model": args.clip_model, "config": args.clip_config}
-    else:
-        print("no --clip-weights: foreground CLIP score not computed (pass local open_clip weights to add it)")
-    edits, summary = [], {}
     for method in methods:
-        ssim, clips, no_region = [], [], 0
+        folder = out / "edits" / method.name
         for s in tqdm(samples, desc=f"scoring {method.name}", disable=None):
-            folder = out / "edits" / method.name
             record = json.loads((folder / f"{s.key}.json").read_text())
             cache = folder / f"{s.key}.scores.json"
             scores = json.loads(cache.read_text()) if cache.is_file() else {}
             if scores.get("clip") != clip_id:
                 scores.pop("clip_score", None)
-            todo = "background_ssim" not in scores or (clip is not None and "clip_score" not in scores)
-            if todo:
-                original, edit = to_tensor(s.image()), to_tensor(Image.open(folder / f"{s.key}.png"))
-                h, w = original.shape[-2:]
-                if record["box"] is None:
-                    ssim_box, clip_box = torch.tensor([[0.0, 0.0, 1 / w, 1 / h]]), torch.tensor([[0.0, 0.0, 1.0, 1.0]])
-                else:
-                    ssim_box = clip_box = torch.tensor([record["box"]]) / torch.tensor([w, h, w, h])
-                if "background_ssim" not in scores:
-                    scores["background_ssim"] = background_ssim(edit, original, ssim_box).item()
-                if clip is not None and "clip_score" not in scores:
-                    scores["clip_score"] = clip.scores(edit.to(args.device), clip_box, [s.category]).item()
-                scores["clip"] = clip_id
-                write_json(cache, scores)
+            if "background_ssim" in scores and (clip is None or "clip_score" in scores):
+                continue
+            original, edit = to_tensor(s.image()), to_tensor(Image.open(folder / f"{s.key}.png"))
+            h, w = original.shape[-2:]
+            if record["box"] is None:
+                ssim_box, clip_box = torch.tensor([[0.0, 0.0, 1 / w, 1 / h]]), torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+            else:
+                ssim_box = clip_box = torch.tensor([record["box"]]) / torch.tensor([w, h, w, h])
+            if "background_ssim" not in scores:
+                scores["background_ssim"] = background_ssim(edit, original, ssim_box).item()
+            if clip is not None and "clip_score" not in scores:
+                scores["clip_score"] = clip.scores(edit.to(args.device), clip_box, [s.category]).item()
+            scores["clip"] = clip_id
+            write_json(cache, scores)
+
+
+def summarise(args, methods: list[Method], samples: list[Sample], out: Path) -> dict:
+    """Every edit's stored scores, per method the mean and 95 % interval, and the editors' edits with no
+    changed region counted."""
+    clip_id = clip_identity(args)
+    if clip_id is None:
+        print("no --clip-weights: foreground CLIP score not computed (pass local open_clip weights to add it)")
+    edits, summary = [], {}
+    for method in methods:
+        ssim, clips, no_region = [], [], 0
+        folder = out / "edits" / method.name
+        for s in samples:
+            record = json.loads((folder / f"{s.key}.json").read_text())
+            scores = json.loads((folder / f"{s.key}.scores.json").read_text())
             no_region += record["box"] is None
             row = {"method": method.name, "key": s.key, "category": s.category, "box": record["box"],
                    "background_ssim": scores["background_ssim"]}
             ssim.append(scores["background_ssim"])
-            if clip is not None:
+            if clip_id is not None:
                 row["clip_score"] = scores["clip_score"]
                 clips.append(scores["clip_score"])
             edits.append(row)
         summary[method.name] = {"kind": method.kind, "folder": method.folder, "background_ssim": mean_ci95(ssim),
-                                "clip_score": mean_ci95(clips) if clip is not None else None,
+                                "clip_score": mean_ci95(clips) if clip_id is not None else None,
                                 "no_region": no_region if method.is_editor else None}
     return {"methods": summary, "edits": edits, "num_images": len(samples), "clip": clip_id}
 
@@ -392,6 +473,7 @@ def grid(methods: list[Method], samples: list[Sample], out: Path, rows: int, cel
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    ranks = Ranks.start(args)
     try:
         methods = parse_methods(args.methods)
         samples = read_samples(Path(args.images), args.split)[: args.limit]
@@ -402,13 +484,20 @@ def main(argv=None) -> int:
             raise UsageError("the back-end methods need GenLoc boxes: pass --checkpoint MODEL (a train.py checkpoint, "
                              "model folder or Hub id) or --boxes PREDICTIONS.jsonl")
         out = prepare_output_dir(args.out, "--out")  # before any model loads
-        check_settings(out, {m.name: method_settings(args, m) for m in methods})
-        boxes = genloc_boxes(args, samples) if needs_boxes else {}
-        if boxes:
-            write_json(out / "boxes.json", boxes)
+        check_settings(out, {m.name: method_settings(args, m) for m in methods}, write=ranks.rank == 0)
+        ranks.barrier()  # no rank edits before rank zero has recorded the settings
+        share = ranks.share(samples)
+        if ranks.world > 1:
+            print(f"rank {ranks.rank} of {ranks.world}: {len(share)} of {len(samples)} images")
+        boxes = genloc_boxes(args, samples, share) if needs_boxes else {}
+        if needs_boxes:
+            ranks.write_boxes(out / "boxes.json", samples, boxes)
         for method in methods:
-            run_method(args, method, samples, boxes, out)
-        results = score(args, methods, samples, out)
+            run_method(args, method, share, boxes, out)
+        score(args, methods, share, out)
+        if not ranks.merge():
+            return 0
+        results = summarise(args, methods, samples, out)
         results["settings"] = json.loads((out / "settings.json").read_text())
         write_json(out / "results.json", results)
         write_atomic(out / "results.md", markdown(results))
