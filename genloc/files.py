@@ -84,8 +84,10 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         partial.unlink(missing_ok=True)
         if isinstance(err, OutputError) or err.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
             raise
-        raise OutputError(f"{path}: could not be written ({_output_reason(err)}); "
-                          "any previous version of it is kept unchanged") from err
+        failed = OutputError(f"{path}: could not be written ({_output_reason(err)}); "
+                             "any previous version of it is kept unchanged")
+        failed.errno = err.errno  # callers with a more specific message (checkpoints) still see the cause
+        raise failed from err
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
