@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from genloc import GenLocModel, LocationModelConfig
-from scripts.tiny_builders import save_tiny_sd_inpainter
+from genloc.testing import save_tiny_sd_inpainter
 from tests.helpers import FIXTURES, ROOT
 
 PHOTO = FIXTURES / "libcom" / "controllable_composition" / "background" / "000000049931.png"
