@@ -12,6 +12,7 @@ about the architecture is kept in the config instead (`portable_config`).
 """
 import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import re
@@ -293,15 +294,22 @@ class GenLocModel(LocationModel, PyTorchModelHubMixin, library_name="genloc", li
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, Path], *, force_download: bool = False,
                         token: Optional[Union[str, bool]] = None, cache_dir: Optional[Union[str, Path]] = None,
                         local_files_only: bool = False, revision: Optional[str] = None, map_location: str = "cpu",
-                        strict: bool = True) -> "GenLocModel":
+                        strict: bool = True, **hub_options) -> "GenLocModel":
         """Load a model folder or a Hub repo id (downloaded into the hub cache unless offline).
 
         Takes `PyTorchModelHubMixin.from_pretrained`'s keywords, passed on to `hf_hub_download` for a
-        Hub id (a folder needs none); ``strict=True`` (the mixin's default is False): a folder holds
+        Hub id (a folder needs none); ``hub_options``: any other keyword of the installed
+        `hf_hub_download` (e.g. ``proxies`` before huggingface_hub 1.0), else `TypeError`.
+        ``strict=True`` (the mixin's default is False): a folder holds
         every weight, so a missing one means a damaged folder. Needs neither Lightning nor the training
         config; raises `ModelFilesError` naming the folder or id and what to do (offline and not
         cached: names ``HF_HUB_OFFLINE``).
         """
+        from huggingface_hub import hf_hub_download
+
+        unknown = sorted(set(hub_options) - set(inspect.signature(hf_hub_download).parameters))
+        if unknown:
+            raise TypeError(f"GenLocModel.from_pretrained() got unexpected keyword argument(s) {unknown}")
         source = str(pretrained_model_name_or_path)
         folder = Path(source).expanduser()
         if folder.is_dir():
@@ -314,7 +322,7 @@ class GenLocModel(LocationModel, PyTorchModelHubMixin, library_name="genloc", li
             raise ModelFilesError(f"{source} is a file, not a model folder; pass the folder that holds "
                                   f"{' and '.join(FILES[:2])} (or give a checkpoint where a checkpoint is accepted)")
         else:
-            hub = dict(revision=revision, cache_dir=cache_dir, force_download=force_download, token=token)
+            hub = dict(revision=revision, cache_dir=cache_dir, force_download=force_download, token=token, **hub_options)
             files = {name: _download(source, name, local_files_only, **hub) for name in FILES[:2]}
         try:
             data = json.loads(Path(files["config.json"]).read_text())

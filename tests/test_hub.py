@@ -385,13 +385,16 @@ def test_from_pretrained_takes_the_mixin_keywords_and_passes_them_to_the_hub(fol
     standard = {name for name, p in inspect.signature(ModelHubMixin.from_pretrained).parameters.items()
                 if p.kind is p.KEYWORD_ONLY}
     assert {"force_download", "revision", "cache_dir", "token", "local_files_only"} <= standard
-    assert standard <= set(inspect.signature(GenLocModel.from_pretrained).parameters)
+    named = set(inspect.signature(GenLocModel.from_pretrained).parameters)
+    # the rest (proxies, resume_download before huggingface_hub 1.0) go on to hf_hub_download
+    assert standard - named <= set(inspect.signature(huggingface_hub.hf_hub_download).parameters)
     calls = []
 
     def fake_download(repo_id, filename, **kwargs):
         calls.append((repo_id, filename, kwargs))
         return str(folder / filename)
 
+    fake_download.__signature__ = inspect.signature(huggingface_hub.hf_hub_download)  # the keywords it takes
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     monkeypatch.setattr("genloc.hub.hub_offline", lambda: False)
     values = {"force_download": True, "revision": "v1", "cache_dir": "/somewhere", "token": "hf_x",
@@ -403,5 +406,7 @@ def test_from_pretrained_takes_the_mixin_keywords_and_passes_them_to_the_hub(fol
     calls.clear()
     GenLocModel.from_pretrained(folder, **values)  # a folder: nothing to download, the keywords are accepted
     assert calls == []
-    with pytest.raises(TypeError):
+    GenLocModel.from_pretrained("someone/genloc-toy", etag_timeout=3)  # any keyword of hf_hub_download
+    assert calls[-1][2]["etag_timeout"] == 3
+    with pytest.raises(TypeError, match="no_such_keyword"):
         GenLocModel.from_pretrained(folder, no_such_keyword=1)
