@@ -180,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pre-empted at step {result['preempted_at']}: {result['run_dir']}/checkpoints/last.ckpt saved; "
               "run the same command (or let SLURM requeue it) to resume")
     metrics = result["metrics"]
-    print(f"run dir: {result['run_dir']} (all metrics: metrics.json, TensorBoard: tensorboard --logdir {result['run_dir']})")
+    logger = (f"TensorBoard: tensorboard --logdir {result['run_dir']}" if cfg.logger._target_.endswith("TensorBoardLogger")
+              else f"logger: {cfg.logger._target_}")
+    print(f"run dir: {result['run_dir']} (all metrics: metrics.json, {logger})")
     for key in SUMMARY_KEYS:
         if key in metrics:
             print(f"  {key:<20} {metrics[key]:.4f}")
