@@ -1,9 +1,10 @@
-"""Train a GenLoc location model: `python train.py [experiment=NAME] [group=choice] [key=value ...]`.
+"""Train a GenLoc location model: `python train.py [experiment=NAME] [group=choice] [key=value ...]`
+(`--help` lists the config groups, `--print-config` prints the composed config).
 
 `train(cfg)` is a plain function (tests call it in-process): compose, build, fit, report. The
 config builds every object (configs/schema.py); the training infrastructure lives in callbacks/
 (checkpointing, reproducible steps, pre-emption). A run lives in `<log_root>/<experiment>/<run_name>`:
-`config.yaml`, TensorBoard events, `metrics.json`, `checkpoints/last.ckpt`. Fit resumes from
+`config.yaml`, the logger's files (TensorBoard events by default), `metrics.json`, `checkpoints/last.ckpt`. Fit resumes from
 `last.ckpt` whenever it exists and continues exactly where the checkpoint was taken; a run that
 starts over (`resume=false`, or no checkpoint yet) first moves an earlier run's files to
 `<run_dir>.old-<n>`. SIGUSR1 (SLURM's `--signal=SIGUSR1@90`) saves `last.ckpt` at the next step
@@ -22,17 +23,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-
-from configs.schema import ConfigError, instantiate, internal_args, load_config, locate, model_config  # noqa: E402
-from datamodules.shard_format import ShardFormatError  # noqa: E402
-from genloc.checkpoint import CheckpointError  # noqa: E402
+from configs.schema import (ConfigError, check_packages, instantiate, internal_args, load_config, locate,  # noqa: E402
+                            model_config, usage)
 from genloc.files import write_atomic  # noqa: E402
-from lightning_modules.run_files import (RunLock, config_changes_on_resume, is_global_rank_zero,  # noqa: E402
-                                         move_earlier_run_aside, newest_last_checkpoint, remove_stale_partials,
-                                         write_metrics)
-from genloc.pretrained import PretrainedWeightsError  # noqa: E402
 
 log = logging.getLogger("genloc.train")
 SUMMARY_KEYS = ("train/loss", "val/loss", "val/token_acc", "val/plausible_rate", "val/tpr@100", "val/fpr@100",
@@ -78,18 +71,20 @@ def build_callbacks(cfg: DictConfig, directory: Path, infrastructure: list) -> l
 
 
 def build_trainer(cfg: DictConfig, directory: Path, callbacks: list):
-    from lightning.pytorch.loggers import TensorBoardLogger
-
     from callbacks.checkpointing import checkpoint_plugins
 
-    logger = TensorBoardLogger(save_dir=cfg.log_root, name=cfg.experiment, version=cfg.run_name,
-                               default_hp_metric=False)
-    return instantiate(cfg.trainer, callbacks=callbacks, plugins=checkpoint_plugins(), logger=logger,
+    return instantiate(cfg.trainer, callbacks=callbacks, plugins=checkpoint_plugins(), logger=instantiate(cfg.logger),
                        default_root_dir=str(directory), max_epochs=-1, check_val_every_n_epoch=None)
 
 
 def train(cfg: DictConfig, extra_callbacks: list = ()) -> dict:
     """Run one training stage; returns the final metrics and the objects a caller may inspect."""
+    import lightning as L
+
+    from lightning_modules.process import ignore_false_lightning_warnings, use_tf32
+    from lightning_modules.run_files import RunLock, is_global_rank_zero
+
+    check_packages(cfg)
     module_cls = locate(cfg.module._target_)
     datamodule = build_datamodule(cfg, module_cls)
     L.seed_everything(cfg.seed, workers=True)
@@ -100,32 +95,12 @@ def train(cfg: DictConfig, extra_callbacks: list = ()) -> dict:
         return _fit(cfg, module_cls, datamodule, directory, extra_callbacks)
 
 
-def ignore_false_lightning_warnings() -> None:
-    """Lightning warnings that are wrong for this setup; set inside `train`'s `catch_warnings`, so
-    the caller's filters are back once it returns."""
-    # Lightning only knows stateful DataLoaders; ours restore the position through the datamodule's
-    # state_dict, so its "dataloader is not resumable" warning on a mid-epoch resume is wrong here.
-    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-    # Each loader worker is configured for its own shards, so the length Lightning doubts is exact;
-    # the frozen encoders are in eval mode on purpose.
-    warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    # The run folder holds this run's own checkpoints by design (resumed from, locked against others).
-    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
-
-
-def use_tf32(enabled: bool) -> None:
-    """TF32 tensor cores for fp32 matmuls and convolutions on CUDA (bf16-mixed runs keep their fp32
-    parts exact enough); a machine without CUDA is left untouched, so CPU results cannot change."""
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = enabled
-        torch.backends.cudnn.allow_tf32 = enabled
-
-
 def _fit(cfg: DictConfig, module_cls: type, datamodule, directory: Path, extra_callbacks) -> dict:
     from callbacks.preemption import Preemption
     from callbacks.reproducible import ReproducibleSteps
     from lightning_modules.checkpoint import check_resumable, load_model_weights
+    from lightning_modules.run_files import (is_global_rank_zero, move_earlier_run_aside, newest_last_checkpoint,
+                                             remove_stale_partials, write_metrics)
     from genloc.checkpoint import read_checkpoint
 
     checkpoints = directory / "checkpoints"
@@ -169,6 +144,8 @@ def _fit(cfg: DictConfig, module_cls: type, datamodule, directory: Path, extra_c
 
 def check_config_unchanged(cfg: DictConfig, directory: Path) -> None:
     """A resumed run continues the saved one: settings it would silently ignore are an error."""
+    from lightning_modules.run_files import config_changes_on_resume
+
     saved = directory / "config.yaml"
     if not saved.is_file():
         return
@@ -182,8 +159,19 @@ def check_config_unchanged(cfg: DictConfig, directory: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("genloc").setLevel(logging.INFO)
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(usage())  # before the imports below: help needs no torch
+        return 0
+    from datamodules.shard_format import ShardFormatError
+    from genloc.checkpoint import CheckpointError
+    from genloc.pretrained import PretrainedWeightsError
+
     try:
-        cfg = load_config(sys.argv[1:] if argv is None else argv)
+        cfg = load_config([arg for arg in argv if arg != "--print-config"])
+        if "--print-config" in argv:
+            print(OmegaConf.to_yaml(cfg), end="")
+            return 0
         result = train(cfg)
     except (ConfigError, CheckpointError, ShardFormatError, PretrainedWeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -192,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pre-empted at step {result['preempted_at']}: {result['run_dir']}/checkpoints/last.ckpt saved; "
               "run the same command (or let SLURM requeue it) to resume")
     metrics = result["metrics"]
-    print(f"run dir: {result['run_dir']} (all metrics: metrics.json, TensorBoard: tensorboard --logdir {result['run_dir']})")
+    logger = (f"TensorBoard: tensorboard --logdir {result['run_dir']}" if cfg.logger._target_.endswith("TensorBoardLogger")
+              else f"logger: {cfg.logger._target_}")
+    print(f"run dir: {result['run_dir']} (all metrics: metrics.json, {logger})")
     for key in SUMMARY_KEYS:
         if key in metrics:
             print(f"  {key:<20} {metrics[key]:.4f}")

@@ -4,7 +4,7 @@
   keys/values kept once and attended to in place by the image's boxes;
 - copied cache: ``sample(cascade=False)``, the earlier decoder: the same prefix cache copied for
   each box;
-- naive: `benchmarks/reference_decode.py`, the whole sequence re-run every step for every box.
+- naive: `genloc.testing.naive_reference_decode`, the whole sequence re-run every step for every box.
 
 All decode the same prefixes (image/text encoding is shared and excluded) for ``--boxes`` boxes per
 image over a batch of images, `tiny` and `paper` presets with random weights. Cascade and copied
@@ -27,7 +27,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from benchmarks.reference_decode import naive_reference_decode  # noqa: E402
+from genloc.testing import naive_reference_decode  # noqa: E402
 from genloc import LocationModel, LocationModelConfig  # noqa: E402
 
 

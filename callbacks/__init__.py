@@ -1,5 +1,5 @@
 """Callbacks: evaluation during training (TPR-FPR, sampled boxes, inpainting) and the training
-infrastructure (checkpoints, reproducible steps, pre-emption). Imported lazily, so building one
+infrastructure (checkpoints, reproducible steps, pre-emption, a CSV logger that survives a resume). Imported lazily, so building one
 callback does not import the others' heavy dependencies (diffusers)."""
 import importlib
 
@@ -12,6 +12,7 @@ _WHERE = {
     "checkpoint_plugins": "callbacks.checkpointing",
     "ReproducibleSteps": "callbacks.reproducible",
     "Preemption": "callbacks.preemption",
+    "AppendingCSVLogger": "callbacks.loggers",
 }
 __all__ = list(_WHERE)
 

@@ -1,4 +1,5 @@
-"""Log sampled boxes drawn on validation backgrounds to TensorBoard (green: ground truth, red: samples)."""
+"""Log sampled boxes drawn on validation backgrounds to TensorBoard (green: ground truth, red: samples);
+nothing with a logger that takes no images."""
 from __future__ import annotations
 
 import lightning as L
@@ -25,6 +26,12 @@ def draw_boxes(image: torch.Tensor, positives: torch.Tensor, samples: torch.Tens
     return torch.from_numpy(np.array(picture)).permute(2, 0, 1)
 
 
+def draws_images(logger) -> bool:
+    """Whether a logger takes images (TensorBoard's writer); with another (CSV, MLflow, W&B) the image
+    callbacks draw nothing."""
+    return hasattr(getattr(logger, "experiment", None), "add_image")
+
+
 class SampleImagesCallback(L.Callback):
     """Every `every_n_val_epochs` validation runs (sanity checks excluded), draws `boxes_per_image`
     samples on `num_images` images."""
@@ -44,7 +51,7 @@ class SampleImagesCallback(L.Callback):
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         due = self.schedule.due(trainer)
-        if not due or self._batch is None or not trainer.is_global_zero or trainer.logger is None:
+        if not due or self._batch is None or not trainer.is_global_zero or not draws_images(trainer.logger):
             return
         batch, self._batch = self._batch, None
         generator = torch.Generator(device=batch["image"].device).manual_seed(self.seed)
@@ -53,6 +60,5 @@ class SampleImagesCallback(L.Callback):
                     zip(batch["image"], batch["positives"], out.boxes_norm)]
         grid = make_grid(torch.stack(pictures), nrow=4, padding=2)
         experiment = trainer.logger.experiment
-        if hasattr(experiment, "add_image"):
-            experiment.add_image("val/samples", grid, global_step=trainer.global_step)
-            experiment.add_text("val/sample_categories", ", ".join(batch["category"]), global_step=trainer.global_step)
+        experiment.add_image("val/samples", grid, global_step=trainer.global_step)
+        experiment.add_text("val/sample_categories", ", ".join(batch["category"]), global_step=trainer.global_step)

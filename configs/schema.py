@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import importlib
+import importlib.util
 import inspect
 import types
 import typing
@@ -34,7 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 from genloc.config import ArgumentError, LocationModelConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent
-GROUPS = ("model", "data", "module", "optim", "trainer", "callbacks")
+GROUPS = ("model", "data", "module", "optim", "trainer", "callbacks", "logger")
 PRIMITIVES = (bool, int, float, str)
 
 # Constructor arguments a config does not hold, because train.py derives them from the run.
@@ -55,7 +56,7 @@ INTERNAL: dict[str, dict[str, str]] = {
     "lightning.Trainer": {
         "callbacks": "the callbacks group plus the training infrastructure (train.py)",
         "plugins": "atomic checkpoint IO and SLURM handling (callbacks.checkpointing)",
-        "logger": "TensorBoard in the run dir",
+        "logger": "built from the logger group",
         "default_root_dir": "the run dir",
         "max_epochs": "training length is trainer.max_steps",
         "check_val_every_n_epoch": "validation runs every val_check_interval steps, across epoch boundaries",
@@ -112,6 +113,14 @@ ARGUMENT_CHECKS = {
     "lightning_modules.MLEModule": "lightning_modules.mle.check_args",
     "lightning_modules.DPOModule": "lightning_modules.dpo.check_args",
     "callbacks.TprFprCallback": "genloc.sampling.check_filter_args",
+}
+
+
+# Packages a target needs beyond the train extra (pip name), checked before a run starts; composing and
+# printing a config needs none of them.
+PACKAGES = {
+    "lightning.pytorch.loggers.MLFlowLogger": "mlflow",
+    "lightning.pytorch.loggers.WandbLogger": "wandb",
 }
 
 
@@ -278,6 +287,7 @@ class TrainConfig:
     optim: Any = None
     trainer: Any = None
     callbacks: Any = None
+    logger: Any = None
 
 
 def _read_yaml(path: Path) -> DictConfig:
@@ -292,7 +302,7 @@ def _split_overrides(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
     choices, dotlist = {}, []
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
+            raise ConfigError(f"override '{item}' is not of the form key=value (python train.py --help lists them)")
         key, value = item.split("=", 1)
         if key in GROUPS or key == "experiment":
             choices[key] = value
@@ -315,7 +325,7 @@ def _schema(raw: DictConfig) -> DictConfig:
         if group not in raw or raw[group] is None:
             raise ConfigError(f"config group '{group}' is not chosen (add it to the defaults of train.yaml)")
     schema.model = OmegaConf.structured(_model_schema())
-    for group in ("data", "module", "optim", "trainer"):
+    for group in ("data", "module", "optim", "trainer", "logger"):
         schema[group] = OmegaConf.structured(section_schema(_target_of(raw, group)))
     callbacks = OmegaConf.create({})
     for name in raw.callbacks:
@@ -359,6 +369,29 @@ def load_config(overrides: list[str] | None = None, config_dir: Path = CONFIG_DI
     return cfg
 
 
+def usage(config_dir: Path = CONFIG_DIR) -> str:
+    """`python train.py --help`: the groups with their choices (read from the folder), the top-level
+    keys with their defaults, and how to override."""
+    defaults = dict(_read_yaml(config_dir / "train.yaml").get("defaults", {}))
+    lines = ["usage: python train.py [--print-config] [experiment=NAME] [GROUP=CHOICE ...] [KEY=VALUE ...]", "",
+             "Composes configs/train.yaml, the chosen group files, the experiment's deltas, then KEY=VALUE",
+             "overrides, and trains in <log_root>/<experiment>/<run_name> (resuming from its last.ckpt).", "",
+             "  --print-config  print the composed, validated config (every key, with its value) and exit",
+             "  -h, --help      show this help and exit", "",
+             "config groups (configs/GROUP/CHOICE.yaml; * marks the default):"]
+    for group in (*GROUPS, "experiment"):
+        choices = sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+        lines.append(f"  {group:<11} " + ", ".join(c + "*" * (c == defaults.get(group)) for c in choices))
+    top = [OmegaConf.to_yaml({f.name: f.default}).strip().replace(": ", "=", 1)
+           for f in dataclasses.fields(TrainConfig) if f.name not in (*GROUPS, "experiment")]
+    lines += ["", "top-level keys: " + " ".join(top),
+              "section keys (each constructor argument of the section's _target_), for example:",
+              "  optim.lr=1e-4 trainer.max_steps=500 data.batch_size=32 model.num_bins=128",
+              "  callbacks.sample_images=null (switches a callback off) logger=csv",
+              "every key with its value: python train.py --print-config [overrides]"]
+    return "\n".join(lines)
+
+
 def _check_no_experiment_key(raw: DictConfig, path: Path) -> None:
     """The run folder is named by the experiment file composed, so no file may name it otherwise."""
     if "experiment" in raw:
@@ -374,9 +407,7 @@ def _one_line(err: OmegaConfBaseException) -> str:
 
 def _validate(cfg: DictConfig) -> None:
     """Checks that need more than types: value ranges and that the model config itself is valid."""
-    sections = [(g, cfg[g]) for g in ("data", "module", "optim", "trainer")]
-    sections += [(f"callbacks.{name}", section) for name, section in cfg.callbacks.items()]
-    for key, section in sections:
+    for key, section in sections(cfg):
         target = locate(section._target_)
         try:
             hints = typing.get_type_hints(target.__init__ if isinstance(target, type) else target)
@@ -398,6 +429,22 @@ def _validate(cfg: DictConfig) -> None:
         model_config(cfg)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"config key 'model': {err}") from None
+
+
+def sections(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
+    """(key, section) of every object a composed config builds with `instantiate` (the model aside)."""
+    out = [(g, cfg[g]) for g in ("data", "module", "optim", "trainer", "logger")]
+    return out + [(f"callbacks.{name}", section) for name, section in cfg.callbacks.items()]
+
+
+def check_packages(cfg: DictConfig) -> None:
+    """Every package the chosen targets need (`PACKAGES`) is installed; else one line naming the install."""
+    for key, section in sections(cfg):
+        target = locate(section._target_)
+        for path, package in PACKAGES.items():
+            if _builds(target, path) and importlib.util.find_spec(package) is None:
+                raise ConfigError(f"config key '{key}': {section._target_} needs the package {package}, which is not "
+                                  f"installed: pip install {package}, or choose another {key} (python train.py --help lists them)")
 
 
 def _builds(target: Any, path: str) -> bool:

@@ -12,6 +12,7 @@ about the architecture is kept in the config instead (`portable_config`).
 """
 import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Optional, Union
 
-from huggingface_hub import PyTorchModelHubMixin, ModelCard
+from huggingface_hub import ModelCard, ModelCardData, PyTorchModelHubMixin
 
 from . import __version__
 from .checkpoint import CheckpointError, ModelSourceError, model_state_dict, read_checkpoint
@@ -32,6 +33,9 @@ VERSION_KEY = "genloc_version"
 # The model card's install line: genloc is installed from a clone of the repository (no index has it).
 INSTALL = "pip install /path/to/GenLoc"
 PAPER_URL = "https://arxiv.org/abs/2410.13564"
+# The Hub task closest to placement (boxes for an image and a class); the Hub has no placement task.
+PIPELINE_TAG = "object-detection"
+TAGS = ["object-placement", "object-insertion", "pytorch_model_hub_mixin"]
 _POSITIONS = "decoder.transformer.wpe.weight"
 
 
@@ -79,6 +83,27 @@ def portable_config(cfg: LocationModelConfig) -> LocationModelConfig:
                                gpt2_weights=None, compile_decoder=False)
 
 
+def base_models(cfg: LocationModelConfig) -> list[str]:
+    """Hub ids of the pretrained weights ``cfg`` starts from (the card's ``base_model``): the timm ViT,
+    the open_clip text tower and GPT-2; weights from local files have no id."""
+    def named(weights: Optional[str]) -> bool:
+        return bool(weights) and not Path(weights).expanduser().exists()
+
+    ids = []
+    if named(cfg.vit_weights):
+        import timm
+
+        pretrained = timm.models.get_pretrained_cfg(f"{cfg.vit.split('.')[0]}.{cfg.vit_weights}")
+        ids.append(getattr(pretrained, "hf_hub_id", None))
+    if named(cfg.clip_weights):
+        import open_clip
+
+        ids.append((open_clip.get_pretrained_cfg(cfg.clip_model, cfg.clip_weights) or {}).get("hf_hub"))
+    if named(cfg.gpt2_weights):
+        ids.append(cfg.gpt2_weights)
+    return [i.strip("/") for i in ids if i]
+
+
 def model_from_state_dict(cfg: LocationModelConfig, state: dict, source: str) -> "GenLocModel":
     """The model of ``cfg`` with the weights of ``state`` (strict), built without fetching any weights.
 
@@ -94,6 +119,7 @@ def model_from_state_dict(cfg: LocationModelConfig, state: dict, source: str) ->
         model.load_state_dict(state)
     except RuntimeError as err:
         raise ModelFilesError(f"{source}: the weights do not match its model config: {str(err)[:500]}") from None
+    model.base_models = base_models(cfg)  # the portable config no longer names them
     return model.eval()
 
 
@@ -171,14 +197,22 @@ def preset_name(cfg: LocationModelConfig) -> str:
     return next((name for name in PRESETS if shape(LocationModelConfig.preset(name)) == shape(cfg)), "custom")
 
 
-def model_card(cfg: LocationModelConfig, model_id: str, run: Optional[dict] = None) -> str:
-    """README.md of a model folder: what the model is, how it was trained (``run``, from
-    scripts/export.py: ``stages``, ``metrics``, ``metrics_files``, ``checkpoint``), licence, paper and a usage snippet
-    that starts with the install line (`INSTALL`) and runs as written with a ``photo.jpg`` beside it."""
+def model_card(cfg: LocationModelConfig, model_id: str, run: Optional[dict] = None, base_model: Optional[list] = None,
+               repo_url: Optional[str] = None) -> str:
+    """README.md of a model folder: Hub metadata (library, licence, task, tags, ``base_model``: the Hub ids
+    of the pretrained weights it started from, ``datasets``: the training stages' data folders), what
+    the model is, how it was trained (``run``, from scripts/export.py: ``stages``, ``metrics``,
+    ``metrics_files``, ``checkpoint``), the code repository (``repo_url``, else the installed package's
+    ``Repository`` URL), licence, paper and a usage snippet that starts with the install line (`INSTALL`)
+    and runs as written with a ``photo.jpg`` beside it."""
     run = run or {}
+    stages = run.get("stages") or []
+    datasets = sorted({Path(str(st["data"])).name for st in stages if st.get("data") not in (None, "", "?")})
+    metadata = ModelCardData(library_name="genloc", license="apache-2.0", pipeline_tag=PIPELINE_TAG, tags=list(TAGS),
+                             base_model=list(base_model or []) or None, datasets=datasets or None)
+    repo_url = repo_url or repository_url()
     lines = [
-        "---", "library_name: genloc", "license: apache-2.0",
-        "tags:", "- object-placement", "- object-insertion", "- pytorch_model_hub_mixin", "---", "",
+        "---", metadata.to_yaml(), "---", "",
         f"# GenLoc location model `{model_id}`", "",
         "A generative location model for spatially aware object insertion, re-implementing *Generative Location "
         f"Modeling for Spatially Aware Object Insertion* (Yun et al., [arXiv 2410.13564]({PAPER_URL})): given a "
@@ -191,9 +225,12 @@ def model_card(cfg: LocationModelConfig, model_id: str, run: Optional[dict] = No
         "- files: `config.json` (the model config), `model.safetensors` (every weight, frozen encoders "
         "included: loading downloads nothing), this card",
     ]
+    if base_model:
+        lines.append("- started from pretrained " + ", ".join(f"[`{i}`](https://huggingface.co/{i})" for i in base_model))
+    if repo_url:
+        lines.append(f"- code: {repo_url}")
     if run.get("checkpoint"):
         lines.append(f"- exported from `{run['checkpoint']}`")
-    stages = run.get("stages") or []
     if stages:
         lines += ["", "## Training", "", "| stage | experiment | objective | data | steps |", "|---|---|---|---|---|"]
         for i, st in enumerate(stages, 1):
@@ -231,6 +268,18 @@ def model_card(cfg: LocationModelConfig, model_id: str, run: Optional[dict] = No
     return "\n".join(lines)
 
 
+def repository_url() -> Optional[str]:
+    """The code repository the installed package names (pyproject's ``[project.urls] Repository``), if any."""
+    from importlib.metadata import PackageNotFoundError, metadata
+
+    try:
+        urls = metadata("genloc").get_all("Project-URL") or []
+    except PackageNotFoundError:
+        return None
+    return next((url.strip() for label, _, url in (u.partition(",") for u in urls)
+                 if label.strip().lower() == "repository"), None)
+
+
 def card_metrics(metrics: dict) -> dict:
     """The metrics a model card shows: validation, DPO reward and evaluation numbers (curve points
     ``name@n`` only at the largest ``n``), plus the final training loss."""
@@ -252,7 +301,7 @@ def card_metrics(metrics: dict) -> dict:
 
 
 class GenLocModel(LocationModel, PyTorchModelHubMixin, library_name="genloc", license="apache-2.0",
-                  paper_url=PAPER_URL, tags=["object-placement", "object-insertion"]):
+                  paper_url=PAPER_URL, pipeline_tag=PIPELINE_TAG, tags=TAGS[:2]):
     """`LocationModel` that saves and loads as a model folder / Hub repo (see module docstring)."""
 
     # Set by the loaders (`training_classes`); `genloc.place` and `score` note a class outside them.
@@ -260,6 +309,7 @@ class GenLocModel(LocationModel, PyTorchModelHubMixin, library_name="genloc", li
 
     def __init__(self, config: LocationModelConfig):
         super().__init__(config)
+        self.base_models = base_models(config)  # the card's base_model; kept across a portable config
 
     def score(self, image, category, boxes, *, region=None, size=None, aspect_ratio=None):
         """`genloc.placement.score` with this model: log-probability and log-density of each pixel box."""
@@ -279,21 +329,30 @@ class GenLocModel(LocationModel, PyTorchModelHubMixin, library_name="genloc", li
         os.chmod(weights, 0o666 & ~umask)
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
-        """``model_card_kwargs`` of ``save_pretrained``: ``model_id`` and ``run`` (see `model_card`)."""
-        return ModelCard(model_card(self.cfg, kwargs.get("model_id", "path/to/model"), kwargs.get("run")))
+        """``model_card_kwargs`` of ``save_pretrained``: ``model_id``, ``run`` and ``repo_url`` (see `model_card`)."""
+        return ModelCard(model_card(self.cfg, kwargs.get("model_id", "path/to/model"), kwargs.get("run"),
+                                    base_model=self.base_models, repo_url=kwargs.get("repo_url")))
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, Path], *, revision: Optional[str] = None,
-                        cache_dir: Optional[Union[str, Path]] = None, local_files_only: bool = False,
-                        token: Optional[Union[str, bool]] = None, map_location: str = "cpu",
-                        **unused) -> "GenLocModel":
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, Path], *, force_download: bool = False,
+                        token: Optional[Union[str, bool]] = None, cache_dir: Optional[Union[str, Path]] = None,
+                        local_files_only: bool = False, revision: Optional[str] = None, map_location: str = "cpu",
+                        strict: bool = True, **hub_options) -> "GenLocModel":
         """Load a model folder or a Hub repo id (downloaded into the hub cache unless offline).
 
-        Needs neither Lightning nor the training config; raises `ModelFilesError` naming the folder
-        or id and what to do (offline and not cached: names ``HF_HUB_OFFLINE``).
+        Takes `PyTorchModelHubMixin.from_pretrained`'s keywords, passed on to `hf_hub_download` for a
+        Hub id (a folder needs none); ``hub_options``: any other keyword of the installed
+        `hf_hub_download` (e.g. ``proxies`` before huggingface_hub 1.0), else `TypeError`.
+        ``strict=True`` (the mixin's default is False): a folder holds
+        every weight, so a missing one means a damaged folder. Needs neither Lightning nor the training
+        config; raises `ModelFilesError` naming the folder or id and what to do (offline and not
+        cached: names ``HF_HUB_OFFLINE``).
         """
-        if unused:
-            raise TypeError(f"unexpected arguments {sorted(unused)}")
+        from huggingface_hub import hf_hub_download
+
+        unknown = sorted(set(hub_options) - set(inspect.signature(hf_hub_download).parameters))
+        if unknown:
+            raise TypeError(f"GenLocModel.from_pretrained() got unexpected keyword argument(s) {unknown}")
         source = str(pretrained_model_name_or_path)
         folder = Path(source).expanduser()
         if folder.is_dir():
@@ -306,7 +365,8 @@ class GenLocModel(LocationModel, PyTorchModelHubMixin, library_name="genloc", li
             raise ModelFilesError(f"{source} is a file, not a model folder; pass the folder that holds "
                                   f"{' and '.join(FILES[:2])} (or give a checkpoint where a checkpoint is accepted)")
         else:
-            files = {name: _download(source, name, revision, cache_dir, local_files_only, token) for name in FILES[:2]}
+            hub = dict(revision=revision, cache_dir=cache_dir, force_download=force_download, token=token, **hub_options)
+            files = {name: _download(source, name, local_files_only, **hub) for name in FILES[:2]}
         try:
             data = json.loads(Path(files["config.json"]).read_text())
             data.pop(VERSION_KEY, None)
@@ -319,7 +379,7 @@ class GenLocModel(LocationModel, PyTorchModelHubMixin, library_name="genloc", li
         with weights_from_state_dict():
             model = cls(cfg)
         try:
-            load_model(model, str(files["model.safetensors"]), strict=True, device=map_location)
+            load_model(model, str(files["model.safetensors"]), strict=strict, device=map_location)
         except SafetensorError as err:  # the file itself: truncated, garbled, not safetensors
             raise ModelFilesError(f"{files['model.safetensors']} is damaged or truncated ({str(err)[:200]}); "
                                   f"export or download the model folder again") from None
@@ -328,12 +388,22 @@ class GenLocModel(LocationModel, PyTorchModelHubMixin, library_name="genloc", li
                                   f"({type(err).__name__}: {str(err)[:300]})") from None
         model._text_cache.clear()
         model.training_classes = training_classes(folder) if folder.is_dir() else None
+        if folder.is_dir() and (folder / "README.md").is_file():  # its card keeps what the portable config dropped
+            model.base_models = _card_base_models(folder / "README.md")
         return model.eval()
 
 
-def _download(repo_id: str, filename: str, revision, cache_dir, local_files_only: bool, token) -> str:
+def _card_base_models(card: Path) -> list[str]:
+    try:
+        found = ModelCard.load(card).data.base_model
+    except Exception:  # a card edited into something else: the model loads, the card says less
+        return []
+    return [found] if isinstance(found, str) else list(found or [])
+
+
+def _download(repo_id: str, filename: str, local_files_only: bool, cache_dir=None, **hub) -> str:
     """One file of a Hub model repo via the hub cache; offline (or ``local_files_only``) never
-    touches the network."""
+    touches the network. ``hub``: the other `hf_hub_download` keywords (revision, force_download, token)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.constants import HF_HUB_CACHE
     from huggingface_hub.errors import (EntryNotFoundError, HFValidationError, LocalEntryNotFoundError,
@@ -341,8 +411,7 @@ def _download(repo_id: str, filename: str, revision, cache_dir, local_files_only
 
     offline = hub_offline() or local_files_only
     try:
-        return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
-                               local_files_only=offline, token=token)
+        return hf_hub_download(repo_id, filename, cache_dir=cache_dir, local_files_only=offline, **hub)
     except HFValidationError:
         raise ModelFilesError(f"{repo_id!r} is neither a model folder nor a Hub repo id (owner/name)") from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):

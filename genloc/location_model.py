@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from .box_tokenizer import BoxTokenizer
 from .config import LocationModelConfig
-from .pretrained import build_clip_text, build_gpt2, build_vit, cache_field, ordinal_init
+from .pretrained import attention_scaling, build_clip_text, build_gpt2, build_vit, cache_field, ordinal_init
 from .sampling import check_filter_args, draw_tokens, filter_logits
 
 
@@ -515,7 +515,7 @@ class LocationModel(nn.Module):
             own_k, own_v = own[i]
             prefix_k, prefix_v = shared[i]
             scores = torch.cat([q @ prefix_k.transpose(-1, -2), (q[..., None, :] * own_k).sum(-1)], dim=-1)
-            weights = (scores * attn.scaling).softmax(dim=-1).to(prefix_v.dtype)
+            weights = (scores * attention_scaling(attn)).softmax(dim=-1).to(prefix_v.dtype)
             plen = prefix_k.shape[2]
             context = weights[..., :plen] @ prefix_v + (weights[..., plen:, None] * own_v).sum(3)
             x = x + attn.c_proj(context.transpose(1, 2).reshape(batch, n, width))

@@ -150,6 +150,15 @@ def cache_field() -> str:
     return "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithCrossAttentions)} else "past_key_values"
 
 
+def attention_scaling(attn) -> float:
+    """The factor GPT-2's attention scores are multiplied by: transformers 5 keeps it as ``attn.scaling``;
+    4.x computes it in the forward from the same settings (1/sqrt(head_dim), then 1/(layer + 1) if set)."""
+    if hasattr(attn, "scaling"):
+        return attn.scaling
+    scaling = attn.head_dim ** -0.5 if attn.scale_attn_weights else 1.0
+    return scaling / float(attn.layer_idx + 1) if attn.scale_attn_by_inverse_layer_idx else scaling
+
+
 def build_gpt2(n_layer: int, n_embd: int, n_head: int, dropout: float, vocab_size: int,
                n_positions: int, weights: Optional[str]) -> nn.Module:
     """transformers GPT2LMHeadModel with ``vocab_size`` tokens and at least ``n_positions`` positions."""

@@ -101,7 +101,7 @@ def insert_part(device: torch.device, checkpoint: Path, work: Path) -> str:
     from PIL import Image, ImageDraw
 
     import insert
-    from scripts.tiny_builders import save_tiny_sd_inpainter
+    from genloc.testing import save_tiny_sd_inpainter
 
     photo = Image.new("RGB", (256, 192), (150, 170, 200))
     ImageDraw.Draw(photo).rectangle((0, 120, 255, 191), fill=(90, 120, 70))  # sky over ground

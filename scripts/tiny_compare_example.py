@@ -19,8 +19,8 @@ from PIL import Image
 
 from genloc import LocationModel, LocationModelConfig
 from scripts import compare_insertion
-from scripts.tiny_builders import save_tiny_gligen, save_tiny_open_clip
-from scripts.tiny_inpainters import save_flux_fill, save_instruct_pix2pix, save_powerpaint, save_sd
+from genloc.testing import (save_flux_fill, save_instruct_pix2pix, save_powerpaint, save_sd, save_tiny_gligen,
+                            save_tiny_open_clip)
 
 FIXTURES = Path("tests/fixtures")
 PHOTOS = [

@@ -15,7 +15,7 @@ from PIL import Image
 import insert
 from genloc.checkpoint import save_model_checkpoint
 from genloc import LocationModel, LocationModelConfig
-from scripts.tiny_builders import save_tiny_sd_inpainter
+from genloc.testing import save_tiny_sd_inpainter
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = Path("tests/fixtures/libcom/controllable_composition/background/000000049931.png")

@@ -11,7 +11,7 @@ from PIL import Image
 from genloc import GenLocModel, LocationModelConfig
 from genloc.cli import main
 from genloc.inpainting import box_mask
-from scripts.tiny_builders import save_tiny_sd_inpainter
+from genloc.testing import save_tiny_sd_inpainter
 from tests.helpers import FIXTURES
 
 PHOTO = FIXTURES / "libcom" / "controllable_composition" / "background" / "000000049931.png"

@@ -11,8 +11,7 @@ from PIL import Image
 from metrics.inpainting import background_ssim
 from genloc.inpainting import pixel_rect
 from scripts import compare_insertion
-from scripts.tiny_builders import save_tiny_open_clip
-from scripts.tiny_inpainters import save_instruct_pix2pix, save_powerpaint, save_sd
+from genloc.testing import save_instruct_pix2pix, save_powerpaint, save_sd, save_tiny_open_clip
 from tests.helpers import FIXTURES
 
 PHOTOS = {  # real photos: two libcom COCO crops (512x512) and the OPA background 580029 (640x427)

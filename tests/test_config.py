@@ -15,7 +15,7 @@ GROUP_FILES = sorted(p for p in CONFIG_DIR.glob("*/*.yaml") if p.parent.name != 
 
 def _sections(cfg):
     """(key, section) of every object a composed config builds."""
-    for group in ("data", "module", "optim", "trainer"):
+    for group in ("data", "module", "optim", "trainer", "logger"):
         yield group, cfg[group]
     for name, section in cfg.callbacks.items():
         yield f"callbacks.{name}", section

@@ -13,7 +13,7 @@ import demo
 from genloc import GenLocModel, LocationModelConfig
 from genloc.boxes import pixel_rect
 from genloc.hub import model_card
-from scripts.tiny_inpainters import save_sd
+from genloc.testing import save_sd
 from tests.helpers import FIXTURES, ROOT
 
 PHOTO = FIXTURES / "opa_sample" / "eval_opascore_examples" / "composite_1.jpg"   # 640 x 427

@@ -18,7 +18,7 @@ from benchmarks.browser import (chromium, demo_server, fetch, file_url, full_pag
                                 set_text, shown_image, upload, wait_for)
 from genloc import GenLocModel, LocationModelConfig
 from genloc.boxes import pixel_rect, validate_boxes
-from scripts.tiny_inpainters import save_sd
+from genloc.testing import save_sd
 from tests.helpers import FIXTURES, ROOT
 
 PHOTO = FIXTURES / "libcom" / "controllable_composition" / "background" / "000000460450.png"

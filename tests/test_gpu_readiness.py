@@ -118,14 +118,32 @@ def test_decoding_works_with_the_older_cache_name(monkeypatch, cascade):
                                old.box_log_probs(prefix, tokens))
 
 
+def test_attention_scale_of_a_release_without_the_attribute_is_the_same():
+    """transformers 4.x computes GPT-2's score scale in the forward (no `attn.scaling`): the cascade
+    decoder derives the same number from the same settings."""
+    import types
+
+    from transformers import GPT2Config
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+
+    from genloc.pretrained import attention_scaling
+
+    for inverse in (False, True):
+        attn = GPT2Attention(GPT2Config(n_embd=64, n_head=4, scale_attn_by_inverse_layer_idx=inverse), layer_idx=2)
+        old = types.SimpleNamespace(head_dim=attn.head_dim, scale_attn_weights=attn.scale_attn_weights,
+                                    scale_attn_by_inverse_layer_idx=inverse, layer_idx=2)
+        assert attention_scaling(attn) == attn.scaling
+        assert attention_scaling(old) == pytest.approx(attn.scaling, rel=1e-12)
+
+
 # ------------------------------------------------------------------------------ dependency floors
 def test_an_old_release_is_one_line_at_import(monkeypatch):
     from genloc import versions
 
-    monkeypatch.setattr(versions, "version", lambda name: {"transformers": "5.10.2"}.get(name, "99.0"))
+    monkeypatch.setattr(versions, "version", lambda name: {"transformers": "4.55.4"}.get(name, "99.0"))
     with pytest.raises(ImportError) as error:
         versions.check()
-    assert str(error.value) == ("genloc needs transformers>=5.17 (found 5.10.2): pip install 'transformers>=5.17'")
+    assert str(error.value) == ("genloc needs transformers>=4.56 (found 4.55.4): pip install 'transformers>=4.56'")
     monkeypatch.setattr(versions, "version", lambda name: versions.MINIMUM[name] + ".0+cu130")
     versions.check()  # the minimum itself, as a local CUDA build names it, passes
 

@@ -116,7 +116,7 @@ def test_folder_holds_only_the_listed_files_with_a_portable_config(folder, run):
 
 def test_model_card_names_the_run_and_its_metrics_and_its_snippet_runs_as_written(folder, tmp_path):
     card = (folder / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: genloc\nlicense: apache-2.0")
+    assert card.startswith("---\n")
     assert "arxiv.org/abs/2410.13564" in card and "Apache-2.0" in card and "preset: `tiny`" in card
     assert "| 1 | `toy_finetune` | MLE | `data/toy/toy-opa` | 2 |" in card
     shown = card_metrics(METRICS)
@@ -337,3 +337,76 @@ def test_model_card_follows_the_stages_back_through_init_from_and_the_reference(
     assert [s["experiment"] for s in stages] == ["toy_pretrain", "toy_finetune", "toy_dpo"]
     assert [s["objective"].split(" ")[0] for s in stages] == ["MLE", "MLE", "DPO"]
     assert stages[-1]["objective"] == "DPO (beta 0.2, sft_weight 1.0)"
+
+
+def test_model_card_carries_hub_metadata(folder):
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(folder / "README.md").data
+    assert data.library_name == "genloc" and data.license == "apache-2.0"
+    assert data.pipeline_tag == "object-detection"
+    assert {"object-placement", "object-insertion", "pytorch_model_hub_mixin"} <= set(data.tags)
+    assert data.datasets == ["toy-opa"]  # the training stage's data folder
+    assert data.base_model is None  # the tiny model starts from random weights
+
+
+def test_base_model_names_the_pretrained_weights_and_survives_export_and_reload(tmp_path, monkeypatch):
+    from huggingface_hub import ModelCard
+
+    from genloc.hub import base_models, model_card, model_from_state_dict
+
+    assert base_models(LocationModelConfig.preset("paper")) == [
+        "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k", "timm/vit_base_patch32_clip_224.openai",
+        "openai-community/gpt2"]
+    assert base_models(LocationModelConfig.preset("tiny", gpt2_weights=str(tmp_path))) == []  # a local file: no id
+    # a tiny model "trained" from a timm tag and a Hub GPT-2 (its weights come from the state dict: nothing fetched)
+    cfg = LocationModelConfig.preset("tiny", vit_weights="augreg_in21k_ft_in1k", gpt2_weights="openai-community/gpt2")
+    state = GenLocModel(portable_config(cfg)).state_dict()
+    model = model_from_state_dict(cfg, state, "test")
+    expected = ["timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k", "openai-community/gpt2"]
+    model.save_pretrained(tmp_path / "m", model_card_kwargs={"model_id": "me/m", "repo_url": "https://example.org/genloc"})
+    card = ModelCard.load(tmp_path / "m" / "README.md")
+    assert card.data.base_model == expected
+    assert "https://example.org/genloc" in card.text
+    again = GenLocModel.from_pretrained(tmp_path / "m")
+    assert again.base_models == expected  # a folder exported again keeps its base_model
+    monkeypatch.setattr("genloc.hub.repository_url", lambda: None)
+    assert "code:" not in model_card(cfg, "me/m")  # no repository named, none invented
+    monkeypatch.setattr("genloc.hub.repository_url", lambda: "https://example.org/installed")
+    assert "- code: https://example.org/installed" in model_card(cfg, "me/m")  # pyproject's [project.urls]
+
+
+def test_from_pretrained_takes_the_mixin_keywords_and_passes_them_to_the_hub(folder, monkeypatch):
+    import inspect
+
+    import huggingface_hub
+    from huggingface_hub import ModelHubMixin
+
+    standard = {name for name, p in inspect.signature(ModelHubMixin.from_pretrained).parameters.items()
+                if p.kind is p.KEYWORD_ONLY}
+    assert {"force_download", "revision", "cache_dir", "token", "local_files_only"} <= standard
+    named = set(inspect.signature(GenLocModel.from_pretrained).parameters)
+    # the rest (proxies, resume_download before huggingface_hub 1.0) go on to hf_hub_download
+    assert standard - named <= set(inspect.signature(huggingface_hub.hf_hub_download).parameters)
+    calls = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        calls.append((repo_id, filename, kwargs))
+        return str(folder / filename)
+
+    fake_download.__signature__ = inspect.signature(huggingface_hub.hf_hub_download)  # the keywords it takes
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr("genloc.hub.hub_offline", lambda: False)
+    values = {"force_download": True, "revision": "v1", "cache_dir": "/somewhere", "token": "hf_x",
+              "local_files_only": True}
+    GenLocModel.from_pretrained("someone/genloc-toy", **values)
+    assert [c[:2] for c in calls] == [("someone/genloc-toy", "config.json"), ("someone/genloc-toy", "model.safetensors")]
+    for _, _, kwargs in calls:
+        assert {k: kwargs.get(k) for k in values} == values
+    calls.clear()
+    GenLocModel.from_pretrained(folder, **values)  # a folder: nothing to download, the keywords are accepted
+    assert calls == []
+    GenLocModel.from_pretrained("someone/genloc-toy", etag_timeout=3)  # any keyword of hf_hub_download
+    assert calls[-1][2]["etag_timeout"] == 3
+    with pytest.raises(TypeError, match="no_such_keyword"):
+        GenLocModel.from_pretrained(folder, no_such_keyword=1)

@@ -12,9 +12,8 @@ from genloc.inpainters import (BACKENDS, BackendFolderError, DiffRegion, Inpaint
                                load_editor)
 from genloc.inpainters.powerpaint import TASK_WORDS, expand, word_tokens
 from genloc.inpainting import box_mask, context_rect, feathered_alpha, mask_bbox, working_size
-from scripts.tiny_builders import save_tiny_gligen
-from scripts.tiny_inpainters import (NATIVE, save_flux_fill, save_instruct_pix2pix, save_kandinsky, save_powerpaint,
-                                     save_sd, save_sdxl)
+from genloc.testing import (NATIVE, save_flux_fill, save_instruct_pix2pix, save_kandinsky, save_powerpaint, save_sd,
+                            save_sdxl, save_tiny_gligen)
 from tests.helpers import FIXTURES
 
 CAT = FIXTURES / "libcom" / "controllable_composition" / "background" / "000000049931.png"  # 512x512

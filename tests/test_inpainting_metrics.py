@@ -11,7 +11,7 @@ from skimage import data
 
 from callbacks.inpainting import InpaintingCallback
 from metrics.inpainting import BackgroundSSIM, ForegroundCLIPScore, background_ssim
-from scripts.tiny_builders import TINY_CLIP_NAME, save_tiny_open_clip, save_tiny_sd_inpainter
+from genloc.testing import TINY_CLIP_NAME, save_tiny_open_clip, save_tiny_sd_inpainter
 
 
 def _tensor(array):

@@ -14,7 +14,7 @@ from genloc.checkpoint import save_model_checkpoint
 from metrics.inpainting import background_ssim
 from genloc.inpainters import load_backend
 from genloc.inpainting import box_mask, mask_bbox, parse_region, pixel_rect, working_size
-from scripts.tiny_builders import TINY_CLIP_NAME, save_tiny_gligen, save_tiny_open_clip, save_tiny_sd_inpainter
+from genloc.testing import TINY_CLIP_NAME, save_tiny_gligen, save_tiny_open_clip, save_tiny_sd_inpainter
 from tests.helpers import FIXTURES
 
 PHOTO = FIXTURES / "libcom" / "controllable_composition" / "background" / "000000049931.png"
@@ -204,7 +204,7 @@ def test_insert_with_real_tiny_location_model(tmp_path):
 
 def test_insert_backend_and_mode_arguments(stub_sampler, tmp_path, capsys):
     """--backend picks the adapter (a folder of another kind is a one-line error, exit 2); --mode is recorded."""
-    from scripts.tiny_inpainters import save_powerpaint
+    from genloc.testing import save_powerpaint
 
     pp = save_powerpaint(tmp_path / "pp")
     out = tmp_path / "out"

@@ -10,11 +10,12 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 from PIL import Image
 
 from genloc import GenLocModel, LocationModelConfig
-from scripts.tiny_builders import save_tiny_sd_inpainter
+from genloc.testing import save_tiny_sd_inpainter
 from tests.helpers import FIXTURES, ROOT
 
 PHOTO = FIXTURES / "libcom" / "controllable_composition" / "background" / "000000049931.png"
@@ -38,14 +39,35 @@ print("LOADED", sorted({m.split(".")[0] for m in sys.modules} & {"lightning", "l
 """
 
 
-def test_installed_package_runs_the_model_card_outside_the_repository(tmp_path):
-    source, target, work = tmp_path / "source", tmp_path / "target", tmp_path / "work"
+def _copy_sources(source):
+    """A copy of what the package is built from: building writes build/ and *.egg-info beside the sources."""
     source.mkdir()
-    for name in SOURCES:  # a copy: building writes build/ and *.egg-info beside the sources
+    for name in SOURCES:
         if (ROOT / name).is_dir():
             shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(ROOT / name, source / name)
+    return source
+
+
+@pytest.mark.slow
+def test_installing_genloc_keeps_the_installed_torch(tmp_path):
+    """torch (and its torchvision pair) installed first, for the platform, inside the range: `pip install`
+    of genloc with every extra that runs the model would change neither (pip's own resolution, dry run; without
+an index, so a range that excluded the installed torch, or an extra that pinned another torchvision, fails)."""
+    source = _copy_sources(tmp_path / "source")
+    report = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--no-build-isolation",
+                           "--no-index", "--report", str(report), f"{source}[insert,train,bench]"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    planned = {item["metadata"]["name"].lower(): item["metadata"]["version"]
+               for item in json.loads(report.read_text())["install"]}
+    assert set(planned) == {"genloc"}, planned  # nothing else installed, replaced or upgraded
+
+
+def test_installed_package_runs_the_model_card_outside_the_repository(tmp_path):
+    source, target, work = _copy_sources(tmp_path / "source"), tmp_path / "target", tmp_path / "work"
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                               "--no-index", "--target", str(target), str(source)],
                              capture_output=True, text=True, timeout=300)

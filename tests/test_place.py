@@ -253,7 +253,7 @@ def test_insert_cli_places_several_objects_in_sequence_from_a_model_folder(model
     import json
 
     import insert
-    from scripts.tiny_builders import save_tiny_sd_inpainter
+    from genloc.testing import save_tiny_sd_inpainter
 
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks.reference_decode import naive_reference_decode
+from genloc.testing import naive_reference_decode
 from genloc import LocationModel, LocationModelConfig, SampleOutput, draw_tokens, filter_logits
 
 

@@ -4,7 +4,7 @@ can be completed."""
 import pytest
 import torch
 
-from benchmarks.reference_decode import naive_reference_decode
+from genloc.testing import naive_reference_decode
 from genloc import LocationModel, LocationModelConfig
 
 SIZE = torch.tensor([[0.2, 0.2, 0.1, 0.5], [0.0, 1.0, 0.0, 1.0], [0.05, 0.3, 0.3, 0.3]])

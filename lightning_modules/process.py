@@ -1,0 +1,28 @@
+"""Process-wide settings a training run makes (train.py): TF32 on CUDA, and the Lightning warnings
+that are wrong for this setup."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+
+def use_tf32(enabled: bool) -> None:
+    """TF32 tensor cores for fp32 matmuls and convolutions on CUDA (bf16-mixed runs keep their fp32
+    parts exact enough); a machine without CUDA is left untouched, so CPU results cannot change."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
+def ignore_false_lightning_warnings() -> None:
+    """Call inside `warnings.catch_warnings()`, so the caller's filters are back once it returns."""
+    # Lightning only knows stateful DataLoaders; ours restore the position through the datamodule's
+    # state_dict, so its "dataloader is not resumable" warning on a mid-epoch resume is wrong here.
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    # Each loader worker is configured for its own shards, so the length Lightning doubts is exact;
+    # the frozen encoders are in eval mode on purpose.
+    warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # The run folder holds this run's own checkpoints by design (resumed from, locked against others).
+    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
