@@ -129,7 +129,7 @@ def routes(tmp: Path, backgrounds: int, remove_images: int, repeats: int) -> dic
     from datamodules.convert import convert_opa
     from datamodules.own_data import KEEP_OBJECTS, REMOVE_OBJECTS, convert_coco, convert_manifest
     from genloc.inpainters import load_backend
-    from scripts.tiny_inpainters import save_sd
+    from genloc.testing import save_sd
 
     images = tmp / "OPA" / "background" / "any"
     manifest_and_coco(images, backgrounds)

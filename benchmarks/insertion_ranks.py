@@ -37,8 +37,8 @@ def inputs(root: Path, num_images: int, side: int) -> list[str]:
     from PIL import Image
     from skimage import data
 
-    from scripts.tiny_builders import save_tiny_open_clip
-    from scripts.tiny_inpainters import save_sd
+    from genloc.testing import save_tiny_open_clip
+    from genloc.testing import save_sd
 
     (root / "photos").mkdir()
     rows, lines = ["image,category"], []

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from scripts import compare_insertion
-from scripts.tiny_builders import save_tiny_open_clip
-from scripts.tiny_inpainters import save_instruct_pix2pix, save_sd
+from genloc.testing import save_tiny_open_clip
+from genloc.testing import save_instruct_pix2pix, save_sd
 from tests.helpers import ROOT
 
 PHOTOS = {"astronaut": "person", "coffee": "cup", "chelsea": "cat", "rocket": "car", "camera": "person"}

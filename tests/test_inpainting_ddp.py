@@ -12,7 +12,7 @@ SCRIPT = Path(__file__).parent / "scripts" / "ddp_inpainting.py"
 
 @pytest.mark.slow
 def test_two_ranks_log_the_values_of_one_process(tmp_path):
-    from scripts.tiny_builders import save_tiny_open_clip, save_tiny_sd_inpainter
+    from genloc.testing import save_tiny_open_clip, save_tiny_sd_inpainter
 
     inpainter = save_tiny_sd_inpainter(tmp_path / "sd")
     clip_config, clip_weights = save_tiny_open_clip(tmp_path / "clip")

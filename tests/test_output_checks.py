@@ -188,7 +188,7 @@ def test_exported_weights_follow_the_umask_like_the_other_files(checkpoint, tmp_
 def test_compare_insertion_out_that_cannot_be_written_is_one_line_before_loading(checkpoint, tmp_path, monkeypatch,
                                                                                  capsys, model_never_loads, where):
     from scripts import compare_insertion
-    from scripts.tiny_inpainters import save_sd
+    from genloc.testing import save_sd
 
     photos = tmp_path / "photos"
     photos.mkdir()

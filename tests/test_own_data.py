@@ -170,7 +170,7 @@ def polygon_mask(annotation, size):
 @pytest.fixture(scope="module")
 def tiny_inpainter(tmp_path_factory):
     from genloc.inpainters import load_backend
-    from scripts.tiny_inpainters import save_sd
+    from genloc.testing import save_sd
 
     folder = save_sd(tmp_path_factory.mktemp("sd"))
     inpainter = load_backend("sd", folder, steps=2)
@@ -215,7 +215,7 @@ def test_objects_touching_another_are_skipped_and_counted(removed):
 
 def test_removal_check_drops_what_still_looks_like_the_class(tiny_inpainter, tmp_path):
     from scripts.convert_coco import removal_check
-    from scripts.tiny_builders import save_tiny_open_clip
+    from genloc.testing import save_tiny_open_clip
 
     config, weights = save_tiny_open_clip(tmp_path / "clip")
     check = removal_check(Namespace(check_clip=str(weights), check_clip_model=None, check_clip_config=str(config),
