@@ -9,8 +9,7 @@ import pytest
 from PIL import Image
 
 from scripts import compare_insertion
-from genloc.testing import save_tiny_open_clip
-from genloc.testing import save_instruct_pix2pix, save_sd
+from genloc.testing import save_instruct_pix2pix, save_sd, save_tiny_open_clip
 from tests.helpers import ROOT
 
 PHOTOS = {"astronaut": "person", "coffee": "cup", "chelsea": "cat", "rocket": "car", "camera": "person"}
