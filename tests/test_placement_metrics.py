@@ -1,0 +1,187 @@
+"""Composites, toy sprites, labelled composite data, the plausibility classifier and the field's
+placement metrics (Acc, FID, LPIPS diversity) against hand computations with tiny random networks."""
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from torch import nn
+
+from datamodules.composites import CompositeDataset, composite_input
+from datamodules.kinds import data_kind
+from datamodules.toy import generate_scene, make_sample, render_scene, sprite
+from genloc.composite import composite
+from metrics.placement import (LPIPSDiversity, MetricWeightsError, PlausibilityAccuracy, fid_metric, lpips_network,
+                               InceptionFeatures)
+
+
+def test_composite_pastes_the_scaled_foreground_inside_the_box_only():
+    bg = np.full((6, 8, 3), 10, np.uint8)
+    fg = np.zeros((2, 2, 3), np.uint8)
+    fg[..., 0] = [[200, 201], [202, 203]]
+    mask = np.array([[1, 0], [1, 1]], bool)
+    out = composite(bg, fg, mask, (2, 1, 6, 5))  # box 4x4: each foreground pixel becomes 2x2
+    expected_mask = np.zeros((6, 8), bool)
+    expected_mask[1:3, 2:4] = True
+    expected_mask[3:5, 2:6] = True
+    assert np.array_equal(out.mask, expected_mask)
+    assert np.all(out.image[~out.mask] == 10)  # every pixel outside the pasted mask is the background's
+    assert out.image[1, 2, 0] == 200 and out.image[4, 5, 0] == 203 and out.image[1, 5, 0] == 10
+    assert np.all(bg == 10)  # the background array itself is untouched
+
+
+def test_composite_uses_the_one_rasterisation_rule_for_fractional_boxes():
+    bg = np.zeros((4, 4, 3), np.uint8)
+    fg = np.full((3, 3, 3), 255, np.uint8)
+    out = composite(bg, fg, np.ones((3, 3), bool), (0.5, 0.5, 2.2, 1.9))  # touches x 0..2, y 0..1
+    assert out.mask.sum() == 6 and out.mask[:2, :3].all()
+    with pytest.raises(ValueError, match="mask"):
+        composite(bg, fg, np.ones((2, 3), bool), (0, 0, 2, 2))
+
+
+def test_toy_sprites_are_seeded_per_scene_and_leave_the_scenes_alone():
+    key, img, ann = make_sample(3, 5, "toy-opa")
+    seed = ann["meta"]["scene"]["seed"]
+    a_img, a_mask = sprite(seed, "car")
+    b_img, b_mask = sprite(seed, "car")
+    assert np.array_equal(a_img, b_img) and np.array_equal(a_mask, b_mask)
+    assert a_mask.any() and not a_mask.all() and a_img.shape[1] == 2 * a_img.shape[0]
+    assert not np.array_equal(sprite(seed + 1, "car")[0], a_img)
+    assert sprite(seed, "person")[0].shape[1] < sprite(seed, "person")[0].shape[0]
+    # drawing sprites consumes nothing of a scene's streams: the sample and its image are the same
+    key2, img2, ann2 = make_sample(3, 5, "toy-opa")
+    assert (key2, ann2) == (key, ann) and np.array_equal(img2, img)
+    assert np.array_equal(render_scene(generate_scene(seed)), render_scene(generate_scene(seed)))
+    fg, mask = data_kind("toy").foreground(ann["meta"], ann["category"])
+    assert np.array_equal(fg, sprite(seed, ann["category"])[0])
+    with pytest.raises(KeyError, match="no toy sprite"):
+        sprite(seed, "dog")
+
+
+def test_composite_dataset_labels_every_box_by_the_oracle(tiny_toy_data):
+    data = CompositeDataset(tiny_toy_data / "toy-opa", "train", image_size=32, random_boxes=2, seed=0)
+    oracle = data_kind("toy").plausible
+    n_boxes = sum(len(s.ann["positives"]) + len(s.ann["negatives"]) + 2 for s in data.samples)
+    assert len(data) == n_boxes
+    labels = np.array([y for _, _, y in data.items])
+    assert 0 < labels.mean() < 1
+    for i, box, label in data.items[:20]:
+        s = data.samples[i]
+        assert label == float(oracle(s.ann["meta"], s.ann["category"], box[None])[0])
+    item = data[0]
+    assert item["input"].shape == (4, 32, 32) and 0 < item["input"][3].max() <= 1  # the mask channel
+    assert torch.equal(data[0]["input"], item["input"])
+
+
+def test_composite_input_stacks_rgb_and_mask():
+    img = np.zeros((4, 4, 3), np.uint8)
+    img[..., 1] = 255
+    mask = np.zeros((4, 4), bool)
+    mask[:2] = True
+    x = composite_input(img, mask, 4)
+    assert x.shape == (4, 4, 4)
+    assert torch.all(x[1] == 1) and torch.all(x[0] == 0)
+    assert torch.all(x[3, :2] == 1) and torch.all(x[3, 2:] == 0)
+
+
+class _MeanColour(nn.Module):
+    """A 'classifier' whose logit is the mean red minus 0.5 (plausible when the composite is reddish)."""
+
+    def forward(self, x):
+        return (x[:, 0].mean(dim=(1, 2)) - 0.5) * 10
+
+
+def test_plausibility_accuracy_is_the_share_judged_plausible():
+    x = torch.zeros(5, 4, 8, 8)
+    x[:3, 0] = 0.9  # three red composites
+    metric = PlausibilityAccuracy(_MeanColour())
+    metric.update(x[:2])
+    metric.update(x[2:])
+    assert metric.compute().item() == pytest.approx(3 / 5)
+
+
+class _TinyFeatures(nn.Module):
+    """A random linear map of 4x4 pooled images: 6 features."""
+
+    num_features = 6
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(48, 6)
+
+    def forward(self, x):
+        return self.proj(nn.functional.adaptive_avg_pool2d(x.float(), 4).flatten(1)).double()
+
+
+def _frechet(a: np.ndarray, b: np.ndarray) -> float:
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def test_fid_equals_the_hand_frechet_distance_of_the_features():
+    g = torch.Generator().manual_seed(1)
+    real = torch.rand(40, 3, 16, 16, generator=g)
+    fake = (torch.rand(30, 3, 16, 16, generator=g) * 0.7 + 0.2)
+    feats = _TinyFeatures()
+    fid = fid_metric(feats)
+    fid.update(real[:20], real=True)
+    fid.update(real[20:], real=True)
+    fid.update(fake, real=False)
+    with torch.no_grad():
+        expected = _frechet(feats(real).numpy(), feats(fake).numpy())
+    assert fid.compute().item() == pytest.approx(expected, rel=1e-3)
+    fid.reset()  # the real statistics stay (reset_real_features=False)
+    fid.update(fake, real=False)
+    assert fid.compute().item() == pytest.approx(expected, rel=1e-3)
+
+
+class _TinyDistance(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, a, b):
+        return (self.conv(a) - self.conv(b)).pow(2).mean(dim=(1, 2, 3))
+
+
+def test_lpips_diversity_is_the_mean_over_groups_of_the_mean_pair_distance():
+    g = torch.Generator().manual_seed(2)
+    groups = [torch.rand(k, 3, 8, 8, generator=g) for k in (3, 4, 1)]
+    dist = _TinyDistance()
+    metric = LPIPSDiversity(dist)
+    for group in groups:
+        metric.update(group)
+    means = []
+    with torch.no_grad():
+        for group in groups[:2]:  # a group of one composite has no pair
+            pairs = [dist(group[i:i + 1], group[j:j + 1]).item() for i in range(len(group))
+                     for j in range(i + 1, len(group))]
+            means.append(np.mean(pairs))
+    assert metric.compute().item() == pytest.approx(np.mean(means), rel=1e-6)
+
+
+def test_metric_networks_without_local_weights_fail_at_once_naming_the_download(tmp_path):
+    for build, flag, url in ((InceptionFeatures, "--inception-weights", "inception_v3_google"),
+                             (lpips_network, "--lpips-weights", "alexnet-owt")):
+        with pytest.raises(MetricWeightsError) as err:
+            build(tmp_path / "missing.pth")
+        message = str(err.value)
+        assert "\n" not in message and flag in message and url in message and "missing.pth" in message
+
+
+def test_lpips_network_reads_a_local_alexnet_file(tmp_path):
+    from torchvision.models import alexnet
+
+    torch.manual_seed(0)
+    path = tmp_path / "alexnet.pth"
+    torch.save(alexnet(weights=None).state_dict(), path)
+    distance = lpips_network(path)
+    a = torch.rand(2, 3, 64, 64)
+    d = distance(a, a.flip(-1))
+    assert d.shape == (2,) and torch.all(d > 0) and torch.all(distance(a, a) == 0)
+    torch.save({"classifier.1.weight": torch.zeros(1)}, path)
+    with pytest.raises(MetricWeightsError, match="not torchvision's AlexNet"):
+        lpips_network(path)
