@@ -133,7 +133,7 @@ def _fit(cfg: DictConfig, module_cls: type, datamodule, directory: Path, extra_c
 
     checkpoints = directory / "checkpoints"
     last = newest_last_checkpoint(checkpoints) if cfg.resume else None
-    saved = read_checkpoint(last) if last else None  # a corrupt last.ckpt is an error, never a restart
+    saved = read_checkpoint(last, location_model=False) if last else None  # a corrupt last.ckpt is an error, never a restart
     if saved is not None:
         check_config_unchanged(cfg, directory)
     if is_global_rank_zero():

@@ -70,6 +70,11 @@ class PlausibilityModule(L.LightningModule):
         """Logits ``[N]`` of composites ``[N, 4, S, S]`` (RGB and mask in [0, 1])."""
         return self.model(inputs).squeeze(-1)
 
+    @torch.no_grad()
+    def probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Probability ``[N]`` that each composite is plausible."""
+        return torch.sigmoid(self(inputs).float())
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(batch["input"])
         loss = nn.functional.binary_cross_entropy_with_logits(logits, batch["label"].float())
@@ -99,7 +104,7 @@ def load_classifier(path, device="cpu") -> PlausibilityModule:
     """A trained classifier from its checkpoint (eval mode, frozen); one line naming the file otherwise."""
     from genloc.checkpoint import read_checkpoint
 
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, location_model=False)
     if ckpt.get(MODULE_KEY) != module_path(PlausibilityModule):
         raise CheckpointError(f"{path} is not a plausibility classifier checkpoint (written by "
                               f"{ckpt.get(MODULE_KEY, 'an unknown module')}); train one with experiment=toy_plausibility")

@@ -33,27 +33,21 @@ def _need(path, what: str, url: str, flag: str) -> Path:
 
 
 class PlausibilityAccuracy(Metric):
-    """Acc: the share of composites the classifier judges plausible (probability >= its threshold).
+    """Acc: the share of composites the classifier judges plausible (probability >= ``threshold``).
 
-    ``classifier`` maps ``[N, 4, S, S]`` composites (RGB + mask, `datamodules.composites.composite_input`)
-    to logits ``[N]``."""
+    ``update`` takes the classifier's probabilities (`lightning_modules.PlausibilityModule.probabilities`
+    of composites made by `datamodules.composites.composite_input`), so the caller keeps each verdict too."""
 
     full_state_update = False
 
-    def __init__(self, classifier: nn.Module, threshold: float = 0.5, **kwargs):
+    def __init__(self, threshold: float = 0.5, **kwargs):
         super().__init__(**kwargs)
-        self.classifier = classifier
         self.threshold = float(threshold)
         self.add_state("plausible", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    @torch.no_grad()
-    def verdicts(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Bool ``[N]``: which composites the classifier judges plausible."""
-        return torch.sigmoid(self.classifier(inputs).reshape(-1).float()) >= self.threshold
-
-    def update(self, inputs: torch.Tensor) -> None:
-        ok = self.verdicts(inputs)
+    def update(self, probabilities: torch.Tensor) -> None:
+        ok = probabilities.reshape(-1) >= self.threshold
         self.plausible += ok.sum().double()
         self.total += ok.numel()
 

@@ -83,20 +83,11 @@ def test_composite_input_stacks_rgb_and_mask():
     assert torch.all(x[3, :2] == 1) and torch.all(x[3, 2:] == 0)
 
 
-class _MeanColour(nn.Module):
-    """A 'classifier' whose logit is the mean red minus 0.5 (plausible when the composite is reddish)."""
-
-    def forward(self, x):
-        return (x[:, 0].mean(dim=(1, 2)) - 0.5) * 10
-
-
 def test_plausibility_accuracy_is_the_share_judged_plausible():
-    x = torch.zeros(5, 4, 8, 8)
-    x[:3, 0] = 0.9  # three red composites
-    metric = PlausibilityAccuracy(_MeanColour())
-    metric.update(x[:2])
-    metric.update(x[2:])
-    assert metric.compute().item() == pytest.approx(3 / 5)
+    metric = PlausibilityAccuracy(threshold=0.6)
+    metric.update(torch.tensor([0.9, 0.6, 0.1]))
+    metric.update(torch.tensor([0.59, 0.7]))
+    assert metric.compute().item() == pytest.approx(3 / 5)  # 0.9, 0.6 (at the threshold) and 0.7
 
 
 class _TinyFeatures(nn.Module):
@@ -185,3 +176,81 @@ def test_lpips_network_reads_a_local_alexnet_file(tmp_path):
     torch.save({"classifier.1.weight": torch.zeros(1)}, path)
     with pytest.raises(MetricWeightsError, match="not torchvision's AlexNet"):
         lpips_network(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tiny_toy_data, tmp_path_factory):
+    """A 2-step toy_plausibility run (32-pixel composites) whose last.ckpt is the classifier."""
+    import train as train_script
+    from configs.schema import load_config
+
+    log_root = tmp_path_factory.mktemp("runs")
+    cfg = load_config(["experiment=toy_plausibility", f"data.data_dir={tiny_toy_data / 'toy-opa'}",
+                       f"log_root={log_root}", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                       "trainer.enable_progress_bar=false", "data.batch_size=8", "module.image_size=32",
+                       "optim.warmup_steps=1"])
+    result = train_script.train(cfg)
+    assert {"val/accuracy", "val/roc_auc"} <= set(result["metrics"])
+    return result["run_dir"] / "checkpoints" / "last.ckpt"
+
+
+def test_evaluate_reports_acc_beside_the_oracle_on_the_same_composites(tiny_toy_data, tiny_classifier, tmp_path):
+    import json
+
+    import evaluate
+    from datamodules.composites import index_samples
+    from lightning_modules.plausibility import load_classifier
+    from metrics.predictions import read_predictions
+
+    data = tiny_toy_data / "toy-opa"
+    doc = evaluate.main(["--baseline", "random", "--data", str(data), "--split", "val", "--num-samples", "10",
+                         "--classifier", str(tiny_classifier), "--out", str(tmp_path), "--no-progress",
+                         "--composites-per-sample", "10"])
+    placement = json.loads((tmp_path / "metrics.json").read_text())["placement"]
+    assert placement == doc["placement"] and placement["composites"] == 8 * 10
+    # the oracle's rate of the same boxes is evaluate's own plausible rate (all 10 boxes are pasted)
+    assert placement["oracle_plausible_rate"] == pytest.approx(doc["plausible_rate"])
+    # Acc by hand: paste each box, run the classifier, count probabilities >= its threshold
+    classifier = load_classifier(tiny_classifier)
+    preds = read_predictions(tmp_path / "predictions.jsonl")
+    kind = data_kind("toy")
+    judged = []
+    for s in index_samples(data, "val"):
+        fg, mask = kind.foreground(s.ann["meta"], s.ann["category"])
+        for box in preds[s.key]:
+            made = composite(s.background(), fg, mask, box)
+            x = composite_input(made.image, made.mask, 32)[None]
+            judged.append(bool(torch.sigmoid(classifier(x))[0] >= 0.5))
+    assert placement["acc"] == pytest.approx(np.mean(judged))
+
+
+def test_evaluate_without_metric_weights_stops_before_sampling(tiny_toy_data, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    run = subprocess.run([sys.executable, "evaluate.py", "--baseline", "random", "--data", str(tiny_toy_data / "toy-opa"),
+                          "--split", "val", "--inception-weights", str(tmp_path / "inception.pth"), "--out",
+                          str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "inception.pth" in lines[0] and "inception_v3_google" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_classifier_agreement_counts_fooled_and_missed_per_class(tiny_toy_data, tiny_classifier):
+    from lightning_modules.plausibility import load_classifier
+    from metrics.placement_scores import classifier_agreement
+
+    classifier = load_classifier(tiny_classifier)
+    report = classifier_agreement(classifier, tiny_toy_data / "toy-opa", "val", random_boxes=1, seed=5)
+    data = CompositeDataset(tiny_toy_data / "toy-opa", "val", 32, 1, 5)
+    verdicts = np.array([bool(classifier.probabilities(data[i]["input"][None])[0] >= 0.5) for i in range(len(data))])
+    labels = np.array([y > 0.5 for _, _, y in data.items])
+    assert report["composites"] == len(data)
+    assert report["accuracy"] == pytest.approx(np.mean(verdicts == labels))
+    cats = np.array([data.samples[i].ann["category"] for i, _, _ in data.items])
+    for c, row in report["per_class"].items():
+        neg = (cats == c) & ~labels
+        assert row["fooled"] == pytest.approx(verdicts[neg].mean() if neg.any() else 0.0)
