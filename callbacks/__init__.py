@@ -1,4 +1,4 @@
-"""Callbacks: evaluation during training (TPR-FPR, sampled boxes, inpainting) and the training
+"""Callbacks: evaluation during training (TPR-FPR, sampled boxes, inpainting, placement metrics) and the training
 infrastructure (checkpoints, reproducible steps, pre-emption). Imported lazily, so building one
 callback does not import the others' heavy dependencies (diffusers)."""
 import importlib
@@ -7,6 +7,7 @@ _WHERE = {
     "TprFprCallback": "callbacks.tpr_fpr",
     "SampleImagesCallback": "callbacks.sample_images",
     "InpaintingCallback": "callbacks.inpainting",
+    "PlacementMetricsCallback": "callbacks.placement",
     "FinalCheckpoint": "callbacks.checkpointing",
     "AtomicCheckpointIO": "callbacks.checkpointing",
     "checkpoint_plugins": "callbacks.checkpointing",

@@ -69,6 +69,7 @@ INTERNAL: dict[str, dict[str, str]] = {
     "callbacks.TprFprCallback": {"seed": "the run's top-level `seed`"},
     "callbacks.SampleImagesCallback": {"seed": "the run's top-level `seed`"},
     "callbacks.InpaintingCallback": {"seed": "the run's top-level `seed`"},
+    "callbacks.PlacementMetricsCallback": {"seed": "the run's top-level `seed`"},
 }
 
 def _at_least(low):
@@ -110,6 +111,8 @@ RANGES: dict[str, dict[str, tuple[typing.Callable[[Any], bool], str]]] = {
         "batch_size": _at_least(1), "num_workers": _at_least(0), "random_boxes": _at_least(0),
         "val_random_boxes": _at_least(0),
     },
+    "callbacks.PlacementMetricsCallback": {"every_n_val_epochs": _at_least(0), "boxes_per_image": _at_least(1),
+                                           "max_eval_samples": _at_least(1), "temperature": ((lambda v: v > 0), "> 0")},
     "callbacks.FinalCheckpoint": {"save_top_k": _at_least(-1), "every_n_train_steps": _optional_at_least(0)},
 }
 

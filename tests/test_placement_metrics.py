@@ -254,3 +254,69 @@ def test_classifier_agreement_counts_fooled_and_missed_per_class(tiny_toy_data, 
     for c, row in report["per_class"].items():
         neg = (cats == c) & ~labels
         assert row["fooled"] == pytest.approx(verdicts[neg].mean() if neg.any() else 0.0)
+
+
+def _two_rank_scores(rank, data, split, preds, ckpt, port, out):
+    import torch.distributed as dist
+
+    from lightning_modules.plausibility import load_classifier
+    from metrics.placement_scores import placement_scores
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        scores = placement_scores(data, split, preds, classifier=load_classifier(ckpt), fid_features=_TinyFeatures(),
+                                  lpips_distance=_TinyDistance(), boxes_per_sample=5, rank=rank, world_size=2)
+        torch.save(scores, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_give_the_values_of_one_process(tiny_toy_data, tiny_classifier, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from lightning_modules.plausibility import load_classifier
+    from metrics.placement_scores import placement_scores
+    from metrics.predictions import baseline_predictions
+    from metrics.annotations import load_annotations
+
+    data = tiny_toy_data / "toy-opa"
+    preds = baseline_predictions(load_annotations(data, "val"), "random", 5, seed=3)
+    single = placement_scores(data, "val", preds, classifier=load_classifier(tiny_classifier),
+                              fid_features=_TinyFeatures(), lpips_distance=_TinyDistance(), boxes_per_sample=5)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_rank_scores, args=(data, "val", preds, tiny_classifier, port, tmp_path), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["composites"] == single["composites"] == 8 * 5
+    for key in ("acc", "oracle_plausible_rate", "classifier_oracle_agreement", "lpips"):
+        assert ranks[0][key] == pytest.approx(single[key], rel=1e-9), key
+    assert ranks[0]["acc_per_class"] == pytest.approx(single["acc_per_class"])
+    assert ranks[0]["fid"] == pytest.approx(single["fid"], rel=1e-4)
+
+
+def test_placement_callback_logs_acc_and_the_oracle_rate_of_the_same_boxes(tiny_toy_data, tiny_classifier, tmp_path):
+    import train as train_script
+    from configs.schema import load_config
+    from tests.helpers.runs import tiny_run_overrides
+
+    cfg = load_config(["experiment=toy_pretrain"] + tiny_run_overrides(tiny_toy_data / "toy-opa", tmp_path) + [
+        f"callbacks.placement.classifier={tiny_classifier}", "callbacks.placement.boxes_per_image=4",
+        "callbacks.placement.max_eval_samples=4", "callbacks.tpr_fpr.every_n_val_epochs=0"])
+    metrics = train_script.train(cfg)["metrics"]
+    assert 0 <= metrics["val/placement_acc"] <= 1 and 0 <= metrics["val/placement_oracle_rate"] <= 1
+    assert "val/fid" not in metrics  # no Inception weights given: that metric is left out
+
+
+def test_placement_callback_without_the_classifier_file_stops_before_training(tmp_path):
+    from configs.schema import load_config
+    from genloc.checkpoint import CheckpointError
+    import train as train_script
+
+    cfg = load_config(["experiment=toy_finetune", f"log_root={tmp_path}",
+                       f"callbacks.placement.classifier={tmp_path / 'none.ckpt'}"])
+    with pytest.raises(CheckpointError, match="none.ckpt"):
+        train_script.build_callbacks(cfg, tmp_path, [])
