@@ -52,10 +52,7 @@ INTERNAL: dict[str, dict[str, str]] = {
         "model_config": "read from the reference checkpoint (the policy has the reference's architecture)",
         "optim": "built from the optim group",
     },
-    "datamodules.composites.CompositeDataModule": {
-        "image_size": "the classifier's image size (module.image_size)",
-        "seed": "the run's top-level `seed`",
-    },
+    "datamodules.composites.CompositeDataModule": {"image_size": "the classifier's image size (module.image_size)"},
     "lightning_modules.PlausibilityModule": {"optim": "built from the optim group"},
     "lightning.Trainer": {
         "callbacks": "the callbacks group plus the training infrastructure (train.py)",

@@ -5,7 +5,9 @@ A shard sample gives a background, boxes and the object to paste: the sample's o
 ``fg.jpg`` + ``fgmask.png`` members (the OPA converter keeps them) or, when the shard holds none, its
 data kind's ``foreground`` hook (toy scenes draw a sprite). Every labelled box becomes one composite
 (`genloc.composite`); its label is the kind's ``plausible`` oracle where one exists (toy scenes),
-else positive = 1, negative = 0. ``random_boxes`` adds that many boxes with uniformly drawn corners
+else positive = 1, negative = 0. A sample that already is a composite (OPA's composite set,
+`datamodules.convert.convert_opa_composites`: image + ``composite_mask.png``) is one item with its
+own label. ``random_boxes`` adds that many boxes with uniformly drawn corners
 per sample (seeded per sample, labelled by the oracle; only for kinds with one), so a classifier
 also sees the far misses a uniform sampler makes.
 
@@ -37,6 +39,7 @@ __all__ = ["ShardSample", "index_samples", "foreground_of", "composite_input", "
            "CompositeDataModule", "FOREGROUND_MEMBERS"]
 
 FOREGROUND_MEMBERS = (("fg.png", "fg.jpg"), "fgmask.png")  # (image, mask) member names of a sample
+COMPOSITE_MASK = "composite_mask.png"  # a sample that is already a composite (OPA's composite set)
 
 
 @dataclass
@@ -55,7 +58,7 @@ class ShardSample:
 
     def image(self, ext: str) -> np.ndarray:
         with Image.open(io.BytesIO(self.read(ext))) as img:
-            return np.asarray(img.convert("RGB" if ext != FOREGROUND_MEMBERS[1] else "L"))
+            return np.asarray(img.convert("L" if ext in (FOREGROUND_MEMBERS[1], COMPOSITE_MASK) else "RGB"))
 
     def background(self) -> np.ndarray:
         return self.image("jpg" if "jpg" in self.members else "png")
@@ -115,6 +118,9 @@ class CompositeDataset(Dataset):
                                    f"{self.kind.name!r} has none (set random_boxes=0)")
         self.items: list[tuple[int, np.ndarray, float]] = []  # (sample index, normalised box, label)
         for i, s in enumerate(self.samples):
+            if COMPOSITE_MASK in s.members:  # already a composite (OPA's composite set): its own label
+                self.items.append((i, None, 1.0 if s.ann["positives"] else 0.0))
+                continue
             w, h = s.ann["width"], s.ann["height"]
             labelled = [(b, 1.0) for b in s.ann["positives"]] + [(b, 0.0) for b in s.ann["negatives"]]
             boxes = np.asarray([b for b, _ in labelled], np.float64).reshape(-1, 4) / [w, h, w, h]
@@ -133,18 +139,22 @@ class CompositeDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         i, box, label = self.items[index]
         s = self.samples[i]
-        fg, mask = foreground_of(s, self.kind)
-        bg = s.background()
-        made = composite(bg, fg, mask, denormalise(box, (bg.shape[1], bg.shape[0])))
-        return {"input": composite_input(made.image, made.mask, self.image_size), "label": torch.tensor(label),
+        if box is None:
+            image, mask = s.background(), s.image(COMPOSITE_MASK) > 127
+        else:
+            fg, fg_mask = foreground_of(s, self.kind)
+            bg = s.background()
+            image, mask = composite(bg, fg, fg_mask, denormalise(box, (bg.shape[1], bg.shape[0])))
+        return {"input": composite_input(image, mask, self.image_size), "label": torch.tensor(label),
                 "category": s.ann["category"], "key": s.key}
 
 
 class CompositeDataModule(L.LightningDataModule):
     """Train / val composites from one shard folder for `lightning_modules.PlausibilityModule`.
 
-    ``kind`` names the data kind that writes missing data (toy scenes); ``random_boxes`` see the module
-    docstring. Validation never adds random boxes unless ``val_random_boxes`` says so."""
+    ``kind`` names the data kind that writes missing data (toy scenes); ``random_boxes`` /
+    ``val_random_boxes``: uniform boxes added per training / validation sample (module docstring),
+    drawn from ``seed`` (validation: ``seed + 1``)."""
 
     def __init__(self, data_dir: str, image_size: int = 64, batch_size: int = 64, num_workers: int = 0,
                  train_split: str = "train", val_split: str = "val", random_boxes: int = 1,

@@ -33,7 +33,7 @@ from .opa_labels import LabelledSample, read_fopa_pairs, read_opa_csv
 from .shard_format import safe_key
 from .shard_writer import ShardBuild, ShardWriter, SplitStats
 
-__all__ = ["ConversionError", "ConversionReport", "scan_opa_categories", "scan_opa_foregrounds", "index_images", "write_labelled_samples",
+__all__ = ["ConversionError", "ConversionReport", "scan_opa_categories", "scan_opa_foregrounds", "convert_opa_composites", "index_images", "write_labelled_samples",
            "convert_opa", "convert_fopa", "convert_pipe", "mask_box", "difference_box", "load_category_map",
            "clean_pipe_category"]
 
@@ -275,6 +275,72 @@ def convert_opa(opa_root, out_dir, splits=("train", "test"), num_shards: int = 1
             stats += write_labelled_samples(samples[split], images, out_dir, split, num_shards, "opa",
                                             val_fraction if split == "train" else 0.0, progress=progress,
                                             workers=workers, build=build, foregrounds=foregrounds)
+        return ConversionReport(stats, build.commit())
+
+
+_COMPOSITE_NAME = re.compile(r"^(?P<fg>\d+)_(?P<bg>\d+)_(?P<x>\d+)_(?P<y>\d+)_(?P<w>\d+)_(?P<h>\d+)_"
+                             r"(?P<scale>[0-9.]+)_(?P<label>[01])$")
+
+
+def _write_composite_shard(build: ShardBuild, split: str, index: int, items: list, categories: dict) -> SplitStats:
+    """One shard of OPA's labelled composites; ``items`` are (composite path, its mask path)."""
+    w = ShardWriter(build.out, split, "opa-composites", build=build, shard_index=index)
+    try:
+        for path, mask in items:
+            m = _COMPOSITE_NAME.match(path.stem)
+            x, y, bw, bh = (int(m[k]) for k in ("x", "y", "w", "h"))
+            try:
+                extra = {"composite_mask.png": _foreground_members((path, mask))["fgmask.png"]}
+                data = path.read_bytes()
+            except (OSError, ValueError) as e:
+                w.drop(f"unreadable composite or mask file ({type(e).__name__})")
+                continue
+            box = [[x, y, x + bw, y + bh]]
+            label = int(m["label"])
+            ann = {"category": categories.get(m["fg"], ""), "positives": box if label else [],
+                   "negatives": [] if label else box, "source": "opa-composites",
+                   "meta": {"fg_id": m["fg"], "bg_id": m["bg"], "scale": float(m["scale"]), "label": label}}
+            w.write(safe_key(f"opac-{path.stem}"), ann, image_bytes=data, extra=extra)
+    except BaseException:
+        w.abort()
+        raise
+    return w.close()
+
+
+def convert_opa_composites(opa_root, out_dir, splits=("train", "test"), num_shards: int = 16, progress: bool = True,
+                           workers: int = 1) -> ConversionReport:
+    """OPA's labelled composite set (what SimOPA is trained on): ``composite/{split}_set/`` files named
+    ``{fg_id}_{bg_id}_{x}_{y}_{w}_{h}_{scale}_{label}.jpg`` with ``mask_<same name>.jpg`` -> one sample per
+    composite: the composite image, its box as the positive (label 1) or negative (label 0), the binary
+    composite mask as ``composite_mask.png``. Categories come from ``foreground/<category>/``."""
+    root = Path(opa_root)
+    if not root.is_dir():
+        raise ConversionError(f"OPA folder {root} does not exist; check --opa-root")
+    categories = scan_opa_categories(root / "foreground")
+    found = {}
+    for split in splits:
+        folder = root / "composite" / f"{split}_set"
+        if not folder.is_dir():
+            raise ConversionError(f"no folder {folder}: expected OPA's composite/{split}_set/ of labelled composites")
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMG_EXT and _COMPOSITE_NAME.match(p.stem))
+        pairs = [(p, p.with_name(f"mask_{p.name}")) for p in files]
+        missing = [m for _, m in pairs if not m.is_file()]
+        if not pairs or missing:
+            raise ConversionError(f"{folder}: " + (f"mask file {missing[0].name} missing" if missing else
+                                  "no composite named {fg_id}_{bg_id}_{x}_{y}_{w}_{h}_{scale}_{label}.jpg"))
+        found[split] = pairs
+    with ShardBuild(out_dir) as build:
+        stats = []
+        for split, pairs in found.items():
+            n = max(1, min(num_shards, len(pairs)))
+            units = [(build, split, j, pairs[j::n], categories) for j in range(n)]
+            parts = _run_units(_write_composite_shard, units, workers, f"opa-composites/{split}", progress,
+                               [len(u[3]) for u in units])
+            split_stats = SplitStats(split, "opa-composites")
+            for part in parts:
+                split_stats.merge(part)
+            build.finish_split(split_stats)
+            stats.append(split_stats)
         return ConversionReport(stats, build.commit())
 
 

@@ -53,3 +53,33 @@ def test_shards_without_foregrounds_still_read_and_composites_say_what_is_missin
     data = CompositeDataset(tmp_path / "out", "test", image_size=32)
     with pytest.raises(ShardFormatError, match="opa-580029-airplane: no foreground"):
         data[0]
+
+
+def test_opa_composite_set_converts_to_labelled_composites(tmp_path):
+    """OPA's two real composites of fg 160915 on bg 580029: composite_0 a negative, composite_1 a positive."""
+    import shutil
+
+    from datamodules.convert import convert_opa_composites
+
+    make_opa_release(tmp_path / "OPA")
+    folder = tmp_path / "OPA" / "composite" / "test_set"
+    folder.mkdir(parents=True)
+    names = {0: "160915_580029_89_394_115_23_0.1802_0.jpg", 1: "160915_580029_465_122_115_23_0.1802_1.jpg"}
+    for i, name in names.items():
+        shutil.copy(OPA / "eval_opascore_examples" / f"composite_{i}.jpg", folder / name)
+        shutil.copy(OPA / "eval_opascore_examples" / f"mask_{i}.jpg", folder / f"mask_{name}")
+    report = convert_opa_composites(tmp_path / "OPA", tmp_path / "out", splits=("test",), progress=False)
+    assert report["test"].written == 2
+    by_label = {s.ann["meta"]["label"]: s for s in index_samples(tmp_path / "out", "test")}
+    assert by_label[1].ann["positives"] == [[465, 122, 580, 145]] and by_label[1].ann["negatives"] == []
+    assert by_label[0].ann["negatives"] == [[89, 394, 204, 417]] and by_label[1].ann["category"] == "airplane"
+    data = CompositeDataset(tmp_path / "out", "test", image_size=64)
+    assert sorted(y for _, _, y in data.items) == [0.0, 1.0]
+    for i, (k, _, y) in enumerate(data.items):
+        s = data.samples[k]
+        mask = np.asarray(Image.open(OPA / "eval_opascore_examples" / f"mask_{int(y)}.jpg").convert("L")) > 127
+        assert np.array_equal(s.image("composite_mask.png") > 127, mask)
+        assert data[i]["input"][3].sum() > 0
+    (folder / f"mask_{names[0]}").unlink()
+    with pytest.raises(Exception, match="mask file mask_160915_580029_89"):
+        convert_opa_composites(tmp_path / "OPA", tmp_path / "out2", splits=("test",), progress=False)
