@@ -160,11 +160,13 @@ def main(argv=None) -> dict | None:
     networks = None
     if args.classifier or args.inception_weights or args.lpips_weights:  # built first: a missing file stops at once
         from genloc.checkpoint import ModelSourceError
+        from lightning_modules.plausibility import load_classifier
         from metrics.placement import MetricWeightsError
         from metrics.placement_scores import placement_networks
 
         try:
-            networks = placement_networks(args.classifier, args.inception_weights, args.lpips_weights, args.device)
+            classifier = load_classifier(args.classifier, args.device) if args.classifier else None
+            networks = placement_networks(classifier, args.inception_weights, args.lpips_weights, args.device)
         except (MetricWeightsError, ModelSourceError) as e:
             raise EvaluationError(str(e)) from None
     doc = evaluate(args.annotations or args.data, args.out, split=args.split, checkpoint=args.checkpoint,

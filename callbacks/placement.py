@@ -28,9 +28,11 @@ class PlacementMetricsCallback(L.Callback):
     def __init__(self, classifier: str | None = None, inception_weights: str | None = None,
                  lpips_weights: str | None = None, every_n_val_epochs: int = 1, boxes_per_image: int = 10,
                  max_eval_samples: int = 64, temperature: float = 1.0, seed: int = 0):
+        from lightning_modules.plausibility import load_classifier
         from metrics.placement_scores import placement_networks
 
-        self.networks = placement_networks(classifier, inception_weights, lpips_weights)
+        loaded = load_classifier(classifier) if classifier is not None else None
+        self.networks = placement_networks(loaded, inception_weights, lpips_weights)
         self.enabled = any(net is not None for net in self.networks.values())
         self.schedule = EveryNValidations(every_n_val_epochs if self.enabled else 0)
         self.boxes_per_image, self.max_eval_samples = int(boxes_per_image), int(max_eval_samples)

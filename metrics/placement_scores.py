@@ -151,12 +151,12 @@ def classifier_agreement(classifier, data_dir, split: str, random_boxes: int = 1
 
 
 def placement_networks(classifier=None, inception_weights=None, lpips_weights=None, device="cpu") -> dict:
-    """The networks `placement_scores` takes, from local files; built before any sampling so a missing
-    file stops at once (`metrics.placement.MetricWeightsError`, `genloc.checkpoint.CheckpointError`)."""
-    from lightning_modules.plausibility import load_classifier
+    """The networks `placement_scores` takes: ``classifier`` as loaded (`lightning_modules.plausibility.
+    load_classifier`, by the caller: metrics import no training code), the others from local files; built
+    before any sampling so a missing file stops at once (`metrics.placement.MetricWeightsError`)."""
     from metrics.placement import InceptionFeatures, lpips_network
 
-    return {"classifier": None if classifier is None else load_classifier(classifier, device),
+    return {"classifier": classifier,
             "fid_features": None if inception_weights is None else InceptionFeatures(inception_weights).to(device),
             "lpips_distance": None if lpips_weights is None else lpips_network(lpips_weights).to(device)}
 
