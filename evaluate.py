@@ -30,6 +30,10 @@ sample are split into groups of one foreground size (OPA: one group per foregrou
 pooled samples may hold several), and for each group N boxes of exactly that size (to within half
 a bin; sizes are clamped to 1..num_bins-1 bins) are drawn, so the model only chooses where. Each
 group is scored as its own sample (key ``{key}@{w}x{h}``); every labelled box still counts once.
+Placement metrics (docs/design/evaluation.md#placement-metrics): ``--classifier CKPT`` (a plausibility
+classifier, ``experiment=toy_plausibility``), ``--inception-weights FILE``, ``--lpips-weights FILE``
+paste each sample's first ``--composites-per-sample`` boxes as copy-paste composites (a local shard
+folder) and add Acc, FID and LPIPS diversity to metrics.json (``placement``).
 
 Inputs are checked like training inputs, by the one box rule of `genloc.boxes`: a shard sample with
 a broken labelled box is skipped and counted (as the training pipeline skips it), a broken box of a

@@ -97,7 +97,8 @@ class PlausibilityModule(L.LightningModule):
 
     def configure_optimizers(self):
         total = max(1, int(self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches))
-        return self.optim.build(self.named_parameters(), total, allow_fused=True)
+        # unfused: Lightning's mixed-precision clipping refuses a fused optimiser, and this network is small
+        return self.optim.build(self.named_parameters(), total, allow_fused=False)
 
 
 def load_classifier(path, device="cpu") -> PlausibilityModule:
