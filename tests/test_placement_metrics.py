@@ -320,3 +320,24 @@ def test_placement_callback_without_the_classifier_file_stops_before_training(tm
                        f"callbacks.placement.classifier={tmp_path / 'none.ckpt'}"])
     with pytest.raises(CheckpointError, match="none.ckpt"):
         train_script.build_callbacks(cfg, tmp_path, [])
+
+
+def test_classifier_run_resumes_and_refuses_a_location_module(tiny_toy_data, tmp_path):
+    import train as train_script
+    from configs.schema import load_config
+    from genloc.checkpoint import CheckpointError
+
+    base = ["experiment=toy_plausibility", f"data.data_dir={tiny_toy_data / 'toy-opa'}", f"log_root={tmp_path}",
+            "trainer.val_check_interval=1", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
+            "data.batch_size=4", "module.image_size=32", "optim.warmup_steps=1"]
+    train_script.train(load_config(base + ["trainer.max_steps=1"]))
+    result = train_script.train(load_config(base + ["trainer.max_steps=2"]))
+    assert result["resumed_from"] is not None and result["trainer"].global_step == 2
+    # a location model stage pointed at the classifier's run folder is refused, naming both modules
+    ckpt = result["run_dir"] / "checkpoints" / "last.ckpt"
+    from lightning_modules.checkpoint import check_resumable
+    from genloc.checkpoint import read_checkpoint
+    from lightning_modules import MLEModule
+
+    with pytest.raises(CheckpointError, match="PlausibilityModule but this run's module is lightning_modules.MLEModule"):
+        check_resumable(read_checkpoint(ckpt, location_model=False), ckpt, {"preset": "tiny"}, MLEModule)
