@@ -30,6 +30,10 @@ sample are split into groups of one foreground size (OPA: one group per foregrou
 pooled samples may hold several), and for each group N boxes of exactly that size (to within half
 a bin; sizes are clamped to 1..num_bins-1 bins) are drawn, so the model only chooses where. Each
 group is scored as its own sample (key ``{key}@{w}x{h}``); every labelled box still counts once.
+Placement metrics (docs/design/evaluation.md#placement-metrics): ``--classifier CKPT`` (a plausibility
+classifier, ``experiment=toy_plausibility``), ``--inception-weights FILE``, ``--lpips-weights FILE``
+paste each sample's first ``--composites-per-sample`` boxes as copy-paste composites (a local shard
+folder) and add Acc, FID and LPIPS diversity to metrics.json (``placement``).
 
 Inputs are checked like training inputs, by the one box rule of `genloc.boxes`: a shard sample with
 a broken labelled box is skipped and counted (as the training pipeline skips it), a broken box of a
@@ -101,6 +105,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep", type=int, help="boxes kept per sample after --rerank")
     p.add_argument("--given-size", action="store_true",
                    help="(with --checkpoint) draw boxes of each labelled foreground size: the model only picks where")
+    placement = p.add_argument_group("placement metrics (docs/design/evaluation.md#placement-metrics; shard folder only)")
+    placement.add_argument("--classifier", type=text, help="plausibility classifier checkpoint (experiment=toy_plausibility): Acc")
+    placement.add_argument("--inception-weights", type=text, help="local torchvision Inception-v3 weights file: FID")
+    placement.add_argument("--lpips-weights", type=text, help="local torchvision AlexNet weights file: LPIPS diversity")
+    placement.add_argument("--composites-per-sample", type=int, default=10, help="boxes per sample pasted (default %(default)s)")
     args = p.parse_args(argv)
     try:
         check_filter_args(args.temperature, args.top_k, args.top_p)
@@ -124,6 +133,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if max(args.ns) > (args.keep or args.num_samples):
         p.error(f"--ns goes up to {max(args.ns)} but " + (f"--keep is {args.keep}" if args.keep else
                                                          f"--num-samples is {args.num_samples}"))
+    if (args.classifier or args.inception_weights or args.lpips_weights) and not (
+            args.composites_per_sample >= 1 and Path(args.data or args.annotations or "").is_dir()):
+        p.error("--classifier/--inception-weights/--lpips-weights need a local shard folder (--data) and "
+                "--composites-per-sample >= 1")
     if args.given_size and not args.checkpoint:
         p.error("--given-size needs --checkpoint (it constrains the model's sampler)")
     if args.checkpoint and not (args.data or args.annotations):
@@ -149,12 +162,31 @@ def main(argv=None) -> dict | None:
                         top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                         sampling_memory=args.sampling_memory, num_workers=args.num_workers, device=args.device,
                         bf16=args.bf16)
-    return evaluate(args.annotations or args.data, args.out, split=args.split, checkpoint=args.checkpoint,
+    networks = None
+    if args.classifier or args.inception_weights or args.lpips_weights:  # built first: a missing file stops at once
+        from genloc.checkpoint import ModelSourceError
+        from lightning_modules.plausibility import load_classifier
+        from metrics.placement import MetricWeightsError
+        from metrics.placement_scores import placement_networks
+
+        try:
+            classifier = load_classifier(args.classifier, args.device) if args.classifier else None
+            networks = placement_networks(classifier, args.inception_weights, args.lpips_weights, args.device)
+        except (MetricWeightsError, ModelSourceError) as e:
+            raise EvaluationError(str(e)) from None
+    doc = evaluate(args.annotations or args.data, args.out, split=args.split, checkpoint=args.checkpoint,
                     data=args.data, predictions=args.predictions, baseline=args.baseline, name=args.name, ns=args.ns,
                     iou_threshold=args.iou_threshold, sampling=sampling, train_split=args.train_split,
                     given_size=args.given_size, allow_missing=args.allow_missing,
                     allow_incomplete=args.allow_incomplete, progress=not args.no_progress, rerank=args.rerank,
                     keep=args.keep)
+    if networks is not None:
+        from metrics.placement_scores import add_placement_scores
+
+        doc = add_placement_scores(doc, args.out, args.data or args.annotations, args.split,
+                                   args.predictions or Path(args.out) / "predictions.jsonl", networks,
+                                   args.composites_per_sample, args.device)
+    return doc
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ from genloc.files import write_atomic  # noqa: E402
 
 log = logging.getLogger("genloc.train")
 SUMMARY_KEYS = ("train/loss", "val/loss", "val/token_acc", "val/plausible_rate", "val/tpr@100", "val/fpr@100",
-                "rewards/accuracies", "rewards/margins")
+                "rewards/accuracies", "rewards/margins",
+                "val/accuracy", "val/roc_auc")
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -39,8 +40,9 @@ def run_dir(cfg: DictConfig) -> Path:
 
 def build_datamodule(cfg: DictConfig, module_cls: type):
     """The datamodule, with its data present (a data kind may write it, e.g. the toy scenes)."""
-    datamodule = instantiate(cfg.data, image_size=model_config(cfg).image_size,
-                             pairs=module_cls.trains_on_pairs, seed=cfg.seed)
+    image_size = cfg.module.image_size if getattr(module_cls, "owns_image_size", False) else model_config(cfg).image_size
+    values = {"image_size": image_size, "pairs": getattr(module_cls, "trains_on_pairs", False), "seed": cfg.seed}
+    datamodule = instantiate(cfg.data, **{k: values[k] for k in internal_args(locate(cfg.data._target_))})
     datamodule.prepare_data()
     missing = datamodule.missing_splits()
     if missing:
@@ -51,7 +53,7 @@ def build_datamodule(cfg: DictConfig, module_cls: type):
 
 def build_module(cfg: DictConfig, module_cls: type):
     internal = {"optim": instantiate(cfg.optim).to_dict()}
-    if not module_cls.model_from_reference:
+    if "model_config" in internal_args(module_cls) and not module_cls.model_from_reference:
         internal["model_config"] = model_config(cfg).to_dict()
     return instantiate(cfg.module, **internal)
 
@@ -101,11 +103,12 @@ def _fit(cfg: DictConfig, module_cls: type, datamodule, directory: Path, extra_c
     from lightning_modules.checkpoint import check_resumable, load_model_weights
     from lightning_modules.run_files import (is_global_rank_zero, move_earlier_run_aside, newest_last_checkpoint,
                                              remove_stale_partials, write_metrics)
+    from lightning_modules.mle import LocationLightningModule
     from genloc.checkpoint import read_checkpoint
 
     checkpoints = directory / "checkpoints"
     last = newest_last_checkpoint(checkpoints) if cfg.resume else None
-    saved = read_checkpoint(last) if last else None  # a corrupt last.ckpt is an error, never a restart
+    saved = read_checkpoint(last, location_model=False) if last else None  # a corrupt last.ckpt is an error, never a restart
     if saved is not None:
         check_config_unchanged(cfg, directory)
     if is_global_rank_zero():
@@ -117,9 +120,13 @@ def _fit(cfg: DictConfig, module_cls: type, datamodule, directory: Path, extra_c
                         "as a run of its own)", directory, earlier)
 
     module = build_module(cfg, module_cls)
+    location = isinstance(module, LocationLightningModule)  # the classifier has no location model
     if saved is not None:  # nor is one of another model or module
-        check_resumable(saved, last, module.model.cfg.to_dict(), module_cls)
+        check_resumable(saved, last, module.model.cfg.to_dict() if location else None, module_cls)
         del saved
+    elif cfg.init_from and not location:
+        raise ConfigError("config key 'init_from': it starts a location model; the plausibility classifier "
+                          "starts from module.weights")
     elif cfg.init_from:
         load_model_weights(module.model, cfg.init_from)
         log.info("initialised model weights from %s", cfg.init_from)

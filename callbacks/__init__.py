@@ -1,5 +1,6 @@
-"""Callbacks: evaluation during training (TPR-FPR, sampled boxes, inpainting) and the training
-infrastructure (checkpoints, reproducible steps, pre-emption, a CSV logger that survives a resume). Imported lazily, so building one
+"""Callbacks: evaluation during training (TPR-FPR, sampled boxes, inpainting, placement metrics) and the
+training infrastructure (checkpoints, reproducible steps, pre-emption, a CSV logger that survives a resume).
+Imported lazily, so building one
 callback does not import the others' heavy dependencies (diffusers)."""
 import importlib
 
@@ -7,6 +8,7 @@ _WHERE = {
     "TprFprCallback": "callbacks.tpr_fpr",
     "SampleImagesCallback": "callbacks.sample_images",
     "InpaintingCallback": "callbacks.inpainting",
+    "PlacementMetricsCallback": "callbacks.placement",
     "FinalCheckpoint": "callbacks.checkpointing",
     "AtomicCheckpointIO": "callbacks.checkpointing",
     "checkpoint_plugins": "callbacks.checkpointing",

@@ -28,7 +28,7 @@ class ReproducibleSteps(L.Callback):
 
     @staticmethod
     def _warm_text_cache(model, categories) -> None:
-        if model.cfg.freeze_text_encoder:
+        if getattr(model, "cached_categories", None) is not None and model.cfg.freeze_text_encoder:  # location models
             for category in dict.fromkeys(categories):
                 if category not in model.cached_categories:  # a cached one would launch a stack kernel for nothing
                     model.encode_texts([category])

@@ -53,6 +53,8 @@ INTERNAL: dict[str, dict[str, str]] = {
         "model_config": "read from the reference checkpoint (the policy has the reference's architecture)",
         "optim": "built from the optim group",
     },
+    "datamodules.composites.CompositeDataModule": {"image_size": "the classifier's image size (module.image_size)"},
+    "lightning_modules.PlausibilityModule": {"optim": "built from the optim group"},
     "lightning.Trainer": {
         "callbacks": "the callbacks group plus the training infrastructure (train.py)",
         "plugins": "atomic checkpoint IO and SLURM handling (callbacks.checkpointing)",
@@ -65,6 +67,7 @@ INTERNAL: dict[str, dict[str, str]] = {
     "callbacks.TprFprCallback": {"seed": "the run's top-level `seed`"},
     "callbacks.SampleImagesCallback": {"seed": "the run's top-level `seed`"},
     "callbacks.InpaintingCallback": {"seed": "the run's top-level `seed`"},
+    "callbacks.PlacementMetricsCallback": {"seed": "the run's top-level `seed`"},
 }
 
 def _at_least(low):
@@ -102,6 +105,12 @@ RANGES: dict[str, dict[str, tuple[typing.Callable[[Any], bool], str]]] = {
         "every_n_val_epochs": _at_least(0), "num_images": _at_least(1), "boxes_per_image": _at_least(1),
     },
     "callbacks.InpaintingCallback": {"every_n_val_epochs": _at_least(0), "num_images": _at_least(1), "steps": _at_least(1)},
+    "datamodules.composites.CompositeDataModule": {
+        "batch_size": _at_least(1), "num_workers": _at_least(0), "random_boxes": _at_least(0),
+        "val_random_boxes": _at_least(0),
+    },
+    "callbacks.PlacementMetricsCallback": {"every_n_val_epochs": _at_least(0), "boxes_per_image": _at_least(1),
+                                           "max_eval_samples": _at_least(1), "temperature": ((lambda v: v > 0), "> 0")},
     "callbacks.FinalCheckpoint": {"save_top_k": _at_least(-1), "every_n_train_steps": _optional_at_least(0)},
 }
 
@@ -113,6 +122,7 @@ ARGUMENT_CHECKS = {
     "lightning_modules.MLEModule": "lightning_modules.mle.check_args",
     "lightning_modules.DPOModule": "lightning_modules.dpo.check_args",
     "callbacks.TprFprCallback": "genloc.sampling.check_filter_args",
+    "lightning_modules.PlausibilityModule": "lightning_modules.plausibility.check_args",
 }
 
 

@@ -33,7 +33,7 @@ from .opa_labels import LabelledSample, read_fopa_pairs, read_opa_csv
 from .shard_format import safe_key
 from .shard_writer import ShardBuild, ShardWriter, SplitStats
 
-__all__ = ["ConversionError", "ConversionReport", "scan_opa_categories", "index_images", "write_labelled_samples",
+__all__ = ["ConversionError", "ConversionReport", "scan_opa_categories", "scan_opa_foregrounds", "convert_opa_composites", "index_images", "write_labelled_samples",
            "convert_opa", "convert_fopa", "convert_pipe", "mask_box", "difference_box", "load_category_map",
            "clean_pipe_category"]
 
@@ -106,6 +106,29 @@ def scan_opa_categories(foreground_dir) -> dict[str, str]:
     return out
 
 
+def scan_opa_foregrounds(foreground_dir) -> dict[str, tuple[Path, Path]]:
+    """fg_id -> (image, mask) paths from OPA's ``foreground/<category>/<fg_id>.jpg`` and ``mask_<fg_id>.jpg``
+    (foregrounds without a mask file are left out)."""
+    out = {}
+    for p in sorted(Path(foreground_dir).glob("*/*")):
+        if p.suffix.lower() in _IMG_EXT and not p.name.startswith("mask_"):
+            mask = next((m for m in (p.with_name(f"mask_{p.stem}{e}") for e in _IMG_EXT) if m.is_file()), None)
+            if mask is not None:
+                out[p.stem] = (p, mask)
+    return out
+
+
+def _foreground_members(fg: tuple[Path, Path]) -> dict[str, bytes]:
+    """The optional ``fg.<ext>`` (verbatim) and ``fgmask.png`` (binary: > 127) members of a sample."""
+    image, mask = fg
+    with Image.open(mask) as m:
+        binary = (np.asarray(m.convert("L")) > 127).astype(np.uint8) * 255
+    buffer = io.BytesIO()
+    Image.fromarray(binary).save(buffer, format="PNG")
+    ext = "png" if image.suffix.lower() == ".png" else "jpg"
+    return {f"fg.{ext}": image.read_bytes(), "fgmask.png": buffer.getvalue()}
+
+
 def index_images(root, what: str = "background folder") -> dict[str, Path]:
     """Image id -> path for every image under ``root`` (recursive). Ids are the file stems with
     leading zeros removed, so FOPA's ``bg/000000580029.jpg`` and OPA's ``580029.jpg`` both match.
@@ -153,10 +176,11 @@ def _split_of(bg_id: str, val_fraction: float) -> bool:
 
 
 def _write_labelled_shard(build: ShardBuild, split: str, index: int, items: list, source: str) -> SplitStats:
-    """One shard of pooled OPA samples; ``items`` are (sample, background path or None)."""
+    """One shard of pooled OPA samples; ``items`` are (sample, background path or None, foreground
+    (image, mask) paths or None)."""
     w = ShardWriter(build.out, split, source, build=build, shard_index=index)
     try:
-        for s, path in items:
+        for s, path, fg in items:
             if path is None:
                 w.drop("background image not found")
                 continue
@@ -165,22 +189,41 @@ def _write_labelled_shard(build: ShardBuild, split: str, index: int, items: list
             except OSError as e:
                 w.drop(f"unreadable background file ({type(e).__name__})")
                 continue
+            meta = {"bg_id": s.bg_id, **s.meta}
+            extra = None
+            if fg is not None:
+                try:
+                    extra = _foreground_members(fg[1:])
+                    meta["foreground_id"] = fg[0]
+                except (OSError, ValueError):
+                    w.stats.notes["foreground: unreadable file, sample kept without it"] += 1
             ann = {"category": s.category, "width": s.width, "height": s.height, "positives": s.positives,
-                   "negatives": s.negatives, "source": source, "meta": {"bg_id": s.bg_id, **s.meta}}
-            w.write(s.key, ann, image_bytes=data)
+                   "negatives": s.negatives, "source": source, "meta": meta}
+            w.write(s.key, ann, image_bytes=data, extra=extra)
     except BaseException:
         w.abort()
         raise
     return w.close()
 
 
+def _first_foreground(sample: LabelledSample, foregrounds: dict | None) -> tuple | None:
+    """(fg_id, image path, mask path) of the sample's first foreground with both files, or None."""
+    for fg_id in sample.meta.get("fg_ids", []) if foregrounds else []:
+        if fg_id in foregrounds:
+            return (fg_id, *foregrounds[fg_id])
+    return None
+
+
 def write_labelled_samples(samples: list[LabelledSample], images: dict[str, Path], out_dir, split: str,
                            num_shards: int = 16, source: str = "opa", val_fraction: float = 0.0,
                            val_split: str = "val", progress: bool = True, workers: int = 1,
-                           build: ShardBuild | None = None) -> list[SplitStats]:
+                           build: ShardBuild | None = None,
+                           foregrounds: dict[str, tuple[Path, Path]] | None = None) -> list[SplitStats]:
     """Write pooled OPA samples (+ their background images) into ``split`` (and ``val_split`` for a
     ``val_fraction`` of backgrounds, recorded as held out from ``split``). Shard ``j`` of ``n`` holds
-    samples ``j, j + n, ...`` of the input order. Without ``build`` the splits are swapped in here."""
+    samples ``j, j + n, ...`` of the input order. Without ``build`` the splits are swapped in here.
+    ``foregrounds`` (fg_id -> image, mask) adds each sample's first foreground that has both as the
+    optional ``fg.jpg`` + ``fgmask.png`` members (``meta.foreground_id``), for copy-paste composites."""
     _check_workers(workers)
     if not 0.0 <= val_fraction < 1.0:
         raise ConversionError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -193,7 +236,7 @@ def write_labelled_samples(samples: list[LabelledSample], images: dict[str, Path
         out = []
         for name, items in groups.items():
             n = max(1, min(num_shards, len(items)))
-            pairs = [(s, images.get(s.bg_id.lstrip("0") or "0")) for s in items]
+            pairs = [(s, images.get(s.bg_id.lstrip("0") or "0"), _first_foreground(s, foregrounds)) for s in items]
             units = [(build, name, j, pairs[j::n], source) for j in range(n)]
             parts = _run_units(_write_labelled_shard, units, workers, f"{source}/{name}", progress,
                                [len(u[3]) for u in units])
@@ -213,7 +256,8 @@ def write_labelled_samples(samples: list[LabelledSample], images: dict[str, Path
 def convert_opa(opa_root, out_dir, splits=("train", "test"), num_shards: int = 16, val_fraction: float = 0.0,
                 progress: bool = True, workers: int = 1) -> ConversionReport:
     """OPA release layout: ``{split}_set.csv``, ``background/<cat>/<bg_id>.jpg``,
-    ``foreground/<cat>/<fg_id>.jpg`` -> one sample per (background, category). The hold-out
+    ``foreground/<cat>/<fg_id>.jpg`` (+ ``mask_<fg_id>.jpg``) -> one sample per (background, category),
+    with its first foreground and mask as optional members (`write_labelled_samples`). The hold-out
     ``val`` comes from ``train``; every split is swapped in together at the end."""
     root = Path(opa_root)
     if not root.is_dir():
@@ -223,13 +267,80 @@ def convert_opa(opa_root, out_dir, splits=("train", "test"), num_shards: int = 1
         raise ConversionError(f"no foreground images under {root / 'foreground'}: expected OPA's "
                               f"foreground/<category>/<fg_id>.jpg (categories come from these folder names)")
     images = index_images(root / "background")
+    foregrounds = scan_opa_foregrounds(root / "foreground")
     samples = {split: read_opa_csv(root / f"{split}_set.csv", categories) for split in splits}  # all checked first
     with ShardBuild(out_dir) as build:
         stats = []
         for split in splits:
             stats += write_labelled_samples(samples[split], images, out_dir, split, num_shards, "opa",
                                             val_fraction if split == "train" else 0.0, progress=progress,
-                                            workers=workers, build=build)
+                                            workers=workers, build=build, foregrounds=foregrounds)
+        return ConversionReport(stats, build.commit())
+
+
+_COMPOSITE_NAME = re.compile(r"^(?P<fg>\d+)_(?P<bg>\d+)_(?P<x>\d+)_(?P<y>\d+)_(?P<w>\d+)_(?P<h>\d+)_"
+                             r"(?P<scale>[0-9.]+)_(?P<label>[01])$")
+
+
+def _write_composite_shard(build: ShardBuild, split: str, index: int, items: list, categories: dict) -> SplitStats:
+    """One shard of OPA's labelled composites; ``items`` are (composite path, its mask path)."""
+    w = ShardWriter(build.out, split, "opa-composites", build=build, shard_index=index)
+    try:
+        for path, mask in items:
+            m = _COMPOSITE_NAME.match(path.stem)
+            x, y, bw, bh = (int(m[k]) for k in ("x", "y", "w", "h"))
+            try:
+                extra = {"composite_mask.png": _foreground_members((path, mask))["fgmask.png"]}
+                data = path.read_bytes()
+            except (OSError, ValueError) as e:
+                w.drop(f"unreadable composite or mask file ({type(e).__name__})")
+                continue
+            box = [[x, y, x + bw, y + bh]]
+            label = int(m["label"])
+            ann = {"category": categories.get(m["fg"], ""), "positives": box if label else [],
+                   "negatives": [] if label else box, "source": "opa-composites",
+                   "meta": {"fg_id": m["fg"], "bg_id": m["bg"], "scale": float(m["scale"]), "label": label}}
+            w.write(safe_key(f"opac-{path.stem}"), ann, image_bytes=data, extra=extra)
+    except BaseException:
+        w.abort()
+        raise
+    return w.close()
+
+
+def convert_opa_composites(opa_root, out_dir, splits=("train", "test"), num_shards: int = 16, progress: bool = True,
+                           workers: int = 1) -> ConversionReport:
+    """OPA's labelled composite set (what SimOPA is trained on): ``composite/{split}_set/`` files named
+    ``{fg_id}_{bg_id}_{x}_{y}_{w}_{h}_{scale}_{label}.jpg`` with ``mask_<same name>.jpg`` -> one sample per
+    composite: the composite image, its box as the positive (label 1) or negative (label 0), the binary
+    composite mask as ``composite_mask.png``. Categories come from ``foreground/<category>/``."""
+    root = Path(opa_root)
+    if not root.is_dir():
+        raise ConversionError(f"OPA folder {root} does not exist; check --opa-root")
+    categories = scan_opa_categories(root / "foreground")
+    found = {}
+    for split in splits:
+        folder = root / "composite" / f"{split}_set"
+        if not folder.is_dir():
+            raise ConversionError(f"no folder {folder}: expected OPA's composite/{split}_set/ of labelled composites")
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMG_EXT and _COMPOSITE_NAME.match(p.stem))
+        pairs = [(p, p.with_name(f"mask_{p.name}")) for p in files]
+        missing = [m for _, m in pairs if not m.is_file()]
+        if not pairs or missing:
+            raise ConversionError(f"{folder}: " + (f"mask file {missing[0].name} missing" if missing else
+                                  "no composite named {fg_id}_{bg_id}_{x}_{y}_{w}_{h}_{scale}_{label}.jpg"))
+        found[split] = pairs
+    with ShardBuild(out_dir) as build:
+        stats = []
+        for split, pairs in found.items():
+            n = max(1, min(num_shards, len(pairs)))
+            units = [(build, split, j, pairs[j::n], categories) for j in range(n)]
+            parts = _run_units(_write_composite_shard, units, workers, f"opa-composites/{split}", progress,
+                               [len(u[3]) for u in units])
+            split_stats = SplitStats(split, "opa-composites")
+            for part in parts:
+                split_stats.merge(part)
+            build.finish_split(split_stats)
+            stats.append(split_stats)
         return ConversionReport(stats, build.commit())
 
 

@@ -7,7 +7,8 @@ name without an entry (real data such as "opa" and "pipe") or None gets a `DataK
 and every caller then skips what the hook would have done.
 
 Callers: the data pipeline mirrors a flipped sample's meta with ``flip_meta``; the TPR-FPR callback
-and evaluate.py score sampled boxes with ``plausible``; train.py writes missing data with ``prepare``.
+and evaluate.py score sampled boxes with ``plausible``; train.py writes missing data with ``prepare``;
+composites (`datamodules.composites`) take the object to paste from ``foreground`` when a shard holds none.
 """
 from __future__ import annotations
 
@@ -30,12 +31,15 @@ class DataKind:
     prepare: ``(data_dir, seed)``: write the data when it is missing (generated data only).
     flip_meta: a sample's meta -> the meta of its horizontally flipped copy.
     plausible: ``(meta, category, boxes_norm [N, 4])`` -> bool ``[N]``: an oracle's verdict on boxes.
+    foreground: ``(meta, category)`` -> (RGB uint8 ``[h, w, 3]``, bool mask ``[h, w]``): the object to
+    paste for composites when the shard stores none (generated data draws its own).
     """
 
     name: str | None
     prepare: Callable[[str, int], None] | None = None
     flip_meta: Callable[[dict], dict] | None = None
     plausible: Callable[[dict, str, np.ndarray], np.ndarray] | None = None
+    foreground: Callable[[dict, str], tuple[np.ndarray, np.ndarray]] | None = None
 
 
 def data_kind(name: str | None) -> DataKind:

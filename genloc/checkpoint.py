@@ -53,8 +53,9 @@ class CheckpointError(ModelSourceError, RuntimeError):
     """A checkpoint that is missing, unreadable or not a GenLoc checkpoint."""
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """torch.load with errors that name the file and what to do."""
+def read_checkpoint(path: str | Path, location_model: bool = True) -> dict:
+    """torch.load with errors that name the file and what to do; ``location_model=False`` also accepts
+    a checkpoint of a module without a location model (the plausibility classifier)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (train a model first, or fix the path)")
@@ -63,7 +64,7 @@ def read_checkpoint(path: str | Path) -> dict:
     except Exception as err:  # truncated zip, pickle error, ...
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(err).__name__}: {err}); "
                               "delete it or point to another checkpoint") from None
-    if "model_config" not in ckpt.get("hyper_parameters", {}) or "state_dict" not in ckpt:
+    if (location_model and "model_config" not in ckpt.get("hyper_parameters", {})) or "state_dict" not in ckpt:
         raise CheckpointError(f"checkpoint {path} is not a GenLoc checkpoint (no hyper_parameters.model_config)")
     return ckpt
 

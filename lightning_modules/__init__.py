@@ -1,4 +1,4 @@
-"""Training logic: the MLE and DPO stages as LightningModules, the DPO loss, the optimiser, checkpoints.
+"""Training logic: the MLE and DPO stages and the plausibility classifier as LightningModules, the DPO loss, the optimiser, checkpoints.
 
 Lightning's oldest tested release (the GPU image of docs/gpu.md) is checked here, before it is
 imported, as genloc checks its own dependencies (`genloc.versions`)."""
@@ -11,5 +11,6 @@ check(MINIMUM)
 from .dpo import DPOModule
 from .mle import LocationLightningModule, MLEModule
 from .optim import AdamWCosine
+from .plausibility import PlausibilityModule
 
-__all__ = ["LocationLightningModule", "MLEModule", "DPOModule", "AdamWCosine"]
+__all__ = ["LocationLightningModule", "MLEModule", "DPOModule", "AdamWCosine", "PlausibilityModule"]

@@ -29,16 +29,19 @@ def saved_module(ckpt: dict) -> str:
     return "lightning_modules.DPOModule" if "beta" in ckpt["hyper_parameters"] else "lightning_modules.MLEModule"
 
 
-def check_resumable(ckpt: dict, path: str | Path, model_config: dict, module_cls: type) -> None:
-    """Refuse to resume a run from a checkpoint another config wrote (different model or module)."""
-    differ = _config_differences(ckpt["hyper_parameters"]["model_config"], model_config)
-    if differ:
-        raise CheckpointError(f"checkpoint {path} was written with another model config ({', '.join(differ[:5])}); "
-                              "resuming it would not be this run. Use another run_name, or resume=false to start over")
+def check_resumable(ckpt: dict, path: str | Path, model_config: dict | None, module_cls: type) -> None:
+    """Refuse to resume a run from a checkpoint another config wrote (different model or module);
+    ``model_config`` None: the module has no location model (the classifier), only the module is compared."""
     saved, wanted = saved_module(ckpt), module_path(module_cls)
     if saved != wanted:
         raise CheckpointError(f"checkpoint {path} was written by {saved} but this run's module is {wanted}; "
                               "use another run_name (or init_from / module.reference to start from it)")
+    saved_config = ckpt["hyper_parameters"].get("model_config")
+    differ = [] if model_config is None and saved_config is None else _config_differences(saved_config or {},
+                                                                                         model_config or {})
+    if differ:
+        raise CheckpointError(f"checkpoint {path} was written with another model config ({', '.join(differ[:5])}); "
+                              "resuming it would not be this run. Use another run_name, or resume=false to start over")
 
 
 def load_model_weights(model: LocationModel, path: str | Path) -> None:

@@ -4,7 +4,8 @@ toy data (generated once) -> toy_pretrain (MLE, toy-pipe) -> toy_finetune (MLE, 
 -> toy_dpo (DPO, toy-opa pairs, frozen toy_finetune reference) -> evaluation (evaluate.py) on toy-opa
 val of both models and two baselines (uniform random boxes; image-blind: random training boxes of
 the class): oracle plausible rate of 100 sampled boxes per image (the toy data kind's oracle),
-TPR/FPR@100, and the TPR-FPR curves in one plot -> the DPO model exported as a model folder
+TPR/FPR@100, and the TPR-FPR curves in one plot -> the plausibility classifier (toy_plausibility) and
+how far its Acc can be trusted against the oracle (`plausibility_stage`) -> the DPO model exported as a model folder
 (`<log_root>/toy_model`, see scripts/export.py). Every stage resumes from its last.ckpt, so a re-run only finishes
 what is missing. Extra `key=value` arguments are passed to every stage (e.g. `log_root=/tmp/runs`).
 """
@@ -57,6 +58,37 @@ def evaluate_all(stages: dict, data_dir: Path, out: Path, seed: int) -> dict[str
     return rows
 
 
+# Rows of the trust table: the recipe's evaluation folder of each method (evaluate_all writes them).
+PLACEMENT_METHODS = {"uniform random boxes": "random", "image-blind (train box of the class)": "blind",
+                     "MLE (toy_finetune)": "mle", "DPO (toy_dpo)": "dpo"}
+
+
+def plausibility_stage(extra: list[str], data_dir: Path, out: Path, seed: int) -> dict:
+    """Stage 4, after everything above (it draws from no generator they use): the plausibility classifier
+    (experiment=toy_plausibility), its accuracy against the oracle on held-out toy-opa test composites
+    (positives, near misses and one uniform box per image), and Acc beside the oracle's plausible rate
+    on the first 10 of each method's 100 boxes per val image (docs/design/evaluation.md#placement-metrics)."""
+    from configs.schema import load_config
+    from lightning_modules.plausibility import load_classifier
+    from metrics.placement_scores import BOXES_PER_SAMPLE, classifier_agreement, placement_scores
+    from metrics.predictions import read_predictions
+    from train import train
+
+    start = time.perf_counter()
+    print("\n=== toy_plausibility ===", flush=True)
+    cfg = load_config(["experiment=toy_plausibility"] + extra)
+    result = train(cfg)
+    classifier = load_classifier(Path(result["run_dir"]) / "checkpoints" / "last.ckpt")
+    train_minutes = round((time.perf_counter() - start) / 60, 2)
+    agreement = classifier_agreement(classifier, data_dir, "test", random_boxes=1, seed=seed)
+    methods = {name: placement_scores(data_dir, "val", read_predictions(out / folder / "predictions.jsonl",
+                                                                        BOXES_PER_SAMPLE), classifier=classifier)
+               for name, folder in PLACEMENT_METHODS.items()}
+    return {"metrics": result["metrics"], "run_dir": str(result["run_dir"]), "max_steps": cfg.trainer.max_steps,
+            "train_minutes": train_minutes, "minutes": round((time.perf_counter() - start) / 60, 2),
+            "agreement": agreement, "methods": methods}
+
+
 def run_settings() -> dict:
     """What the numbers may depend on besides the code's defaults: commit, torch, threads, CPU."""
     import os
@@ -74,7 +106,31 @@ def run_settings() -> dict:
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"), "cpu": cpu or "unknown"}
 
 
+def plausibility_only(argv: list[str]) -> int:
+    """`python -m scripts.toy_recipe plausibility [key=value ...]`: stage 4 alone on the finished recipe run
+    under ``log_root`` (its results.json and evaluation folders), added to that results.json."""
+    from configs.schema import load_config
+    from genloc.files import write_atomic
+    from scripts import results_doc
+
+    cfg = load_config(argv)
+    out = Path(cfg.log_root) / "toy_results"
+    if not (out / "results.json").is_file():
+        print(f"{out / 'results.json'} not found: run the recipe (make train) with this log_root first", file=sys.stderr)
+        return 2
+    results = json.loads((out / "results.json").read_text())
+    data_dir = Path(load_config(["experiment=toy_finetune"] + argv).data.data_dir)
+    results["plausibility"] = plausibility_stage(argv, data_dir, out, cfg.seed)
+    write_atomic(out / "results.json", json.dumps(results, indent=1, default=str))
+    print("\n" + results_doc.trust_table(results_doc.summarise(results)["plausibility"]))
+    print(f"\nstage minutes: toy_plausibility {results['plausibility']['minutes']} (training "
+          f"{results['plausibility']['train_minutes']}); to publish: python -m scripts.results_doc {out / 'results.json'}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["plausibility"]:
+        return plausibility_only(argv[1:])
     from configs.schema import load_config
     from genloc.files import write_atomic
     from scripts import results_doc
@@ -87,11 +143,14 @@ def main(argv: list[str]) -> int:
     rows = evaluate_all(stages, Path(load_config(["experiment=toy_finetune"] + argv).data.data_dir), out, cfg.seed)
     results = {"stages": stages, "rows": rows, "settings": settings}
     text = results_doc.table(results_doc.summarise(results))
+    data_dir = Path(load_config(["experiment=toy_finetune"] + argv).data.data_dir)
+    results["plausibility"] = plausibility_stage(argv, data_dir, out, cfg.seed)
     minutes = (time.perf_counter() - start) / 60
     dpo = stages["toy_dpo"]["metrics"]
     summary = (f"{text}\n\nstage minutes: " + ", ".join(f"{k} {v['minutes']}" for k, v in stages.items())
                + f"; total {minutes:.1f} min\nDPO train rewards/accuracies {dpo.get('rewards/accuracies', float('nan')):.3f},"
                f" margins {dpo.get('rewards/margins', float('nan')):.3f}\nplot: {out / 'tpr_fpr.png'}")
+    summary += "\n\n" + results_doc.trust_table(results_doc.summarise(results)["plausibility"])
     write_atomic(out / "results.md", summary + "\n")
     write_atomic(out / "results.json", json.dumps(results, indent=1, default=str))
     print("\n" + summary)

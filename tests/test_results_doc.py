@@ -86,3 +86,35 @@ def test_committed_readme_and_docs_agree():
     summary = json.loads((ROOT / "docs" / "results.json").read_text())
     assert results_doc.quoted_block((ROOT / "README.md").read_text()) == results_doc.readme_block(summary)
     assert (ROOT / "docs" / "results.md").read_text() == results_doc.results_markdown(summary)
+
+
+def _placement(acc, oracle, per_class_acc, per_class_oracle):
+    return {"acc": acc, "oracle_plausible_rate": oracle, "classifier_oracle_agreement": 0.9, "acc_per_class": per_class_acc,
+            "oracle_plausible_rate_per_class": per_class_oracle, "composites": 40, "boxes_per_sample": 10}
+
+
+def test_trust_table_shows_the_classifier_against_the_oracle_and_both_rankings():
+    results = small_results()
+    results["plausibility"] = {
+        "metrics": {"val/accuracy": 0.93}, "max_steps": 300, "train_minutes": 1.5, "minutes": 2.5, "run_dir": "/x/c",
+        "agreement": {"split": "test", "composites": 1800, "accuracy": 0.9178, "plausible_share": 0.4317,
+                      "per_class": {"lamp": {"accuracy": 0.755, "fooled": 0.2314, "missed": 0.2638, "composites": 379},
+                                    "car": {"accuracy": 0.9727, "fooled": 0.0236, "missed": 0.0326, "composites": 439}}},
+        "methods": {"uniform random boxes": _placement(0.05, 0.01, {"car": 0.1}, {"car": 0.02}),
+                    "MLE (toy_finetune)": _placement(0.8, 0.7, {"car": 0.9, "lamp": 0.5}, {"car": 0.95, "lamp": 0.13}),
+                    "DPO (toy_dpo)": _placement(0.7, 0.75, {"car": 0.85}, {"car": 0.96})}}
+    summary = results_doc.summarise(results)
+    assert "/x/" not in json.dumps(summary)
+    md = results_doc.results_markdown(summary)
+    lines = md.splitlines()
+    assert "## How far Acc can be trusted" in lines
+    assert any("1800 held-out toy-opa test composites (43.2% plausible): accuracy **0.918**" in line for line in lines)
+    assert "| classifier vs oracle | car | lamp |" in lines  # toy class order
+    assert "| fooled: implausible judged plausible | 0.024 | 0.231 |" in lines
+    assert "| MLE (toy_finetune) | 0.800 | 0.700 | 0.900 | 0.900 / 0.950 | 0.500 / 0.130 |" in lines
+    assert "| uniform random boxes | 0.050 | 0.010 | 0.900 | 0.100 / 0.020 | - / - |" in lines
+    # Acc ranks MLE above DPO, the oracle DPO above MLE: the table says the orders differ
+    assert any("Ranked by Acc: MLE (toy_finetune) > DPO (toy_dpo) > uniform random boxes; by the oracle: DPO (toy_dpo) > "
+               "MLE (toy_finetune) > uniform random boxes: **a different order**." in line for line in lines)
+    del results["plausibility"]  # results of runs before the classifier stage render as before
+    assert "How far Acc" not in results_doc.results_markdown(results_doc.summarise(results))

@@ -24,6 +24,11 @@ def tiny_mle_checkpoint(tiny_toy_data, tmp_path_factory):
 
 def experiment_overrides(name, data_root, log_root, ckpt) -> list[str]:
     flavour = "toy-pipe" if "pretrain" in name else "toy-opa"
+    if "plausibility" in name:  # the classifier: composites, no location model or its callbacks
+        return [f"experiment={name}", f"data.data_dir={data_root / flavour}", f"log_root={log_root}",
+                "trainer.max_steps=1", "trainer.val_check_interval=1", "trainer.limit_val_batches=1",
+                "trainer.enable_progress_bar=false", "data.batch_size=4", "module.image_size=32",
+                "optim.warmup_steps=1", "data.val_split=val", "data.num_workers=0"]
     overrides = [f"experiment={name}"] + tiny_run_overrides(data_root / flavour, log_root)
     cfg_text = (CONFIG_DIR / "experiment" / f"{name}.yaml").read_text()
     if "dpo" in cfg_text:

@@ -15,9 +15,10 @@ import numpy as np
 from ..kinds import DataKind
 from .scenes import (CLASSES, DEFAULT_SIZES, flip_scene, generate_scene, is_plausible, make_sample, render_scene,
                      sample_negative, sample_positive, write_toy_dataset, write_toy_split)
+from .sprites import sprite
 
 __all__ = ["DATA_KIND", "CLASSES", "DEFAULT_SIZES", "flip_scene", "generate_scene", "is_plausible", "make_sample",
-           "render_scene", "sample_negative", "sample_positive", "write_toy_dataset", "write_toy_split"]
+           "render_scene", "sample_negative", "sample_positive", "sprite", "write_toy_dataset", "write_toy_split"]
 
 log = logging.getLogger("datamodules")
 
@@ -48,4 +49,9 @@ def plausible(meta: dict, category: str, boxes_norm: np.ndarray) -> np.ndarray:
     return is_plausible(meta["scene"], category, np.asarray(boxes_norm, dtype=np.float64).reshape(-1, 4))
 
 
-DATA_KIND = DataKind(name="toy", prepare=prepare, flip_meta=flip_meta, plausible=plausible)
+def foreground(meta: dict, category: str) -> tuple[np.ndarray, np.ndarray]:
+    """The class's flat sprite for the sample's scene (`sprites`; its own generator, so scenes never change)."""
+    return sprite(meta["scene"]["seed"], category)
+
+
+DATA_KIND = DataKind(name="toy", prepare=prepare, flip_meta=flip_meta, plausible=plausible, foreground=foreground)
