@@ -79,13 +79,16 @@ class Likelihood:
         batch, plen, width = prefix.shape
         embeds = self.input_embeds(boxes.tokens[:, :3])  # [M, 4, D]
         if boxes.one_each:
-            return self.decoder(inputs_embeds=torch.cat([prefix, embeds], dim=1), use_cache=False,
+            # use_cache=True: without a cache and a mask, transformers reads the positions back to the
+            # host (a packed-sequence check, one sync per step); the cache holds what backward keeps anyway
+            return self.decoder(inputs_embeds=torch.cat([prefix, embeds], dim=1), use_cache=True,
                                 logits_to_keep=4).logits
         k = boxes.per_image
         slots = embeds.new_zeros(batch, k, 4, width).index_put((boxes.owner, boxes.slot), embeds)
         sequence = torch.cat([prefix, slots.view(batch, 4 * k, width)], dim=1)
-        positions = torch.cat([torch.arange(plen), plen + torch.arange(4).repeat(k)]).to(prefix.device)
-        logits = self.decoder(inputs_embeds=sequence, attention_mask=one_pass_mask(plen, k, prefix.device),
+        device = prefix.device
+        positions = torch.cat([torch.arange(plen, device=device), plen + torch.arange(4, device=device).repeat(k)])
+        logits = self.decoder(inputs_embeds=sequence, attention_mask=one_pass_mask(plen, k, device),
                               position_ids=positions[None], use_cache=False, logits_to_keep=4 * k).logits
         return logits.view(batch, k, 4, -1)[boxes.owner, boxes.slot]
 
@@ -202,7 +205,8 @@ class BoxBatch:
     owner: Tensor   # LongTensor[M]: the image of each box
     slot: Tensor    # LongTensor[M]: its position among its image's boxes
     images: int     # B
-    per_image: int  # the most boxes of one image (>= 1)
+    per_image: int  # slots per image: the most boxes of one image rounded up to a power of two (a bucket:
+    #                 the one-pass sequence takes few shapes, so a compiled decoder does not recompile per batch)
     one_each: bool  # one box per image, in image order (owner == arange(B))
 
     @classmethod
@@ -227,7 +231,8 @@ class BoxBatch:
         slot = torch.empty_like(owner)
         slot[order] = torch.arange(len(owner)) - (counts.cumsum(0) - counts)[owner[order]]
         one_each = len(owner) == images and bool((owner == torch.arange(images)).all())
-        return cls(tokens, owner, slot, images, max(1, int(counts.max())) if len(owner) else 1, one_each)
+        most = int(counts.max()) if len(owner) else 1
+        return cls(tokens, owner, slot, images, 1 << max(0, most - 1).bit_length(), one_each)
 
     def to(self, device, non_blocking: bool = False) -> "BoxBatch":
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731

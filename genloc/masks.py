@@ -53,7 +53,8 @@ class ConstraintMasks:
         """
         nb = self.cfg.num_bins
         if region is None:
-            return torch.tensor([0, 0, nb - 1, nb - 1], device=device).expand(batch, 4)
+            # (0, 0, nb - 1, nb - 1) made on the device: no host-to-device copy inside a training step
+            return torch.arange(4, device=device).div(2, rounding_mode="floor").mul(nb - 1).expand(batch, 4)
         region = torch.as_tensor(region, dtype=torch.float64, device=device)
         if region.shape == (4,):
             region = region.expand(batch, 4)

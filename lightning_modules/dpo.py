@@ -212,7 +212,9 @@ class DPOModule(LocationLightningModule):
         stats = self.dpo_metrics(batch)
         size = len(batch["key"])
         # one all-reduce for all statistics: pair-weighted means over every rank's batch
-        local = torch.stack([stats[m].detach().float() * size for m in METRICS] + [stats["loss"].new_tensor(size)])
+        # new_full fills on the device (new_tensor would copy a host number there and wait for it)
+        local = torch.stack([stats[m].detach().float() * size for m in METRICS]
+                            + [stats["loss"].detach().float().new_full((), size)])
         total = self.trainer.strategy.reduce(local, reduce_op="sum") if self.trainer.world_size > 1 else local
         for i, name in enumerate(METRICS):
             self.log("train/loss" if name == "loss" else name, total[i] / total[-1],

@@ -166,7 +166,8 @@ class MLEModule(LocationLightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/nll", nll, batch_size=batch_size)
         self.log("train/token_acc", accuracy, batch_size=batch_size)
-        self.log("train/boxes_per_batch", float(n_boxes), batch_size=batch_size)
+        # a host tensor: Lightning would copy a Python number to the device, waiting for it, every step
+        self.log("train/boxes_per_batch", torch.tensor(float(n_boxes)), batch_size=batch_size)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -11,6 +11,7 @@ from genloc.likelihood import BoxBatch, one_pass_mask
 from genloc.checkpoint import save_model_checkpoint
 from lightning_modules.dpo import DPOModule, pair_box_log_probs, pair_boxes
 from lightning_modules.mle import MLEModule
+from benchmarks.chip import HostReads
 from tests.helpers.batches import OPTIM, pair_batch
 
 OWNERS = {"one box per image": [0, 1, 2], "several, one image without": [0, 0, 2, 2, 2, 0]}
@@ -44,6 +45,7 @@ def test_one_pass_equals_the_repeated_prefix_in_values_and_gradients(relative_ex
     expected = run(lambda: model.box_log_probs(prefix[owner], tokens, with_distribution=True))
     boxes = BoxBatch.build(tokens, owner, 3, model.cfg.num_bins)
     assert boxes.one_each == (layout == "one box per image")
+    assert boxes.per_image == (1 if boxes.one_each else 4)  # 3 boxes of image 2 padded to the bucket of 4
     for one_pass in (True, False):
         got = run(lambda: model.batch_log_probs(prefix, boxes, with_distribution=True, one_pass=one_pass))
         torch.testing.assert_close(got[0], expected[0], rtol=0, atol=1e-12)
@@ -77,6 +79,8 @@ def test_box_batch_checks_on_the_host_and_names_the_row():
             BoxBatch.build(good.cuda(), torch.tensor([0, 1]), 2, 64)
     boxes = BoxBatch.build(good[[1, 0, 1]], torch.tensor([2, 0, 2]), 3, 64)
     assert boxes.slot.tolist() == [0, 0, 1] and boxes.per_image == 2 and not boxes.one_each
+    buckets = {BoxBatch.build(good[[0] * m], torch.zeros(m, dtype=torch.long), 1, 64).per_image for m in range(1, 17)}
+    assert buckets == {1, 2, 4, 8, 16}  # 16 box counts, 5 shapes
     kept = boxes.select([0, 2])
     assert kept.owner.tolist() == [1, 0, 1] and kept.images == 2
 
@@ -176,29 +180,6 @@ def test_dpo_same_values_and_gradients_and_one_call_per_model(mle_ckpt):
     torch.testing.assert_close(paired, direct, rtol=0, atol=1e-12)
 
 
-class HostReads:
-    """Makes every read of a tensor's value into Python (``.item()``, ``.tolist()``, ``bool()``, ``int()``,
-    ``float()``) raise while active: on a GPU each is a host-device synchronisation."""
-
-    NAMES = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
-
-    def __init__(self):
-        self.saved = {}
-
-    def __enter__(self):
-        for name in self.NAMES:
-            self.saved[name] = getattr(torch.Tensor, name)
-
-            def refuse(*args, _name=name, **kwargs):
-                raise AssertionError(f"Tensor.{_name} called inside the training step")
-            setattr(torch.Tensor, name, refuse)
-        return self
-
-    def __exit__(self, *exc):
-        for name, fn in self.saved.items():
-            setattr(torch.Tensor, name, fn)
-
-
 class NoHostReadsInStep(L.Callback):
     """Forward, loss, logging and backward of every training step under `HostReads` (the optimiser's
     CPU step reads its step count; the fused CUDA AdamW does not, and the GPU check's sync-debug part
@@ -241,13 +222,14 @@ def _fit(module, batches):
 def test_training_steps_read_nothing_back_from_the_device(one_pass, mle_ckpt):
     torch.manual_seed(0)
     mle = MLEModule(model_config=LocationModelConfig.preset("tiny").to_dict(), optim=OPTIM, one_pass=one_pass)
-    assert _fit(mle, [_mle_batch(), _mle_batch()]) == 2
+    one_each = dict(_mle_batch(), positives=[torch.tensor([[0.1, 0.5, 0.4, 0.7]])] * 3)  # the plain causal pass
+    assert _fit(mle, [_mle_batch(), one_each]) == 2
     dpo = DPOModule(optim=OPTIM, beta=0.5, reference=mle_ckpt, one_pass=one_pass)
     assert _fit(dpo, [pair_batch(0), pair_batch(1)]) == 2
 
 
 def test_the_guard_catches_a_host_read():
-    with HostReads(), pytest.raises(AssertionError, match="Tensor.item"):
+    with HostReads(), pytest.raises(AssertionError, match="Tensor.item read a value back"):
         torch.ones(2).sum().item()
     with HostReads(), pytest.raises(AssertionError, match="__bool__"):
         if torch.ones(2).all():
