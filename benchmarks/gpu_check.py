@@ -302,15 +302,18 @@ class Budget:
         return False
 
 
+EAGER_PATHS = (("two passes", False, False), ("one pass", True, False))
+COMPILED_PATH = (("one pass, compiled", True, True),)
+
+
 def path_rows(config: dict, host: dict, batches: list[int], precision: str, steps: int, device: torch.device,
-              compiled: bool, budget: "Budget", several: list[dict]) -> list[dict]:
-    """The MLE step at each of ``batches`` (host batches cut from ``host``) by decoder path: two passes
-    (default), one pass, and with ``compiled`` one pass with ``compile_decoder`` (first-step seconds and
-    the graphs compiled in the note). ``several``: host batches with 1-4 boxes per image, stepped once
-    each after the timing, so the note shows whether a new box count recompiles."""
+              variants: tuple, budget: "Budget", several: list[dict]) -> list[dict]:
+    """The MLE step at each of ``batches`` (host batches cut from ``host``) by decoder path, ``variants``
+    of (name, one_pass, compile_decoder): `EAGER_PATHS` (two passes, the default, and one pass) or
+    `COMPILED_PATH` (one pass with ``compile_decoder``: first-step seconds and graphs compiled in the
+    note). ``several``: host batches with 1-4 boxes per image, stepped once each after the timing,
+    so a "recompiles" row shows whether a new box count recompiles."""
     rows = []
-    variants = [("two passes", False, False), ("one pass", True, False)] + ([("one pass, compiled", True, True)]
-                                                                             if compiled else [])
     for name, one_pass, compile_decoder in variants:
         if not budget.allows(f"MLE step, {name}"):
             continue
@@ -338,16 +341,15 @@ def path_rows(config: dict, host: dict, batches: list[int], precision: str, step
                 r["note"] += f"; {graphs_compiled() - graphs} while timed"
             rows.append(r)
             print(f"MLE step {name} batch {size}: {r['ms']:.1f} ms", file=sys.stderr, flush=True)
-        if several and one_pass:
+        if several and compile_decoder:
             graphs = graphs_compiled()
             counts = []
             for b in several:
                 trainee.step(trainee.prepare(b, device), precision)
                 counts.append(graphs_compiled() - graphs)
                 graphs = graphs_compiled()
-            if compile_decoder:
-                rows.append(row("recompiles", f"MLE, {name}", precision, str(len(several[0]["key"])),
-                                note=f"graphs compiled by {len(several)} batches of 1-4 boxes/image: {counts}"))
+            rows.append(row("recompiles", f"MLE, {name}", precision, str(len(several[0]["key"])),
+                            note=f"graphs compiled by {len(several)} batches of 1-4 boxes/image: {counts}"))
         trainee = module = None
         free_memory(device)
     return rows
@@ -471,7 +473,7 @@ def run(args, device: torch.device) -> dict:
                 rows += sync_rows(config, str(reference), host, one_pass, device)
         sizes = sorted({*args.batches, *([largest_bf16] if largest_bf16 else [])})
         several = [several_boxes(host, seed) for seed in (1, 2, 3)]
-        rows += path_rows(config, host, sizes, bf16, args.steps, device, args.compile, budget, several)
+        rows += path_rows(config, host, sizes, bf16, args.steps, device, EAGER_PATHS, budget, several)
 
         if budget.allows("DPO"):
             for one_pass in (False, True):
@@ -491,6 +493,8 @@ def run(args, device: torch.device) -> dict:
         if budget.allows("train.py fit loop"):
             rows.append(fit_loop_row(preset, config, args, device, Path(tmp)))
             print(f"fit loop: {rows[-1]['ms']:.1f} ms per step", file=sys.stderr, flush=True)
+        if args.compile:  # last: compiling takes a minute or more per shape
+            rows += path_rows(config, host, sizes, bf16, args.steps, device, COMPILED_PATH, budget, several)
 
     if args.smoke:
         passed, wall, summary = smoke_gpu(args.quick, str(device), args.smoke_steps)
