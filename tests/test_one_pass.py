@@ -251,3 +251,12 @@ def test_an_invalid_box_fails_on_the_host_before_the_batch_moves(mle_ckpt):
     bad = pair_batch(0)
     del bad["rejected"]
     assert dpo.on_before_batch_transfer(bad, 0) is bad and "token_boxes" not in bad  # dpo_metrics names the key
+
+
+def test_the_switch_is_a_module_key_of_the_config():
+    from configs.schema import ConfigError, load_config
+
+    assert load_config(["module.one_pass=true"]).module.one_pass is True
+    assert load_config([]).module.one_pass is False  # the CPU default: today's two passes
+    with pytest.raises(ConfigError, match="one_pass"):
+        load_config(["module.one_pass=sometimes"])
