@@ -49,8 +49,10 @@ bench: venv
 demo: venv
 	$(PY) demo.py $(ARGS)
 
-# Paper preset on one CUDA GPU, a few minutes: step times, sampling, memory, largest batch
-# (results/gpu_check/gpu_check.md and .json). Without a GPU: $(PY) -m benchmarks.gpu_check --quick
+# The one GPU check (docs/gpu.md section 7), paper preset on one CUDA GPU, under 8 minutes: step times by
+# decoder path at batches 64/256/largest (eager and compiled), the sync check, sampling, memory, largest
+# batch, the fit loop with a profiler trace, then smoke-gpu (results/gpu_check/).
+# Without a GPU: $(PY) -m benchmarks.gpu_check --quick
 bench-gpu: venv
 	$(PY) -m benchmarks.gpu_check
 

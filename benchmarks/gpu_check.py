@@ -49,9 +49,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.chip import graphs_compiled, several_boxes, smoke_gpu, sync_check  # noqa: E402
 from benchmarks.dpo_step import OPTIM, make_batch  # noqa: E402
 from genloc.checkpoint import save_model_checkpoint  # noqa: E402
 from genloc.files import write_atomic  # noqa: E402
+from genloc.likelihood import BoxBatch  # noqa: E402
 from lightning_modules.dpo import DPOModule  # noqa: E402
 from lightning_modules.mle import MLEModule  # noqa: E402
 from genloc import LocationModelConfig  # noqa: E402
@@ -127,7 +129,7 @@ def seconds(fn, device: torch.device) -> float:
 
 def to_device(value, device: torch.device):
     """Tensors, also inside lists and dicts, moved to ``device`` (what Lightning does to a batch)."""
-    if torch.is_tensor(value):
+    if torch.is_tensor(value) or isinstance(value, BoxBatch):
         return value.to(device, non_blocking=True)
     if isinstance(value, dict):
         return {k: to_device(v, device) for k, v in value.items()}
@@ -147,7 +149,17 @@ class Trainee:
         self.optimizer = torch.optim.AdamW(self.params, lr=OPTIM["lr"], betas=tuple(OPTIM["betas"]),
                                            weight_decay=OPTIM["weight_decay"], **({"fused": True} if fused else {}))
 
+    def prepare(self, batch: dict, device: torch.device) -> dict:
+        """A host batch as the module's training step gets it from Lightning: the module's
+        ``on_before_batch_transfer`` (token boxes checked on the host), then moved to ``device``."""
+        return to_device(self.module.on_before_batch_transfer(dict(batch), 0), device)
+
     def step(self, batch: dict, precision: str) -> None:
+        self.backward(batch, precision)
+        self.update()
+
+    def backward(self, batch: dict, precision: str) -> None:
+        """Zeroed gradients, the objective's loss (autocast for bf16-mixed) and its backward pass."""
         device = batch["image"].device
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
@@ -156,6 +168,9 @@ class Trainee:
             else:
                 loss = self.module.dpo_metrics(batch)["loss"]
         loss.backward()
+
+    def update(self) -> None:
+        """Gradient clipping and the optimiser step."""
         torch.nn.utils.clip_grad_norm_(self.params, CLIP)
         self.optimizer.step()
 
@@ -222,7 +237,7 @@ def largest_batch(trainee: Trainee, precision: str, image_size: int, max_batch: 
     while size <= max_batch:
         oom = False
         try:
-            batch = to_device(make_batch(size, image_size, seed=size), device)
+            batch = trainee.prepare(make_batch(size, image_size, seed=size), device)
             with PeakMemory(device) as memory:
                 trainee.step(batch, precision)
         except (torch.OutOfMemoryError, RuntimeError) as error:
@@ -287,17 +302,68 @@ class Budget:
         return False
 
 
-def compiled_step_row(config: dict, batch: dict, precision: str, steps: int, device: torch.device) -> dict:
-    """The MLE step with ``compile_decoder``: compile time (the first steps) in the note."""
-    torch.manual_seed(0)
-    module = MLEModule(model_config={**config, "compile_decoder": True}, optim=OPTIM).to(device).train()
-    trainee = Trainee(module, "mle")
-    compile_s = seconds(lambda: trainee.step(batch, precision), device)
-    result = time_steps(trainee, batch, precision, steps, device, "compiled decoder",
-                        f"first step (compiling) {compile_s:.1f} s")
-    trainee = module = None  # release the compiled model before the next row
-    free_memory(device)
-    return result
+EAGER_PATHS = (("two passes", False, False), ("one pass", True, False))
+COMPILED_PATH = (("one pass, compiled", True, True),)
+
+
+def path_rows(config: dict, host: dict, batches: list[int], precision: str, steps: int, device: torch.device,
+              variants: tuple, budget: "Budget", several: list[dict]) -> list[dict]:
+    """The MLE step at each of ``batches`` (host batches cut from ``host``) by decoder path, ``variants``
+    of (name, one_pass, compile_decoder): `EAGER_PATHS` (two passes, the default, and one pass) or
+    `COMPILED_PATH` (one pass with ``compile_decoder``: first-step seconds and graphs compiled in the
+    note). ``several``: host batches with 1-4 boxes per image, stepped once each after the timing,
+    so a "recompiles" row shows whether a new box count recompiles."""
+    rows = []
+    for name, one_pass, compile_decoder in variants:
+        if not budget.allows(f"MLE step, {name}"):
+            continue
+        torch.manual_seed(0)
+        module = MLEModule(model_config={**config, "compile_decoder": compile_decoder}, optim=OPTIM,
+                           one_pass=one_pass).to(device).train()
+        trainee = Trainee(module, "mle")
+        for size in batches:
+            if not budget.allows(f"MLE step, {name}, batch {size}"):
+                continue
+            batch = trainee.prepare(cut(host, size), device)
+            graphs = graphs_compiled()
+            first = seconds(lambda: trainee.step(batch, precision), device)
+            note = f"first step {first:.1f} s, {graphs_compiled() - graphs} graphs compiled" if compile_decoder else ""
+            graphs = graphs_compiled()
+            try:
+                r = time_steps(trainee, batch, precision, steps, device, name, note)
+            except (torch.OutOfMemoryError, RuntimeError) as error:
+                if not out_of_memory(error):
+                    raise
+                trainee.reset(device)
+                rows.append(row("train step", f"MLE, {name}", precision, str(size), note="out of memory"))
+                continue
+            if compile_decoder:
+                r["note"] += f"; {graphs_compiled() - graphs} while timed"
+            rows.append(r)
+            print(f"MLE step {name} batch {size}: {r['ms']:.1f} ms", file=sys.stderr, flush=True)
+        if several and compile_decoder:
+            graphs = graphs_compiled()
+            counts = []
+            for b in several:
+                trainee.step(trainee.prepare(b, device), precision)
+                counts.append(graphs_compiled() - graphs)
+                graphs = graphs_compiled()
+            rows.append(row("recompiles", f"MLE, {name}", precision, str(len(several[0]["key"])),
+                            note=f"graphs compiled by {len(several)} batches of 1-4 boxes/image: {counts}"))
+        trainee = module = None
+        free_memory(device)
+    return rows
+
+
+def cut(batch: dict, size: int) -> dict:
+    """The first ``size`` samples of a host batch, repeated when it is shorter."""
+    total = len(batch["key"])
+    index = [i % total for i in range(size)]
+    out = {}
+    for key, value in batch.items():
+        out[key] = value[torch.tensor(index)] if torch.is_tensor(value) else [value[i] for i in index]
+    out["key"] = [f"{k}-{n}" for n, k in enumerate(out["key"])]
+    return out
 
 
 class StepClock(L.Callback):
@@ -328,12 +394,15 @@ class StepClock(L.Callback):
 
 def fit_loop_row(preset: str, config: dict, args, device: torch.device, work: Path) -> dict:
     """`train.py` (Lightning, toy shards, ``args.workers`` loader workers, no validation) at the batch
-    and precision of the synthetic MLE step; steps after the first ``skip`` are timed."""
+    and precision of the synthetic MLE step; steps after the first ``skip`` are timed, and a
+    ``torch.profiler`` trace of three untimed steps before them is written into ``args.out``."""
+    from benchmarks.chip import TraceWindow
+
     import train as train_script
     from configs.schema import load_config
     from datamodules.toy.scenes import write_toy_dataset
 
-    skip, steps = (2, 6) if args.quick else (20, args.fit_steps)
+    skip, steps = (5, 8) if args.quick else (20, args.fit_steps)
     shards = max(args.workers, 1)
     write_toy_dataset(work / "toy", seed=0, sizes={"toy-pipe": {"train": args.batch_size * (steps + 4), "val": 8}},
                       num_shards=shards, progress=False)
@@ -350,9 +419,10 @@ def fit_loop_row(preset: str, config: dict, args, device: torch.device, work: Pa
     if device.type == "cuda":
         overrides.append(f"trainer.devices=[{device.index}]")
     clock = StepClock(skip)
-    train_script.train(load_config(overrides), extra_callbacks=[clock])
+    trace = TraceWindow(first=skip - 4, count=3, out=Path(args.out))
+    train_script.train(load_config(overrides), extra_callbacks=[clock, trace])
     rate = clock.steps_per_second
-    note = f"{args.workers} workers, steps {skip + 1}-{clock.steps} timed"
+    note = f"{args.workers} workers, steps {skip + 1}-{clock.steps} timed; trace of steps {skip - 3}-{skip - 1}: fit_trace.json"
     return row("fit loop", "MLE, train.py on toy shards", precision, str(args.batch_size), 1e3 / rate,
                rate * args.batch_size, "samples/s", note=note)
 
@@ -365,13 +435,16 @@ def run(args, device: torch.device) -> dict:
     budget = Budget(args.time_budget)
     rows: list[dict] = [matmul_peak(device, 512 if args.quick else 8192)]
     torch.manual_seed(0)
-    batch = to_device(make_batch(args.batch_size, image_size), device)
+    host = make_batch(args.batch_size, image_size)
+    bf16 = "bf16-mixed"
+    largest_bf16 = None
 
     with tempfile.TemporaryDirectory() as tmp:
         mle = MLEModule(model_config=config, optim=OPTIM)
         reference = Path(tmp) / "mle.ckpt"
         save_model_checkpoint(mle.model, reference)
         trainee = Trainee(mle.to(device).train(), "mle")
+        batch = trainee.prepare(host, device)
         for precision in PRECISIONS:
             if budget.allows(f"MLE step {precision}"):
                 rows.append(time_steps(trainee, batch, precision, args.steps, device))
@@ -380,49 +453,81 @@ def run(args, device: torch.device) -> dict:
             with tf32(True):
                 rows.append(time_steps(trainee, batch, "fp32", args.steps, device, "TF32"))
         if cuda and budget.allows("MLE step with foreach AdamW"):
-            rows.append(time_steps(Trainee(mle, "mle", fused=False), batch, "bf16-mixed", args.steps, device,
+            rows.append(time_steps(Trainee(mle, "mle", fused=False), batch, bf16, args.steps, device,
                                    "foreach AdamW"))
+        if budget.allows(f"largest MLE batch {bf16}"):
+            rows.append(largest_batch(trainee, bf16, image_size, args.max_batch, device))
+            largest_bf16 = int(rows[-1]["batch"]) or None
+            print(f"largest MLE batch {bf16}: {rows[-1]['batch']}", file=sys.stderr, flush=True)
         model = mle.model.eval()
         for images in args.sample_images:
             if budget.allows(f"sampling {images} images"):
                 rows += sampling_rows(model, images, args.boxes, args.repeats, device, bf16=cuda)
                 print(f"sampling {images} images done", file=sys.stderr, flush=True)
         mle.train()
-        for precision in PRECISIONS:
-            if budget.allows(f"largest MLE batch {precision}"):
-                rows.append(largest_batch(trainee, precision, image_size, args.max_batch, device))
-                print(f"largest MLE batch {precision}: {rows[-1]['batch']}", file=sys.stderr, flush=True)
-        del trainee, mle, model
+        del trainee, mle, model, batch
         free_memory(device)
 
-        if args.compile and budget.allows("MLE step with compiled decoder"):
-            rows.append(compiled_step_row(config, batch, "bf16-mixed", args.steps, device))
+        for one_pass in (False, True):
+            if budget.allows(f"sync check, one_pass={one_pass}"):
+                rows += sync_rows(config, str(reference), host, one_pass, device)
+        sizes = sorted({*args.batches, *([largest_bf16] if largest_bf16 else [])})
+        several = [several_boxes(host, seed) for seed in (1, 2, 3)]
+        rows += path_rows(config, host, sizes, bf16, args.steps, device, EAGER_PATHS, budget, several)
+
         if budget.allows("DPO"):
-            dpo = DPOModule(optim=OPTIM, beta=0.1, reference=str(reference)).to(device).train()
-            dpo._reference()  # the frozen reference follows the policy's device
-            trainee = Trainee(dpo, "dpo")
-            for precision in PRECISIONS:
-                if budget.allows(f"DPO step {precision}"):
-                    rows.append(time_steps(trainee, batch, precision, args.steps, device))
-                    print(f"DPO step {precision}: {rows[-1]['ms']:.1f} ms", file=sys.stderr, flush=True)
-            for precision in PRECISIONS:
-                if budget.allows(f"largest DPO batch {precision}"):
-                    rows.append(largest_batch(trainee, precision, image_size, args.max_batch, device))
-                    print(f"largest DPO batch {precision}: {rows[-1]['batch']}", file=sys.stderr, flush=True)
-            del trainee, dpo
-            free_memory(device)
+            for one_pass in (False, True):
+                dpo = DPOModule(optim=OPTIM, beta=0.1, reference=str(reference), one_pass=one_pass).to(device).train()
+                dpo._reference()  # the frozen reference follows the policy's device
+                trainee = Trainee(dpo, "dpo")
+                batch = trainee.prepare(host, device)
+                for precision in (PRECISIONS if not one_pass else (bf16,)):
+                    if budget.allows(f"DPO step {precision}, one_pass={one_pass}"):
+                        rows.append(time_steps(trainee, batch, precision, args.steps, device,
+                                               "one pass" if one_pass else ""))
+                        print(f"DPO step {precision}: {rows[-1]['ms']:.1f} ms", file=sys.stderr, flush=True)
+                if not one_pass and budget.allows(f"largest DPO batch {bf16}"):
+                    rows.append(largest_batch(trainee, bf16, image_size, args.max_batch, device))
+                del trainee, dpo, batch
+                free_memory(device)
         if budget.allows("train.py fit loop"):
             rows.append(fit_loop_row(preset, config, args, device, Path(tmp)))
             print(f"fit loop: {rows[-1]['ms']:.1f} ms per step", file=sys.stderr, flush=True)
+        if args.compile:  # last: compiling takes a minute or more per shape
+            rows += path_rows(config, host, sizes, bf16, args.steps, device, COMPILED_PATH, budget, several)
 
+    if args.smoke:
+        passed, wall, summary = smoke_gpu(args.quick, str(device), args.smoke_steps)
+        rows.append(row("smoke-gpu", "scripts.smoke_gpu", "bf16-mixed", "-", 1e3 * wall,
+                        note=("PASS" if passed else "FAIL") + f" in {wall:.0f} s: {summary}"))
     flops = training_flops_per_sample(LocationModelConfig.from_dict(config))
     add_mfu(rows, flops)
+    failed = [f"{r['section']} ({r['variant']})" for r in rows if r["note"].startswith("FAIL")]
     return {"device": describe(device), "preset": preset, "flops_per_sample": flops, "settings": {
-                "batch_size": args.batch_size, "steps": args.steps, "boxes": args.boxes,
+                "batch_size": args.batch_size, "batches": args.batches, "steps": args.steps, "boxes": args.boxes,
                 "sample_images": args.sample_images, "repeats": args.repeats, "max_batch": args.max_batch,
                 "workers": args.workers, "fit_steps": args.fit_steps, "compile": args.compile,
-                "time_budget_s": args.time_budget},
-            "seconds": time.perf_counter() - budget.start, "skipped": budget.skipped, "rows": rows}
+                "smoke": args.smoke, "time_budget_s": args.time_budget},
+            "seconds": time.perf_counter() - budget.start, "skipped": budget.skipped, "failed": failed, "rows": rows}
+
+
+def sync_rows(config: dict, reference: str, host: dict, one_pass: bool, device: torch.device) -> list[dict]:
+    """`benchmarks.chip.sync_check` of the MLE and the DPO step (bf16-mixed) on one decoder path."""
+    rows = []
+    for objective in ("mle", "dpo"):
+        torch.manual_seed(0)
+        module = (MLEModule(model_config=config, optim=OPTIM, one_pass=one_pass) if objective == "mle"
+                  else DPOModule(optim=OPTIM, beta=0.1, reference=reference, one_pass=one_pass)).to(device).train()
+        if objective == "dpo":
+            module._reference()
+        trainee = Trainee(module, objective)
+        _, note = sync_check(trainee, trainee.prepare(host, device), "bf16-mixed", device)
+        name = objective.upper() + (", one pass" if one_pass else ", two passes")
+        rows.append(row("sync check", name, "bf16-mixed", str(len(host["key"])), note=note))
+        print(f"sync check {name}: {note}", file=sys.stderr, flush=True)
+        del trainee, module
+        free_memory(device)
+    return rows
 
 
 def describe(device: torch.device) -> dict:
@@ -455,8 +560,11 @@ def markdown(result: dict) -> str:
     ratios = sampling_ratios(result["rows"], memory=d["type"] == "cuda")
     if ratios:
         lines += ["", "Sampling, cascade / copied cache: " + "; ".join(ratios)]
-    lines += [line for line in (precision_ratios(result["rows"]), fit_ratio(result["rows"])) if line]
+    lines += [line for line in (precision_ratios(result["rows"]), fit_ratio(result["rows"]),
+                                path_ratios(result["rows"]), dpo_ratio(result["rows"])) if line]
     lines += ["", f"Model FLOPs per MLE training sample (genloc/flops.py): {result['flops_per_sample'] / 1e9:.2f} GFLOP"]
+    if result["failed"]:
+        lines += ["", "FAILED: " + ", ".join(result["failed"])]
     if result["skipped"]:
         lines += ["", f"Skipped (time budget {result['settings']['time_budget_s']:.0f} s): "
                   + ", ".join(result["skipped"])]
@@ -506,6 +614,31 @@ def fit_ratio(rows: list[dict]) -> str:
     return ""
 
 
+def path_ratios(rows: list[dict]) -> str:
+    """``"MLE step bf16-mixed, two passes / one pass [/ compiled]: batch <b>: <x>x; ..."`` (ms ratios)."""
+    ms = {(r["variant"], r["batch"]): r["ms"] for r in rows
+          if r["section"] == "train step" and r["variant"].startswith("MLE, ") and r["ms"]}
+    parts = []
+    for (variant, size), two in ms.items():
+        if variant != "MLE, two passes":
+            continue
+        found = [f"{two / ms[v, size]:.2f}x {v[5:]}" for v in ("MLE, one pass", "MLE, one pass, compiled")
+                 if (v, size) in ms]
+        if found:
+            parts.append(f"batch {size}: " + ", ".join(found))
+    return "\nMLE step, two passes / (one pass, compiled one pass): " + "; ".join(parts) if parts else ""
+
+
+def dpo_ratio(rows: list[dict]) -> str:
+    """The DPO step over the MLE step (bf16-mixed, same batch), for the default and the one-pass path."""
+    ms = {(r["variant"], r["batch"]): r["ms"] for r in rows
+          if r["section"] == "train step" and r["precision"] == "bf16-mixed" and r["ms"]}
+    parts = [f"{label} {ms[dpo, size] / ms[mle, size]:.2f}x at batch {size}"
+             for label, dpo, mle in (("two passes", "DPO", "MLE"), ("one pass", "DPO, one pass", "MLE, one pass"))
+             for size in sorted({b for _, b in ms}, key=int) if (dpo, size) in ms and (mle, size) in ms]
+    return "\nDPO / MLE step (bf16-mixed): " + "; ".join(parts) if parts else ""
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -520,13 +653,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, help="largest training batch tried (default 4096, quick 16)")
     p.add_argument("--workers", type=int, help="loader workers of the fit-loop row (default 8, quick 0)")
     p.add_argument("--fit-steps", type=int, default=120, help="training steps of the fit-loop row (default 120)")
+    p.add_argument("--batches", type=int, nargs="+",
+                   help="batches of the decoder-path rows, besides the largest bf16 one (default 64 256, quick 4 8)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="time the MLE step with compile_decoder, compile time included (default: on CUDA)")
-    p.add_argument("--time-budget", type=float, default=270.0,
-                   help="seconds after which remaining sections are skipped (default 270)")
+    p.add_argument("--smoke", action=argparse.BooleanOptionalAction, default=True,
+                   help="run scripts.smoke_gpu last, timed (quick: --device cpu --tiny; default on)")
+    p.add_argument("--smoke-steps", type=int, default=100, help="training steps of the smoke part (default 100)")
+    p.add_argument("--time-budget", type=float, default=300.0,
+                   help="seconds after which remaining sections are skipped (default 300; the smoke part runs after)")
     args = p.parse_args(argv)
     quick = args.quick
     for name, full, small in (("batch_size", 64, 4), ("steps", 10, 2), ("sample_images", [8, 64], [2, 4]),
+                              ("batches", [64, 256], [4, 8]),
                               ("repeats", 3, 1), ("max_batch", 4096, 16)):
         if getattr(args, name) is None:
             setattr(args, name, small if quick else full)
@@ -535,10 +674,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.compile is None:
         args.compile = args.device.startswith("cuda")
     numbers = [args.batch_size, args.steps, args.boxes, args.repeats, args.max_batch, args.fit_steps - 20,
-               *args.sample_images]
+               args.smoke_steps - 1, *args.sample_images, *args.batches]
     if min(numbers) < 1 or args.time_budget <= 0 or args.workers < 0:
-        p.error("--batch-size, --steps, --boxes, --sample-images, --repeats and --max-batch must be >= 1, "
-                "--fit-steps > 20, --workers >= 0, --time-budget > 0")
+        p.error("--batch-size, --batches, --steps, --boxes, --sample-images, --repeats and --max-batch must be >= 1, "
+                "--fit-steps > 20, --smoke-steps >= 2, --workers >= 0, --time-budget > 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("no CUDA device is visible (torch.cuda.is_available() is False): run on a GPU machine, or use "
                 "--quick for the CPU smoke test")
@@ -567,7 +706,7 @@ def main(argv=None) -> int:
     write_atomic(out / "gpu_check.md", table)
     print(table)
     print(f"wrote {out / 'gpu_check.md'} and {out / 'gpu_check.json'}")
-    return 0
+    return 1 if result["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ toy OPA scenes with several positives per image):
   same in-memory batches, AdamW + LR schedule + grad clipping 1.0 as the trainer config);
 - data: the same Trainer fed by the real `ShardDataModule` (JPEG decode, flips; in-process and with
   ``--num-workers`` workers) vs the in-memory batches;
-- shared-prefix (`box_log_probs_shared`, what `MLEModule` uses) vs repeated-prefix teacher forcing;
+- shared-prefix (`batch_log_probs`, what `MLEModule` uses) vs repeated-prefix teacher forcing;
 - bf16 autocast vs fp32; gradient accumulation (2 half batches) vs one full batch;
 - DPO with frozen features shared by policy and reference vs the reference re-encoding the images;
 - with ``--compile``: `model.compile_decoder=true` (torch.compile) vs eager, plus compile seconds.
@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from benchmarks.dpo_step import OPTIM, make_batch  # noqa: E402
 from datamodules import ShardDataModule  # noqa: E402
 from genloc.checkpoint import save_model_checkpoint  # noqa: E402
-from lightning_modules.dpo import DPOModule, pair_box_log_probs  # noqa: E402
+from lightning_modules.dpo import DPOModule, pair_box_log_probs, pair_boxes  # noqa: E402
 from lightning_modules.dpo_loss import dpo_loss  # noqa: E402
 from lightning_modules.mle import MLEModule, flatten_boxes  # noqa: E402
 from lightning_modules.optim import warmup_cosine  # noqa: E402
@@ -131,15 +131,15 @@ def dpo_feature_sharing(batch_size: int, rounds: int) -> dict[str, float]:
         dpo = DPOModule(optim=OPTIM, beta=0.1, reference=str(ckpt))
     batch = make_batch(batch_size, config["image_size"])
     ref = dpo._reference()
-    chosen, rejected = (ref.tokenizer.encode(batch[k]) for k in ("chosen", "rejected"))
+    pairs = pair_boxes(*(ref.tokenizer.encode(batch[k]) for k in ("chosen", "rejected")), ref.cfg.num_bins)
 
     def reencode_loss():
         policy = dpo.model
         prefix = policy.build_prefix(policy.encode_images(batch["image"]), policy.encode_texts(batch["category"]))
-        lp = pair_box_log_probs(policy, prefix, chosen, rejected)
+        lp = pair_box_log_probs(policy, prefix, pairs)
         with torch.no_grad():
             ref_prefix = ref.build_prefix(ref.encode_images(batch["image"]), ref.encode_texts(batch["category"]))
-            rp = pair_box_log_probs(ref, ref_prefix, chosen, rejected)
+            rp = pair_box_log_probs(ref, ref_prefix, pairs)
         return dpo_loss(lp[:, 0], lp[:, 1], rp[:, 0], rp[:, 1], 0.1)[0].mean()
 
     loop = PlainLoop(dpo, rounds + 1)

@@ -9,6 +9,7 @@ import torch
 from lightning_modules.optim import AdamWCosine
 from genloc import LocationModel, LocationModelConfig
 from genloc.config import ArgumentError
+from genloc.likelihood import BoxBatch
 
 
 def flatten_boxes(box_lists: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,10 +51,27 @@ class LocationLightningModule(L.LightningModule):
     trains_on_pairs = False
     model_from_reference = False
 
-    def __init__(self, model_config: dict, optim: dict):
+    def __init__(self, model_config: dict, optim: dict, one_pass: bool = False):
         super().__init__()
         self.optim = AdamWCosine(**optim)
         self.model = LocationModel(LocationModelConfig.from_dict(model_config))
+        self.one_pass = one_pass
+
+    def token_boxes(self, batch: dict) -> BoxBatch:
+        """The batch's token boxes, checked and laid out on the host (`BoxBatch`); a subclass says which."""
+        raise NotImplementedError
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Token boxes encoded and checked while the batch is still on the host: the training step then
+        never waits on the device to validate them (an invalid box is still an error, raised here)."""
+        batch["token_boxes"] = self.token_boxes(batch)
+        return batch
+
+    def batch_token_boxes(self, batch: dict) -> BoxBatch:
+        """`token_boxes` as the hook left them; a batch that did not pass the hook (a benchmark's, a
+        test's) is checked now, on a host copy."""
+        boxes = batch.get("token_boxes")
+        return self.token_boxes(batch) if boxes is None else boxes
 
     def prefix(self, batch: dict) -> torch.Tensor:
         images = self.model.encode_images(batch["image"])
@@ -111,24 +129,31 @@ class MLEModule(LocationLightningModule):
     With ``label_sigma_bins > 0`` the training loss is `smoothed_token_nll` (Gaussian targets over
     neighbouring bins); ``val/loss`` is always the plain NLL. (Measured on toy scenes: a large gain
     with the absolute reading of x2/y2, none with relative extents; README, design choices.)
+    ``one_pass``: the prefix and every positive of an image through GPT-2 in one call
+    (`LocationModel.batch_log_probs`, same values); off: the prefix pass then the boxes' pass.
     """
 
-    def __init__(self, model_config: dict, optim: dict, label_sigma_bins: float = 0.0):
+    def __init__(self, model_config: dict, optim: dict, label_sigma_bins: float = 0.0, one_pass: bool = False):
         check_args(label_sigma_bins)
-        super().__init__(model_config, optim)
+        super().__init__(model_config, optim, one_pass)
         self.save_hyperparameters()
+
+    def token_boxes(self, batch: dict) -> BoxBatch:
+        boxes, owner = flatten_boxes([p.cpu() for p in batch["positives"]])
+        return BoxBatch.build(self.model.tokenizer.encode(boxes), owner, len(batch["key"]), self.model.cfg.num_bins)
 
     def box_nll(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """Mean per-token NLL over all positive boxes, the smoothed training loss (== NLL when
         ``label_sigma_bins`` is 0), token accuracy, and the number of boxes."""
-        boxes, owner = flatten_boxes(batch["positives"])
+        boxes = self.batch_token_boxes(batch)
         if len(boxes) == 0:
             raise ValueError(f"batch of keys {batch['key'][:4]}... has no positive box to train on")
         prefix = self.prefix(batch)
-        tokens = self.model.tokenizer.encode(boxes.to(prefix.device))
+        boxes = boxes.to(prefix.device, non_blocking=True)
+        tokens = boxes.tokens
         # each image's prefix runs through GPT-2 once, however many positives it has
-        log_probs, distribution = self.model.box_log_probs_shared(prefix, owner, tokens,
-                                                                  with_distribution=True)
+        log_probs, distribution = self.model.batch_log_probs(prefix, boxes, with_distribution=True,
+                                                             one_pass=self.one_pass)
         accuracy = (distribution.argmax(-1) == tokens).float().mean()
         nll = -log_probs.mean()
         sigma = self.hparams.label_sigma_bins if self.training else 0.0
@@ -141,7 +166,8 @@ class MLEModule(LocationLightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/nll", nll, batch_size=batch_size)
         self.log("train/token_acc", accuracy, batch_size=batch_size)
-        self.log("train/boxes_per_batch", float(n_boxes), batch_size=batch_size)
+        # a host tensor: Lightning would copy a Python number to the device, waiting for it, every step
+        self.log("train/boxes_per_batch", torch.tensor(float(n_boxes)), batch_size=batch_size)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -159,7 +185,9 @@ def _select(batch: dict, index: list[int]) -> dict:
         return batch
     out = {}
     for key, value in batch.items():
-        if torch.is_tensor(value) and value.ndim > 0 and len(value) == len(batch["key"]):
+        if isinstance(value, BoxBatch):
+            out[key] = value.select(index)
+        elif torch.is_tensor(value) and value.ndim > 0 and len(value) == len(batch["key"]):
             out[key] = value[torch.tensor(index, device=value.device)]
         elif isinstance(value, (list, tuple)) and len(value) == len(batch["key"]):
             out[key] = [value[i] for i in index]

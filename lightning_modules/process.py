@@ -26,3 +26,6 @@ def ignore_false_lightning_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     # The run folder holds this run's own checkpoints by design (resumed from, locked against others).
     warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+    # The modules encode and check token boxes on the host before a batch moves (on_before_batch_transfer);
+    # the datamodule has no such hook, so the module's is the one meant.
+    warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule`")

@@ -26,7 +26,8 @@ RESUME_MAY_CHANGE = (
     "trainer.limit_val_batches", "trainer.profiler", "trainer.detect_anomaly",
     "data.data_dir", "data.num_workers", "data.eval_batch_size", "data.persistent_workers", "data.pin_memory",
     "data.prefetch_factor", "callbacks", "model.compile_decoder", "model.pretrained", "model.vit_weights",
-    "model.clip_weights", "model.gpt2_weights", "module.reference", "optim.fused", "tf32", "logger",
+    "model.clip_weights", "model.gpt2_weights", "module.reference", "module.one_pass", "optim.fused", "tf32",
+    "logger",
 )
 
 

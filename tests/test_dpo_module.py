@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 import lightning_modules.dpo as dpo_module
 from genloc.checkpoint import model_state_dict, read_checkpoint, save_model_checkpoint
 from genloc.hub import load_location_model
-from lightning_modules.dpo import DPOModule, pair_box_log_probs
+from lightning_modules.dpo import DPOModule, pair_box_log_probs, pair_boxes
 from lightning_modules.mle import MLEModule
 from genloc import LocationModelConfig
 from tests.helpers.batches import OPTIM, pair_batch
@@ -196,7 +196,7 @@ def test_shared_prefix_scoring_equals_box_log_probs(mle_ckpt):
     model, batch = module.model, pair_batch(2)
     prefix = model.build_prefix(model.encode_images(batch["image"]), model.encode_texts(batch["category"]))
     chosen, rejected = model.tokenizer.encode(batch["chosen"]), model.tokenizer.encode(batch["rejected"])
-    shared = pair_box_log_probs(model, prefix, chosen, rejected)
+    shared = pair_box_log_probs(model, prefix, pair_boxes(chosen, rejected, model.cfg.num_bins))
     grad_shared = torch.autograd.grad(shared.sum(), model.image_proj.weight, retain_graph=True)[0]
     direct = torch.stack([model.box_log_probs(prefix, chosen).sum(-1), model.box_log_probs(prefix, rejected).sum(-1)], 1)
     grad_direct = torch.autograd.grad(direct.sum(), model.image_proj.weight)[0]

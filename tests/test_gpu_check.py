@@ -7,36 +7,76 @@ import sys
 import pytest
 import torch
 
-from benchmarks import gpu_check
+from benchmarks import chip, gpu_check
 from tests.helpers import ROOT
 
 
 @pytest.mark.slow
 def test_quick_mode_writes_every_row(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--quick", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert result["preset"] == "tiny" and result["device"]["type"] == "cpu" and not result["skipped"]
-    steps = {(r["variant"], r["precision"]): r for r in result["rows"] if r["section"] == "train step"}
-    assert set(steps) == {(v, p) for v in ("MLE", "DPO") for p in ("fp32", "bf16-mixed")}
-    assert all(r["ms"] > 0 and r["rate"] == pytest.approx(4 / (r["ms"] / 1e3)) for r in steps.values())
+    assert result["failed"] == []
+    steps = {(r["variant"], r["precision"], r["batch"]): r for r in result["rows"] if r["section"] == "train step"}
+    paths = {(v, "bf16-mixed", b) for v in ("MLE, two passes", "MLE, one pass") for b in ("4", "8", "16")}
+    assert set(steps) == {(v, p, "4") for v in ("MLE", "DPO") for p in ("fp32", "bf16-mixed")} | paths | {
+        ("DPO, one pass", "bf16-mixed", "4")}
+    assert all(r["ms"] > 0 and r["rate"] == pytest.approx(int(r["batch"]) / (r["ms"] / 1e3)) for r in steps.values())
     sampling = [(r["variant"], r["batch"]) for r in result["rows"] if r["section"] == "sampling"]
     assert sampling == [("cascade", "2 img x 100"), ("copied cache", "2 img x 100"),
                         ("cascade", "4 img x 100"), ("copied cache", "4 img x 100")]
     largest = [r for r in result["rows"] if r["section"] == "largest batch"]
-    assert len(largest) == 4 and all(r["batch"] == "16" and "--max-batch 16" in r["note"] for r in largest)
+    assert [(r["variant"], r["precision"]) for r in largest] == [("MLE", "bf16-mixed"), ("DPO", "bf16-mixed")]
+    assert all(r["batch"] == "16" and "--max-batch 16" in r["note"] for r in largest)
     peak = [r for r in result["rows"] if r["section"] == "matmul peak"]
     assert len(peak) == 1 and peak[0]["rate"] > 0 and peak[0]["unit"] == "TFLOP/s"
-    assert all("MFU" in r["note"] for r in steps.values() if r["variant"] == "MLE")
-    assert not any("MFU" in r["note"] for r in steps.values() if r["variant"] == "DPO")
+    assert all("MFU" in r["note"] for key, r in steps.items() if key[0].startswith("MLE"))
+    assert not any("MFU" in r["note"] for key, r in steps.items() if key[0].startswith("DPO"))
+    sync = {r["variant"]: r["note"] for r in result["rows"] if r["section"] == "sync check"}
+    assert set(sync) == {f"{o}, {p}" for o in ("MLE", "DPO") for p in ("two passes", "one pass")}
+    assert all(note.startswith("PASS") for note in sync.values()), sync
     fit = [r for r in result["rows"] if r["section"] == "fit loop"]
     assert len(fit) == 1 and fit[0]["batch"] == "4" and fit[0]["precision"] == "fp32" and fit[0]["rate"] > 0
+    assert json.loads((tmp_path / "fit_trace.json").read_text())["traceEvents"]
+    assert "Self CPU" in (tmp_path / "fit_profile.txt").read_text()
+    smoke = [r for r in result["rows"] if r["section"] == "smoke-gpu"]
+    assert len(smoke) == 1 and smoke[0]["note"].startswith("PASS") and "smoke-gpu: all parts passed" in smoke[0]["note"]
     assert result["flops_per_sample"] > 0
     table = (tmp_path / "gpu_check.md").read_text()
     assert table in proc.stdout and "| train step | DPO | bf16-mixed | 4 |" in table
     assert "Sampling, cascade / copied cache: 2 img x 100:" in table
     assert "train.py fit loop / synthetic MLE step (fp32, batch 4):" in table
+    assert "MLE step, two passes / (one pass, compiled one pass): batch 4: " in table
+    assert "DPO / MLE step (bf16-mixed): two passes " in table and "one pass " in table
+
+
+def test_a_failed_part_fails_the_check(tmp_path, monkeypatch):
+    """A sync (or a failed smoke part) is a FAIL row, listed under the table, and exit code 1."""
+    rows = [gpu_check.row("sync check", "MLE, one pass", "bf16-mixed", "64",
+                          note="FAIL at genloc/likelihood.py:80: synchronizing")]
+    result = {"device": {"type": "cpu", "name": "x", "torch": "t"}, "preset": "tiny", "seconds": 1.0,
+              "flops_per_sample": 1.0, "skipped": [], "failed": ["sync check (MLE, one pass)"], "rows": rows,
+              "settings": {"time_budget_s": 1.0}}
+    monkeypatch.setattr(gpu_check, "run", lambda args, device: result)
+    assert gpu_check.main(["--quick", "--out", str(tmp_path)]) == 1
+    assert "FAILED: sync check (MLE, one pass)" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_the_cpu_sync_check_names_the_line_that_reads_back():
+    class Reads:
+        def step(self, batch, precision):
+            pass
+
+        def backward(self, batch, precision):
+            torch.ones(2).sum().item()
+
+        def update(self):
+            pass
+
+    passed, note = chip.sync_check(Reads(), {}, "fp32", torch.device("cpu"))
+    assert not passed and note.startswith("FAIL at tests/test_gpu_check.py:") and "Tensor.item" in note
 
 
 def test_out_of_memory_is_recognised_and_other_errors_are_not():
@@ -59,6 +99,9 @@ class _FakeTrainee:
         self.sizes.append(len(batch["key"]))
         if len(batch["key"]) > self.limit:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    def prepare(self, batch, device):
+        return batch
 
     def reset(self, device):
         self.resets += 1
