@@ -12,15 +12,9 @@ import numpy as np
 from PIL import Image
 
 from .boxes import normalise, pixel_rect, validate_boxes
+from .choices import REGIONS
 
 PROMPT_TEMPLATE = "a photo of a {}"
-# The paper's positional instructions, as normalised x1,y1,x2,y2 regions.
-REGIONS = {
-    "left": (0.0, 0.0, 0.5, 1.0),
-    "right": (0.5, 0.0, 1.0, 1.0),
-    "top": (0.0, 0.0, 1.0, 0.5),
-    "bottom": (0.0, 0.5, 1.0, 1.0),
-}
 
 
 def parse_region(spec: str | None, size: tuple[int, int]) -> tuple[float, float, float, float] | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 
+from genloc.choices import BACKENDS
 from genloc.inpainters.backends import FluxFillInpainter, GLIGENInpainter, SDInpainter
 from genloc.inpainters.base import (CROP_MARGIN, DEFAULT_STEPS, MODES, BackendFolderError, Inpainter, Insertion)
 from genloc.inpainters.editors import DiffRegion, Edit, InstructEditor, changed_region
@@ -19,7 +20,8 @@ from genloc.inpainters.powerpaint import PowerPaintInpainter
 
 _BACKENDS = {cls.name: cls for cls in (SDInpainter, FluxFillInpainter, PowerPaintInpainter, GLIGENInpainter)}
 _EDITORS = {cls.name: cls for cls in (InstructEditor,)}
-BACKENDS = tuple(_BACKENDS)
+if tuple(_BACKENDS) != BACKENDS:  # the names --help lists (genloc.choices) are the adapters' names
+    raise ImportError(f"genloc.choices.BACKENDS {BACKENDS} does not match the adapters {tuple(_BACKENDS)}")
 EDITORS = tuple(_EDITORS)
 
 

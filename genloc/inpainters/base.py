@@ -19,14 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from genloc.choices import CROP_MARGIN, DEFAULT_STEPS, MODES  # noqa: F401 (re-exported)
 from genloc.inpainting import (PROMPT_TEMPLATE, box_mask, composite, context_rect, feathered_alpha, grow_mask,
                                mask_bbox, prompt_for, working_size)
-
-MODES = ("auto", "crop", "whole")
-# Context on each side of the mask's long side in crop mode: the mask covers about a third of the
-# crop (1 / 1.8 of its side), enough surroundings for the object's scale and lighting.
-CROP_MARGIN = 0.4
-DEFAULT_STEPS = 30
 
 
 class BackendFolderError(FileNotFoundError):
