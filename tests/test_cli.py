@@ -187,7 +187,7 @@ def test_an_unreadable_photo_is_one_line_and_the_others_are_done(model_dir, phot
     assert main(["place", "--model", str(model_dir), "--image", str(photos), "--category", "cup",
                  "--out", str(out)]) == 1
     err = capsys.readouterr().err
-    assert f"--image {photos / 'broken.jpg'}" in err and "1 photo(s) not done" in err
+    assert f"genloc place: --image {photos / 'broken.jpg'}: " in err and "1 photo(s) not done" in err
     assert len(lines(out)) == 3
 
 

@@ -114,7 +114,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, measure=None)
     step = 1 if insert else args.batch_size
     batches = [single[i:i + step] for i in range(0, len(single), step)] + [[p] for p in todo if len(p.categories) > 1]
     for batch in batches:
-        images = read_images(batch)
+        images = read_images(batch, parser.prog, bar.write)
         ready = [(p, img) for p, img in zip(batch, images) if img is not None]
         failed += len(batch) - len(ready)
         if ready:
@@ -124,7 +124,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, measure=None)
                 parser.error(str(err))
             for line in lines:
                 if line.get("error"):
-                    print(f"{parser.prog}: {line['image']}: {line['error']}", file=sys.stderr)
+                    bar.write(f"{parser.prog}: {line['image']}: {line['error']}")
                     failed += 1
                     continue
                 append_jsonl(out / BOXES_FILE, {**line, "options": options, "genloc_version": __version__})
@@ -139,8 +139,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, measure=None)
     return 0
 
 
-def read_images(photos: list[Photo]) -> list:
-    """Each photo as 8-bit RGB, or None (its problem printed as one line: the other photos go on)."""
+def read_images(photos: list[Photo], prog: str, say) -> list:
+    """Each photo as 8-bit RGB, or None (its problem said in one line: the other photos go on)."""
     from ..images import to_rgb_image
 
     images = []
@@ -148,10 +148,10 @@ def read_images(photos: list[Photo]) -> list:
         try:
             image, notes = to_rgb_image(photo.image)
         except (OSError, ValueError) as err:
-            print(f"genloc: --image {photo.image}: {err}", file=sys.stderr)
+            say(f"{prog}: --image {photo.image}: {err}")
             image, notes = None, []
         for note in notes:
-            print(f"note: {photo.image}: {note}", file=sys.stderr)
+            say(f"note: {photo.image}: {note}")
         images.append(image)
     return images
 

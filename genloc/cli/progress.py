@@ -24,6 +24,13 @@ class Progress:
         else:
             print(f"{self.desc}: {self.done}/{self.total}", file=sys.stderr, flush=True)
 
+    def write(self, line: str) -> None:
+        """A message line on stderr that does not break the bar."""
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -67,7 +67,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     model = load_model(parser, args.model, resolve_device(args.device))
     lines, failed = [], 0
     for image_path, category, boxes in todo:
-        image, = read_images([Photo(image_path)])
+        image, = read_images([Photo(image_path)], parser.prog, lambda line: print(line, file=sys.stderr))
         if image is None:
             failed += 1
             continue
