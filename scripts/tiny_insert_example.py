@@ -31,7 +31,7 @@ def main(out: Path = Path("docs/insert_example")) -> None:
     torch.manual_seed(0)
     save_model_checkpoint(LocationModel(LocationModelConfig.preset("tiny")), work / "tiny_random.ckpt")
     try:
-        insert.main(["--image", str(PHOTO), "--category", "cat", "--checkpoint", str(work / "tiny_random.ckpt"),
+        insert.main(["--image", str(PHOTO), "--category", "cat", "--model", str(work / "tiny_random.ckpt"),
                      "--inpainter", str(work / "tiny_sd_inpaint"), "--n", "2", "--region", "left", "--steps", "4",
                      "--resolution", "256", "--feather", "4", "--seed", "0", "--out", str(out)])
     finally:

@@ -204,7 +204,7 @@ def test_an_unreadable_photo_is_one_line_and_the_others_are_done(model_dir, phot
     (["place", "--region", "middle"], "argument --region: 'middle' is neither one of"),
     (["place", "--image", "no/such.png"], "--image no/such.png: no such file, folder or pattern"),
     (["place", "--image", "nothing/*.png"], "--image nothing/*.png: the pattern matches no photo"),
-    (["place", "--model", "no/such/folder"], "--model no/such/folder: no such model folder"),
+    (["place", "--model", "no/such/folder"], "--model no/such/folder not found: no such model folder"),
     (["insert", "--inpainter", "no-such-folder"], "--inpainter no-such-folder: no such folder, and not a Hub id"),
     (["insert", "--steps", "0", "--inpainter", "."], "argument --steps: must be a whole number >= 1"),
     (["insert"], "the following arguments are required: --inpainter"),

@@ -140,7 +140,7 @@ def test_insert_missing_model_is_a_clear_error(tmp_path, capsys):
         insert.main(["--image", str(PHOTO), "--category", "cat", "--model", str(tmp_path / "nope.ckpt"),
                      "--inpainter", str(tmp_path), "--out", str(tmp_path / "out")])
     assert exc.value.code == 2
-    assert f"--model {tmp_path / 'nope.ckpt'}: no such model folder or checkpoint" in capsys.readouterr().err
+    assert f"--model {tmp_path / 'nope.ckpt'} not found: no such model folder or checkpoint" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, says", [

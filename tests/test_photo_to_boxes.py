@@ -63,7 +63,7 @@ def test_compare_insertion_samples_through_place_from_any_model_source(source, m
     with open(tmp_path / "pairs.csv", "w", newline="") as f:
         csv.writer(f).writerows([["image", "category"], ["photo.png", "airplane"]])
     args = compare_insertion.build_parser().parse_args(
-        ["--images", str(tmp_path), "--checkpoint", str(model_files / source), "--out", str(tmp_path / "out"),
+        ["--images", str(tmp_path), "--model", str(model_files / source), "--out", str(tmp_path / "out"),
          "--methods", "x=sd:unused", "--seed", "7"])
     samples = compare_insertion.read_samples(tmp_path, "test")
     boxes = compare_insertion.genloc_boxes(args, samples)

@@ -47,7 +47,8 @@ def check_sources(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if getattr(args, "n", None) is not None and len(args.category or []) > 1:
         parser.error("--n applies to one category; several categories get one box each")
     if not is_model_source(args.model):
-        parser.error(f"--model {args.model}: no such model folder or checkpoint, and not a Hub id (owner/name)")
+        parser.error(f"--model {args.model} not found: no such model folder or checkpoint, and not a Hub id "
+                     "(owner/name)")
     inpainter = getattr(args, "inpainter", None)
     if inpainter is not None and not is_model_source(inpainter):
         parser.error(f"--inpainter {inpainter}: no such folder, and not a Hub id (owner/name); pass a diffusers "

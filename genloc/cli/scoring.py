@@ -58,7 +58,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     todo = requests(parser, args)
     if not is_model_source(args.model):
-        parser.error(f"--model {args.model}: no such model folder or checkpoint, and not a Hub id (owner/name)")
+        parser.error(f"--model {args.model} not found: no such model folder or checkpoint, and not a Hub id "
+                     "(owner/name)")
     if args.out is not None:
         try:
             prepare_output_dir(Path(args.out).parent, "--out")
