@@ -246,3 +246,24 @@ def test_progress_without_tqdm_is_a_line_per_step(monkeypatch, capsys):
     bar.update()
     bar.close()
     assert capsys.readouterr().err.splitlines() == ["place: 1/2", "place: 2/2"]
+
+
+def test_inpainter_takes_a_cached_hub_id_and_says_how_to_get_one_that_is_not(model_dir, sd_dir, tmp_path, monkeypatch,
+                                                                             capsys):
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny-sd"
+    shutil.copytree(sd_dir, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = ["insert", "--model", str(model_dir), "--image", str(PHOTO), "--category", "cup", "--n", "1", "--steps", "2"]
+    assert main([*argv, "--inpainter", "someone/tiny-sd", "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / f"{PHOTO.stem}_edit_0.png").is_file()
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--inpainter", "someone/not-cached", "--out", str(tmp_path / "other")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and "'someone/not-cached' is not a local folder and not in the hub cache, and " \
+        "HF_HUB_OFFLINE=1 forbids downloading it" in err[-1], err

@@ -6,7 +6,7 @@ import csv
 import pytest
 import torch
 
-import demo
+from genloc import demo
 import insert
 from tests.helpers import FIXTURES
 from genloc.checkpoint import save_model_checkpoint

@@ -5,8 +5,8 @@
     ins = inpainter.insert(image, "cup", box=(x1, y1, x2, y2), seed=0)   # mode="auto": crop small boxes
     ins.image                                                             # pixels outside the mask unchanged
 
-Every folder is local (never the hub); a wrong folder fails at once naming the folder and the layout
-each back-end expects.
+A folder is local or a Hub id (fetched into the hub cache; offline, only a cached one); a wrong folder
+fails at once naming the folder and the layout each back-end expects.
 """
 from __future__ import annotations
 
