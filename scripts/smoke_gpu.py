@@ -110,7 +110,7 @@ def insert_part(device: torch.device, checkpoint: Path, work: Path) -> str:
     code = insert.main(["--image", str(work / "scene.png"), "--category", "dog", "--model", str(checkpoint),
                         "--inpainter", str(pipeline), "--n", "1", "--steps", "2", "--resolution", "64",
                         "--device", str(device), "--out", str(work / "insert")])
-    edits = sorted((work / "insert").glob("edit_*.png"))
+    edits = sorted((work / "insert").glob("*_edit_*.png"))
     if code or not edits:
         raise RuntimeError(f"insert.py returned {code} and wrote {len(edits)} edits")
     return f"wrote {edits[0].name}"
