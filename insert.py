@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from genloc.arguments import text
-from genloc.cli import add_command_arguments
+from genloc.cli.parsers import add_command_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -534,7 +534,7 @@ def tolerate_unreadable_uploads(image) -> None:
 def build_parser():
     import argparse
 
-    from .cli import add_demo_arguments
+    from .cli.parsers import add_demo_arguments
 
     p = argparse.ArgumentParser(prog="genloc demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..files import OutputError, append_jsonl, complete_jsonl, prepare_output_dir
-from . import DEFAULT_N
+from .parsers import DEFAULT_N
 from .inputs import Photo, expand_images
 from .progress import Progress
 
