@@ -191,6 +191,17 @@ def test_an_unreadable_photo_is_one_line_and_the_others_are_done(model_dir, phot
     assert len(lines(out)) == 3
 
 
+def test_a_pixel_region_outside_one_photo_fails_that_photo_only(model_dir, photos, tmp_path, capsys):
+    """The 640 px photo holds x up to 600; the two 512 px ones do not: they are the ones not done."""
+    out = tmp_path / "out"
+    assert main(["place", "--model", str(model_dir), "--image", str(photos), "--category", "cup",
+                 "--region", "520,10,600,100", "--out", str(out)]) == 1
+    done, = lines(out)
+    assert Image.open(done["image"]).size[0] >= 600 and all(b["box"][0] >= 520 - 10 for b in done["boxes"])
+    err = capsys.readouterr().err
+    assert err.count("is not a pixel box x1,y1,x2,y2 inside the 512x512 image") == 2 and "2 photo(s) not done" in err
+
+
 @pytest.mark.parametrize("argv, says", [
     (["place", "--n", "0"], "argument --n: must be a whole number in [1, 1000], got '0'"),
     (["place", "--n", "5000"], "argument --n: must be a whole number in [1, 1000]"),
@@ -204,10 +215,14 @@ def test_an_unreadable_photo_is_one_line_and_the_others_are_done(model_dir, phot
     (["place", "--region", "middle"], "argument --region: 'middle' is neither one of"),
     (["place", "--image", "no/such.png"], "--image no/such.png: no such file, folder or pattern"),
     (["place", "--image", "nothing/*.png"], "--image nothing/*.png: the pattern matches no photo"),
+    (["place", "--device", "gpu"], "--device gpu: "),
     (["place", "--model", "no/such/folder"], "--model no/such/folder not found: no such model folder"),
     (["insert", "--inpainter", "no-such-folder"], "--inpainter no-such-folder: no such folder, and not a Hub id"),
     (["insert", "--steps", "0", "--inpainter", "."], "argument --steps: must be a whole number >= 1"),
     (["insert"], "the following arguments are required: --inpainter"),
+    (["score", "--box", "1,2,3"], "argument --box: '1,2,3' is not X1,Y1,X2,Y2"),
+    (["score"], "give the boxes to score: --box X1,Y1,X2,Y2 (repeatable) or --boxes FILE"),
+    (["score", "--box", "1,2,3,4", "--category", "cup", "plate"], "--box scores boxes of one photo for one class"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(argv, says, model_dir, tmp_path, capsys, monkeypatch):
     import genloc.hub

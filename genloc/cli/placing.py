@@ -24,11 +24,20 @@ SAMPLING_OPTIONS = ("model", "category", "n", "max_iou", "region", "size", "aspe
 INSERT_OPTIONS = ("inpainter", "backend", "mode", "margin", "steps", "dilate", "feather", "resolution", "guidance")
 
 
-def resolve_device(device):
-    """--device, or cuda when present, else cpu."""
+def resolve_device(parser: argparse.ArgumentParser, device):
+    """--device, or cuda when present, else cpu; a device torch cannot use is one line, exit code 2."""
     import torch
 
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        parser.error(f"--device {device}: {err}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {device}: no CUDA device is visible (torch.cuda.is_available() is False); "
+                     "leave --device out to run on the CPU")
+    return device
 
 
 def check_sources(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Photo]:
@@ -95,16 +104,16 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, measure=None)
     (``(before, after, box, category) -> dict``) adds an edit's metrics to its record (insert.py)."""
     insert = getattr(args, "inpainter", None) is not None
     photos = check_sources(parser, args)
-    names = SAMPLING_OPTIONS + (INSERT_OPTIONS if insert else ())
-    options = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if k in names}
+    keys = SAMPLING_OPTIONS + (INSERT_OPTIONS if insert else ())
+    options = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if k in keys}
     options.update(n=args.n or DEFAULT_N, **getattr(measure, "options", {}))
+    device = resolve_device(parser, args.device)
     out, done = prepare_out(parser, args, options)
     todo = [p for p in photos if p.image not in done]
     if len(todo) < len(photos):
         print(f"{len(photos) - len(todo)} of {len(photos)} photo(s) already in {out / BOXES_FILE}: skipped")
     if not todo:
         return 0
-    device = resolve_device(args.device)
     model = load_model(parser, args.model, device)
     pipe = load_inpainter(parser, args, device) if insert else None
     names = file_names(todo, done)
@@ -121,8 +130,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, measure=None)
         if ready:
             try:
                 lines = place_batch(model, ready, args, pipe, measure, out, names)
-            except ValueError as err:  # constraints no box of this model can meet, for every photo
-                parser.error(str(err))
+            except ValueError:  # a constraint some photo cannot meet (a pixel region outside it): photo by photo
+                lines = [line for pair in ready for line in place_alone(model, pair, args, pipe, measure, out, names)]
             for line in lines:
                 if line.get("error"):
                     bar.write(f"{parser.prog}: {line['image']}: {line['error']}")
@@ -166,8 +175,6 @@ def load_model(parser: argparse.ArgumentParser, source: str, device: str):
         return load(source, device=device)
     except ModelSourceError as err:
         raise SystemExit(f"{parser.prog}: error: {err}") from None
-    except RuntimeError as err:  # a device torch does not have
-        parser.error(f"--device {device}: {err}")
 
 
 def load_inpainter(parser: argparse.ArgumentParser, args: argparse.Namespace, device: str):
@@ -237,6 +244,14 @@ def place_batch(model, ready: list, args, pipe, measure, out: Path, names: dict)
         lines.append({"image": photo.image, "image_size": list(image.size), "categories": photo.categories,
                       "overlay": f"{name}_overlay.png", "notes": notes, "boxes": records})
     return lines
+
+
+def place_alone(model, pair: tuple, args, pipe, measure, out: Path, names: dict) -> list[dict]:
+    """`place_batch` of one photo; a constraint it cannot meet is its line's error."""
+    try:
+        return place_batch(model, [pair], args, pipe, measure, out, names)
+    except ValueError as err:
+        return [{"image": pair[0].image, "error": str(err)}]
 
 
 def inpaint_into(pipe, args, edits: list):

@@ -60,12 +60,13 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if not is_model_source(args.model):
         parser.error(f"--model {args.model} not found: no such model folder or checkpoint, and not a Hub id "
                      "(owner/name)")
+    device = resolve_device(parser, args.device)
     if args.out is not None:
         try:
             prepare_output_dir(Path(args.out).parent, "--out")
         except OutputError as err:
             parser.error(str(err))
-    model = load_model(parser, args.model, resolve_device(args.device))
+    model = load_model(parser, args.model, device)
     lines, failed = [], 0
     for image_path, category, boxes in todo:
         image, = read_images([Photo(image_path)], parser.prog, lambda line: print(line, file=sys.stderr))
