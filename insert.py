@@ -20,7 +20,7 @@ from genloc.cli.parsers import add_command_arguments
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="insert.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     add_command_arguments(p, "insert")
     p.add_argument("--clip-weights", type=text, help="local open_clip weights file: adds the foreground CLIP score")
     p.add_argument("--clip-model", type=text, help="open_clip model name (default ViT-B-32, or the --clip-config stem)")

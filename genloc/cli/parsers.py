@@ -11,9 +11,9 @@ you give, and the demo page, without writing Python (docs/usage.md#the-genloc-co
 patterns and manifests (.jsonl / .csv with an `image` and an optional `categories` column). place and
 insert write to --out one `boxes.jsonl` line per image (a rerun skips the images it lists) and each
 image's overlay (and edits). A bad argument is one line and exit code 2, before any model loads.
-Building these parsers imports no torch, so every --help answers at once (the commands' code is in
-genloc/cli/placing.py, scoring.py and genloc/demo.py).
 """
+# Building these parsers imports no torch, so every --help answers at once; the commands' code is in
+# genloc/cli/placing.py, scoring.py and genloc/demo.py, imported when one runs.
 from __future__ import annotations
 
 import argparse
@@ -91,7 +91,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
                                                                   "holding this probability")
     p.add_argument("--seed", type=int, default=0, help="box sampling seed; edit i uses seed + i")
     p.add_argument("--batch-size", type=whole(1, 1024), default=DEFAULT_BATCH_SIZE,
-                   help=f"images per location-model call (default {DEFAULT_BATCH_SIZE})")
+                   help=f"photos per location-model call (default {DEFAULT_BATCH_SIZE}; insert draws one photo at a "
+                        "time); a photo's boxes depend on its batch")
     p.add_argument("--out", type=text, required=True,
                    help="output folder: boxes.jsonl (one line per image; a rerun skips the images it lists), "
                         "NAME_overlay.png and, for insert, NAME_edit_I.png per image")
@@ -159,7 +160,8 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genloc", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--version", action="version", version=f"genloc {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in COMMANDS.items():
