@@ -112,6 +112,18 @@ def test_a_rerun_with_other_settings_is_refused(model_dir, tmp_path, capsys):
     assert (out / "boxes.jsonl").read_bytes() == before
 
 
+def test_a_folder_of_the_former_layout_is_refused_and_kept(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "records.json").write_text("[]")
+    (out / "edit_0.png").write_bytes(b"an earlier edit")
+    with pytest.raises(SystemExit) as exc:
+        main(["place", "--model", str(model_dir), "--image", str(PHOTO), "--category", "cup", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and "holds the files of an earlier layout (edit_0.png, records.json)" in err[-1], err
+    assert sorted(p.name for p in out.iterdir()) == ["edit_0.png", "records.json"]
+
+
 def test_manifest_glob_sampling_filters_and_region(model_dir, tmp_path):
     manifest = tmp_path / "list.csv"
     manifest.write_text(f"image,categories\n{PHOTOS[0]},cup\n{PHOTOS[1]},person;dog\n")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import re
 import sys
 from pathlib import Path
 
@@ -21,6 +22,8 @@ BOXES_FILE = "boxes.jsonl"
 # Options that change what a photo's line holds: a rerun into the same --out must repeat them.
 SAMPLING_OPTIONS = ("model", "category", "n", "max_iou", "region", "size", "aspect_ratio", "temperature", "top_k",
                     "top_p", "seed", "batch_size")
+# What insert.py and `genloc` wrote before boxes.jsonl: kept, never mixed with a new run's files.
+FORMER_LAYOUT = re.compile(r"records\.json|boxes\.json|overlay\.png|edit_\d+\.(png|json)")
 INSERT_OPTIONS = ("inpainter", "backend", "mode", "margin", "steps", "dilate", "feather", "resolution", "guidance")
 
 
@@ -79,6 +82,11 @@ def prepare_out(parser: argparse.ArgumentParser, args: argparse.Namespace, optio
             parser.error(f"--out {out}: its {BOXES_FILE} was written with other settings ("
                          + ", ".join(f"{k}: {rec.get('options', {}).get(k)!r} there, {options[k]!r} now" for k in changed)
                          + "); repeat them to resume, or choose another --out")
+    former = sorted(p.name for p in out.iterdir() if FORMER_LAYOUT.fullmatch(p.name))
+    if former:
+        parser.error(f"--out {out}: holds the files of an earlier layout ({', '.join(former[:3])}"
+                     f"{', ...' if len(former) > 3 else ''}) that {BOXES_FILE} would not list: choose another --out, "
+                     "or move them away")
     listed = {name for rec in done for name in [rec.get("overlay"), *(b.get("edit") for b in rec.get("boxes", []))]}
     stale = sorted(p for pattern in ("*_overlay.png", "*_edit_*.png") for p in out.glob(pattern)
                    if p.name not in listed)
