@@ -14,7 +14,7 @@ from genloc import GenLocModel, LocationModelConfig
 from genloc.checkpoint import save_model_checkpoint
 from metrics.inpainting import background_ssim
 from genloc.inpainters import load_backend
-from genloc.inpainting import box_mask, mask_bbox, parse_region, pixel_rect, working_size
+from genloc.inpainting import box_mask, mask_bbox, pixel_rect, working_size
 from scripts.tiny_builders import TINY_CLIP_NAME, save_tiny_gligen, save_tiny_open_clip, save_tiny_sd_inpainter
 from tests.helpers import FIXTURES
 
@@ -195,11 +195,6 @@ def test_mask_helpers():
     size = (40, 30)
     assert mask_bbox(box_mask((10.2, 5.0, 20.0, 15.5), size, dilate=2)) == (8, 3, 22, 18)  # (10,5,20,16) grown by 2
     assert box_mask((0, 0, 5, 5), size).sum() == 25
-    assert parse_region("left", size) == (0.0, 0.0, 0.5, 1.0)
-    assert parse_region("4,3,20,15", size) == (0.1, 0.1, 0.5, 0.5)
-    for bad in ("middle", "4,3,50,15", "1,2,3"):
-        with pytest.raises(ValueError):
-            parse_region(bad, size)
     assert working_size((451, 300), 512) == (512, 344)
 
 
