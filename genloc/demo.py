@@ -39,8 +39,8 @@ from .files import save_image, write_json
 from .inpainting import pixel_rect
 
 # The folder the default model, a run's relative data folders and the example photos are looked up
-# in: the current folder for `genloc demo`; demo.py sets the repository root.
-ROOT = Path.cwd()
+# in: None for the current folder (`genloc demo`); demo.py sets the repository root.
+ROOT: Path | None = None
 DEFAULT_MODEL = "runs/toy_model"  # in ROOT: `make train` writes it
 # Real photos shipped with the repository's tests (licences in tests/fixtures/PROVENANCE.md), when ROOT has them.
 EXAMPLES = [Path("tests/fixtures/libcom/controllable_composition/background") / name
@@ -48,8 +48,12 @@ EXAMPLES = [Path("tests/fixtures/libcom/controllable_composition/background") / 
            [Path("tests/fixtures/opa_sample/reconstructed/580029_background_reconstructed.png")]
 
 
+def root() -> Path:
+    return ROOT or Path.cwd()
+
+
 def examples() -> list[Path]:
-    return [ROOT / p for p in EXAMPLES if (ROOT / p).is_file()]
+    return [root() / p for p in EXAMPLES if (root() / p).is_file()]
 ANYWHERE = "anywhere"
 PIXEL_BOX = "pixel box"
 REGION_CHOICES = [ANYWHERE, *REGIONS, PIXEL_BOX]
@@ -96,7 +100,7 @@ def training_classes(source: str) -> list[str] | None:
         folders = [data_dir] if data_dir else []
     classes = set()
     for folder in folders:  # relative folders: to where training ran, usually the repository root
-        folder = next((f for f in (Path(folder), ROOT / folder) if f.is_dir()), None)
+        folder = next((f for f in (Path(folder), root() / folder) if f.is_dir()), None)
         for split in sorted(folder.glob("*.json")) if folder else []:
             try:
                 classes.update(json.loads(split.read_text()).get("categories") or [])
@@ -113,15 +117,15 @@ def load_backends(model: str | None, inpainter: str | None, backend: str, device
     from .inpainters import BackendFolderError, load_backend
 
     out = Backends(source=model or DEFAULT_MODEL)
-    if model is None and not (ROOT / DEFAULT_MODEL).exists():
+    if model is None and not (root() / DEFAULT_MODEL).exists():
         out.model_note = (f"No location model at `{DEFAULT_MODEL}`: run `make train` (it trains the toy model and "
                           f"exports it there), or restart with `--model FOLDER | HUB_ID | CHECKPOINT`.")
     else:
         try:
-            out.model = load_model(model or ROOT / DEFAULT_MODEL, device=device)
+            out.model = load_model(model or root() / DEFAULT_MODEL, device=device)
         except (ModelSourceError, OSError) as err:
             raise DemoError(f"--model {out.source}: {err}") from None
-        out.classes = training_classes(model or str(ROOT / DEFAULT_MODEL))
+        out.classes = training_classes(model or str(root() / DEFAULT_MODEL))
         cfg = out.model.cfg
         known = f"trained on: {', '.join(out.classes)}" if out.classes else "open vocabulary (its training classes are unknown here)"
         out.model_note = f"Location model `{out.source}` ({cfg.image_size} px, {cfg.num_bins} bins; {known})."

@@ -294,3 +294,18 @@ def test_inpainter_takes_a_cached_hub_id_and_says_how_to_get_one_that_is_not(mod
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and "'someone/not-cached' is not a local folder and not in the hub cache, and " \
         "HF_HUB_OFFLINE=1 forbids downloading it" in err[-1], err
+
+
+def test_genloc_demo_starts_from_the_package_and_a_bad_model_is_one_line(tmp_path, capsys, monkeypatch):
+    from genloc import demo
+
+    served = {}
+    monkeypatch.setattr(demo, "build_app", lambda backends, out_root: type("App", (), {
+        "launch": lambda self, **kw: served.update(kw, model=backends.model)})())
+    monkeypatch.chdir(tmp_path)  # no runs/toy_model here: the page opens with a note instead of a model
+    assert main(["demo", "--port", "7999", "--device", "cpu"]) == 0
+    assert served["server_port"] == 7999 and served["model"] is None
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--model", str(tmp_path / "none")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and err[-1].startswith(f"genloc demo: error: --model {tmp_path / 'none'}"), err
