@@ -153,10 +153,16 @@ def append_jsonl(path: PathLike, record: dict) -> None:
     """Append one JSON line to ``path`` and fsync it: a record is done once its line is on disk. A crash
     mid-append leaves at most a last line without its newline, which `complete_jsonl` cuts off."""
     data = (json.dumps(record) + "\n").encode()
-    with open(path, "ab") as f:
-        write_bytes(f, data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "ab") as f:
+            write_bytes(f, data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        if isinstance(err, OutputError) or err.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+            raise
+        raise OutputError(f"{path}: could not append a line ({_output_reason(err)}); the lines before it are kept") \
+            from err
 
 
 def complete_jsonl(path: PathLike) -> list[dict]:

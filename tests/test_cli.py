@@ -309,3 +309,30 @@ def test_genloc_demo_starts_from_the_package_and_a_bad_model_is_one_line(tmp_pat
         main(["demo", "--model", str(tmp_path / "none")])
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and err[-1].startswith(f"genloc demo: error: --model {tmp_path / 'none'}"), err
+
+
+def test_a_full_disk_mid_run_is_one_line_and_the_photos_done_stay_done(model_dir, photos, tmp_path, capsys,
+                                                                       monkeypatch):
+    import errno
+
+    import genloc.files
+
+    real, calls = genloc.files.write_bytes, []
+
+    def full_after_one(f, data):
+        calls.append(data)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(f, data)
+
+    monkeypatch.setattr(genloc.files, "write_bytes", full_after_one)
+    out = tmp_path / "out"
+    argv = ["place", "--model", str(model_dir), "--image", str(photos), "--category", "cup", "--batch-size", "1",
+            "--out", str(out)]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and "boxes.jsonl: could not append a line (the disk is full" in err[-1], err
+    assert len(lines(out)) == 1
+    monkeypatch.setattr(genloc.files, "write_bytes", real)
+    assert main(argv) == 0 and len(lines(out)) == 3

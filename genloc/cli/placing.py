@@ -125,14 +125,30 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, measure=None)
     model = load_model(parser, args.model, device)
     pipe = load_inpainter(parser, args, device) if insert else None
     names = file_names(todo, done)
-    failed = written = 0
     bar = Progress(len(todo), "insert" if insert else "place")
     single = [p for p in todo if len(p.categories) == 1]
     # one category: a batch of photos per model call (one photo at a time when inpainting follows)
     step = 1 if insert else args.batch_size
     batches = [single[i:i + step] for i in range(0, len(single), step)] + [[p] for p in todo if len(p.categories) > 1]
+    try:
+        failed, written = place_all(batches, model, args, pipe, measure, out, names, options, parser.prog, bar)
+    except OutputError as err:  # a full disk mid-run: the photos done so far stay done
+        bar.close()
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    bar.close()
+    print(f"wrote {written} photo(s) to {out / BOXES_FILE}" + (" with edits" if insert else ""))
+    if failed:
+        print(f"{parser.prog}: {failed} photo(s) not done (see above); fix them and rerun: the done ones are skipped",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def place_all(batches, model, args, pipe, measure, out: Path, names: dict, options: dict, prog: str, bar):
+    """Every batch placed and its lines appended; (photos failed, photos written)."""
+    failed = written = 0
     for batch in batches:
-        images = read_images(batch, parser.prog, bar.write)
+        images = read_images(batch, prog, bar.write)
         ready = [(p, img) for p, img in zip(batch, images) if img is not None]
         failed += len(batch) - len(ready)
         if ready:
@@ -142,19 +158,13 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, measure=None)
                 lines = [line for pair in ready for line in place_alone(model, pair, args, pipe, measure, out, names)]
             for line in lines:
                 if line.get("error"):
-                    bar.write(f"{parser.prog}: {line['image']}: {line['error']}")
+                    bar.write(f"{prog}: {line['image']}: {line['error']}")
                     failed += 1
                     continue
                 append_jsonl(out / BOXES_FILE, {**line, "options": options, "genloc_version": __version__})
                 written += 1
         bar.update(len(batch))
-    bar.close()
-    print(f"wrote {written} photo(s) to {out / BOXES_FILE}" + (" with edits" if insert else ""))
-    if failed:
-        print(f"{parser.prog}: {failed} photo(s) not done (see above); fix them and rerun: the done ones are skipped",
-              file=sys.stderr)
-        return 1
-    return 0
+    return failed, written
 
 
 def read_images(photos: list[Photo], prog: str, say) -> list:
