@@ -1,7 +1,7 @@
 """TPR-FPR evaluation (docs/design/evaluation.md#tpr-fpr) of a checkpoint, of any method's predictions file, or of a baseline.
 
-    python evaluate.py --checkpoint runs/x/checkpoints/last.ckpt --data data/toy/toy-opa --split test
-    python evaluate.py --checkpoint runs/toy_model --data data/toy/toy-opa --split val --given-size
+    python evaluate.py --model runs/x/checkpoints/last.ckpt --data data/toy/toy-opa --split test
+    python evaluate.py --model runs/toy_model --data data/toy/toy-opa --split val --given-size
     python evaluate.py --predictions preds.jsonl --annotations fopa_test_data_pair.csv
     python evaluate.py --predictions preds.jsonl --data data/toy/toy-opa --split val --rerank runs/toy_model --keep 10
     python evaluate.py --baseline random_gt_size --annotations data/opa --split test
@@ -18,8 +18,9 @@ Checkpoint mode scores the boxes it just wrote exactly as predictions mode would
 When the annotations are a shard folder whose kind has a plausibility oracle (``{split}.json``
 "source", see ``datamodules.kinds``; the toy scenes have one), metrics.json also holds the oracle's
 plausible rate of the scored boxes, overall and per class.
-``--checkpoint`` also takes a model folder or a Hub id (``scripts/export.py``).
-Ranking (docs/design/evaluation.md#ranking): with a model (``--checkpoint``, ``--rerank``) or the
+``--model`` takes a Lightning checkpoint, a model folder or a Hub id (``scripts/export.py``); ``--checkpoint``
+is its former name.
+Ranking (docs/design/evaluation.md#ranking): with a model (``--model``, ``--rerank``) or the
 blind baseline, metrics.json's ``ranking`` block holds how well the model's log-probability (the
 blind baseline: its class's box density) orders each sample's labelled positives above its
 negatives: pairwise accuracy and ROC-AUC, pooled and per class. ``--rerank MODEL --keep K`` (with
@@ -51,22 +52,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from metrics.annotations import EvaluationError
-from metrics.evaluation import default_ns, evaluate, plot_results
-from metrics.predictions import BASELINES
-from genloc.arguments import text
-from metrics.sampling import MAX_SAMPLING_BATCH, Sampling, default_device
+from genloc.arguments import add_model_argument, text
 from genloc.config import ArgumentError
 from genloc.files import OutputError
-from genloc.sampling import check_filter_args
+from metrics.options import BASELINES, MAX_SAMPLING_BATCH, Sampling, default_device
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--checkpoint", type=text, help="location model to sample boxes from: a Lightning checkpoint, a model "
-                                           "folder (scripts/export.py) or a Hub id")
+    add_model_argument(mode, "location model to sample boxes from: a Lightning checkpoint, a model folder "
+                             "(scripts/export.py) or a Hub id")
     mode.add_argument("--predictions", type=text, help="JSONL predictions {key, boxes (pixels)} of any method")
     mode.add_argument("--baseline", choices=BASELINES, help="built-in seeded baseline (blind: random training "
                       "positives of the same class, from --train-split of the shard folder)")
@@ -93,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="memory budget of one sampling call in GiB, sizes the batch when --batch-size is not "
                         "given (default %(default)g)")
     p.add_argument("--num-workers", type=int, default=Sampling.num_workers)
-    p.add_argument("--device", default=default_device())
+    p.add_argument("--device", help="where sampling runs (default: cuda when present, else cpu)")
     p.add_argument("--bf16", action="store_true", help="decode in bf16 autocast (a GPU speed option; docs/gpu.md)")
     p.add_argument("--allow-missing", action="store_true", help="score annotated samples without predictions as empty")
     p.add_argument("--allow-incomplete", action="store_true",
@@ -104,13 +101,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "model's log-probability (checkpoint, model folder or Hub id) and keep the first --keep")
     p.add_argument("--keep", type=int, help="boxes kept per sample after --rerank")
     p.add_argument("--given-size", action="store_true",
-                   help="(with --checkpoint) draw boxes of each labelled foreground size: the model only picks where")
+                   help="(with --model) draw boxes of each labelled foreground size: the model only picks where")
     placement = p.add_argument_group("placement metrics (docs/design/evaluation.md#placement-metrics; shard folder only)")
     placement.add_argument("--classifier", type=text, help="plausibility classifier checkpoint (experiment=toy_plausibility): Acc")
     placement.add_argument("--inception-weights", type=text, help="local torchvision Inception-v3 weights file: FID")
     placement.add_argument("--lpips-weights", type=text, help="local torchvision AlexNet weights file: LPIPS diversity")
     placement.add_argument("--composites-per-sample", type=int, default=10, help="boxes per sample pasted (default %(default)s)")
     args = p.parse_args(argv)
+    from genloc.sampling import check_filter_args  # torch: after parsing, so --help answers at once
+    from metrics.evaluation import default_ns
+
+    args.device = args.device or default_device()
     try:
         check_filter_args(args.temperature, args.top_k, args.top_p)
     except ArgumentError as e:
@@ -137,10 +138,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.composites_per_sample >= 1 and Path(args.data or args.annotations or "").is_dir()):
         p.error("--classifier/--inception-weights/--lpips-weights need a local shard folder (--data) and "
                 "--composites-per-sample >= 1")
-    if args.given_size and not args.checkpoint:
-        p.error("--given-size needs --checkpoint (it constrains the model's sampler)")
-    if args.checkpoint and not (args.data or args.annotations):
-        p.error("--checkpoint needs --data (shard folder)")
+    if args.given_size and not args.model:
+        p.error("--given-size needs --model (it constrains the model's sampler)")
+    if args.model and not (args.data or args.annotations):
+        p.error("--model needs --data (shard folder)")
     if (args.predictions or args.baseline) and not (args.annotations or args.data):
         p.error("--predictions/--baseline need --annotations (shard folder or OPA/FOPA label file)")
     from datamodules.shard_reader import is_url
@@ -155,6 +156,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
+    from metrics.evaluation import evaluate, plot_results
     if args.plot:
         plot_results(args.plot, Path(args.out), args.labels)
         return None
@@ -165,16 +167,19 @@ def main(argv=None) -> dict | None:
     networks = None
     if args.classifier or args.inception_weights or args.lpips_weights:  # built first: a missing file stops at once
         from genloc.checkpoint import ModelSourceError
+        from genloc.files import prepare_output_dir
         from lightning_modules.plausibility import load_classifier
+        from metrics.annotations import EvaluationError
         from metrics.placement import MetricWeightsError
         from metrics.placement_scores import placement_networks
 
+        prepare_output_dir(args.out, "--out")  # before the networks load
         try:
             classifier = load_classifier(args.classifier, args.device) if args.classifier else None
             networks = placement_networks(classifier, args.inception_weights, args.lpips_weights, args.device)
         except (MetricWeightsError, ModelSourceError) as e:
             raise EvaluationError(str(e)) from None
-    doc = evaluate(args.annotations or args.data, args.out, split=args.split, checkpoint=args.checkpoint,
+    doc = evaluate(args.annotations or args.data, args.out, split=args.split, checkpoint=args.model,
                     data=args.data, predictions=args.predictions, baseline=args.baseline, name=args.name, ns=args.ns,
                     iou_threshold=args.iou_threshold, sampling=sampling, train_split=args.train_split,
                     given_size=args.given_size, allow_missing=args.allow_missing,
@@ -192,6 +197,10 @@ def main(argv=None) -> dict | None:
 if __name__ == "__main__":
     try:
         main()
-    except (EvaluationError, OutputError) as e:  # OutputError: --out unusable, or the disk filled while writing
+    except Exception as e:  # EvaluationError, imported only now: --help loads no torch
+        from metrics.annotations import EvaluationError
+
+        if not isinstance(e, (EvaluationError, OutputError)):  # OutputError: --out unusable, or a full disk
+            raise
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 
 def whole(minimum: int = 0, maximum: int | None = None):
@@ -44,3 +45,22 @@ def text(value: str) -> str:
     if not value.strip():
         raise argparse.ArgumentTypeError(f"must not be empty, got {value!r}")
     return value
+
+
+class _FormerModelFlag(argparse.Action):
+    """``--checkpoint``, the model flag's former name: still accepted, with a one-line note."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"note: {option_string} is now --model (same meaning); {option_string} still works", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_model_argument(container, help: str, required: bool = False, **options) -> None:
+    """``--model`` (a checkpoint, a model folder or a Hub id: `genloc.hub.load_model`), the one model flag of
+    every command, with ``--checkpoint`` accepted as its former name. ``container`` is a parser or an
+    argument group (e.g. evaluate.py's one-of group of model / predictions / baseline)."""
+    if required:
+        container = container.add_mutually_exclusive_group(required=True)
+    container.add_argument("--model", type=text, help=help, **options)
+    container.add_argument("--checkpoint", type=text, dest="model", action=_FormerModelFlag,
+                           help=argparse.SUPPRESS)

@@ -130,18 +130,54 @@ def read_jsonl(path: PathLike) -> Iterator[tuple[int, dict]]:
     that is not a JSON object raises ValueError naming ``path:line``."""
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not a JSON line ({err})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            yield lineno, rec
+            if line.strip():
+                yield lineno, json_object(path, lineno, line)
+
+
+def json_object(path: PathLike, lineno: int, line: str) -> dict:
+    """One JSONL line as a dict; anything else raises ValueError naming ``path:line``."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{lineno}: not a JSON line ({err})") from None
+    if not isinstance(rec, dict):
+        raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+    return rec
 
 
 def save_image(path: PathLike, image, format: str = "PNG", **options) -> None:
     """``image.save`` (a PIL image) atomically; ``options`` go to PIL (e.g. ``optimize=True``)."""
     with atomic_path(path) as partial:
         image.save(partial, format=format, **options)
+
+
+def append_jsonl(path: PathLike, record: dict) -> None:
+    """Append one JSON line to ``path`` and fsync it: a record is done once its line is on disk. A crash
+    mid-append leaves at most a last line without its newline, which `complete_jsonl` cuts off."""
+    data = (json.dumps(record) + "\n").encode()
+    try:
+        with open(path, "ab") as f:
+            write_bytes(f, data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        if isinstance(err, OutputError) or err.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+            raise
+        raise OutputError(f"{path}: could not append a line ({_output_reason(err)}); the lines before it are kept") \
+            from err
+
+
+def complete_jsonl(path: PathLike) -> list[dict]:
+    """The records of ``path``'s complete lines (none if it does not exist), for a run that appends with
+    `append_jsonl` and resumes: a last line without its newline (a crash mid-append) is cut off the
+    file so the next append starts a fresh line. A complete line that is not a JSON object raises
+    ValueError naming ``path:line``."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        write_atomic(path, data[:end])
+    lines = enumerate(data[:end].decode().splitlines(), 1)
+    return [json_object(path, lineno, line) for lineno, line in lines if line.strip()]

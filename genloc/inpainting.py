@@ -11,33 +11,10 @@ import math
 import numpy as np
 from PIL import Image
 
-from .boxes import normalise, pixel_rect, validate_boxes
+from .boxes import pixel_rect
+from .choices import REGIONS  # noqa: F401 (genloc.placement takes the region words from here)
 
 PROMPT_TEMPLATE = "a photo of a {}"
-# The paper's positional instructions, as normalised x1,y1,x2,y2 regions.
-REGIONS = {
-    "left": (0.0, 0.0, 0.5, 1.0),
-    "right": (0.5, 0.0, 1.0, 1.0),
-    "top": (0.0, 0.0, 1.0, 0.5),
-    "bottom": (0.0, 0.5, 1.0, 1.0),
-}
-
-
-def parse_region(spec: str | None, size: tuple[int, int]) -> tuple[float, float, float, float] | None:
-    """`left|right|top|bottom` or pixel `x1,y1,x2,y2` of an image of `size=(w, h)` -> normalised region."""
-    if spec is None:
-        return None
-    if spec in REGIONS:
-        return REGIONS[spec]
-    try:
-        box = [float(v) for v in spec.split(",")]
-        if len(box) != 4:
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"region {spec!r} is neither one of {sorted(REGIONS)} nor pixels x1,y1,x2,y2") from None
-    check = validate_boxes(box, size)
-    check.raise_first(f"region {spec!r}")
-    return tuple(normalise(check.clipped, size).tolist())
 
 
 def box_mask(box, size: tuple[int, int], dilate: int = 0) -> np.ndarray:

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 
 from metrics.annotations import EvaluationError, box_extent, image_size_of
+from metrics.options import BASELINES
 from genloc.files import read_jsonl, write_jsonl
 from genloc.boxes import PROBLEMS, denormalise, looks_normalised, normalise, validate_boxes, xywh_to_xyxy, \
     xyxy_to_xywh
 
-BASELINES = ("random", "random_gt_size", "blind")
 
 
 def read_predictions(path, max_boxes: int | None = None) -> dict[str, np.ndarray]:

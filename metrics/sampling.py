@@ -3,39 +3,14 @@ side of the TPR-FPR evaluation (free size, or given size: `metrics.annotations.s
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from metrics.annotations import EvaluationError
-
-# Images per sampling call unless the memory budget allows fewer: one seeded generator runs over
-# the whole pass, so a seed's boxes depend on the batch size; a fixed ceiling keeps results
-# comparable across machines.
-MAX_SAMPLING_BATCH = 32
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@dataclass
-class Sampling:
-    """How boxes are drawn: N per sample, the sampler's settings, one seed. ``batch_size=None`` sizes
-    the batch from ``sampling_memory`` (GiB), capped at `MAX_SAMPLING_BATCH`."""
-    num_samples: int = 100
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int = 0
-    batch_size: int | None = None
-    sampling_memory: float = 4.0
-    num_workers: int = 0
-    device: str = field(default_factory=default_device)
-    bf16: bool = False  # decode under bf16 autocast: a GPU speed option (docs/gpu.md)
-
+from metrics.options import MAX_SAMPLING_BATCH, Sampling, default_device  # noqa: F401 (their home is metrics.options)
 
 def given_sizes(groups: list[dict], sizes: torch.Tensor, owners: list[int], num_bins: int) -> torch.Tensor:
     """Normalised exact ``(w, w, h, h)`` per group row for `LocationModel.sample`, clamped to 1..num_bins-1 bins."""

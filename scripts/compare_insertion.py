@@ -1,7 +1,7 @@
 """The paper's insertion comparison in one command: GenLoc boxes + each inpainting back-end, and
 instruction editors, scored alike by background SSIM and foreground CLIP score (docs/design/evaluation.md#inpainting-metrics).
 
-    python -m scripts.compare_insertion --images photos/ --checkpoint runs/opa_dpo/default/checkpoints/last.ckpt \
+    python -m scripts.compare_insertion --images photos/ --model runs/opa_dpo/default/checkpoints/last.ckpt \
         --methods genloc+powerpaint=powerpaint:/models/powerpaint-v1 genloc+sd=sd:/models/sd-inpainting \
                   instructpix2pix=instruct-pix2pix:/models/instruct-pix2pix \
         --clip-weights /models/open_clip_vit_b32.bin --out results/insertion
@@ -44,7 +44,7 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from genloc.arguments import number, text, whole
+from genloc.arguments import add_model_argument, number, text, whole
 from genloc.drawing import draw_boxes
 from genloc.files import OutputError, prepare_output_dir, read_jsonl, save_image, write_atomic, write_json
 from genloc.inpainters import BACKENDS, CROP_MARGIN, DEFAULT_STEPS, EDITORS, MODES, BackendFolderError, load_backend, load_editor
@@ -85,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", type=text, default="test", help="shard split to read when --images is a shard folder")
     p.add_argument("--methods", nargs="+", required=True, metavar="NAME=KIND:FOLDER",
                    help=f"KIND: a back-end ({', '.join(BACKENDS)}) or an editor ({', '.join(EDITORS)})")
-    p.add_argument("--checkpoint", type=text, help="GenLoc location model (checkpoint, model folder or Hub id): one box per "
-                                        "image for the back-ends, sampled by genloc.place")
-    p.add_argument("--boxes", type=text, help="instead of --checkpoint: a predictions JSONL ({key, boxes: [[x1,y1,x2,y2], ...]}, "
+    add_model_argument(p, "GenLoc location model (checkpoint, model folder or Hub id): one box per image for the "
+                          "back-ends, sampled by genloc.place")
+    p.add_argument("--boxes", type=text, help="instead of --model: a predictions JSONL ({key, boxes: [[x1,y1,x2,y2], ...]}, "
                                    "pixels; the first box of each key is used)")
     p.add_argument("--out", type=text, required=True, help="output folder (rerun the same command to resume)")
     p.add_argument("--limit", type=whole(1), help="use only the first N samples")
@@ -215,9 +215,9 @@ def genloc_boxes(args, samples: list[Sample], share: list[Sample] | None = None)
     from genloc.placement import place
 
     try:
-        model = load_model(args.checkpoint)
+        model = load_model(args.model)
     except ModelSourceError as err:
-        raise UsageError(f"--checkpoint {args.checkpoint}: {err}") from None
+        raise UsageError(f"--model {args.model}: {err}") from None
     boxes = {}
     for s in tqdm(share, desc="GenLoc boxes", disable=None):
         placed = place(model, s.image(), s.category, n=1, seed=sample_seed(args.seed, s.key))
@@ -290,13 +290,13 @@ def method_settings(args, method: Method) -> dict:
               "seed": args.seed}
     if method.is_editor:
         return common
-    return {**common, "mode": args.mode, "margin": args.margin, "boxes": args.boxes or args.checkpoint}
+    return {**common, "mode": args.mode, "margin": args.margin, "boxes": args.boxes or args.model}
 
 
 def check_settings(out: Path, settings: dict, write: bool = True) -> None:
     """Resuming with other settings would mix edits made differently: refuse, naming the method. Only
     a method that has made edits is bound to its settings: a run that failed before editing (a wrong
-    --checkpoint, say) leaves nothing that blocks the corrected command. Every rank checks; rank zero
+    --model, say) leaves nothing that blocks the corrected command. Every rank checks; rank zero
     writes (after its own check passed, so a rank reading either version reaches the same verdict)."""
     path = out / "settings.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
@@ -480,8 +480,8 @@ def main(argv=None) -> int:
         if not samples:
             raise UsageError(f"--images {args.images}: no (image, category) samples")
         needs_boxes = any(not m.is_editor for m in methods)
-        if needs_boxes and not (args.checkpoint or args.boxes):
-            raise UsageError("the back-end methods need GenLoc boxes: pass --checkpoint MODEL (a train.py checkpoint, "
+        if needs_boxes and not (args.model or args.boxes):
+            raise UsageError("the back-end methods need GenLoc boxes: pass --model MODEL (a train.py checkpoint, "
                              "model folder or Hub id) or --boxes PREDICTIONS.jsonl")
         out = prepare_output_dir(args.out, "--out")  # before any model loads
         check_settings(out, {m.name: method_settings(args, m) for m in methods}, write=ranks.rank == 0)

@@ -92,9 +92,9 @@ def main(argv=None):
         ap.error("--check-clip checks a removal: give it with --remove-objects, not --keep-objects")
     inpainter = None
     if a.inpainter:
-        from genloc.cli import load_inpainter
+        from genloc.cli.placing import load_inpainter
 
-        inpainter = load_inpainter(ap, a)
+        inpainter = load_inpainter(ap, a, a.device)
         inpainter.prompt_template = a.prompt
     check = removal_check(a)
     classes = [c.strip() for c in a.classes.split(",") if c.strip()] if a.classes else None

@@ -1,9 +1,9 @@
 """Export a trained checkpoint as a model folder (config.json, model.safetensors, README.md) and
-optionally push it to the Hugging Face Hub. ``--checkpoint`` takes what every entry point takes
+optionally push it to the Hugging Face Hub. ``--model`` takes what every entry point takes
 (`genloc.hub.load_model`): a model folder or Hub id is written again as a local folder.
 
-    python -m scripts.export --checkpoint runs/toy_dpo/default/checkpoints/last.ckpt --out runs/toy_model
-    python -m scripts.export --checkpoint CKPT --out DIR --push-to-hub user/genloc-toy
+    python -m scripts.export --model runs/toy_dpo/default/checkpoints/last.ckpt --out runs/toy_model
+    python -m scripts.export --model CKPT --out DIR --push-to-hub user/genloc-toy
 
 The model card lists the training stages (followed back through each run's ``init_from`` /
 ``module.reference``), the metrics of the run's ``metrics.json`` and, with ``--eval``, those of an
@@ -20,7 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from genloc.arguments import text
+from genloc.arguments import add_model_argument, text
 from genloc.hub import FILES
 
 
@@ -141,20 +141,20 @@ def push(folder: Path, repo_id: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=text, required=True, help="Lightning checkpoint written by train.py (or a model folder "
-                                                        "or Hub id, to write it again as a local folder)")
+    add_model_argument(p, "Lightning checkpoint written by train.py (or a model folder or Hub id, to write it again "
+                          "as a local folder)", required=True)
     p.add_argument("--out", type=text, required=True, help="model folder to write")
     p.add_argument("--push-to-hub", type=text, metavar="REPO_ID", help="also upload the folder to this Hub repo (owner/name)")
     p.add_argument("--eval", type=text, metavar="METRICS_JSON", help="evaluate.py metrics.json whose TPR/FPR go into the card")
     args = p.parse_args(argv)
     from genloc.hub import is_model_source
 
-    if not is_model_source(args.checkpoint):
-        p.error(f"--checkpoint {args.checkpoint} not found (train a model first: `make train`)")
+    if not is_model_source(args.model):
+        p.error(f"--model {args.model} not found (train a model first: `make train`)")
     if args.eval and not Path(args.eval).is_file():
         p.error(f"--eval {args.eval} not found")
     try:
-        out = export(args.checkpoint, args.out, args.push_to_hub, args.eval)
+        out = export(args.model, args.out, args.push_to_hub, args.eval)
     except ExportError as err:
         print(f"export: error: {err}", file=sys.stderr)
         return 2

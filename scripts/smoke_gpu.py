@@ -91,7 +91,7 @@ def train_part(args, device: torch.device, data: Path, runs: Path) -> tuple[str,
 def evaluate_part(args, device: torch.device, data: Path, checkpoint: Path, out: Path) -> str:
     import evaluate
 
-    doc = evaluate.main(["--checkpoint", str(checkpoint), "--data", str(data / "toy-opa"), "--split", "test",
+    doc = evaluate.main(["--model", str(checkpoint), "--data", str(data / "toy-opa"), "--split", "test",
                          "--num-samples", "20", "--device", str(device), "--no-progress", "--out", str(out)])
     metrics = doc["metrics"]
     return f"{metrics['num_samples']} scenes, tpr@20 {metrics['tpr@20']:.3f}, fpr@20 {metrics['fpr@20']:.3f}"
@@ -107,10 +107,10 @@ def insert_part(device: torch.device, checkpoint: Path, work: Path) -> str:
     ImageDraw.Draw(photo).rectangle((0, 120, 255, 191), fill=(90, 120, 70))  # sky over ground
     photo.save(work / "scene.png")
     pipeline = save_tiny_sd_inpainter(work / "tiny_sd_inpaint")
-    code = insert.main(["--image", str(work / "scene.png"), "--category", "dog", "--checkpoint", str(checkpoint),
+    code = insert.main(["--image", str(work / "scene.png"), "--category", "dog", "--model", str(checkpoint),
                         "--inpainter", str(pipeline), "--n", "1", "--steps", "2", "--resolution", "64",
                         "--device", str(device), "--out", str(work / "insert")])
-    edits = sorted((work / "insert").glob("edit_*.png"))
+    edits = sorted((work / "insert").glob("*_edit_*.png"))
     if code or not edits:
         raise RuntimeError(f"insert.py returned {code} and wrote {len(edits)} edits")
     return f"wrote {edits[0].name}"

@@ -50,7 +50,7 @@ def main(docs: Path = Path("docs/compare_example")) -> None:
                f"genloc+gligen=gligen:{save_tiny_gligen(work / 'gligen')}",
                f"instructpix2pix=instruct-pix2pix:{save_instruct_pix2pix(work / 'ip2p')}"]
     out = work / "out"
-    compare_insertion.main(["--images", str(photos), "--checkpoint", str(work / "tiny.ckpt"), "--out", str(out),
+    compare_insertion.main(["--images", str(photos), "--model", str(work / "tiny.ckpt"), "--out", str(out),
                             "--methods", *methods, "--steps", "4", "--resolution", "64", "--grid-cell", "160",
                             "--clip-weights", str(clip_weights), "--clip-config", str(clip_config)])
     docs.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 """The README's insertion example: a real photo, a tiny RANDOM location model and a tiny RANDOM
-Stable Diffusion inpainter (nothing downloaded), run through insert.py; writes docs/insert_example/.
+Stable Diffusion inpainter (nothing downloaded), run through insert.py (`genloc insert` plus the edit metrics); writes docs/insert_example/.
 
 It demonstrates the mechanics (region-restricted sampling, mask, paste-back) — not quality.
 """
@@ -25,19 +25,21 @@ def main(out: Path = Path("docs/insert_example")) -> None:
     """Runs from the repository root with repository-relative paths, so the JSON records it writes
     name no machine's folders; the two tiny models live in ``out/scratch`` only while it runs."""
     os.chdir(ROOT)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists():  # a fresh example: boxes.jsonl would otherwise keep the photo as done
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
     work = out / "scratch"
     save_tiny_sd_inpainter(work / "tiny_sd_inpaint")
     torch.manual_seed(0)
     save_model_checkpoint(LocationModel(LocationModelConfig.preset("tiny")), work / "tiny_random.ckpt")
     try:
-        insert.main(["--image", str(PHOTO), "--category", "cat", "--checkpoint", str(work / "tiny_random.ckpt"),
+        insert.main(["--image", str(PHOTO), "--category", "cat", "--model", str(work / "tiny_random.ckpt"),
                      "--inpainter", str(work / "tiny_sd_inpaint"), "--n", "2", "--region", "left", "--steps", "4",
                      "--resolution", "256", "--feather", "4", "--seed", "0", "--out", str(out)])
     finally:
         shutil.rmtree(work)
-    panels = [Image.open(PHOTO).convert("RGB"), Image.open(out / "overlay.png").convert("RGB"),
-              Image.open(out / "edit_0.png").convert("RGB")]
+    panels = [Image.open(PHOTO).convert("RGB"), Image.open(out / f"{PHOTO.stem}_overlay.png").convert("RGB"),
+              Image.open(out / f"{PHOTO.stem}_edit_0.png").convert("RGB")]
     sheet = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)), "white")
     x = 0
     for panel in panels:

@@ -12,7 +12,7 @@ MODEL = "someone/genloc-model"  # shaped like a Hub id: only loading it would fa
 # command module -> arguments that are valid apart from the one under test ({tmp}: a fresh folder)
 BASE = {
     "evaluate": ["--baseline", "random", "--annotations", "{tmp}", "--out", "{tmp}/out"],
-    "insert": ["--image", PHOTO, "--category", "cat", "--checkpoint", MODEL, "--out", "{tmp}/out"],
+    "insert": ["--image", PHOTO, "--category", "cat", "--model", MODEL, "--inpainter", "{tmp}", "--out", "{tmp}/out"],
     "demo": ["--model", MODEL],
     "scripts.compare_insertion": ["--images", "{tmp}", "--methods", "m=sd:{tmp}", "--checkpoint", MODEL,
                                   "--out", "{tmp}/out"],

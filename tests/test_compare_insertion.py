@@ -52,7 +52,7 @@ def _methods(setup):
 
 
 def _run(setup, out, *extra, methods=None, images="photos"):
-    return compare_insertion.main(["--images", str(setup[images]), "--checkpoint", str(setup["ckpt"]), "--out", str(out),
+    return compare_insertion.main(["--images", str(setup[images]), "--model", str(setup["ckpt"]), "--out", str(out),
                                    "--steps", "2", "--methods", *(methods or _methods(setup)), *setup["clip"], *extra])
 
 
@@ -152,7 +152,7 @@ def test_compare_on_a_shard_split_with_a_boxes_file(setup, tmp_path, capsys):
 ])
 def test_compare_bad_input_is_one_line_and_exit_2(setup, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
-        compare_insertion.main(["--images", str(setup["photos"]), "--checkpoint", str(setup["ckpt"]),
+        compare_insertion.main(["--images", str(setup["photos"]), "--model", str(setup["ckpt"]),
                                 "--out", str(tmp_path / "out"), *argv])
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
@@ -161,7 +161,7 @@ def test_compare_needs_boxes_for_back_ends_and_a_known_input_layout(setup, tmp_p
     with pytest.raises(SystemExit) as exc:
         compare_insertion.main(["--images", str(setup["photos"]), "--out", str(tmp_path / "o"),
                                 "--methods", f"sd=sd:{setup['sd']}"])
-    assert exc.value.code == 2 and "--checkpoint" in capsys.readouterr().err
+    assert exc.value.code == 2 and "--model" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         compare_insertion.main(["--images", str(tmp_path), "--out", str(tmp_path / "o"),
                                 "--methods", f"e=instruct-pix2pix:{setup['ip2p']}"])
@@ -173,7 +173,7 @@ def test_a_run_that_failed_before_editing_does_not_block_the_corrected_command(s
     methods = [f"genloc+sd=sd:{setup['sd']}"]
     args = ["--images", str(setup["small"]), "--out", str(out), "--steps", "2", "--methods", *methods]
     with pytest.raises(SystemExit) as exc:
-        compare_insertion.main(args + ["--checkpoint", str(tmp_path / "typo.ckpt")])
+        compare_insertion.main(args + ["--model", str(tmp_path / "typo.ckpt")])
     assert exc.value.code == 2 and "typo.ckpt" in capsys.readouterr().err
-    assert compare_insertion.main(args + ["--checkpoint", str(setup["ckpt"])]) == 0
+    assert compare_insertion.main(args + ["--model", str(setup["ckpt"])]) == 0
     assert {p.name for p in (out / "edits" / "genloc+sd").glob("*.png")} == set(PHOTOS)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-import demo
+from genloc import demo
 from genloc import GenLocModel, LocationModelConfig
 from genloc.boxes import pixel_rect
 from genloc.hub import model_card
@@ -239,7 +239,8 @@ def test_default_model_missing_is_a_note_and_a_bad_source_exits_2(tmp_path, monk
     GenLocModel(LocationModelConfig.preset("tiny")).save_pretrained(tmp_path / "model")
     with pytest.raises(demo.DemoError, match=r"--inpainter .*none: sd back-end: folder .* does not exist"):
         demo.load_backends(str(tmp_path / "model"), str(tmp_path / "none"), "sd", "cpu", 2)
-    for args, expected in ((["--model", str(tmp_path / "none")], "--model"), (["--steps", "0"], "--steps must be >= 1")):
+    for args, expected in ((["--model", str(tmp_path / "none")], "--model"),
+                           (["--steps", "0"], "argument --steps: must be a whole number >= 1")):
         with pytest.raises(SystemExit) as exit_:
             demo.main(args)
         err = capsys.readouterr().err.strip()

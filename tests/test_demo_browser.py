@@ -78,7 +78,7 @@ def test_place_then_insert_in_a_real_browser(page, served, tmp_path):
 
     set_text(page, "categories", "person")
     _, text = press(page, "score", "boxes", timeout=120)  # Score the two-click box
-    import demo
+    from genloc import demo
 
     expected = demo.score_box(demo.Backends(model=GenLocModel.from_pretrained(served / "model")), str(PHOTO),
                               "person", region, seed=0).records[0]

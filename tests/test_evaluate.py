@@ -242,7 +242,7 @@ def test_checkpoint_mode_matches_rescoring_its_predictions(toy_shards, tmp_path)
     model = LocationModel(cfg)
     ckpt = tmp_path / "tiny.ckpt"
     save_model_checkpoint(model, ckpt)
-    args = ["--checkpoint", str(ckpt), "--data", str(toy_shards), "--split", "test", "--batch-size", "4",
+    args = ["--model", str(ckpt), "--data", str(toy_shards), "--split", "test", "--batch-size", "4",
             "--temperature", "0.9", "--top-k", "20", "--seed", "5", "--device", "cpu", "--no-progress"]
     doc = evaluate.main(args + ["--out", str(tmp_path / "ck")])
     assert doc["sampling"] == {"num_samples": 100, "temperature": 0.9, "top_k": 20, "top_p": None, "seed": 5,

@@ -222,6 +222,6 @@ def test_bad_sampling_arguments_fail_before_the_checkpoint_is_loaded(flag, value
 
     monkeypatch.setattr(genloc.hub, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(SystemExit) as exc:
-        evaluate.main(["--checkpoint", str(tmp_path / "model.ckpt"), "--data", str(tmp_path), flag, value])
+        evaluate.main(["--model", str(tmp_path / "model.ckpt"), "--data", str(tmp_path), flag, value])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.strip().splitlines()[-1].startswith(f"evaluate.py: error: {flag} must be")

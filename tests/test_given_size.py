@@ -44,7 +44,7 @@ def model_dir(tmp_path_factory):
 
 def test_given_size_draws_each_groups_size_from_a_model_folder(model_dir, tiny_toy_data, tmp_path):
     data = tiny_toy_data / "toy-opa"
-    common = ["--checkpoint", str(model_dir), "--data", str(data), "--split", "val", "--num-samples", "20",
+    common = ["--model", str(model_dir), "--data", str(data), "--split", "val", "--num-samples", "20",
               "--no-progress", "--batch-size", "3"]
     free = evaluate.main(common + ["--out", str(tmp_path / "free")])
     given = evaluate.main(common + ["--out", str(tmp_path / "given"), "--given-size"])
@@ -70,4 +70,4 @@ def test_given_size_draws_each_groups_size_from_a_model_folder(model_dir, tiny_t
 def test_given_size_needs_a_model(capsys):
     with pytest.raises(SystemExit) as exc:
         evaluate.main(["--baseline", "random", "--annotations", str(FOPA_ROWS), "--given-size"])
-    assert exc.value.code == 2 and "--given-size needs --checkpoint" in capsys.readouterr().err
+    assert exc.value.code == 2 and "--given-size needs --model" in capsys.readouterr().err

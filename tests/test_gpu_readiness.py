@@ -180,7 +180,7 @@ def test_bf16_sampling_keeps_toy_tpr_fpr_within_seed_noise(tmp_path):
     save_model_checkpoint(LocationModel(LocationModelConfig.preset("tiny", num_bins=32)), ckpt)
 
     def run(seed, *extra):
-        doc = evaluate.main(["--checkpoint", str(ckpt), "--data", str(data), "--split", "test", "--num-samples", "50",
+        doc = evaluate.main(["--model", str(ckpt), "--data", str(data), "--split", "test", "--num-samples", "50",
                              "--seed", str(seed), "--device", "cpu", "--no-progress",
                              "--out", str(tmp_path / f"{seed}{''.join(extra)}"), *extra])
         metrics = doc["metrics"]

@@ -59,7 +59,7 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def folder(run, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "toy_model"
-    assert export_script.main(["--checkpoint", str(run[0]), "--out", str(out)]) == 0
+    assert export_script.main(["--model", str(run[0]), "--out", str(out)]) == 0
     return out
 
 
@@ -224,7 +224,7 @@ def test_weight_sources_are_not_fetched_again_and_extra_positions_are_dropped(tm
     ckpt.parent.mkdir(parents=True)
     torch.save({"hyper_parameters": {"model_config": cfg.to_dict()},
                 "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, ckpt)
-    assert export_script.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "m")]) == 0
+    assert export_script.main(["--model", str(ckpt), "--out", str(tmp_path / "m")]) == 0
     for f in (tmp_path / "gpt2").iterdir():
         f.unlink()
     (tmp_path / "gpt2").rmdir()
@@ -248,15 +248,15 @@ def test_portable_config_keeps_what_the_hub_weights_decide_about_the_architectur
 
 def test_export_bad_input_exits_2_with_one_line(run, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        export_script.main(["--checkpoint", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "m")])
+        export_script.main(["--model", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "m")])
     assert exc.value.code == 2 and "nope.ckpt not found" in capsys.readouterr().err
     (tmp_path / "corrupt.ckpt").write_bytes(b"not a checkpoint")
-    assert export_script.main(["--checkpoint", str(tmp_path / "corrupt.ckpt"), "--out", str(tmp_path / "m")]) == 2
+    assert export_script.main(["--model", str(tmp_path / "corrupt.ckpt"), "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "corrupt.ckpt is corrupt or unreadable" in err
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
-    assert export_script.main(["--checkpoint", str(run[0]), "--out", str(tmp_path / "busy")]) == 2
+    assert export_script.main(["--model", str(run[0]), "--out", str(tmp_path / "busy")]) == 2
     assert "is not a model folder" in capsys.readouterr().err
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
     assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".*partial"))
@@ -266,7 +266,7 @@ def test_export_bad_input_exits_2_with_one_line(run, tmp_path, capsys):
 def test_export_to_the_current_or_parent_folder_is_one_line(out, run, tmp_path, monkeypatch, capsys):
     (tmp_path / "empty").mkdir()
     monkeypatch.chdir(tmp_path / "empty")
-    assert export_script.main(["--checkpoint", str(run[0]), "--out", out]) == 2
+    assert export_script.main(["--model", str(run[0]), "--out", out]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "name the model folder" in err
     assert not list((tmp_path / "empty").iterdir()) and not list(tmp_path.glob(".*partial"))
@@ -276,7 +276,7 @@ def test_export_replaces_an_earlier_export_and_pushes_the_folder(run, tmp_path, 
     import huggingface_hub
 
     out = tmp_path / "m"
-    assert export_script.main(["--checkpoint", str(run[0]), "--out", str(out)]) == 0
+    assert export_script.main(["--model", str(run[0]), "--out", str(out)]) == 0
     first = (out / "model.safetensors").read_bytes()
     calls = []
 
@@ -290,11 +290,11 @@ def test_export_replaces_an_earlier_export_and_pushes_the_folder(run, tmp_path, 
             return "https://huggingface.co/someone/genloc-toy/commit/1"
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    assert export_script.main(["--checkpoint", str(run[0]), "--out", str(out), "--push-to-hub", "someone/genloc-toy"]) == 2
+    assert export_script.main(["--model", str(run[0]), "--out", str(out), "--push-to-hub", "someone/genloc-toy"]) == 2
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err and calls == []  # offline: no push, folder written
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
-    assert export_script.main(["--checkpoint", str(run[0]), "--out", str(out), "--push-to-hub", "someone/genloc-toy"]) == 0
+    assert export_script.main(["--model", str(run[0]), "--out", str(out), "--push-to-hub", "someone/genloc-toy"]) == 0
     assert calls == [("create", "someone/genloc-toy", True), ("upload", sorted(FILES), "someone/genloc-toy")]
     assert sorted(os.listdir(out)) == sorted(FILES) and (out / "model.safetensors").read_bytes() == first
     assert "GenLocModel.from_pretrained('someone/genloc-toy')" in (out / "README.md").read_text()
@@ -305,14 +305,14 @@ def test_card_adds_the_evaluation_metrics_of_evaluate_py(run, tmp_path, capsys):
                                         "fpr_shared@100": 0.035}, "plausible_rate": 0.85}
     (tmp_path / "eval.json").write_text(json.dumps(doc))
     out = tmp_path / "m"
-    assert export_script.main(["--checkpoint", str(run[0]), "--out", str(out), "--eval", str(tmp_path / "eval.json")]) == 0
+    assert export_script.main(["--model", str(run[0]), "--out", str(out), "--eval", str(tmp_path / "eval.json")]) == 0
     card = (out / "README.md").read_text()
     for key, value in [("eval/tpr@100", 0.61), ("eval/fpr@100", 0.07), ("eval/plausible_rate", 0.85),
                        ("val/loss", 3.5)]:
         assert f"| `{key}` | {value:.4f} |" in card
     assert f"`{tmp_path / 'eval.json'}`" in card and "eval/tpr@10`" not in card
     (tmp_path / "bad.json").write_text("{}")
-    assert export_script.main(["--checkpoint", str(run[0]), "--out", str(out), "--eval", str(tmp_path / "bad.json")]) == 2
+    assert export_script.main(["--model", str(run[0]), "--out", str(out), "--eval", str(tmp_path / "bad.json")]) == 2
     assert "not a metrics.json written by evaluate.py" in capsys.readouterr().err
 
 

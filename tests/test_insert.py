@@ -10,10 +10,11 @@ from PIL import Image
 from skimage import data
 
 import insert
+from genloc import GenLocModel, LocationModelConfig
 from genloc.checkpoint import save_model_checkpoint
 from metrics.inpainting import background_ssim
 from genloc.inpainters import load_backend
-from genloc.inpainting import box_mask, mask_bbox, parse_region, pixel_rect, working_size
+from genloc.inpainting import box_mask, mask_bbox, pixel_rect, working_size
 from genloc.testing import TINY_CLIP_NAME, save_tiny_gligen, save_tiny_open_clip, save_tiny_sd_inpainter
 from tests.helpers import FIXTURES
 
@@ -38,24 +39,13 @@ def chelsea(tmp_path):
     return path
 
 
-@pytest.fixture
-def stub_sampler(monkeypatch, tmp_path):
-    """Stand-in for the location model: seeded random boxes inside the normalised region."""
-    def sample(checkpoint, image, category, n, region, seed):
-        g = torch.Generator().manual_seed(seed)
-        x1, y1, x2, y2 = parse_region(region, image.size) or (0.0, 0.0, 1.0, 1.0)
-        lo = torch.rand(n, 2, generator=g) * 0.5
-        hi = lo + 0.1 + torch.rand(n, 2, generator=g) * (0.9 - lo)
-        u = torch.cat([lo, hi.clamp(max=1.0)], 1)
-        norm = torch.stack([x1 + u[:, 0] * (x2 - x1), y1 + u[:, 1] * (y2 - y1),
-                            x1 + u[:, 2] * (x2 - x1), y1 + u[:, 3] * (y2 - y1)], 1)
-        w, h = image.size
-        return norm * torch.tensor([w, h, w, h])
-
-    monkeypatch.setattr(insert, "sample_boxes", sample)
-    ckpt = tmp_path / "stub.ckpt"
-    ckpt.write_bytes(b"")
-    return ckpt
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random location model: boxes are random but honour --region."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    GenLocModel(LocationModelConfig.preset("tiny")).save_pretrained(folder)
+    return folder
 
 
 def _load(path):
@@ -63,30 +53,26 @@ def _load(path):
 
 
 def _check_outputs(out, photo, region_px):
-    """Records match files and images; returns the records."""
+    """The photo's boxes.jsonl line matches the files and images; returns its box records."""
     orig = _load(photo)
     h, w = orig.shape[:2]
-    records = json.loads((out / "records.json").read_text())
-    overlay = _load(out / "overlay.png")
-    assert overlay.shape == orig.shape
-    for i, rec in enumerate(records):
-        assert json.loads((out / f"edit_{i}.json").read_text()) == rec
-        assert rec["index"] == i and rec["image_size"] == [w, h]
+    line, = (json.loads(text) for text in (out / "boxes.jsonl").read_text().splitlines())
+    assert line["image"] == str(photo) and line["image_size"] == [w, h]
+    overlay = _load(out / line["overlay"])
+    assert overlay.shape == orig.shape and not np.array_equal(overlay, orig)
+    bin_w, bin_h = w / 64, h / 64  # the tiny model's bins
+    for i, rec in enumerate(line["boxes"]):
+        assert rec["index"] == i
         x1, y1, x2, y2 = rec["box"]
         rx1, ry1, rx2, ry2 = region_px
-        assert rx1 - 1e-3 <= x1 < x2 <= rx2 + 1e-3 and ry1 - 1e-3 <= y1 < y2 <= ry2 + 1e-3
-        assert rec["box_norm"] == pytest.approx([x1 / w, y1 / h, x2 / w, y2 / h])
-        # the overlay outline sits on the record's pixel rectangle, in the record's colour
-        x0, y0, xe, ye = pixel_rect(rec["box"], (w, h))
-        edge = np.concatenate([overlay[y0, x0:xe], overlay[ye - 1, x0:xe], overlay[y0:ye, x0], overlay[y0:ye, xe - 1]])
-        assert (edge == rec["color"]).all(-1).mean() > 0.5
-    return records
+        assert rx1 - bin_w <= x1 < x2 <= rx2 + bin_w and ry1 - bin_h <= y1 < y2 <= ry2 + bin_h
+    return line["boxes"]
 
 
-def test_insert_end_to_end_sd_region_and_metrics(sd_dir, clip_files, chelsea, stub_sampler, tmp_path):
+def test_insert_end_to_end_sd_region_and_metrics(sd_dir, clip_files, chelsea, model_dir, tmp_path):
     cfg_path, weights = clip_files
     out = tmp_path / "out"
-    argv = ["--image", str(chelsea), "--category", "dog", "--checkpoint", str(stub_sampler), "--inpainter", str(sd_dir),
+    argv = ["--image", str(chelsea), "--category", "dog", "--model", str(model_dir), "--inpainter", str(sd_dir),
             "--n", "2", "--region", "left", "--out", str(out), "--steps", "2", "--resolution", "64",
             "--dilate", "2", "--feather", "3", "--seed", "5", "--clip-weights", str(weights), "--clip-config", str(cfg_path)]
     assert insert.main(argv) == 0
@@ -97,7 +83,7 @@ def test_insert_end_to_end_sd_region_and_metrics(sd_dir, clip_files, chelsea, st
     tokens = open_clip.get_tokenizer(TINY_CLIP_NAME)(["a photo of a dog"])
     for rec in records:
         edit = _load(out / rec["edit"])
-        assert edit.shape == orig.shape
+        assert edit.shape == orig.shape and rec["edit"] == f"chelsea_edit_{rec['index']}.png"
         assert rec["mask_box"] == list(mask_bbox(box_mask(rec["box"], (w, h), 2)))
         assert rec["mode"] in ("crop", "whole") and len(rec["context"]) == 4
         assert rec["seed"] == 5 + rec["index"] and rec["prompt"] == "a photo of a dog"
@@ -108,7 +94,8 @@ def test_insert_end_to_end_sd_region_and_metrics(sd_dir, clip_files, chelsea, st
         assert not np.array_equal(edit[~outside], orig[~outside])
         # metrics in the record are recomputable from the written files
         t = lambda a: torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float() / 255
-        ssim = background_ssim(t(edit), t(orig), torch.tensor([rec["box_norm"]])).item()
+        box_norm = torch.tensor([[rec["box"][0] / w, rec["box"][1] / h, rec["box"][2] / w, rec["box"][3] / h]])
+        ssim = background_ssim(t(edit), t(orig), box_norm).item()
         assert rec["metrics"]["background_ssim"] == pytest.approx(ssim, abs=1e-6)
         bx0, by0, bx1, by1 = pixel_rect(rec["box"], (w, h))
         with torch.no_grad():
@@ -117,51 +104,78 @@ def test_insert_end_to_end_sd_region_and_metrics(sd_dir, clip_files, chelsea, st
         assert rec["metrics"]["clip_score"] == pytest.approx(direct, abs=1e-5)
 
 
-def test_insert_offline_writes_boxes_and_one_hint_line(stub_sampler, tmp_path, capsys):
+def test_insert_py_and_genloc_insert_write_the_same_files(sd_dir, model_dir, tmp_path):
+    from genloc.cli import main as genloc_main
+
+    argv = ["--image", str(PHOTO), "--category", "cat", "--model", str(model_dir), "--inpainter", str(sd_dir),
+            "--n", "2", "--steps", "2", "--resolution", "64"]
+    assert insert.main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert genloc_main(["insert", *argv, "--out", str(tmp_path / "b")]) == 0
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert names == ["000000049931_edit_0.png", "000000049931_edit_1.png", "000000049931_overlay.png", "boxes.jsonl"]
+    a, b = (json.loads((tmp_path / d / "boxes.jsonl").read_text()) for d in "ab")
+    assert [r["box"] for r in a["boxes"]] == [r["box"] for r in b["boxes"]]
+    assert all(r["metrics"] == {} for r in b["boxes"]) and all("background_ssim" in r["metrics"] for r in a["boxes"])
+    for name in names[:3]:
+        assert np.array_equal(_load(tmp_path / "a" / name), _load(tmp_path / "b" / name))
+
+
+def test_insert_checkpoint_flag_still_works_with_a_note(sd_dir, tmp_path, capsys):
+    from genloc import LocationModel
+
+    ckpt = tmp_path / "tiny.ckpt"
+    torch.manual_seed(0)
+    save_model_checkpoint(LocationModel(LocationModelConfig.preset("tiny")), ckpt)
     out = tmp_path / "out"
-    assert insert.main(["--image", str(PHOTO), "--category", "cat", "--checkpoint", str(stub_sampler), "--n", "3",
-                        "--region", "100,50,400,300", "--out", str(out)]) == 0
-    hints = [line for line in capsys.readouterr().out.splitlines() if "--inpainter" in line]
-    assert len(hints) == 1
-    records = _check_outputs(out, PHOTO, (100, 50, 400, 300))
-    assert len(records) == 3 and all(r["edit"] is None for r in records)
-    assert not list(out.glob("edit_*.png"))
+    assert insert.main(["--image", str(PHOTO), "--category", "cat", "--checkpoint", str(ckpt), "--n", "1",
+                        "--region", "right", "--inpainter", str(sd_dir), "--steps", "2", "--resolution", "64",
+                        "--out", str(out)]) == 0
+    assert "note: --checkpoint is now --model" in capsys.readouterr().err
+    assert len(_check_outputs(out, PHOTO, (256, 0, 512, 512))) == 1
 
 
-def test_insert_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+def test_insert_missing_model_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        insert.main(["--image", str(PHOTO), "--category", "cat", "--checkpoint", str(tmp_path / "nope.ckpt")])
+        insert.main(["--image", str(PHOTO), "--category", "cat", "--model", str(tmp_path / "nope.ckpt"),
+                     "--inpainter", str(tmp_path), "--out", str(tmp_path / "out")])
     assert exc.value.code == 2
-    assert "checkpoint" in capsys.readouterr().err
+    assert f"--model {tmp_path / 'nope.ckpt'} not found: no such model folder or checkpoint" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, says", [
-    (["--n", "0"], "--n must be >= 1"), (["--n", "-3"], "--n must be >= 1"),
-    (["--max-iou", "1.5"], "--max-iou must be in [0, 1]"), (["--steps", "0"], "--steps must be >= 1"),
-    (["--inpainter", "sd-inpaintnig"], "--inpainter sd-inpaintnig: no such folder"),
-    (["--category", ""], "--category must name an object class"), (["--category", "  "], "--category must name"),
-    (["--category", "cup", ""], "--category must name an object class"),
+    (["--n", "0"], "argument --n: must be a whole number in [1, 1000]"), (["--n", "-3"], "argument --n: must be"),
+    (["--max-iou", "1.5"], "argument --max-iou: must be a number in [0, 1]"),
+    (["--steps", "0"], "argument --steps: must be a whole number >= 1"),
+    (["--inpainter", "sd-inpaintnig"], "--inpainter sd-inpaintnig: no such folder, and not a Hub id"),
+    (["--category", ""], "argument --category: must not be empty"), (["--category", "  "], "argument --category"),
+    (["--category", "cup", ""], "argument --category: must not be empty"),
+    (["--clip-weights", "no-such.pt"], "--clip-weights no-such.pt: no such file"),
 ])
-def test_bad_arguments_fail_at_once_before_any_model_loads(argv, says, stub_sampler, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(insert, "sample_boxes", lambda *a, **k: pytest.fail("the location model was used"))
-    monkeypatch.setattr(insert, "load_inpainter", lambda *a, **k: pytest.fail("an inpainter was loaded"))
+def test_bad_arguments_fail_at_once_before_any_model_loads(argv, says, model_dir, sd_dir, tmp_path, capsys,
+                                                           monkeypatch):
+    import genloc.hub
+    import genloc.inpainters
+
+    monkeypatch.setattr(genloc.hub, "load_model", lambda *a, **k: pytest.fail("the location model was used"))
+    monkeypatch.setattr(genloc.inpainters, "load_backend", lambda *a, **k: pytest.fail("an inpainter was loaded"))
     out = tmp_path / "out"
+    base = ["--image", str(PHOTO), "--category", "cat", "--model", str(model_dir), "--out", str(out)]
     with pytest.raises(SystemExit) as exc:
-        insert.main(["--image", str(PHOTO), "--category", "cat", "--checkpoint", str(stub_sampler), "--out", str(out),
-                     *argv])
+        insert.main([*base, *([] if "--inpainter" in argv else ["--inpainter", str(sd_dir)]), *argv])
     err = capsys.readouterr().err.strip().splitlines()
-    assert exc.value.code == 2 and err[-1].startswith(f"insert.py: error: {says}") and not out.exists()
+    assert exc.value.code == 2 and err[-1].startswith(f"insert.py: error: {says}") and not out.exists(), err
 
 
 @pytest.mark.parametrize("content", [b"just some text, not a picture", "truncated"])
-def test_image_that_is_not_an_image_is_a_one_line_error(content, stub_sampler, tmp_path, capsys):
+def test_image_that_is_not_an_image_is_a_one_line_error(content, model_dir, sd_dir, tmp_path, capsys):
     path = tmp_path / "photo.png"
     path.write_bytes(PHOTO.read_bytes()[:300] if content == "truncated" else content)
-    with pytest.raises(SystemExit) as exc:
-        insert.main(["--image", str(path), "--category", "cat", "--checkpoint", str(stub_sampler),
-                     "--out", str(tmp_path / "out")])
+    assert insert.main(["--image", str(path), "--category", "cat", "--model", str(model_dir),
+                        "--inpainter", str(sd_dir), "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert exc.value.code == 2 and err[-1].startswith(f"insert.py: error: --image {path}")
+    assert any(line.startswith(f"insert.py: --image {path}") for line in err), err
+    assert not (tmp_path / "out" / "boxes.jsonl").exists()  # nothing counted as done
 
 
 def test_gligen_backend_keeps_background(tmp_path):
@@ -181,39 +195,21 @@ def test_mask_helpers():
     size = (40, 30)
     assert mask_bbox(box_mask((10.2, 5.0, 20.0, 15.5), size, dilate=2)) == (8, 3, 22, 18)  # (10,5,20,16) grown by 2
     assert box_mask((0, 0, 5, 5), size).sum() == 25
-    assert parse_region("left", size) == (0.0, 0.0, 0.5, 1.0)
-    assert parse_region("4,3,20,15", size) == (0.1, 0.1, 0.5, 0.5)
-    for bad in ("middle", "4,3,50,15", "1,2,3"):
-        with pytest.raises(ValueError):
-            parse_region(bad, size)
     assert working_size((451, 300), 512) == (512, 344)
 
 
-def test_insert_with_real_tiny_location_model(tmp_path):
-    from genloc import LocationModel, LocationModelConfig
-
-    cfg = LocationModelConfig.preset("tiny")
-    model = LocationModel(cfg)
-    ckpt = tmp_path / "tiny.ckpt"
-    save_model_checkpoint(model, ckpt)
-    out = tmp_path / "out"
-    assert insert.main(["--image", str(PHOTO), "--category", "cat", "--checkpoint", str(ckpt), "--n", "3",
-                        "--region", "right", "--out", str(out)]) == 0
-    assert len(_check_outputs(out, PHOTO, (256, 0, 512, 512))) == 3
-
-
-def test_insert_backend_and_mode_arguments(stub_sampler, tmp_path, capsys):
+def test_insert_backend_and_mode_arguments(model_dir, tmp_path, capsys):
     """--backend picks the adapter (a folder of another kind is a one-line error, exit 2); --mode is recorded."""
     from genloc.testing import save_powerpaint
 
     pp = save_powerpaint(tmp_path / "pp")
     out = tmp_path / "out"
-    argv = ["--image", str(PHOTO), "--category", "cat", "--checkpoint", str(stub_sampler), "--n", "2", "--out", str(out),
+    argv = ["--image", str(PHOTO), "--category", "cat", "--model", str(model_dir), "--n", "2", "--out", str(out),
             "--steps", "2", "--inpainter", str(pp)]
     assert insert.main([*argv, "--backend", "powerpaint", "--mode", "whole"]) == 0
-    records = json.loads((out / "records.json").read_text())
-    assert [r["mode"] for r in records] == ["whole", "whole"] and all(r["backend"] == "powerpaint" for r in records)
+    records = json.loads((out / "boxes.jsonl").read_text())["boxes"]
+    assert [r["mode"] for r in records] == ["whole", "whole"]
     assert all(r["context"] == [0, 0, 512, 512] for r in records)
     with pytest.raises(SystemExit) as exc:
-        insert.main([*argv, "--backend", "flux-fill"])
+        insert.main([*argv, "--backend", "flux-fill", "--out", str(tmp_path / "flux")])
     assert exc.value.code == 2 and "flux-fill back-end" in capsys.readouterr().err

@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-import demo
+from genloc import demo
 import evaluate
 import insert
 from genloc import GenLocModel, LocationModelConfig
 from genloc.checkpoint import save_model_checkpoint
+from genloc.cli import main as genloc_main
 from genloc.hub import FILES
 from scripts import compare_insertion, compare_mle_dpo, export, toy_place_many
 from tests.helpers import FIXTURES
@@ -58,18 +59,18 @@ def _same_for_every_kind(results: dict):
 def test_evaluate(sources, tiny_toy_data, tmp_path):
     results = {}
     for kind, source in sources.items():
-        doc = evaluate.main(["--checkpoint", source, "--data", str(tiny_toy_data / "toy-opa"), "--split", "val",
+        doc = evaluate.main(["--model", source, "--data", str(tiny_toy_data / "toy-opa"), "--split", "val",
                              "--num-samples", "10", "--device", "cpu", "--no-progress", "--out", str(tmp_path / kind)])
         results[kind] = (doc["metrics"], (tmp_path / kind / "predictions.jsonl").read_bytes())
     _same_for_every_kind(results)
 
 
-def test_insert(sources, tmp_path):
+def test_genloc_place(sources, tmp_path):
     results = {}
     for kind, source in sources.items():
-        assert insert.main(["--image", str(PHOTO), "--category", "car", "--checkpoint", source, "--n", "3",
+        assert genloc_main(["place", "--image", str(PHOTO), "--category", "car", "--model", source, "--n", "3",
                             "--out", str(tmp_path / kind)]) == 0
-        results[kind] = [r["box"] for r in json.loads((tmp_path / kind / "records.json").read_text())]
+        results[kind] = [r["box"] for r in json.loads((tmp_path / kind / "boxes.jsonl").read_text())["boxes"]]
     _same_for_every_kind(results)
 
 
@@ -90,7 +91,7 @@ def test_compare_insertion(sources, tmp_path):
     results = {}
     for kind, source in sources.items():
         args = compare_insertion.build_parser().parse_args(["--images", str(photos), "--methods", "m=sd:unused",
-                                                            "--checkpoint", source, "--out", str(tmp_path / kind)])
+                                                            "--model", source, "--out", str(tmp_path / kind)])
         results[kind] = compare_insertion.genloc_boxes(args, samples)
     _same_for_every_kind(results)
 
@@ -111,7 +112,7 @@ def test_compare_mle_dpo(sources, tiny_toy_data, tmp_path, capsys):
 
 def test_export(sources, stored, tmp_path):
     for kind, source in sources.items():
-        assert export.main(["--checkpoint", source, "--out", str(tmp_path / kind)]) == 0
+        assert export.main(["--model", source, "--out", str(tmp_path / kind)]) == 0
         again = GenLocModel.from_pretrained(str(tmp_path / kind))
         expected = stored["model"].state_dict()
         assert all(torch.equal(v, expected[k]) for k, v in again.state_dict().items())
@@ -127,8 +128,10 @@ def test_toy_place_many(sources, tiny_toy_data, capsys):
 
 
 @pytest.mark.parametrize("entry, argv", [
-    (insert.main, ["--image", str(PHOTO), "--category", "car", "--checkpoint", "{bad}"]),
-    (export.main, ["--checkpoint", "{bad}", "--out", "{tmp}/m"]),
+    (insert.main, ["--image", str(PHOTO), "--category", "car", "--model", "{bad}", "--inpainter", "{tmp}",
+                   "--out", "{tmp}/o"]),
+    (genloc_main, ["place", "--image", str(PHOTO), "--category", "car", "--model", "{bad}", "--out", "{tmp}/o"]),
+    (export.main, ["--model", "{bad}", "--out", "{tmp}/m"]),
     (compare_mle_dpo.main, ["--mle", "{bad}", "--dpo", "{bad}", "--out", "{tmp}/x.json"]),
 ])
 @pytest.mark.parametrize("bad, says", [("runs/typo.ckpt", "not found"), ("no_such_folder", "not found"),

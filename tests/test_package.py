@@ -1,8 +1,8 @@
 """`pip install` gives the model and the placement API: the package is built and installed into an
 empty folder (no network, no build isolation) and used from outside the repository, as a user of a
 model folder would: the model card's snippet runs as written, an object is inserted with a tiny
-pipeline, the `genloc` command works, a checkpoint written before the rename loads, and nothing of the
-training side is imported."""
+pipeline, the `genloc` command places two objects in each of three photos (a rerun skips them), a
+checkpoint written before the rename loads, and nothing of the training side is imported."""
 import gzip
 import json
 import re
@@ -19,6 +19,8 @@ from genloc.testing import save_tiny_sd_inpainter
 from tests.helpers import FIXTURES, ROOT
 
 PHOTO = FIXTURES / "libcom" / "controllable_composition" / "background" / "000000049931.png"
+PHOTOS = [PHOTO, FIXTURES / "libcom" / "controllable_composition" / "background" / "000000460450.png",
+          FIXTURES / "opa_sample" / "reconstructed" / "580029_background_reconstructed.png"]
 # What pyproject.toml builds the package from.
 SOURCES = ("pyproject.toml", "README.md", "LICENSE", "genloc")
 
@@ -96,8 +98,19 @@ def test_installed_package_runs_the_model_card_outside_the_repository(tmp_path):
     assert run.stdout.count("tensor(") >= 3  # the card's boxes, log-probabilities and group
     assert Image.open(work / "edit.png").size == Image.open(PHOTO).size
 
-    command = subprocess.run([str(target / "bin" / "genloc"), "place", "--model", str(model_dir), "--image",
-                              "photo.jpg", "--category", "cup", "--n", "2", "--out", "out"], cwd=work, env=env,
-                             capture_output=True, text=True, timeout=300)
+    # the issue's acceptance, installed: a folder of three real photos, two classes; a rerun skips all three
+    (work / "photos").mkdir()
+    for photo in PHOTOS:
+        shutil.copy(photo, work / "photos" / photo.name)
+    place = [str(target / "bin" / "genloc"), "place", "--model", str(model_dir), "--image", "photos", "--category",
+             "person", "car", "--out", "out"]
+    command = subprocess.run(place, cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert command.returncode == 0, command.stderr
-    assert len(json.loads((work / "out" / "boxes.json").read_text())["boxes"]) == 2
+    done = [json.loads(line) for line in (work / "out" / "boxes.jsonl").read_text().splitlines()]
+    assert sorted(line["image"] for line in done) == sorted(f"photos/{p.name}" for p in PHOTOS)
+    for line in done:
+        (x1, y1, x2, y2), (u1, v1, u2, v2) = (b["box"] for b in line["boxes"])
+        assert min(x2, u2) <= max(x1, u1) or min(y2, v2) <= max(y1, v1), line  # disjoint
+        assert Image.open(work / "out" / line["overlay"]).size == tuple(line["image_size"])
+    again = subprocess.run(place, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "3 of 3 photo(s) already in" in again.stdout, again.stderr

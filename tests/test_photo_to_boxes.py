@@ -1,4 +1,4 @@
-"""One photo -> boxes path: insert.py, compare_insertion and the demo all sample through
+"""One photo -> boxes path: the genloc command (and insert.py), compare_insertion and the demo all sample through
 `genloc.place`, so the model sees a photo exactly as it saw the training images (PIL bilinear to
 its square input, `genloc.placement.model_input`) and the same seed gives the same boxes."""
 import csv
@@ -6,8 +6,7 @@ import csv
 import pytest
 import torch
 
-import demo
-import insert
+from genloc import demo
 from tests.helpers import FIXTURES
 from genloc.checkpoint import save_model_checkpoint
 from genloc.hub import load_model
@@ -49,11 +48,18 @@ def _training_view(model, photo):
     return model_input(model, [to_rgb_image(photo)[0]])
 
 
-def test_insert_samples_through_place(model_files, seen):
+def test_the_genloc_command_samples_through_place(model_files, seen, tmp_path):
+    """`genloc place` (and `genloc insert` / insert.py, which share its code) sees the training view."""
+    import json
+
+    from genloc.cli import main
+
+    assert main(["place", "--model", str(model_files / "tiny.ckpt"), "--image", str(PHOTO), "--category", "cat",
+                 "--n", "5", "--region", "right", "--seed", "3", "--out", str(tmp_path / "out")]) == 0
+    boxes = [b["box"] for b in json.loads((tmp_path / "out" / "boxes.jsonl").read_text())["boxes"]]
     model = load_model(model_files / "tiny.ckpt")
-    boxes = insert.sample_boxes(str(model_files / "tiny.ckpt"), to_rgb_image(PHOTO)[0], "cat", 5, "right", 3)
     assert torch.equal(seen[0], _training_view(model, PHOTO))
-    assert torch.equal(boxes, place(model, PHOTO, "cat", n=5, region="right", seed=3).boxes)
+    assert boxes == place(model, PHOTO, "cat", n=5, region="right", seed=3).boxes.tolist()
 
 
 @pytest.mark.parametrize("source", ["tiny.ckpt", "folder"])
@@ -63,7 +69,7 @@ def test_compare_insertion_samples_through_place_from_any_model_source(source, m
     with open(tmp_path / "pairs.csv", "w", newline="") as f:
         csv.writer(f).writerows([["image", "category"], ["photo.png", "airplane"]])
     args = compare_insertion.build_parser().parse_args(
-        ["--images", str(tmp_path), "--checkpoint", str(model_files / source), "--out", str(tmp_path / "out"),
+        ["--images", str(tmp_path), "--model", str(model_files / source), "--out", str(tmp_path / "out"),
          "--methods", "x=sd:unused", "--seed", "7"])
     samples = compare_insertion.read_samples(tmp_path, "test")
     boxes = compare_insertion.genloc_boxes(args, samples)

@@ -259,9 +259,9 @@ def test_insert_cli_places_several_objects_in_sequence_from_a_model_folder(model
     model.save_pretrained(model_dir)
     sd_dir = save_tiny_sd_inpainter(tmp_path / "sd")
     out = tmp_path / "out"
-    assert insert.main(["--image", str(PHOTOS[1]), "--category", "car", "person", "--checkpoint", str(model_dir),
+    assert insert.main(["--image", str(PHOTOS[1]), "--category", "car", "person", "--model", str(model_dir),
                         "--inpainter", str(sd_dir), "--steps", "2", "--resolution", "64", "--out", str(out)]) == 0
-    records = json.loads((out / "records.json").read_text())
+    records = json.loads((out / "boxes.jsonl").read_text())["boxes"]
     assert [r["category"] for r in records] == ["car", "person"]
     boxes = torch.tensor([r["box"] for r in records])
     w, h = _photo().size
@@ -276,7 +276,8 @@ def test_insert_cli_places_several_objects_in_sequence_from_a_model_folder(model
         assert np.array_equal(after[outside], before[outside]) and not np.array_equal(after, before)
         before = after
     with pytest.raises(SystemExit) as exc:
-        insert.main(["--image", str(PHOTOS[1]), "--category", "car", "person", "--checkpoint", str(model_dir), "--n", "3"])
+        insert.main(["--image", str(PHOTOS[1]), "--category", "car", "person", "--model", str(model_dir), "--n", "3",
+                     "--inpainter", str(sd_dir), "--out", str(tmp_path / "again")])
     assert exc.value.code == 2 and "one box each" in capsys.readouterr().err
 
 

@@ -96,7 +96,7 @@ def test_callback_ranking_equals_evaluate(tmp_path, tiny_toy_data):
                        callbacks=[TprFprCallback(num_samples=10, max_eval_samples=None)]).validate(
         module, dataloaders=_toy_loader(tiny_toy_data), verbose=False)[0]
     save_model_checkpoint(module.model, tmp_path / "m.ckpt")
-    doc = evaluate.main(["--checkpoint", str(tmp_path / "m.ckpt"), "--data", str(tiny_toy_data / "toy-opa"),
+    doc = evaluate.main(["--model", str(tmp_path / "m.ckpt"), "--data", str(tiny_toy_data / "toy-opa"),
                          "--split", "val", "--num-samples", "10", "--batch-size", "3", "--device", "cpu",
                          "--out", str(tmp_path / "ev"), "--no-progress"])
     ranking = doc["ranking"]
@@ -192,7 +192,7 @@ def test_rank_report_runs_on_a_recipe_folder(tmp_path, tiny_toy_data):
                         sampling=Sampling(num_samples=20, device="cpu"), progress=False)
     assert rank_report.main(["--runs", str(runs), "--data", str(data), "--keep", "5"]) == 0
     doc = json.loads((runs / "toy_results" / "ranking" / "ranking.json").read_text())
-    dpo = evaluate.main(["--checkpoint", stages["toy_dpo"]["run_dir"] + "/checkpoints/last.ckpt", "--data", str(data),
+    dpo = evaluate.main(["--model", stages["toy_dpo"]["run_dir"] + "/checkpoints/last.ckpt", "--data", str(data),
                          "--split", "val", "--num-samples", "5", "--device", "cpu", "--out", str(tmp_path / "d"),
                          "--no-progress"])
     assert doc["ranking"]["DPO (toy_dpo)"] == dpo["ranking"]

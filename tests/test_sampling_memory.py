@@ -85,7 +85,7 @@ def test_evaluate_sizes_its_sampling_batch_from_the_memory_budget(toy_shards, tm
     ckpt = tmp_path / "tiny.ckpt"
     save_model_checkpoint(model, ckpt)
     gib = 2.5 * model.sampling_bytes_per_image(100) / 2 ** 30  # room for 2 images
-    common = ["--checkpoint", str(ckpt), "--data", str(toy_shards), "--split", "test", "--seed", "3",
+    common = ["--model", str(ckpt), "--data", str(toy_shards), "--split", "test", "--seed", "3",
               "--device", "cpu", "--no-progress"]
     budget = evaluate.main(common + ["--sampling-memory", str(gib), "--out", str(tmp_path / "budget")])
     fixed = evaluate.main(common + ["--batch-size", "2", "--out", str(tmp_path / "fixed")])
@@ -99,7 +99,7 @@ def test_a_large_budget_keeps_the_fixed_batch_so_results_do_not_depend_on_the_ma
     torch.manual_seed(0)
     ckpt = tmp_path / "tiny.ckpt"
     save_model_checkpoint(LocationModel(LocationModelConfig.preset("tiny", num_bins=32)), ckpt)
-    common = ["--checkpoint", str(ckpt), "--data", str(toy_shards), "--split", "test", "--seed", "3",
+    common = ["--model", str(ckpt), "--data", str(toy_shards), "--split", "test", "--seed", "3",
               "--device", "cpu", "--no-progress"]
     big = evaluate.main(common + ["--sampling-memory", "64", "--out", str(tmp_path / "big")])
     fixed = evaluate.main(common + ["--batch-size", str(MAX_SAMPLING_BATCH), "--out", str(tmp_path / "fixed")])
@@ -110,6 +110,6 @@ def test_a_large_budget_keeps_the_fixed_batch_so_results_do_not_depend_on_the_ma
 @pytest.mark.parametrize("flag", [["--sampling-memory", "0"], ["--batch-size", "0"]])
 def test_bad_sampling_budget_is_a_usage_error(flag, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        evaluate.parse_args(["--checkpoint", "x.ckpt", "--data", str(tmp_path), *flag])
+        evaluate.parse_args(["--model", "x.ckpt", "--data", str(tmp_path), *flag])
     assert exit_info.value.code == 2
     assert f"{flag[0]} must be" in capsys.readouterr().err

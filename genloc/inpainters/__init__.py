@@ -5,13 +5,14 @@
     ins = inpainter.insert(image, "cup", box=(x1, y1, x2, y2), seed=0)   # mode="auto": crop small boxes
     ins.image                                                             # pixels outside the mask unchanged
 
-Every folder is local (never the hub); a wrong folder fails at once naming the folder and the layout
-each back-end expects.
+A folder is local or a Hub id (fetched into the hub cache; offline, only a cached one); a wrong folder
+fails at once naming the folder and the layout each back-end expects.
 """
 from __future__ import annotations
 
 import warnings
 
+from genloc.choices import BACKENDS
 from genloc.inpainters.backends import FluxFillInpainter, GLIGENInpainter, SDInpainter
 from genloc.inpainters.base import (CROP_MARGIN, DEFAULT_STEPS, MODES, BackendFolderError, Inpainter, Insertion)
 from genloc.inpainters.editors import DiffRegion, Edit, InstructEditor, changed_region
@@ -19,7 +20,8 @@ from genloc.inpainters.powerpaint import PowerPaintInpainter
 
 _BACKENDS = {cls.name: cls for cls in (SDInpainter, FluxFillInpainter, PowerPaintInpainter, GLIGENInpainter)}
 _EDITORS = {cls.name: cls for cls in (InstructEditor,)}
-BACKENDS = tuple(_BACKENDS)
+if tuple(_BACKENDS) != BACKENDS:  # the names --help lists (genloc.choices) are the adapters' names
+    raise ImportError(f"genloc.choices.BACKENDS {BACKENDS} does not match the adapters {tuple(_BACKENDS)}")
 EDITORS = tuple(_EDITORS)
 
 

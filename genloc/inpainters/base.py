@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -19,23 +20,48 @@ import numpy as np
 import torch
 from PIL import Image
 
+from genloc.choices import CROP_MARGIN, DEFAULT_STEPS, MODES  # noqa: F401 (re-exported)
 from genloc.inpainting import (PROMPT_TEMPLATE, box_mask, composite, context_rect, feathered_alpha, grow_mask,
                                mask_bbox, prompt_for, working_size)
-
-MODES = ("auto", "crop", "whole")
-# Context on each side of the mask's long side in crop mode: the mask covers about a third of the
-# crop (1 / 1.8 of its side), enough surroundings for the object's scale and lighting.
-CROP_MARGIN = 0.4
-DEFAULT_STEPS = 30
 
 
 class BackendFolderError(FileNotFoundError):
     """A back-end folder that cannot be loaded; the message names the folder and the layout expected."""
 
 
+def hub_folder(source, backend: str, layout: str) -> Path:
+    """A local folder as given; a Hub id (``owner/name``) that is no local folder -> its snapshot in the
+    hub cache, downloaded unless HF_HUB_OFFLINE is set (then a one-line error saying how to get it)."""
+    path = Path(source).expanduser()
+    if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError)
+
+    from genloc.pretrained import hub_offline
+
+    offline = hub_offline()
+    try:
+        return Path(snapshot_download(str(source), local_files_only=offline))
+    except HFValidationError:
+        return path  # not a Hub id after all: the folder check names it
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        if not offline:
+            raise BackendFolderError(f"{backend} back-end: could not download {source!r} from the Hub (no network?); "
+                                     f"pass a local folder: {layout}") from None
+        raise BackendFolderError(
+            f"{backend} back-end: {source!r} is not a local folder and not in the hub cache, and HF_HUB_OFFLINE=1 "
+            f"forbids downloading it: run once with network access and without HF_HUB_OFFLINE (or `hf download "
+            f"{source}`), or pass a local folder") from None
+    except RepositoryNotFoundError:
+        raise BackendFolderError(f"{backend} back-end: Hub repo {source!r} not found (or private: log in with "
+                                 "`hf auth login`)") from None
+
+
 def require_pipeline_folder(folder, backend: str, layout: str, parts=()) -> Path:
-    """Check a local diffusers folder before any loading, so a wrong path fails in one line."""
-    folder = Path(folder)
+    """Check a diffusers folder (local, or a Hub id's snapshot) before any loading, so a wrong path fails in one line."""
+    folder = hub_folder(folder, backend, layout)
     if not folder.is_dir():
         raise BackendFolderError(f"{backend} back-end: folder {folder} does not exist; expected {layout}")
     missing = [p for p in ("model_index.json", *parts) if not (folder / p).exists()]
@@ -53,7 +79,7 @@ def require_pipeline_folder(folder, backend: str, layout: str, parts=()) -> Path
 
 
 def open_pipeline(pipeline_cls, folder: Path, dtype: torch.dtype):
-    """A diffusers pipeline from a local folder only (never the Hub), its progress bar off."""
+    """A diffusers pipeline from a local folder (`hub_folder` fetched a Hub id's), its progress bar off."""
     pipe = pipeline_cls.from_pretrained(folder, dtype=dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
