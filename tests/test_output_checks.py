@@ -66,9 +66,9 @@ def no_model(monkeypatch):
 def test_evaluate_out_naming_a_file_fails_before_the_model_loads(tmp_path, no_model):
     (tmp_path / "taken").write_text("x")
     with pytest.raises(OutputError, match=r"--out .*taken: is an existing file"):
-        evaluate.main(["--checkpoint", str(tmp_path / "model"), "--data", str(tmp_path), "--out",
+        evaluate.main(["--model", str(tmp_path / "model"), "--data", str(tmp_path), "--out",
                        str(tmp_path / "taken"), "--no-progress"])
-    proc = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(tmp_path / "model"), "--data",
+    proc = subprocess.run([sys.executable, "evaluate.py", "--model", str(tmp_path / "model"), "--data",
                            str(tmp_path), "--out", str(tmp_path / "taken")], capture_output=True, text=True,
                           cwd=ROOT, timeout=300)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -78,7 +78,7 @@ def test_evaluate_out_naming_a_file_fails_before_the_model_loads(tmp_path, no_mo
 def test_evaluate_out_on_a_read_only_location_fails_before_the_model_loads(tmp_path, monkeypatch, no_model):
     read_only(monkeypatch, tmp_path / "ro")
     with pytest.raises(OutputError, match=r"--out .*ro.*cannot write there: it is not writable"):
-        evaluate.main(["--checkpoint", str(tmp_path / "model"), "--data", str(tmp_path), "--out",
+        evaluate.main(["--model", str(tmp_path / "model"), "--data", str(tmp_path), "--out",
                        str(tmp_path / "ro"), "--no-progress"])
     with pytest.raises(OutputError, match=r"--out .*ro.*not writable"):  # --plot checks its folder too
         evaluate.main(["--plot", str(tmp_path / "metrics.json"), "--out", str(tmp_path / "ro" / "fig.png")])
@@ -149,7 +149,7 @@ def test_export_out_that_cannot_be_written_is_one_line_before_loading(checkpoint
     else:
         read_only(monkeypatch, tmp_path / "ro")
         out, says = tmp_path / "ro" / "model", r"its folder .*ro: cannot write there: it is not writable"
-    assert export_script.main(["--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+    assert export_script.main(["--model", str(checkpoint), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"export: error: --out {out}: ") and "Traceback" not in err
     assert re.search(says, err), err
@@ -157,7 +157,7 @@ def test_export_out_that_cannot_be_written_is_one_line_before_loading(checkpoint
 
 def test_export_on_a_full_disk_keeps_the_previous_export(checkpoint, tmp_path, monkeypatch, capsys):
     out = tmp_path / "model"
-    assert export_script.main(["--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    assert export_script.main(["--model", str(checkpoint), "--out", str(out)]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     import safetensors.torch
 
@@ -166,7 +166,7 @@ def test_export_on_a_full_disk_keeps_the_previous_export(checkpoint, tmp_path, m
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_model", full)
-    assert export_script.main(["--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+    assert export_script.main(["--model", str(checkpoint), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "No space left on device" in err and "previous export there is kept" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -176,7 +176,7 @@ def test_export_on_a_full_disk_keeps_the_previous_export(checkpoint, tmp_path, m
 def test_exported_weights_follow_the_umask_like_the_other_files(checkpoint, tmp_path):
     old = os.umask(0o022)
     try:
-        assert export_script.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "model")]) == 0
+        assert export_script.main(["--model", str(checkpoint), "--out", str(tmp_path / "model")]) == 0
     finally:
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "model").iterdir()}
@@ -202,7 +202,7 @@ def test_compare_insertion_out_that_cannot_be_written_is_one_line_before_loading
     else:
         read_only(monkeypatch, tmp_path / "ro")
         out, says = tmp_path / "ro", "cannot write there: it is not writable"
-    code = compare_insertion.main(["--images", str(photos), "--checkpoint", str(checkpoint), "--out", str(out),
+    code = compare_insertion.main(["--images", str(photos), "--model", str(checkpoint), "--out", str(out),
                                    "--methods", f"genloc+sd=sd:{sd}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and f"--out {out}: {says}" in err, err

@@ -387,7 +387,7 @@ def test_manifest_of_three_photos_converts_verifies_trains_and_evaluates(tmp_pat
     assert verify_main([str(data)]) == 0
     assert train_two_steps(data, tmp_path / "runs") == 0
     ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
-    evaluate_main(["--checkpoint", str(ckpt), "--data", str(data), "--split", "val", "--out", str(tmp_path / "eval"),
+    evaluate_main(["--model", str(ckpt), "--data", str(data), "--split", "val", "--out", str(tmp_path / "eval"),
                    "--num-samples", "10", "--ns", "5", "10", "--no-progress"])
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     text = json.dumps(metrics)
