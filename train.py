@@ -7,13 +7,17 @@ config builds every object (configs/schema.py); the training infrastructure live
 `last.ckpt` whenever it exists and continues exactly where the checkpoint was taken; a run that
 starts over (`resume=false`, or no checkpoint yet) first moves an earlier run's files to
 `<run_dir>.old-<n>`. SIGUSR1 (SLURM's `--signal=SIGUSR1@90`) saves `last.ckpt` at the next step
-boundary, requeues a SLURM job and stops (docs/multinode.md).
+boundary, requeues a SLURM job and stops; SIGTERM and SIGINT save it the same way, stop and exit
+with 143 / 130, printing the command that resumes the run. `status.json` records whether the run
+finished (docs/multinode.md).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shlex
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -28,10 +32,10 @@ import torch  # noqa: E402
 from configs.schema import ConfigError, instantiate, internal_args, load_config, locate, model_config  # noqa: E402
 from datamodules.shard_format import ShardFormatError  # noqa: E402
 from genloc.checkpoint import CheckpointError  # noqa: E402
-from genloc.files import write_atomic  # noqa: E402
+from genloc.files import OutputError, prepare_output_dir, write_atomic  # noqa: E402
 from lightning_modules.run_files import (RunLock, config_changes_on_resume, is_global_rank_zero,  # noqa: E402
                                          move_earlier_run_aside, newest_last_checkpoint, remove_stale_partials,
-                                         write_metrics)
+                                         write_metrics, write_status)
 from genloc.pretrained import PretrainedWeightsError  # noqa: E402
 
 log = logging.getLogger("genloc.train")
@@ -91,6 +95,7 @@ def build_trainer(cfg: DictConfig, directory: Path, callbacks: list):
 def train(cfg: DictConfig, extra_callbacks: list = ()) -> dict:
     """Run one training stage; returns the final metrics and the objects a caller may inspect."""
     module_cls = locate(cfg.module._target_)
+    prepare_output_dir(run_dir(cfg), "run folder (log_root/experiment/run_name)")  # before any work
     datamodule = build_datamodule(cfg, module_cls)
     L.seed_everything(cfg.seed, workers=True)
     use_tf32(cfg.tf32)
@@ -140,20 +145,21 @@ def _fit(cfg: DictConfig, module_cls: type, datamodule, directory: Path, extra_c
         if earlier is not None:
             log.warning("starting over in %s: the earlier run's files were moved to %s (kept; TensorBoard shows it "
                         "as a run of its own)", directory, earlier)
+        write_status(directory, finished=False, global_step=saved["global_step"] if saved is not None else 0)
 
     module = build_module(cfg, module_cls)
     if saved is not None:  # nor is one of another model or module
         check_resumable(saved, last, module.model.cfg.to_dict(), module_cls)
         del saved
     elif cfg.init_from:
-        load_model_weights(module.model, cfg.init_from)
+        load_model_weights(module.model, cfg.init_from, allow_unfinished=cfg.allow_unfinished)
         log.info("initialised model weights from %s", cfg.init_from)
     preemption = Preemption(checkpoints / "last.ckpt")
     callbacks = build_callbacks(cfg, directory, [ReproducibleSteps(cfg.seed), preemption]) + list(extra_callbacks)
     trainer = build_trainer(cfg, directory, callbacks)
     if trainer.is_global_zero:
         write_atomic(directory / "config.yaml", OmegaConf.to_yaml(cfg))
-    with preemption.handling_sigusr1():
+    with preemption.handling_signals():
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last else None)
     metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if v.numel() == 1}
     metrics.update({f"data/skipped_samples/{split}": float(n) for split, n in datamodule.num_skipped.items() if n})
@@ -163,8 +169,11 @@ def _fit(cfg: DictConfig, module_cls: type, datamodule, directory: Path, extra_c
             metrics = json.loads(previous.read_text()) if previous.is_file() else {}
             log.warning("nothing left to train (step %d of %d): %s kept", trainer.global_step,
                         cfg.trainer.max_steps, previous)
+        write_status(directory, finished=preemption.saved_at is None, global_step=trainer.global_step,
+                     stopped_by=preemption.stopped_by)
     return {"metrics": metrics, "trainer": trainer, "module": module, "datamodule": datamodule,
-            "run_dir": directory, "resumed_from": str(last) if last else None, "preempted_at": preemption.saved_at}
+            "run_dir": directory, "resumed_from": str(last) if last else None, "preempted_at": preemption.saved_at,
+            "stopped_by": preemption.stopped_by}
 
 
 def check_config_unchanged(cfg: DictConfig, directory: Path) -> None:
@@ -182,15 +191,28 @@ def check_config_unchanged(cfg: DictConfig, directory: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("genloc").setLevel(logging.INFO)
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        cfg = load_config(sys.argv[1:] if argv is None else argv)
+        cfg = load_config(argv)
         result = train(cfg)
-    except (ConfigError, CheckpointError, ShardFormatError, PretrainedWeightsError) as err:
+    except (ConfigError, CheckpointError, ShardFormatError, PretrainedWeightsError, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if result["preempted_at"] is not None:
-        print(f"pre-empted at step {result['preempted_at']}: {result['run_dir']}/checkpoints/last.ckpt saved; "
+    return report(result, argv)
+
+
+def report(result: dict, argv: list[str]) -> int:
+    """Print how the run ended; the exit status: 0 when it finished or was pre-empted by SIGUSR1 (the
+    requeued job continues it), 128 + the signal number when SIGTERM (143) or SIGINT (130) stopped it."""
+    ckpt = result["run_dir"] / "checkpoints" / "last.ckpt"
+    stopped_by = result["stopped_by"]
+    if stopped_by == "SIGUSR1":
+        print(f"pre-empted at step {result['preempted_at']}: {ckpt} saved; "
               "run the same command (or let SLURM requeue it) to resume")
+    elif stopped_by is not None:
+        print(f"stopped by {stopped_by} at step {result['preempted_at']} (not finished): {ckpt} saved; resume with: "
+              f"python train.py {shlex.join(argv)}", file=sys.stderr)
+        return 128 + signal.Signals[stopped_by].value
     metrics = result["metrics"]
     print(f"run dir: {result['run_dir']} (all metrics: metrics.json, TensorBoard: tensorboard --logdir {result['run_dir']})")
     for key in SUMMARY_KEYS:

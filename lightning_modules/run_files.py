@@ -20,7 +20,7 @@ from genloc.files import write_atomic
 
 # Keys a resumed run may change: how and how long it runs, not what it learns.
 RESUME_MAY_CHANGE = (
-    "run_name", "resume", "init_from", "log_root",
+    "run_name", "resume", "init_from", "allow_unfinished", "log_root",
     "trainer.max_steps", "trainer.max_time", "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
     "trainer.strategy", "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
     "trainer.limit_val_batches", "trainer.profiler", "trainer.detect_anomaly",
@@ -140,3 +140,32 @@ def write_metrics(path: Path, metrics: dict, global_step: int) -> bool:
         return False
     write_atomic(path, json.dumps({**metrics, "trainer/global_step": global_step}, indent=1))
     return True
+
+
+STATUS = "status.json"
+
+
+def write_status(run_dir: Path, finished: bool, global_step: int, stopped_by: str | None = None) -> None:
+    """Record in ``<run_dir>/status.json`` whether the run finished: false from the moment it starts
+    (a run killed outright stays unfinished), true once fit ended on its own (max_steps, max_time, a
+    callback); ``stopped_by`` names the signal that stopped it early."""
+    write_atomic(Path(run_dir) / STATUS, json.dumps({"finished": finished, "global_step": global_step,
+                                                     "stopped_by": stopped_by}, indent=1))
+
+
+def unfinished_run(checkpoint: Path) -> str | None:
+    """Why the run that wrote ``checkpoint`` (``<run_dir>/checkpoints/*.ckpt``) is not finished, or
+    None: finished, still unknown (no status.json: a run of an older version) or not a run's file."""
+    checkpoint = Path(checkpoint)
+    status = checkpoint.parent.parent / STATUS
+    if checkpoint.parent.name != "checkpoints" or not status.is_file():
+        return None
+    try:
+        state = json.loads(status.read_text())
+    except (OSError, json.JSONDecodeError):
+        return f"its run's {status} is unreadable"
+    if state.get("finished", True):
+        return None
+    how = f"stopped by {state['stopped_by']}" if state.get("stopped_by") else "still running, or killed"
+    return (f"its run {checkpoint.parent.parent} did not finish ({how} at step {state.get('global_step', '?')}; "
+            f"{status})")

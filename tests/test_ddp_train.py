@@ -62,8 +62,8 @@ def test_two_nodes_on_localhost_train_checkpoint_and_stop_together(uneven_toy, t
     args = quick_overrides(uneven_toy / "toy-pipe", tmp_path / "runs", steps=6, every=2) + [
         "trainer=ddp_cpu", "trainer.devices=1", "trainer.num_nodes=2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "GENLOC_TEST_OUT": str(tmp_path), "GENLOC_TEST_SIGUSR1_AT_STEP": "3",
-           "GENLOC_TEST_SIGUSR1_RANK": "0"}
+           "MASTER_PORT": str(free_port()), "GENLOC_TEST_OUT": str(tmp_path), "GENLOC_TEST_SIGNAL_AT_STEP": "3",
+           "GENLOC_TEST_SIGNAL_RANK": "0"}
     nodes = [subprocess.Popen([sys.executable, FIT, *args], cwd=ROOT, env={**env, "NODE_RANK": str(rank)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     try:

@@ -6,6 +6,7 @@ import signal
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from callbacks.checkpointing import AtomicCheckpointIO, FinalCheckpoint
@@ -48,18 +49,22 @@ def test_step_randomness_depends_only_on_seed_epoch_batch_rank():
     assert a[3] == [["car"], ["bird"]]  # frozen text features cached one category at a time
 
 
-def test_sigusr1_is_routed_to_the_flag_only_while_training(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT])
+def test_stop_signals_are_routed_to_the_flag_only_while_training(tmp_path, signum):
     seen = []
-    previous = signal.signal(signal.SIGUSR1, lambda *a: seen.append("outer"))
+    previous = signal.signal(signum, lambda *a: seen.append("outer"))
     try:
         preemption = Preemption(tmp_path / "last.ckpt")
-        with preemption.handling_sigusr1():
-            os.kill(os.getpid(), signal.SIGUSR1)
-        assert preemption.requested and seen == []
-        os.kill(os.getpid(), signal.SIGUSR1)
+        with preemption.handling_signals():
+            os.kill(os.getpid(), signum)
+            assert preemption.requested and preemption.signum == signum and seen == []
+            if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once
+                with pytest.raises(KeyboardInterrupt):
+                    os.kill(os.getpid(), signum)
+        os.kill(os.getpid(), signum)
         assert seen == ["outer"]  # the caller's handler is back
     finally:
-        signal.signal(signal.SIGUSR1, previous)
+        signal.signal(signum, previous)
 
 
 class _Trainer:
