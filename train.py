@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 from configs.schema import ConfigError, instantiate, internal_args, load_config, locate, model_config  # noqa: E402
 from datamodules.shard_format import ShardFormatError  # noqa: E402
+from datamodules.shard_reader import StorageStalled  # noqa: E402
 from genloc.checkpoint import CheckpointError  # noqa: E402
 from genloc.files import OutputError, prepare_output_dir, write_atomic  # noqa: E402
 from lightning_modules.run_files import (RunLock, config_changes_on_resume, is_global_rank_zero,  # noqa: E402
@@ -196,9 +197,22 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(argv)
         result = train(cfg)
     except (ConfigError, CheckpointError, ShardFormatError, PretrainedWeightsError, OutputError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
+    except StorageStalled as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 1
     return report(result, argv)
+
+
+def one_line(err: Exception) -> str:
+    """The error's own message; one a DataLoader worker raised comes back wrapped in the worker's
+    traceback ("Caught X in DataLoader worker process N ..."), whose last line holds it."""
+    text = str(err).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 def report(result: dict, argv: list[str]) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from datamodules.shard_format import ShardFormatError
 from genloc.arguments import text
-from datamodules.shard_reader import is_url, iter_annotations, mismatch_message
+from datamodules.shard_reader import StorageStalled, is_url, iter_annotations, mismatch_message
 
 
 def verify_split(data_dir, split: str) -> tuple[int, list[str]]:
@@ -25,7 +25,7 @@ def verify_split(data_dir, split: str) -> tuple[int, list[str]]:
     try:
         for _ in iter_annotations(data_dir, split, mismatches):
             count += 1
-    except ShardFormatError as err:
+    except (ShardFormatError, StorageStalled) as err:
         return count, [str(err)]
     except (tarfile.TarError, OSError, EOFError, ValueError) as err:
         return count, [f"split '{split}' of {data_dir}: a shard is unreadable ({type(err).__name__}: {err}); "
