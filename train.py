@@ -137,6 +137,7 @@ def _fit(cfg: DictConfig, module_cls: type, datamodule, directory: Path, extra_c
     checkpoints = directory / "checkpoints"
     last = newest_last_checkpoint(checkpoints) if cfg.resume else None
     saved = read_checkpoint(last) if last else None  # a corrupt last.ckpt is an error, never a restart
+    start_step = int(saved.get("global_step", 0)) if saved is not None else 0
     if saved is not None:
         check_config_unchanged(cfg, directory)
     if is_global_rank_zero():
@@ -146,7 +147,6 @@ def _fit(cfg: DictConfig, module_cls: type, datamodule, directory: Path, extra_c
         if earlier is not None:
             log.warning("starting over in %s: the earlier run's files were moved to %s (kept; TensorBoard shows it "
                         "as a run of its own)", directory, earlier)
-        write_status(directory, finished=False, global_step=saved["global_step"] if saved is not None else 0)
 
     module = build_module(cfg, module_cls)
     if saved is not None:  # nor is one of another model or module
@@ -160,6 +160,8 @@ def _fit(cfg: DictConfig, module_cls: type, datamodule, directory: Path, extra_c
     trainer = build_trainer(cfg, directory, callbacks)
     if trainer.is_global_zero:
         write_atomic(directory / "config.yaml", OmegaConf.to_yaml(cfg))
+        if cfg.trainer.max_steps < 0 or start_step < cfg.trainer.max_steps:  # a finished run stays finished
+            write_status(directory, finished=False, global_step=start_step)
     with preemption.handling_signals():
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last else None)
     metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if v.numel() == 1}

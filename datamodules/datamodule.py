@@ -34,7 +34,7 @@ class ShardDataModule(L.LightningDataModule):
     are generated on first use; see datamodules/kinds.py); None: shards must exist.
     ``verify`` is what a shard whose sha256 differs from the one ``{split}.json`` records does while
     training or validating: ``drop`` its samples (counted as skipped, one warning), ``strict`` stop
-    the run, ``off`` no hashing (`datamodules.pipeline`).
+    the run, ``unchecked`` no hashing (`datamodules.pipeline`).
     """
 
     def __init__(self, data_dir: str, image_size: int = 64, batch_size: int = 64, num_workers: int = 0,
@@ -42,7 +42,7 @@ class ShardDataModule(L.LightningDataModule):
                  val_split: str | None = "val", test_split: str | None = "test", pairs: bool = False,
                  resampled: bool = False, eval_batch_size: int | None = None, persistent_workers: bool = False,
                  pin_memory: bool = False, kind: str | None = None, prefetch_factor: int | None = None,
-                 verify: Literal["drop", "strict", "off"] = "drop"):
+                 verify: Literal["drop", "strict", "unchecked"] = "drop"):
         super().__init__()
         self.save_hyperparameters()
         self.data_dir = str(data_dir)

@@ -30,7 +30,7 @@ DDP safety:
   shard was read to its end: a shard whose hash differs (a flipped byte, a sibling shard of the
   same split, one from another conversion) is dropped whole, each of its samples counted as skipped
   and one warning names the shard and both hashes; ``verify="strict"`` stops instead (one line),
-  ``verify="off"`` streams unchecked. Holding back never changes the order of samples nor any RNG.
+  ``verify="unchecked"`` streams without hashing. Holding back never changes the order of samples nor any RNG.
 - Mid-epoch resume: ``set_skip(n)`` (shared memory, read with the epoch) makes the next train
   iteration drop exactly the epoch's first ``n`` batches and continue with batch ``n``, bit for bit
   as the uninterrupted epoch would; worker ``w`` then plays reader ``(w + n) % num_workers``,
@@ -65,7 +65,7 @@ log = logging.getLogger("datamodules")
 __all__ = ["ShardStream", "EpochLoader", "collate", "decode_sample"]
 
 _MAX_SLOTS = 256  # shared skip counters: one per worker (slot 0 = main process)
-VERIFY = ("drop", "strict", "off")  # what a shard whose sha256 differs from {split}.json's does (ShardStream)
+VERIFY = ("drop", "strict", "unchecked")  # what a shard whose sha256 differs from {split}.json's does (ShardStream)
 
 
 class CorruptSample(ValueError):
@@ -176,7 +176,7 @@ class ShardStream(IterableDataset):
         if verify not in VERIFY:
             raise ValueError(f"verify={verify!r}: choose one of {', '.join(VERIFY)}")
         self.verify = verify
-        self.checksums = info.get("shard_sha256") if verify != "off" else None
+        self.checksums = info.get("shard_sha256") if verify != "unchecked" else None
         self._shard_index = {p: i for i, p in enumerate(self.paths)}
         self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
         self._skip = torch.zeros(1, dtype=torch.long).share_memory_()

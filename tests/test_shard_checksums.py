@@ -81,14 +81,14 @@ def test_strict_verification_stops_at_the_first_mismatch(tmp_path):
     damage(folder, "flipped byte", tmp_path)
     with pytest.raises(ShardFormatError, match=r"val-000000\.tar does not match its sha256 in val\.json .*data\.verify"):
         _keys(folder, verify="strict")
-    assert len(_keys(folder, verify="off")[0]) == 12  # unchecked: the damaged image is read as if intact
+    assert len(_keys(folder, verify="unchecked")[0]) == 12  # unchecked: the damaged image is read as if intact
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_checking_keeps_the_order_of_training_samples(tmp_path, workers):
     folder = _write(tmp_path / "toy-opa", seed=1, split="train", n=24, shards=4)
     checked = _keys(folder, "train", train=True, workers=workers)[0]
-    assert checked == _keys(folder, "train", train=True, workers=workers, verify="off")[0]
+    assert checked == _keys(folder, "train", train=True, workers=workers, verify="unchecked")[0]
     assert len(checked) == 24
 
 
