@@ -123,3 +123,16 @@ def test_bad_url_settings_stop_train_py_with_one_line_naming_the_variable(served
         code = train_script.main(["experiment=toy_pretrain"] + tiny_run_overrides(f"{base}/toy-pipe", tmp_path))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {name}={value!r} must be a positive"), err
+
+
+def test_evaluation_and_verify_name_a_stalled_server_in_one_line(served, short_waits, capsys):
+    from datamodules import verify
+    from metrics.annotations import load_annotations
+    from metrics.evaluation import EvaluationError
+
+    with StallingServer(served, "train-000000.tar", stalls=100) as base:
+        with pytest.raises(EvaluationError, match=r"train-000000\.tar: the storage stopped answering"):
+            load_annotations(f"{base}/toy-pipe", "train")
+        assert verify.main([f"{base}/toy-pipe", "--split", "train"]) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("STALLED  train: ") and "stopped answering" in out[0], out
