@@ -89,8 +89,8 @@ class Preemption(L.Callback):
         self._route()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self.saved_at is not None:
-            return
+        if self.saved_at is not None or 0 < trainer.max_steps <= trainer.global_step:
+            return  # already stopping, or the run ends with this step anyway (and counts as finished)
         signum = self.agreed(trainer, pl_module.device)
         if not signum:
             return

@@ -68,12 +68,25 @@ def test_stop_signals_are_routed_to_the_flag_only_while_training(tmp_path, signu
 
 
 class _Trainer:
-    def __init__(self, step):
-        self.global_step = step
+    def __init__(self, step, max_steps=-1):
+        self.global_step, self.max_steps, self.world_size, self.is_global_zero = step, max_steps, 1, True
+        self.should_stop = False
         self.saved = []
 
     def save_checkpoint(self, path):
         self.saved.append(str(path))
+
+
+def test_a_stop_signal_saves_at_the_step_boundary_unless_the_run_ends_there_anyway(tmp_path):
+    preemption = Preemption(tmp_path / "last.ckpt")
+    preemption.request(signal.SIGTERM, None)
+    last = _Trainer(step=10, max_steps=10)
+    preemption.on_train_batch_end(last, SimpleNamespace(device=torch.device("cpu")), None, None, 9)
+    assert last.saved == [] and preemption.stopped_by is None and not last.should_stop  # finished, not stopped
+    trainer = _Trainer(step=4, max_steps=10)
+    preemption.on_train_batch_end(trainer, SimpleNamespace(device=torch.device("cpu")), None, None, 3)
+    assert trainer.saved == [str(tmp_path / "last.ckpt")] and trainer.should_stop
+    assert preemption.saved_at == 4 and preemption.stopped_by == "SIGTERM"
 
 
 def test_final_checkpoint_saves_last_only_when_the_final_step_is_missing(tmp_path):
