@@ -77,13 +77,13 @@ def main(argv=None):
     paths = read_split_info(data_dir, a.split).paths
     torch.set_num_threads(1)  # like a DataLoader worker; many threads on tiny ops only contend
 
-    def loader_rate(workers: int, verify: str = "drop", clock=time.perf_counter) -> list[float]:
+    def loader_rate(workers: int, verify: str = "drop", clock=time.perf_counter, epochs: int = a.epochs) -> list[float]:
         dm = ShardDataModule(data_dir, image_size=a.image_size, batch_size=a.batch_size, num_workers=workers,
                              shuffle_buffer=256, train_split=a.split, val_split=None, test_split=None,
                              persistent_workers=workers > 0, verify=verify)
         dm.setup("fit")
         loader, rates = dm.train_dataloader(), []
-        for epoch in range(a.epochs):
+        for epoch in range(epochs):
             dm.set_epoch(epoch)
             t, n = clock(), 0
             for b in loader:
@@ -98,8 +98,8 @@ def main(argv=None):
     raw = max(raw, raw_rate(paths, a.image_size, draft=False)[0])  # best of two: the machine is shared
     hashed, unhashed = [], []
     for _ in range(a.epochs):  # alternating, best of each, in CPU time of this process: the machine is shared
-        hashed += loader_rate(0, "drop", time.process_time)[-1:]
-        unhashed += loader_rate(0, "unchecked", time.process_time)[-1:]
+        hashed += loader_rate(0, "drop", time.process_time, epochs=1)
+        unhashed += loader_rate(0, "unchecked", time.process_time, epochs=1)
     checked = {"with": max(hashed), "without": max(unhashed)}
     blobs = [Path(p).read_bytes() for p in paths]
     size, start = sum(len(b) for b in blobs), time.perf_counter()

@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     plan = [
         ("sampling", ["--quick"], 300, sampling_rows),
         ("train_step", ["--quick"] + ([] if args.skip_compile else ["--compile"]), 420, train_rows),
-        ("data_throughput", ["--num-samples", "400", "--num-workers", "2", "--image-size", "224"], 180, data_rows),
+        ("data_throughput", ["--num-samples", "400", "--num-workers", "2", "--image-size", "224"], 240, data_rows),
         ("dpo_step", ["--threads", "1", "--iters", "6"], 180, dpo_rows),
         ("eval_speed", (["--labels", args.labels] if args.labels else []) + ["--threads", "1"], 180, eval_rows),
         ("memory", ["--quick"], 300, memory_rows),
