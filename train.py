@@ -1,14 +1,10 @@
 """Train a GenLoc location model: `python train.py [experiment=NAME] [group=choice] [key=value ...]`
 (`--help` lists the config groups, `--print-config` prints the composed config).
 
-`train(cfg)` is a plain function (tests call it in-process): compose, build, fit, report. The
-config builds every object (configs/schema.py); the training infrastructure lives in callbacks/
-(checkpointing, reproducible steps, pre-emption). A run lives in `<log_root>/<experiment>/<run_name>`:
-`config.yaml`, the logger's files (TensorBoard events by default), `metrics.json`, `checkpoints/last.ckpt`. Fit resumes from
-`last.ckpt` whenever it exists and continues exactly where the checkpoint was taken; a run that
-starts over (`resume=false`, or no checkpoint yet) first moves an earlier run's files to
-`<run_dir>.old-<n>`. SIGUSR1 (SLURM's `--signal=SIGUSR1@90`) saves `last.ckpt` at the next step
-boundary, requeues a SLURM job and stops (docs/multinode.md).
+`train(cfg)` is a plain function (tests call it in-process): compose, build, fit, report; the config
+builds every object (configs/schema.py). A run lives in `<log_root>/<experiment>/<run_name>` and
+resumes from its `last.ckpt` exactly where it stopped; SIGUSR1 saves and requeues (SLURM), SIGTERM /
+SIGINT save, print the resume command and exit 143 / 130 (docs/training.md, docs/multinode.md).
 """
 from __future__ import annotations
 
@@ -25,14 +21,9 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from configs.schema import (ConfigError, check_packages, instantiate, internal_args, load_config, locate,  # noqa: E402
                             model_config, usage)
-from genloc.files import write_atomic  # noqa: E402
+from genloc.files import OutputError, prepare_output_dir, write_atomic  # noqa: E402
 
 log = logging.getLogger("genloc.train")
-SUMMARY_KEYS = ("train/loss", "val/loss", "val/token_acc", "val/plausible_rate", "val/tpr@100", "val/fpr@100",
-                "rewards/accuracies", "rewards/margins",
-                "val/accuracy", "val/roc_auc")
-
-
 def run_dir(cfg: DictConfig) -> Path:
     """Identical on every rank: nothing in it depends on time or process."""
     return Path(cfg.log_root) / cfg.experiment / cfg.run_name
@@ -88,6 +79,7 @@ def train(cfg: DictConfig, extra_callbacks: list = ()) -> dict:
 
     check_packages(cfg)
     module_cls = locate(cfg.module._target_)
+    prepare_output_dir(run_dir(cfg), "run folder (log_root/experiment/run_name)")  # before any work
     datamodule = build_datamodule(cfg, module_cls)
     L.seed_everything(cfg.seed, workers=True)
     use_tf32(cfg.tf32)
@@ -102,13 +94,14 @@ def _fit(cfg: DictConfig, module_cls: type, datamodule, directory: Path, extra_c
     from callbacks.reproducible import ReproducibleSteps
     from lightning_modules.checkpoint import check_resumable, load_model_weights
     from lightning_modules.run_files import (is_global_rank_zero, move_earlier_run_aside, newest_last_checkpoint,
-                                             remove_stale_partials, write_metrics)
+                                             remove_stale_partials, write_metrics, write_status)
     from lightning_modules.mle import LocationLightningModule
     from genloc.checkpoint import read_checkpoint
 
     checkpoints = directory / "checkpoints"
     last = newest_last_checkpoint(checkpoints) if cfg.resume else None
     saved = read_checkpoint(last, location_model=False) if last else None  # a corrupt last.ckpt is an error, never a restart
+    start_step = int(saved.get("global_step", 0)) if saved is not None else 0
     if saved is not None:
         check_config_unchanged(cfg, directory)
     if is_global_rank_zero():
@@ -128,14 +121,16 @@ def _fit(cfg: DictConfig, module_cls: type, datamodule, directory: Path, extra_c
         raise ConfigError("config key 'init_from': it starts a location model; the plausibility classifier "
                           "starts from module.weights")
     elif cfg.init_from:
-        load_model_weights(module.model, cfg.init_from)
+        load_model_weights(module.model, cfg.init_from, allow_unfinished=cfg.allow_unfinished)
         log.info("initialised model weights from %s", cfg.init_from)
     preemption = Preemption(checkpoints / "last.ckpt")
     callbacks = build_callbacks(cfg, directory, [ReproducibleSteps(cfg.seed), preemption]) + list(extra_callbacks)
     trainer = build_trainer(cfg, directory, callbacks)
     if trainer.is_global_zero:
         write_atomic(directory / "config.yaml", OmegaConf.to_yaml(cfg))
-    with preemption.handling_sigusr1():
+        if cfg.trainer.max_steps < 0 or start_step < cfg.trainer.max_steps:  # a finished run stays finished
+            write_status(directory, finished=False, global_step=start_step)
+    with preemption.handling_signals():
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last else None)
     metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if v.numel() == 1}
     metrics.update({f"data/skipped_samples/{split}": float(n) for split, n in datamodule.num_skipped.items() if n})
@@ -145,8 +140,11 @@ def _fit(cfg: DictConfig, module_cls: type, datamodule, directory: Path, extra_c
             metrics = json.loads(previous.read_text()) if previous.is_file() else {}
             log.warning("nothing left to train (step %d of %d): %s kept", trainer.global_step,
                         cfg.trainer.max_steps, previous)
+        write_status(directory, finished=preemption.saved_at is None, global_step=trainer.global_step,
+                     stopped_by=preemption.stopped_by)
     return {"metrics": metrics, "trainer": trainer, "module": module, "datamodule": datamodule,
-            "run_dir": directory, "resumed_from": str(last) if last else None, "preempted_at": preemption.saved_at}
+            "run_dir": directory, "resumed_from": str(last) if last else None, "preempted_at": preemption.saved_at,
+            "stopped_by": preemption.stopped_by}
 
 
 def check_config_unchanged(cfg: DictConfig, directory: Path) -> None:
@@ -171,8 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())  # before the imports below: help needs no torch
         return 0
     from datamodules.shard_format import ShardFormatError
+    from datamodules.shard_reader import StorageStalled
     from genloc.checkpoint import CheckpointError
     from genloc.pretrained import PretrainedWeightsError
+    from lightning_modules.process import one_line
 
     try:
         cfg = load_config([arg for arg in argv if arg != "--print-config"])
@@ -180,20 +180,15 @@ def main(argv: list[str] | None = None) -> int:
             print(OmegaConf.to_yaml(cfg), end="")
             return 0
         result = train(cfg)
-    except (ConfigError, CheckpointError, ShardFormatError, PretrainedWeightsError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ConfigError, CheckpointError, ShardFormatError, PretrainedWeightsError, OutputError) as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
-    if result["preempted_at"] is not None:
-        print(f"pre-empted at step {result['preempted_at']}: {result['run_dir']}/checkpoints/last.ckpt saved; "
-              "run the same command (or let SLURM requeue it) to resume")
-    metrics = result["metrics"]
-    logger = (f"TensorBoard: tensorboard --logdir {result['run_dir']}" if cfg.logger._target_.endswith("TensorBoardLogger")
-              else f"logger: {cfg.logger._target_}")
-    print(f"run dir: {result['run_dir']} (all metrics: metrics.json, {logger})")
-    for key in SUMMARY_KEYS:
-        if key in metrics:
-            print(f"  {key:<20} {metrics[key]:.4f}")
-    return 0
+    except StorageStalled as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 1
+    from lightning_modules.run_files import report
+
+    return report(result, argv, cfg)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,15 @@
 Without --data-dir it builds a bench split from real photos shipped in scikit-image (JPEG, 300-640
 px, like OPA/PIPE backgrounds). Prints samples/s of a plain single-process PIL decode+resize loop
 over the same bytes (also with PIL's JPEG draft mode, which the pipeline uses), of the train loader
-in-process (0 workers: the pipeline's own overhead) and with workers, and the ratios. Example:
+in-process (0 workers: the pipeline's own overhead) and with workers, and the ratios; then the
+in-process loader with and without the shard checksum (`data.verify=drop`, the default, vs `unchecked`),
+alternating epochs, side by side. Example:
   python -m benchmarks.data_throughput --image-size 224 --num-workers 2
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import io
 import tarfile
@@ -74,18 +77,18 @@ def main(argv=None):
     paths = read_split_info(data_dir, a.split).paths
     torch.set_num_threads(1)  # like a DataLoader worker; many threads on tiny ops only contend
 
-    def loader_rate(workers: int) -> list[float]:
+    def loader_rate(workers: int, verify: str = "drop", clock=time.perf_counter, epochs: int = a.epochs) -> list[float]:
         dm = ShardDataModule(data_dir, image_size=a.image_size, batch_size=a.batch_size, num_workers=workers,
                              shuffle_buffer=256, train_split=a.split, val_split=None, test_split=None,
-                             persistent_workers=workers > 0)
+                             persistent_workers=workers > 0, verify=verify)
         dm.setup("fit")
         loader, rates = dm.train_dataloader(), []
-        for epoch in range(a.epochs):
+        for epoch in range(epochs):
             dm.set_epoch(epoch)
-            t, n = time.perf_counter(), 0
+            t, n = clock(), 0
             for b in loader:
                 n += len(b["key"])
-            rates.append(n / (time.perf_counter() - t))
+            rates.append(n / (clock() - t))
         return rates
 
     raw, count = raw_rate(paths, a.image_size, draft=False)
@@ -93,6 +96,16 @@ def main(argv=None):
     single = loader_rate(0)
     multi = loader_rate(a.num_workers) if a.num_workers > 0 else single
     raw = max(raw, raw_rate(paths, a.image_size, draft=False)[0])  # best of two: the machine is shared
+    hashed, unhashed = [], []
+    for _ in range(a.epochs):  # alternating, best of each, in CPU time of this process: the machine is shared
+        hashed += loader_rate(0, "drop", time.process_time, epochs=1)
+        unhashed += loader_rate(0, "unchecked", time.process_time, epochs=1)
+    checked = {"with": max(hashed), "without": max(unhashed)}
+    blobs = [Path(p).read_bytes() for p in paths]
+    size, start = sum(len(b) for b in blobs), time.perf_counter()
+    for data in blobs:
+        hashlib.sha256(data).hexdigest()
+    checked["hash_fraction"] = (time.perf_counter() - start) / (count / raw)  # of the raw decode time, same clock
     print(f"images: {count} in {len(paths)} shards from {data_dir if a.data_dir else 'real photos (built)'}; "
           f"image_size {a.image_size}, batch {a.batch_size}")
     print(f"raw decode+resize        : {raw:8.1f} samples/s (1 process, PIL full decode)")
@@ -101,7 +114,10 @@ def main(argv=None):
           f"(to raw-draft {single[-1] / raw_draft:.2f})")
     print(f"datamodule, {a.num_workers} workers    : {multi[-1]:8.1f} samples/s  ratio to raw {multi[-1] / raw:.2f} "
           f"(epoch rates {', '.join(f'{r:.1f}' for r in multi)}; the first includes worker start-up)")
-    print("RESULT " + json.dumps({"raw": raw, "raw_draft": raw_draft,
+    print(f"checksums, 0 workers     : {checked['with']:8.1f} samples/s hashed vs {checked['without']:8.1f} unhashed "
+          f"(data.verify=unchecked), CPU time: ratio {checked['with'] / checked['without']:.3f}; sha256 of the "
+          f"{size / 2**20:.1f} MiB of shards takes {100 * checked['hash_fraction']:.1f}% of their raw decode time")
+    print("RESULT " + json.dumps({"raw": raw, "raw_draft": raw_draft, "checksums": checked,
                                   "loaders": [{"workers": 0, "rate": single[-1]}, {"workers": a.num_workers, "rate": multi[-1]}]}))
     if tmp is not None:
         tmp.cleanup()

@@ -87,8 +87,12 @@ def train_rows(out: str) -> list:
 def data_rows(out: str) -> list:
     r = result_json(out)
     ratios = [(loader["workers"], loader["rate"], round(loader["rate"] / r["raw"], 2)) for loader in r["loaders"]]
+    checked = r["checksums"]
     return [row(f"data: datamodule ({workers} workers, {rate:.1f} samples/s) / raw decode+resize", f"{ratio:.2f}",
-                ">= 0.8", ratio >= 0.8) for workers, rate, ratio in ratios]
+                ">= 0.8", ratio >= 0.8) for workers, rate, ratio in ratios] + [
+        row(f"data: shard checksums, hashed ({checked['with']:.1f} samples/s) / unhashed ({checked['without']:.1f}), "
+            f"0 workers, CPU time (sha256 = {100 * checked['hash_fraction']:.1f}% of raw decode)",
+            f"{checked['with'] / checked['without']:.3f}", ">= 0.9", checked["with"] / checked["without"] >= 0.9)]
 
 
 def dpo_rows(out: str) -> list:
@@ -148,7 +152,7 @@ def main(argv=None) -> int:
     plan = [
         ("sampling", ["--quick"], 300, sampling_rows),
         ("train_step", ["--quick"] + ([] if args.skip_compile else ["--compile"]), 420, train_rows),
-        ("data_throughput", ["--num-samples", "400", "--num-workers", "2", "--image-size", "224"], 180, data_rows),
+        ("data_throughput", ["--num-samples", "400", "--num-workers", "2", "--image-size", "224"], 240, data_rows),
         ("dpo_step", ["--threads", "1", "--iters", "6"], 180, dpo_rows),
         ("eval_speed", (["--labels", args.labels] if args.labels else []) + ["--threads", "1"], 180, eval_rows),
         ("memory", ["--quick"], 300, memory_rows),

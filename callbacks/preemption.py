@@ -1,4 +1,6 @@
-"""Pre-emption: SIGUSR1 (SLURM `--signal=SIGUSR1@90`, or `kill -USR1`) -> last.ckpt -> requeue -> stop."""
+"""Stopping a run: SIGUSR1 (SLURM `--signal=SIGUSR1@90`, or `kill -USR1`) -> last.ckpt -> requeue -> stop;
+SIGTERM (`docker stop`, Kubernetes, `timeout`, `scancel`) and SIGINT (Ctrl-C) -> last.ckpt -> stop, and
+train.py exits non-zero (docs/multinode.md)."""
 from __future__ import annotations
 
 import logging
@@ -14,51 +16,90 @@ import torch
 
 log = logging.getLogger("genloc.train")
 
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
 
 class Preemption(L.Callback):
-    """The handler only raises a flag; the checkpoint is written at the next training-step boundary
-    (never mid optimiser step), after all ranks agreed on the flag (one all-reduce per step under
-    DDP, so ranks that got the signal at different moments still stop at the same step). It is
-    the same `last.ckpt` a normal resume reads, so the requeued job continues exactly there.
-    Rank 0 then runs `scontrol requeue $SLURM_JOB_ID` when inside a SLURM job.
+    """The handler only records the signal; the checkpoint is written at the next training-step
+    boundary (never mid optimiser step), after all ranks agreed on it (one all-reduce per step
+    under DDP, so ranks that got the signal at different moments, or only one rank, still stop at
+    the same step). It is the same `last.ckpt` a normal resume reads, so the same command (or the
+    requeued job) continues exactly there. Only SIGUSR1 requeues a SLURM job (rank 0, `scontrol
+    requeue $SLURM_JOB_ID`); SIGTERM and SIGINT stop for good. A second Ctrl-C interrupts at once.
+
+    Lightning installs its own SIGTERM handler when fit starts (it ends the run with exit status 0
+    and no checkpoint); the handlers are routed here again once training or the sanity check starts,
+    before any DataLoader worker is forked.
     """
 
     def __init__(self, last_ckpt: Path):
         self.last_ckpt = Path(last_ckpt)
-        self.requested = False
+        self.signum = 0  # the signal that asked to stop (0: none)
         self.saved_at: int | None = None
+        self._routing = False
+
+    @property
+    def requested(self) -> bool:
+        return self.signum != 0
+
+    @property
+    def stopped_by(self) -> str | None:
+        """Name of the signal that stopped the run at `saved_at` (None: not stopped)."""
+        return signal.Signals(self.signum).name if self.saved_at is not None else None
 
     def request(self, signum, frame) -> None:
-        self.requested = True
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint
+        self.signum = max(self.signum, int(signum))
 
-    def agreed(self, trainer, device: torch.device) -> bool:
-        """Whether any rank was asked to stop. A single process reads its own flag: a device tensor
-        here would make every step wait for the GPU (`.item()` synchronises)."""
+    def agreed(self, trainer, device: torch.device) -> int:
+        """The signal any rank was asked to stop by (the highest number when they differ; 0: none).
+        A single process reads its own: a device tensor here would make every step wait for the GPU
+        (`.item()` synchronises)."""
         if trainer.world_size == 1 or not torch.distributed.is_initialized():
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=device)
+            return self.signum
+        flag = torch.tensor([float(self.signum)], device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        return int(flag.item())
+
+    def _route(self) -> None:
+        if self._routing and threading.current_thread() is threading.main_thread():
+            for signum in SIGNALS:
+                signal.signal(signum, self.request)
 
     @contextmanager
-    def handling_sigusr1(self):
-        """Route SIGUSR1 to `request` for the duration (only possible in the main thread)."""
+    def handling_signals(self):
+        """Route SIGUSR1, SIGTERM and SIGINT to `request` for the duration (only possible in the
+        main thread); the caller's handlers are back afterwards."""
         in_main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGUSR1, self.request) if in_main_thread else None
+        previous = {s: signal.getsignal(s) for s in SIGNALS} if in_main_thread else {}
+        self._routing = in_main_thread
+        self._route()
         try:
             yield self
         finally:
-            if in_main_thread:
-                signal.signal(signal.SIGUSR1, previous)
+            self._routing = False
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        self._route()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._route()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if not self.agreed(trainer, pl_module.device) or self.saved_at is not None:
+        if self.saved_at is not None or 0 < trainer.max_steps <= trainer.global_step:
+            return  # already stopping, or the run ends with this step anyway (and counts as finished)
+        signum = self.agreed(trainer, pl_module.device)
+        if not signum:
             return
-        self.requested = True
+        self.signum = signum
         trainer.save_checkpoint(self.last_ckpt)
         self.saved_at = trainer.global_step
-        log.warning("pre-empted: saved %s at step %d; stopping", self.last_ckpt, trainer.global_step)
-        if trainer.is_global_zero:
+        name = signal.Signals(signum).name
+        log.warning("%s: saved %s at step %d; stopping", name, self.last_ckpt, trainer.global_step)
+        if signum == signal.SIGUSR1 and trainer.is_global_zero:
             requeue_slurm_job()
         trainer.should_stop = True
 

@@ -290,6 +290,7 @@ class TrainConfig:
     seed: int = 0
     resume: bool = True            # fit resumes from <run_dir>/checkpoints/last.ckpt when it exists
     init_from: Optional[str] = None  # checkpoint whose model weights start this stage (any module)
+    allow_unfinished: bool = False  # init_from may name a checkpoint of a run that did not finish
     tf32: bool = True  # on CUDA: fp32 matmuls and convolutions in TF32 (no effect on a CPU)
     model: Any = None
     data: Any = None

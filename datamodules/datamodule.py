@@ -9,6 +9,7 @@ next batch instead of replaying the epoch from its start.
 from __future__ import annotations
 
 from functools import partial
+from typing import Literal
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
@@ -33,13 +34,17 @@ class ShardDataModule(L.LightningDataModule):
     ``resampled=True`` draws training shards with replacement (no per-epoch coverage guarantee).
     ``kind`` names the data kind whose hooks write missing data in `prepare_data` (the toy scenes
     are generated on first use; see datamodules/kinds.py); None: shards must exist.
+    ``verify`` is what a shard whose sha256 differs from the one ``{split}.json`` records does while
+    training or validating: ``drop`` its samples (counted as skipped, one warning), ``strict`` stop
+    the run, ``unchecked`` no hashing (`datamodules.pipeline`).
     """
 
     def __init__(self, data_dir: str, image_size: int = 64, batch_size: int = 64, num_workers: int = 0,
                  seed: int = 0, shuffle_buffer: int = 1000, flip_prob: float = 0.5, train_split: str | None = "train",
                  val_split: str | None = "val", test_split: str | None = "test", pairs: bool = False,
                  resampled: bool = False, eval_batch_size: int | None = None, persistent_workers: bool = False,
-                 pin_memory: bool = False, kind: str | None = None, prefetch_factor: int | None = None):
+                 pin_memory: bool = False, kind: str | None = None, prefetch_factor: int | None = None,
+                 verify: Literal["drop", "strict", "unchecked"] = "drop"):
         super().__init__()
         self.save_hyperparameters()
         self.data_dir = str(data_dir)
@@ -89,7 +94,7 @@ class ShardDataModule(L.LightningDataModule):
                            batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
                            train=train, rank=self.rank, world_size=self.world_size, num_workers=hp.num_workers,
                            seed=hp.seed, shuffle_buffer=hp.shuffle_buffer, flip_prob=hp.flip_prob, pairs=hp.pairs,
-                           resampled=hp.resampled and train)
+                           resampled=hp.resampled and train, verify=hp.verify)
 
     def current_epoch(self) -> int:
         return int(self.trainer.current_epoch) if self.trainer is not None else self._epoch

@@ -25,6 +25,12 @@ DDP safety:
   that cannot be opened or that breaks off mid-stream is a counted skip. Where ``{split}.json``
   records each shard's sample count, a shard read to its end counts every recorded sample it did
   not hold (torn, garbled, or damaged so that it reads as a shorter valid tar), not one per error.
+- Shard checksums: where ``{split}.json`` records a sha256 per shard, each shard is hashed as it
+  streams (local, file:// and URL alike, no extra read) and its samples are held back until the
+  shard was read to its end: a shard whose hash differs (a flipped byte, a sibling shard of the
+  same split, one from another conversion) is dropped whole, each of its samples counted as skipped
+  and one warning names the shard and both hashes; ``verify="strict"`` stops instead (one line),
+  ``verify="unchecked"`` streams without hashing. Holding back never changes the order of samples nor any RNG.
 - Mid-epoch resume: ``set_skip(n)`` (shared memory, read with the epoch) makes the next train
   iteration drop exactly the epoch's first ``n`` batches and continue with batch ``n``, bit for bit
   as the uninterrupted epoch would; worker ``w`` then plays reader ``(w + n) % num_workers``,
@@ -52,13 +58,14 @@ from genloc.images import to_rgb_image
 
 from .kinds import data_kind
 from .shard_format import ShardFormatError
-from .shard_reader import open_binary, read_split_info
+from .shard_reader import HashingReader, StorageStalled, open_binary, read_split_info
 
 log = logging.getLogger("datamodules")
 
 __all__ = ["ShardStream", "EpochLoader", "collate", "decode_sample"]
 
 _MAX_SLOTS = 256  # shared skip counters: one per worker (slot 0 = main process)
+VERIFY = ("drop", "strict", "unchecked")  # what a shard whose sha256 differs from {split}.json's does (ShardStream)
 
 
 class CorruptSample(ValueError):
@@ -142,7 +149,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, data_dir, split: str, *, image_size: int, batch_size: int, train: bool, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle_buffer: int = 1000,
-                 flip_prob: float = 0.5, pairs: bool = False, resampled: bool = False):
+                 flip_prob: float = 0.5, pairs: bool = False, resampled: bool = False, verify: str = "drop"):
         super().__init__()
         info = read_split_info(data_dir, split)
         self.info, self.paths, self.split, self.data_dir = info, info.paths, split, str(data_dir)
@@ -166,6 +173,10 @@ class ShardStream(IterableDataset):
                                    f"so pairs=True has nothing to read; use pairs=False or an OPA-style split")
         self.shard_sizes = sizes
         self.recorded_sizes = info.get("shard_sizes")  # raw samples per shard, to count what a damaged one lost
+        if verify not in VERIFY:
+            raise ValueError(f"verify={verify!r}: choose one of {', '.join(VERIFY)}")
+        self.verify = verify
+        self.checksums = info.get("shard_sha256") if verify != "unchecked" else None
         self._shard_index = {p: i for i, p in enumerate(self.paths)}
         self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
         self._skip = torch.zeros(1, dtype=torch.long).share_memory_()
@@ -226,7 +237,10 @@ class ShardStream(IterableDataset):
 
     def _tar_error(self, exn) -> bool:
         """Log unreadable tar data; count it as one skip only when ``{split}.json`` records no shard
-        sizes (otherwise `_account` counts every sample the shard lost)."""
+        sizes (otherwise `_account` counts every sample the shard lost). Stalled storage is not a
+        damaged shard: it stops the run (`StorageStalled`)."""
+        if isinstance(exn, StorageStalled):
+            raise exn
         if self.recorded_sizes is None:
             slot = self._worker()[0] + 1
             self._skipped[slot % _MAX_SLOTS] += 1
@@ -247,10 +261,11 @@ class ShardStream(IterableDataset):
                     "re-run the conversion (python -m datamodules.verify checks every shard) [%d skipped so far]",
                     url, len(keys), self.split, recorded, max(0, recorded - len(keys)), self.num_skipped)
 
-    def _open_shards(self, sources, keys: set):
+    def _open_shards(self, sources, keys: set, digests: dict):
         """``{url}`` -> ``{url, stream}`` through `open_binary` (local file, fsspec URL or pipe:); a shard
         that cannot be opened is a counted skip, and each stream is closed once its tar is read.
-        ``keys`` collects the sample keys of the shard being read (`_noting_keys`)."""
+        ``keys`` collects the sample keys of the shard being read (`_noting_keys`); ``digests`` gets
+        the sha256 of each shard read to its end when checksums are checked."""
         for source in sources:
             keys.clear()
             try:
@@ -259,14 +274,38 @@ class ShardStream(IterableDataset):
                 self._tar_error(exn)
                 self._account(source["url"], keys)
                 continue
+            hashed = HashingReader(stream) if self.checksums is not None else stream
             try:
-                yield {**source, "stream": stream}
+                yield {**source, "stream": hashed}
+                if self.checksums is not None:
+                    digests[source["url"]] = hashed.hexdigest()  # reads the tar's end padding too
+            except Exception as exn:  # the rest of the stream unreadable: no digest, the shard's samples go
+                self._tar_error(exn)
             finally:
                 try:
                     stream.close()
                 except Exception as exn:  # a pipe: command that failed after its last byte
                     self._tar_error(exn)
             self._account(source["url"], keys)  # not reached when the reader stops mid-shard
+
+    def _checked(self, url: str, digest: str | None, samples: list) -> list:
+        """The samples of a shard read to its end when its sha256 is the one ``{split}.json`` records;
+        otherwise none, each one counted as skipped, with one warning naming the shard and both hashes
+        (``verify="strict"``: ShardFormatError instead)."""
+        recorded = self.checksums[self._shard_index[url]]
+        if digest == recorded:
+            return samples
+        what = (f"does not match its sha256 in {self.split}.json (read {digest}, recorded {recorded})"
+                if digest is not None else "could not be read to its end, so its sha256 is unknown")
+        if self.verify == "strict":
+            raise ShardFormatError(f"{url} {what}: the shard is damaged or was replaced; re-run the conversion of "
+                                   f"split '{self.split}' (python -m datamodules.verify checks every shard), or set "
+                                   f"data.verify=drop to train without its samples")
+        self._skipped[(self._worker()[0] + 1) % _MAX_SLOTS] += len(samples)
+        log.warning("%s %s: its %d samples are dropped; the shard is damaged or was replaced, re-run the conversion "
+                    "(python -m datamodules.verify checks every shard) [%d skipped so far]", url, what, len(samples),
+                    self.num_skipped)
+        return []
 
     @staticmethod
     def _noting_keys(files, keys: set):
@@ -276,10 +315,18 @@ class ShardStream(IterableDataset):
             yield file
 
     def _tar_samples(self, sources):
-        """Shard URLs -> raw tar samples (webdataset's tar expansion and key grouping)."""
-        keys: set = set()
-        files = tar_file_expander(self._open_shards(sources, keys), handler=self._tar_error)
-        return group_by_keys(self._noting_keys(files, keys), handler=self._tar_error)
+        """Shard URLs -> raw tar samples (webdataset's tar expansion and key grouping), one shard at a
+        time; with checksums a shard's samples are held until it is hashed to its end (`_checked`)."""
+        for source in sources:
+            keys: set = set()
+            digests: dict = {}
+            files = tar_file_expander(self._open_shards([source], keys, digests), handler=self._tar_error)
+            samples = group_by_keys(self._noting_keys(files, keys), handler=self._tar_error)
+            if self.checksums is None:
+                yield from samples
+            else:
+                held = list(samples)
+                yield from self._checked(source["url"], digests.get(source["url"]), held)
 
     def _samples(self, src, epoch: int, worker: int):
         """Decode, flip, pair; skip (count + log) corrupt samples."""

@@ -80,9 +80,105 @@ def _retrying(location: str, request):
                   file=sys.stderr, flush=True)
 
 
+class StorageStalled(RuntimeError):
+    """The storage behind a URL stopped answering (not a damaged shard): the message names the URL,
+    the timeout and the attempts. Its text stays one line when a DataLoader handler appends to args."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def _retried_errors() -> tuple[type, ...]:
+    """Errors of a read that got no data in time (TimeoutError) or whose connection broke: worth a retry."""
+    errors: tuple[type, ...] = (TimeoutError, ConnectionError)
+    try:
+        import aiohttp
+    except ImportError:
+        return errors
+    return errors + (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)
+
+
+class ResumingReader:
+    """A binary stream of an fsspec URL that survives a stalled or broken connection: a request or
+    read that gets no data within ``GENLOC_URL_TIMEOUT`` seconds (or whose connection breaks) opens
+    the URL again and continues at the byte where it stopped (seek where the file allows it, else
+    reading up to there again), one line per retry, at most ``GENLOC_URL_ATTEMPTS`` attempts per read.
+    Then a timeout is `StorageStalled` (the run stops: the storage, not the shard, is the problem);
+    a connection that keeps breaking raises its own error (the pipeline counts the shard's loss like
+    a torn tar)."""
+
+    def __init__(self, location: str, opener):
+        self.location, self.opener = location, opener
+        self.seconds, self.attempts = url_wait()
+        self.position, self.stream = 0, None
+        self._attempt(lambda: None)
+
+    def _open_at(self, position: int):
+        stream = self.opener()
+        if position:
+            try:
+                stream.seek(position)
+            except (OSError, ValueError):  # a streamed HTTP response cannot seek: read up to there
+                left = position
+                while left:
+                    chunk = stream.read(min(left, 1 << 20))
+                    if not chunk:
+                        raise ConnectionError(f"the file ended at byte {position - left} of {position} read before")
+                    left -= len(chunk)
+        return stream
+
+    def _attempt(self, operation):
+        retried = _retried_errors()
+        for attempt in range(1, self.attempts + 1):
+            try:
+                if self.stream is None:
+                    self.stream = self._open_at(self.position)
+                return operation()
+            except retried as err:
+                self._drop_stream()
+                reason = f"{type(err).__name__}: {err}".strip().rstrip(":")
+                if attempt < self.attempts:
+                    print(f"{self.location}: {reason} at byte {self.position} (timeout {self.seconds:g} s); retrying "
+                          f"from there, attempt {attempt + 1} of {self.attempts}", file=sys.stderr, flush=True)
+                elif isinstance(err, TimeoutError):
+                    raise StorageStalled(
+                        f"{self.location}: the storage stopped answering at byte {self.position} (no data within "
+                        f"{self.seconds:g} s, {self.attempts} attempts); the shard itself is not known to be damaged: "
+                        "check the server and the network, then run the same command again (GENLOC_URL_TIMEOUT, "
+                        "GENLOC_URL_ATTEMPTS set the limits)") from None
+                else:
+                    raise
+
+    def _drop_stream(self) -> None:
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception:  # the broken connection's own error; a new one is opened
+                pass
+
+    def read(self, size: int = -1) -> bytes:
+        def read_once() -> bytes:
+            data = self.stream.read(size)
+            self.position += len(data)
+            return data
+
+        return self._attempt(read_once)
+
+    def close(self) -> None:
+        self._drop_stream()
+
+    def __enter__(self) -> "ResumingReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def open_binary(location: str):
-    """A readable binary stream of a local path, an fsspec URL (http(s) streamed in one request) or a
-    ``pipe:`` command (webdataset's pipe: a failing command raises IOError while it is read)."""
+    """A readable binary stream of a local path, an fsspec URL (http(s) streamed in one request,
+    resumed after a stall: `ResumingReader`) or a ``pipe:`` command (webdataset's pipe: a failing
+    command raises IOError while it is read)."""
     if location.startswith("pipe:"):
         import webdataset as wds
 
@@ -92,7 +188,7 @@ def open_binary(location: str):
     fs, path = _filesystem(location)
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
     streamed = {"block_size": 0} if {"http", "https"} & set(protocols) else {}  # one GET, no range requests
-    return _retrying(location, lambda: fs.open(path, "rb", **streamed))
+    return ResumingReader(location, lambda: fs.open(path, "rb", **streamed))
 
 
 def _read_bytes(location: str) -> bytes:
@@ -123,6 +219,8 @@ def split_file_exists(data_dir, split: str) -> bool:
         _read_bytes(location)
     except FileNotFoundError:
         return False
+    except ShardFormatError:  # a bad GENLOC_URL_* setting names itself
+        raise
     except Exception as e:
         raise _unreadable(location, e) from None
     return True
@@ -159,6 +257,8 @@ def read_split_info(data_dir, split: str) -> SplitInfo:
             raw = _read_bytes(path)
         except FileNotFoundError:
             raise ShardFormatError(_missing_split_message(path, " (nothing at that URL)", split)) from None
+        except ShardFormatError:
+            raise
         except Exception as e:
             raise _unreadable(path, e) from None
     try:
@@ -197,7 +297,7 @@ def shard_paths(data_dir, split: str) -> list[str]:
     return read_split_info(data_dir, split).paths
 
 
-class _Hashing:
+class HashingReader:
     """A binary stream that hashes what is read through it (the shard checksum, at no extra read)."""
 
     def __init__(self, stream):
@@ -228,7 +328,7 @@ def iter_annotations(data_dir, split: str, mismatches: list | None = None):
     for i, p in enumerate(info.paths):
         found = 0
         with open_binary(p) as raw:
-            stream = _Hashing(raw)
+            stream = HashingReader(raw)
             with tarfile.open(fileobj=stream, mode="r|") as tar:
                 for member_info in tar:
                     if member_info.isfile() and member_info.name.endswith(".json"):

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from lightning_modules.mle import MODULE_KEY, OLD_MODULE_PATHS, module_path
+from lightning_modules.run_files import unfinished_run
 from genloc.checkpoint import CheckpointError, model_state_dict, read_checkpoint
 from genloc.location_model import LocationModel
 
@@ -44,8 +45,13 @@ def check_resumable(ckpt: dict, path: str | Path, model_config: dict | None, mod
                               "resuming it would not be this run. Use another run_name, or resume=false to start over")
 
 
-def load_model_weights(model: LocationModel, path: str | Path) -> None:
-    """Start `model` from the LocationModel weights of checkpoint `path` (init_from): same architecture only."""
+def load_model_weights(model: LocationModel, path: str | Path, allow_unfinished: bool = False) -> None:
+    """Start `model` from the LocationModel weights of checkpoint `path` (init_from): same architecture
+    only, and of a run that finished unless `allow_unfinished` (a stopped run's weights are half-trained)."""
+    why = unfinished_run(Path(path))
+    if why and not allow_unfinished:
+        raise CheckpointError(f"init_from {path}: {why}; resume that run to its end first (the same train.py "
+                              "command), or set allow_unfinished=true to start from it anyway")
     ckpt = read_checkpoint(path)
     differ = _config_differences(ckpt["hyper_parameters"]["model_config"], model.cfg.to_dict(), NON_ARCHITECTURE)
     if differ:

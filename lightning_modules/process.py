@@ -1,5 +1,5 @@
-"""Process-wide settings a training run makes (train.py): TF32 on CUDA, and the Lightning warnings
-that are wrong for this setup."""
+"""Process-wide settings a training run makes (train.py): TF32 on CUDA, the Lightning warnings
+that are wrong for this setup, and errors cut to their own line."""
 from __future__ import annotations
 
 import warnings
@@ -29,3 +29,13 @@ def ignore_false_lightning_warnings() -> None:
     # The modules encode and check token boxes on the host before a batch moves (on_before_batch_transfer);
     # the datamodule has no such hook, so the module's is the one meant.
     warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule`")
+
+
+def one_line(err: Exception) -> str:
+    """The error's own message; one a DataLoader worker raised comes back wrapped in the worker's
+    traceback ("Caught X in DataLoader worker process N ..."), whose last line holds it."""
+    text = str(err).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text

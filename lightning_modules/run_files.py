@@ -11,6 +11,9 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shlex
+import signal
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -20,7 +23,7 @@ from genloc.files import write_atomic
 
 # Keys a resumed run may change: how and how long it runs, not what it learns.
 RESUME_MAY_CHANGE = (
-    "run_name", "resume", "init_from", "log_root",
+    "run_name", "resume", "init_from", "allow_unfinished", "log_root",
     "trainer.max_steps", "trainer.max_time", "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
     "trainer.strategy", "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
     "trainer.limit_val_batches", "trainer.profiler", "trainer.detect_anomaly",
@@ -141,3 +144,60 @@ def write_metrics(path: Path, metrics: dict, global_step: int) -> bool:
         return False
     write_atomic(path, json.dumps({**metrics, "trainer/global_step": global_step}, indent=1))
     return True
+
+
+STATUS = "status.json"
+
+
+def write_status(run_dir: Path, finished: bool, global_step: int, stopped_by: str | None = None) -> None:
+    """Record in ``<run_dir>/status.json`` whether the run finished: false from the moment it starts
+    (a run killed outright stays unfinished), true once fit ended on its own (max_steps, max_time, a
+    callback); ``stopped_by`` names the signal that stopped it early."""
+    write_atomic(Path(run_dir) / STATUS, json.dumps({"finished": finished, "global_step": global_step,
+                                                     "stopped_by": stopped_by}, indent=1))
+
+
+def unfinished_run(checkpoint: Path) -> str | None:
+    """Why the run that wrote ``checkpoint`` (``<run_dir>/checkpoints/*.ckpt``) is not finished, or
+    None: finished, still unknown (no status.json: a run of an older version) or not a run's file."""
+    checkpoint = Path(checkpoint)
+    status = checkpoint.parent.parent / STATUS
+    if checkpoint.parent.name != "checkpoints" or not status.is_file():
+        return None
+    try:
+        state = json.loads(status.read_text())
+    except (OSError, json.JSONDecodeError):
+        return f"its run's {status} is unreadable"
+    if state.get("finished", True):
+        return None
+    how = f"stopped by {state['stopped_by']}" if state.get("stopped_by") else "still running, or killed"
+    return (f"its run {checkpoint.parent.parent} did not finish ({how} at step {state.get('global_step', '?')}; "
+            f"{status})")
+
+
+# The metrics train.py prints when a run ends (all of them are in metrics.json).
+SUMMARY_KEYS = ("train/loss", "val/loss", "val/token_acc", "val/plausible_rate", "val/tpr@100", "val/fpr@100",
+                "rewards/accuracies", "rewards/margins",
+                "val/accuracy", "val/roc_auc")
+
+
+def report(result: dict, argv: list[str], cfg: DictConfig) -> int:
+    """Print how the run ended; the exit status: 0 when it finished or was pre-empted by SIGUSR1 (the
+    requeued job continues it), 128 + the signal number when SIGTERM (143) or SIGINT (130) stopped it."""
+    ckpt = result["run_dir"] / "checkpoints" / "last.ckpt"
+    stopped_by = result["stopped_by"]
+    if stopped_by == "SIGUSR1":
+        print(f"pre-empted at step {result['preempted_at']}: {ckpt} saved; "
+              "run the same command (or let SLURM requeue it) to resume")
+    elif stopped_by is not None:
+        print(f"stopped by {stopped_by} at step {result['preempted_at']} (not finished): {ckpt} saved; resume with: "
+              f"python train.py {shlex.join(argv)}", file=sys.stderr)
+        return 128 + signal.Signals[stopped_by].value
+    metrics = result["metrics"]
+    logger = (f"TensorBoard: tensorboard --logdir {result['run_dir']}" if cfg.logger._target_.endswith("TensorBoardLogger")
+              else f"logger: {cfg.logger._target_}")
+    print(f"run dir: {result['run_dir']} (all metrics: metrics.json, {logger})")
+    for key in SUMMARY_KEYS:
+        if key in metrics:
+            print(f"  {key:<20} {metrics[key]:.4f}")
+    return 0

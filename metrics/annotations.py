@@ -32,13 +32,13 @@ def load_annotations(path, split: str = "test", shortfalls: list | None = None) 
     list, a shard holding fewer is recorded there instead."""
     from datamodules import opa_labels
     from datamodules.shard_format import ShardFormatError
-    from datamodules.shard_reader import is_url, iter_annotations, mismatch_message
+    from datamodules.shard_reader import StorageStalled, is_url, iter_annotations, mismatch_message
 
     if is_url(path) or Path(path).is_dir():
         try:
             mismatches: list[dict] = []
             samples = list(iter_annotations(path, split, mismatches))
-        except ShardFormatError as e:
+        except (ShardFormatError, StorageStalled) as e:
             raise EvaluationError(str(e)) from None
         except (tarfile.TarError, OSError, EOFError, ValueError) as e:
             raise EvaluationError(f"{_broken_shard(path, split)}: unreadable ({type(e).__name__}: {e}); the shard is "

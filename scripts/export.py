@@ -77,13 +77,19 @@ def run_info(checkpoint: Path, eval_metrics: Path | None) -> dict:
 
 
 def export(checkpoint: str | Path, out: str | Path, push_to_hub: str | None = None,
-           eval_metrics: str | Path | None = None) -> Path:
-    """Write the model folder ``out`` from ``checkpoint`` (atomically) and push it if asked."""
+           eval_metrics: str | Path | None = None, allow_unfinished: bool = False) -> Path:
+    """Write the model folder ``out`` from ``checkpoint`` (atomically) and push it if asked; a
+    checkpoint of a run that did not finish only with ``allow_unfinished``."""
     from genloc.checkpoint import ModelSourceError
     from genloc.files import OutputError, prepare_output_dir
     from genloc.hub import load_model
+    from lightning_modules.run_files import unfinished_run
 
     checkpoint, out = Path(checkpoint), Path(out)
+    why = unfinished_run(checkpoint)
+    if why and not allow_unfinished:
+        raise ExportError(f"--model {checkpoint}: {why}; resume that run to its end first (the same train.py "
+                          "command), or pass --allow-unfinished to export it anyway")
     if out.name in ("", ".", ".."):  # the folder is written beside its target and renamed over it
         raise ExportError(f"--out {out}: name the model folder (e.g. --out {Path('runs') / 'my_model'}), "
                           "not the current or a parent folder")
@@ -146,6 +152,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=text, required=True, help="model folder to write")
     p.add_argument("--push-to-hub", type=text, metavar="REPO_ID", help="also upload the folder to this Hub repo (owner/name)")
     p.add_argument("--eval", type=text, metavar="METRICS_JSON", help="evaluate.py metrics.json whose TPR/FPR go into the card")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="export a checkpoint of a run that did not finish (stopped, killed or still running)")
     args = p.parse_args(argv)
     from genloc.hub import is_model_source
 
@@ -154,7 +162,7 @@ def main(argv=None) -> int:
     if args.eval and not Path(args.eval).is_file():
         p.error(f"--eval {args.eval} not found")
     try:
-        out = export(args.model, args.out, args.push_to_hub, args.eval)
+        out = export(args.model, args.out, args.push_to_hub, args.eval, args.allow_unfinished)
     except ExportError as err:
         print(f"export: error: {err}", file=sys.stderr)
         return 2

@@ -73,6 +73,7 @@ def train_part(args, device: torch.device, data: Path, runs: Path) -> tuple[str,
         f"data.pin_memory={str(cuda).lower()}", f"data.persistent_workers={str(args.workers > 0).lower()}",
         "callbacks.tpr_fpr.num_samples=10", "callbacks.tpr_fpr.max_eval_samples=8",
         "callbacks.sample_images.num_images=2", f"log_root={runs}", "experiment=toy_pretrain",
+        "resume=false",  # every check trains from step 0; a run of an earlier check in --out is moved aside, kept
     ]
     if cuda:
         overrides.append(f"trainer.devices=[{device.index}]")

@@ -22,10 +22,12 @@ from datamodules.pipeline import decode_sample
 from genloc.checkpoint import CheckpointError, save_model_checkpoint
 from genloc import LocationModel, LocationModelConfig
 from tests.helpers.runs import tiny_run_overrides
+from tests.helpers.shards import record_checksums
 
 
 def rewrite_sample(shard, edit) -> str:
-    """Rewrite one tar shard with `edit(name, data) -> data` applied to its first sample's members."""
+    """Rewrite one tar shard with `edit(name, data) -> data` applied to its first sample's members, as
+    a conversion that wrote the bad sample would have (its checksum recorded)."""
     with tarfile.open(shard) as tar:
         members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
     first = members[0][0].split(".")[0]
@@ -36,6 +38,7 @@ def rewrite_sample(shard, edit) -> str:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+    record_checksums(shard)
     return first
 
 
@@ -85,7 +88,9 @@ def test_truncated_tar_and_bad_samples_in_a_training_run_are_skipped(toy_copy, t
     rewrite_sample(toy_copy / "train-000000.tar", CORRUPTIONS["nan_in_json"][0])
     for shard in toy_copy.glob("train-*.tar"):  # ~8 of 16 samples each are left: 12 are needed
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2 + 100])
-    cfg = load_config(["experiment=toy_pretrain", "data.num_workers=1"]
+    # unchecked reading (data.verify=unchecked, or shards of a conversion without checksums): the samples before
+    # each tear are read; checked reading drops torn shards whole (tests/test_shard_checksums.py)
+    cfg = load_config(["experiment=toy_pretrain", "data.num_workers=1", "data.verify=unchecked"]
                       + tiny_run_overrides(toy_copy, tmp_path, steps=3)[:-1] + ["trainer.val_check_interval=3"])
     result = train_script.train(cfg)
     assert result["trainer"].global_step == 3

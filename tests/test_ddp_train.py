@@ -56,14 +56,16 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_nodes_on_localhost_train_checkpoint_and_stop_together(uneven_toy, tmp_path):
+@pytest.mark.parametrize("signame, code", [("SIGUSR1", 0), ("SIGTERM", 143)])
+def test_two_nodes_on_localhost_train_checkpoint_and_stop_together(uneven_toy, tmp_path, signame, code):
     """Node 0 and node 1 (one process each) form one gloo group through MASTER_ADDR/PORT; a SIGUSR1
-    reaching only node 0 during step 3 still stops both at step 3 with one checkpoint."""
+    (pre-emption) or a SIGTERM reaching only node 0 during step 3 still stops both at step 3 with one
+    checkpoint, and both exit alike (SIGTERM: 143)."""
     args = quick_overrides(uneven_toy / "toy-pipe", tmp_path / "runs", steps=6, every=2) + [
         "trainer=ddp_cpu", "trainer.devices=1", "trainer.num_nodes=2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "GENLOC_TEST_OUT": str(tmp_path), "GENLOC_TEST_SIGUSR1_AT_STEP": "3",
-           "GENLOC_TEST_SIGUSR1_RANK": "0"}
+           "MASTER_PORT": str(free_port()), "GENLOC_TEST_OUT": str(tmp_path), "GENLOC_TEST_SIGNAL_AT_STEP": "3",
+           "GENLOC_TEST_SIGNAL_RANK": "0", "GENLOC_TEST_SIGNAL": signame}
     nodes = [subprocess.Popen([sys.executable, FIT, *args], cwd=ROOT, env={**env, "NODE_RANK": str(rank)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     try:
@@ -72,7 +74,7 @@ def test_two_nodes_on_localhost_train_checkpoint_and_stop_together(uneven_toy, t
         for node in nodes:
             node.kill()
     for node, (stdout, stderr) in zip(nodes, outputs):
-        assert node.returncode == 0, stderr[-3000:]
+        assert node.returncode == code, stderr[-3000:]
         assert json.loads(stdout.strip().splitlines()[-1])["preempted_at"] == 3
     ranks = read_ranks(tmp_path)
     assert [x["node_rank"] for x in ranks] == [0, 1]

@@ -371,3 +371,21 @@ def test_bf16_mixed_fit_clips_the_fused_adamw_as_it_clips_the_unfused_one(monkey
         size = grad.norm() if algorithm == "norm" else grad.abs().max()
         assert size <= clip * (1 + 1e-4)
     assert torch.allclose(fused[0], unfused[0])  # the first step's clipped gradients: same parameters
+
+
+def test_smoke_gpu_into_a_used_out_trains_again_with_any_steps(tmp_path):
+    """A second check into the same --out trains its own steps (was: 0 steps and PASS, or with other
+    --steps a FAIL with resume advice on a healthy machine); the earlier run is kept beside it."""
+    from genloc.checkpoint import read_checkpoint
+    from scripts import smoke_gpu
+
+    device = torch.device("cpu")
+    args = smoke_gpu.parse_args(["--device", "cpu", "--tiny", "--steps", "2"])
+    smoke_gpu.write_scenes(tmp_path / "data", args)
+    for steps in (2, 2, 3):
+        args.steps = steps
+        detail, checkpoint = smoke_gpu.train_part(args, device, tmp_path / "data", tmp_path / "runs")
+        assert detail.startswith(f"{steps} steps") and "steps/s" in detail, detail
+        assert read_checkpoint(checkpoint)["global_step"] == steps
+    assert sorted(p.name for p in (tmp_path / "runs" / "toy_pretrain").iterdir()) == [
+        "default", "default.old-1", "default.old-2"]

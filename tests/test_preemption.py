@@ -26,7 +26,7 @@ def test_sigusr1_checkpoints_requeues_and_the_requeued_run_resumes(tiny_toy_data
     slurm = fake_slurm(tmp_path)
     # no periodic checkpoint before step 100: the only checkpoint is the pre-emption one
     overrides = quick_overrides(tiny_toy_data / "toy-pipe", tmp_path / "runs", steps=6, every=100)
-    first = run_fit(overrides, {**slurm, "GENLOC_TEST_SIGUSR1_AT_STEP": "3"})
+    first = run_fit(overrides, {**slurm, "GENLOC_TEST_SIGNAL_AT_STEP": "3"})
     assert first.returncode == 0, first.stderr[-3000:]
     assert json.loads(first.stdout.strip().splitlines()[-1])["preempted_at"] == 3
     assert "SLURM auto-requeueing enabled" not in first.stderr  # Lightning's in-handler save is off
@@ -79,3 +79,67 @@ def test_crash_while_saving_keeps_the_previous_last_checkpoint(tiny_toy_data, tm
     assert again["resumed_from"].endswith("last.ckpt") and again["trainer"].global_step == 2
     assert checkpoint.read_checkpoint(ckpts / "last.ckpt")["global_step"] == 2
     assert not list(ckpts.glob(".*.partial"))
+
+
+def _weights_and_optimiser(path):
+    saved = torch.load(path, weights_only=False)
+    return saved["global_step"], saved["state_dict"], saved["optimizer_states"][0]["state"]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_143_and_the_same_command_resumes_bit_exact(tiny_toy_data, tmp_path):
+    """`docker stop` / `timeout` / Kubernetes: SIGTERM while step 3 runs (2 loader workers, no periodic
+    checkpoint before step 100) -> last.ckpt of step 3, exit 143, one line with the resume command,
+    status.json unfinished; the same command then ends with run A's bits."""
+    common = quick_overrides(tiny_toy_data / "toy-pipe", tmp_path / "runs", steps=6, every=100) + ["data.num_workers=2"]
+    straight = run_fit(common + ["run_name=A"])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    stopped = run_fit(common + ["run_name=B"], {"GENLOC_TEST_SIGNAL_AT_STEP": "3", "GENLOC_TEST_SIGNAL": "SIGTERM"})
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    run = tmp_path / "runs" / "toy_pretrain" / "B"
+    line = [x for x in stopped.stderr.splitlines() if x.startswith("stopped by SIGTERM")]
+    assert line == [f"stopped by SIGTERM at step 3 (not finished): {run / 'checkpoints' / 'last.ckpt'} saved; "
+                    f"resume with: python train.py {' '.join(common + ['run_name=B'])}"], stopped.stderr[-3000:]
+    assert json.loads((run / "status.json").read_text()) == {"finished": False, "global_step": 3,
+                                                             "stopped_by": "SIGTERM"}
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 3 and saved["ShardDataModule"] == {"epoch": 0, "batches_done": 3}
+
+    resumed = run_fit(common + ["run_name=B"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["resumed_from"].endswith("last.ckpt")
+    assert json.loads((run / "status.json").read_text())["finished"] is True
+    step_a, weights_a, optim_a = _weights_and_optimiser(tmp_path / "runs" / "toy_pretrain" / "A" / "checkpoints" / "last.ckpt")
+    step_b, weights_b, optim_b = _weights_and_optimiser(run / "checkpoints" / "last.ckpt")
+    assert step_a == step_b == 6 and weights_a.keys() == weights_b.keys()
+    assert not [k for k in weights_a if not torch.equal(weights_a[k], weights_b[k])]
+    for sa, sb in zip(optim_a.values(), optim_b.values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.slow
+def test_sigint_stops_with_130_and_the_stopped_run_is_not_exported_or_started_from(tiny_toy_data, tmp_path, capsys):
+    """Ctrl-C: a checkpoint at the step, exit 130; `scripts.export` and `init_from` refuse the
+    unfinished run with one line naming the way out, and export it when told to."""
+    import train as train_script
+    from scripts import export
+
+    common = quick_overrides(tiny_toy_data / "toy-pipe", tmp_path / "runs", steps=6, every=100)
+    stopped = run_fit(common, {"GENLOC_TEST_SIGNAL_AT_STEP": "2", "GENLOC_TEST_SIGNAL": "SIGINT"})
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "stopped by SIGINT at step 2 (not finished)" in stopped.stderr
+    last = tmp_path / "runs" / "toy_pretrain" / "default" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 2
+
+    assert export.main(["--checkpoint", str(last), "--out", str(tmp_path / "model")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "did not finish (stopped by SIGINT at step 2" in err
+    assert "--allow-unfinished" in err and not (tmp_path / "model").exists()
+    assert export.main(["--checkpoint", str(last), "--out", str(tmp_path / "model"), "--allow-unfinished"]) == 0
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    capsys.readouterr()
+
+    assert train_script.main(common + ["run_name=next", f"init_from={last}"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "did not finish" in err and "allow_unfinished=true" in err, err

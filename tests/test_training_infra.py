@@ -6,6 +6,7 @@ import signal
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from callbacks.checkpointing import AtomicCheckpointIO, FinalCheckpoint
@@ -48,27 +49,44 @@ def test_step_randomness_depends_only_on_seed_epoch_batch_rank():
     assert a[3] == [["car"], ["bird"]]  # frozen text features cached one category at a time
 
 
-def test_sigusr1_is_routed_to_the_flag_only_while_training(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT])
+def test_stop_signals_are_routed_to_the_flag_only_while_training(tmp_path, signum):
     seen = []
-    previous = signal.signal(signal.SIGUSR1, lambda *a: seen.append("outer"))
+    previous = signal.signal(signum, lambda *a: seen.append("outer"))
     try:
         preemption = Preemption(tmp_path / "last.ckpt")
-        with preemption.handling_sigusr1():
-            os.kill(os.getpid(), signal.SIGUSR1)
-        assert preemption.requested and seen == []
-        os.kill(os.getpid(), signal.SIGUSR1)
+        with preemption.handling_signals():
+            os.kill(os.getpid(), signum)
+            assert preemption.requested and preemption.signum == signum and seen == []
+            if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once
+                with pytest.raises(KeyboardInterrupt):
+                    os.kill(os.getpid(), signum)
+        os.kill(os.getpid(), signum)
         assert seen == ["outer"]  # the caller's handler is back
     finally:
-        signal.signal(signal.SIGUSR1, previous)
+        signal.signal(signum, previous)
 
 
 class _Trainer:
-    def __init__(self, step):
-        self.global_step = step
+    def __init__(self, step, max_steps=-1):
+        self.global_step, self.max_steps, self.world_size, self.is_global_zero = step, max_steps, 1, True
+        self.should_stop = False
         self.saved = []
 
     def save_checkpoint(self, path):
         self.saved.append(str(path))
+
+
+def test_a_stop_signal_saves_at_the_step_boundary_unless_the_run_ends_there_anyway(tmp_path):
+    preemption = Preemption(tmp_path / "last.ckpt")
+    preemption.request(signal.SIGTERM, None)
+    last = _Trainer(step=10, max_steps=10)
+    preemption.on_train_batch_end(last, SimpleNamespace(device=torch.device("cpu")), None, None, 9)
+    assert last.saved == [] and preemption.stopped_by is None and not last.should_stop  # finished, not stopped
+    trainer = _Trainer(step=4, max_steps=10)
+    preemption.on_train_batch_end(trainer, SimpleNamespace(device=torch.device("cpu")), None, None, 3)
+    assert trainer.saved == [str(tmp_path / "last.ckpt")] and trainer.should_stop
+    assert preemption.saved_at == 4 and preemption.stopped_by == "SIGTERM"
 
 
 def test_final_checkpoint_saves_last_only_when_the_final_step_is_missing(tmp_path):

@@ -5,8 +5,10 @@ Lightning's DDP launcher re-runs this same command for the other ranks, so every
 environment variables, which the child ranks inherit:
 - GENLOC_TEST_OUT: folder for `rank{global_rank}.json` (steps, batches and sample keys this rank trained).
 - GENLOC_TEST_KILL_AT_STEP=k: SIGKILL this process when step k+1 starts (checkpoint of step k on disk).
-- GENLOC_TEST_SIGUSR1_AT_STEP=k: send this process SIGUSR1 while step k runs (only on global rank
-  GENLOC_TEST_SIGUSR1_RANK when that is set).
+- GENLOC_TEST_SIGNAL_AT_STEP=k: send this process GENLOC_TEST_SIGNAL (default SIGUSR1) while step k
+  runs (only on global rank GENLOC_TEST_SIGNAL_RANK when that is set).
+
+The exit status is train.py's (`train.report`).
 """
 import json
 import os
@@ -22,16 +24,17 @@ from configs.schema import load_config
 
 class Probe(L.Callback):
     def __init__(self):
-        self.keys, self.kill_at, self.usr1_at = [], os.environ.get("GENLOC_TEST_KILL_AT_STEP"), os.environ.get(
-            "GENLOC_TEST_SIGUSR1_AT_STEP")
+        self.keys, self.kill_at, self.signal_at = [], os.environ.get("GENLOC_TEST_KILL_AT_STEP"), os.environ.get(
+            "GENLOC_TEST_SIGNAL_AT_STEP")
+        self.signal = signal.Signals[os.environ.get("GENLOC_TEST_SIGNAL", "SIGUSR1")]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.kill_at is not None and trainer.global_step == int(self.kill_at):
             os.kill(os.getpid(), signal.SIGKILL)
-        usr1_rank = os.environ.get("GENLOC_TEST_SIGUSR1_RANK")
-        if (self.usr1_at is not None and trainer.global_step == int(self.usr1_at) - 1
-                and (usr1_rank is None or int(usr1_rank) == trainer.global_rank)):
-            os.kill(os.getpid(), signal.SIGUSR1)
+        rank = os.environ.get("GENLOC_TEST_SIGNAL_RANK")
+        if (self.signal_at is not None and trainer.global_step == int(self.signal_at) - 1
+                and (rank is None or int(rank) == trainer.global_rank)):
+            os.kill(os.getpid(), self.signal)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.keys.append(list(batch["key"]))
@@ -45,6 +48,11 @@ class Probe(L.Callback):
 
 
 if __name__ == "__main__":
-    result = train_script.train(load_config(sys.argv[1:]), extra_callbacks=[Probe()])
+    from lightning_modules.run_files import report
+
+    cfg = load_config(sys.argv[1:])
+    result = train_script.train(cfg, extra_callbacks=[Probe()])
+    status = report(result, sys.argv[1:], cfg)
     print(json.dumps({"resumed_from": result["resumed_from"], "preempted_at": result["preempted_at"],
                       "global_step": result["trainer"].global_step}))
+    sys.exit(status)
