@@ -167,13 +167,11 @@ def main(argv=None) -> dict | None:
     networks = None
     if args.classifier or args.inception_weights or args.lpips_weights:  # built first: a missing file stops at once
         from genloc.checkpoint import ModelSourceError
-        from genloc.files import prepare_output_dir
         from lightning_modules.plausibility import load_classifier
         from metrics.annotations import EvaluationError
         from metrics.placement import MetricWeightsError
         from metrics.placement_scores import placement_networks
 
-        prepare_output_dir(args.out, "--out")  # before the networks load
         try:
             classifier = load_classifier(args.classifier, args.device) if args.classifier else None
             networks = placement_networks(classifier, args.inception_weights, args.lpips_weights, args.device)
