@@ -33,13 +33,16 @@ class ShardDataModule(L.LightningDataModule):
     ``resampled=True`` draws training shards with replacement (no per-epoch coverage guarantee).
     ``kind`` names the data kind whose hooks write missing data in `prepare_data` (the toy scenes
     are generated on first use; see datamodules/kinds.py); None: shards must exist.
+    ``padded_boxes=True`` collates each batch's positives and negatives in the loader workers into
+    `PaddedBoxes` (one padded tensor each: a few pinned host-to-device copies instead of one per sample).
     """
 
     def __init__(self, data_dir: str, image_size: int = 64, batch_size: int = 64, num_workers: int = 0,
                  seed: int = 0, shuffle_buffer: int = 1000, flip_prob: float = 0.5, train_split: str | None = "train",
                  val_split: str | None = "val", test_split: str | None = "test", pairs: bool = False,
                  resampled: bool = False, eval_batch_size: int | None = None, persistent_workers: bool = False,
-                 pin_memory: bool = False, kind: str | None = None, prefetch_factor: int | None = None):
+                 pin_memory: bool = False, kind: str | None = None, prefetch_factor: int | None = None,
+                 padded_boxes: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.data_dir = str(data_dir)
@@ -89,7 +92,7 @@ class ShardDataModule(L.LightningDataModule):
                            batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
                            train=train, rank=self.rank, world_size=self.world_size, num_workers=hp.num_workers,
                            seed=hp.seed, shuffle_buffer=hp.shuffle_buffer, flip_prob=hp.flip_prob, pairs=hp.pairs,
-                           resampled=hp.resampled and train)
+                           resampled=hp.resampled and train, padded_boxes=hp.padded_boxes)
 
     def current_epoch(self) -> int:
         return int(self.trainer.current_epoch) if self.trainer is not None else self._epoch

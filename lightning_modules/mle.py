@@ -12,8 +12,11 @@ from genloc.config import ArgumentError
 from genloc.likelihood import BoxBatch
 
 
-def flatten_boxes(box_lists: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate per-sample box lists; returns (boxes [M,4], index of the owning sample [M])."""
+def flatten_boxes(box_lists) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate per-sample box lists; returns (boxes [M,4], index of the owning sample [M]).
+    A loader's padded collation (`datamodules.pipeline.PaddedBoxes`, ``data.padded_boxes``) flattens itself."""
+    if hasattr(box_lists, "flatten"):
+        return box_lists.flatten()
     counts = torch.tensor([len(b) for b in box_lists])
     owner = torch.repeat_interleave(torch.arange(len(box_lists)), counts)
     boxes = torch.cat([b.reshape(-1, 4) for b in box_lists]) if len(box_lists) else torch.zeros(0, 4)
@@ -139,8 +142,9 @@ class MLEModule(LocationLightningModule):
         self.save_hyperparameters()
 
     def token_boxes(self, batch: dict) -> BoxBatch:
-        boxes, owner = flatten_boxes([p.cpu() for p in batch["positives"]])
-        return BoxBatch.build(self.model.tokenizer.encode(boxes), owner, len(batch["key"]), self.model.cfg.num_bins)
+        boxes, owner = flatten_boxes(batch["positives"])
+        return BoxBatch.build(self.model.tokenizer.encode(boxes.cpu()), owner.cpu(), len(batch["key"]),
+                              self.model.cfg.num_bins)
 
     def box_nll(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """Mean per-token NLL over all positive boxes, the smoothed training loss (== NLL when
@@ -185,10 +189,10 @@ def _select(batch: dict, index: list[int]) -> dict:
         return batch
     out = {}
     for key, value in batch.items():
-        if isinstance(value, BoxBatch):
-            out[key] = value.select(index)
-        elif torch.is_tensor(value) and value.ndim > 0 and len(value) == len(batch["key"]):
+        if torch.is_tensor(value) and value.ndim > 0 and len(value) == len(batch["key"]):
             out[key] = value[torch.tensor(index, device=value.device)]
+        elif not torch.is_tensor(value) and hasattr(value, "select"):  # BoxBatch, PaddedBoxes
+            out[key] = value.select(index)
         elif isinstance(value, (list, tuple)) and len(value) == len(batch["key"]):
             out[key] = [value[i] for i in index]
         else:
