@@ -306,7 +306,7 @@ def test_smoke_gpu_cpu_rehearsal_runs_every_part(tmp_path):
 
 # ------------------------------------------------------------------------------ CUDA-only switches
 def test_tf32_switch_touches_nothing_without_cuda_and_follows_the_config_with_it(monkeypatch):
-    import train as train_script
+    from lightning_modules.process import use_tf32
 
     def state():
         return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -315,12 +315,12 @@ def test_tf32_switch_touches_nothing_without_cuda_and_follows_the_config_with_it
     try:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, False
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-        train_script.use_tf32(True)
+        use_tf32(True)
         assert state() == (False, False)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        train_script.use_tf32(True)
+        use_tf32(True)
         assert state() == (True, True)
-        train_script.use_tf32(False)
+        use_tf32(False)
         assert state() == (False, False)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
