@@ -258,23 +258,26 @@ def largest_batch(trainee: Trainee, precision: str, image_size: int, max_batch: 
 def sampling_rows(model, images: int, boxes: int, repeats: int, device: torch.device,
                   bf16: bool = False) -> list[dict]:
     """Cascade vs copied-cache decoding of ``images x boxes`` boxes (median of ``repeats`` calls), and
-    with ``bf16`` the cascade decoder in bf16 autocast."""
+    with ``bf16`` (CUDA) the cascade decoder in bf16 autocast, eager and graphed (``sample(graphs=True)``:
+    two untimed calls compile and record the CUDA graphs; the compile time is in the note)."""
     pixels = torch.rand(images, 3, model.cfg.image_size, model.cfg.image_size, device=device,
                         generator=torch.Generator(device).manual_seed(0))
     categories = [("car", "bird", "lamp", "person")[i % 4] for i in range(images)]
     estimate = images * model.sampling_bytes_per_image(boxes)
     rows = []
-    for cascade, half in ((True, False), (False, False)) + (((True, True),) if bf16 else ()):
-        name = "cascade" if cascade else "copied cache"
+    variants = ((True, False, False), (False, False, False)) + (((True, True, False), (True, True, True)) if bf16 else ())
+    for cascade, half, graphs in variants:
+        name = ("cascade graphed" if graphs else "cascade") if cascade else "copied cache"
         shape = f"{images} img x {boxes}"
         precision = "bf16" if half else "fp32"
         oom = False
+
+        def draw():
+            model.sample(pixels, categories, n=boxes, cascade=cascade, bf16=half, graphs=graphs)
         try:
             with PeakMemory(device) as memory:
-                model.sample(pixels, categories, n=boxes, cascade=cascade, bf16=half)
-            median = statistics.median(
-                seconds(lambda: model.sample(pixels, categories, n=boxes, cascade=cascade, bf16=half), device)
-                for _ in range(repeats))
+                warm_up = seconds(draw, device) + (seconds(draw, device) if graphs else 0.0)
+            median = statistics.median(seconds(draw, device) for _ in range(repeats))
         except (torch.OutOfMemoryError, RuntimeError) as error:
             if not out_of_memory(error):
                 raise
@@ -284,6 +287,8 @@ def sampling_rows(model, images: int, boxes: int, repeats: int, device: torch.de
             rows.append(row("sampling", name, precision, shape, note="out of memory"))
             continue
         note = f"estimate {estimate / GIB:.2f} GiB above resident" if cascade and not half else ""
+        if graphs:
+            note = f"first two calls (compile, record) {warm_up:.1f} s"
         rows.append(row("sampling", name, precision, shape, 1e3 * median, images * boxes / median, "boxes/s",
                         memory.peak, memory.resident, note))
     return rows
@@ -595,12 +600,18 @@ def sampling_ratios(rows: list[dict], memory: bool) -> list[str]:
 
 
 def precision_ratios(rows: list[dict]) -> str:
-    """``"Sampling, cascade bf16 / fp32: <batch>: <ratio>x boxes/s; ..."`` where both rows ran."""
-    cascade = {(r["batch"], r["precision"]): r["rate"] for r in rows
-               if r["section"] == "sampling" and r["variant"] == "cascade" and r["rate"]}
-    parts = [f"{shape}: {cascade[shape, 'bf16'] / rate:.2f}x boxes/s" for (shape, precision), rate in cascade.items()
-             if precision == "fp32" and (shape, "bf16") in cascade]
-    return "\nSampling, cascade bf16 / fp32: " + "; ".join(parts) if parts else ""
+    """``"Sampling, cascade bf16 / fp32: <batch>: <ratio>x boxes/s; ..."`` where both rows ran, and the
+    same for graphed bf16 / eager bf16 and graphed bf16 / fp32."""
+    rates = {(r["batch"], r["variant"], r["precision"]): r["rate"] for r in rows
+             if r["section"] == "sampling" and r["rate"]}
+    out = ""
+    for title, top, bottom in (("cascade bf16 / fp32", ("cascade", "bf16"), ("cascade", "fp32")),
+                               ("graphed bf16 / eager bf16", ("cascade graphed", "bf16"), ("cascade", "bf16")),
+                               ("graphed bf16 / eager fp32", ("cascade graphed", "bf16"), ("cascade", "fp32"))):
+        parts = [f"{shape}: {rates[(shape, *top)] / rate:.2f}x boxes/s" for (shape, *key), rate in rates.items()
+                 if tuple(key) == bottom and (shape, *top) in rates]
+        out += f"\nSampling, {title}: " + "; ".join(parts) if parts else ""
+    return out
 
 
 def fit_ratio(rows: list[dict]) -> str:

@@ -130,6 +130,12 @@ def test_report_ratios_and_bad_arguments(capsys):
     assert gpu_check.sampling_ratios(rows, memory=True) == [
         "8 img x 100: 2.00x boxes/s, 5.0x less peak memory above resident", "64 img x 100: copied cache ran out of memory"]
     assert gpu_check.sampling_ratios(rows, memory=False)[0] == "8 img x 100: 2.00x boxes/s"
+    assert gpu_check.precision_ratios(rows) == ""  # no bf16 row
+    rows += [gpu_check.row("sampling", "cascade", "bf16", "8 img x 100", 8.0, 100000.0, "boxes/s"),
+             gpu_check.row("sampling", "cascade graphed", "bf16", "8 img x 100", 4.0, 200000.0, "boxes/s")]
+    assert gpu_check.precision_ratios(rows) == ("\nSampling, cascade bf16 / fp32: 8 img x 100: 1.25x boxes/s"
+                                                "\nSampling, graphed bf16 / eager bf16: 8 img x 100: 2.00x boxes/s"
+                                                "\nSampling, graphed bf16 / eager fp32: 8 img x 100: 2.50x boxes/s")
     for argv in (["--quick", "--steps", "0"], ["--quick", "--sample-images", "2", "0"]):
         with pytest.raises(SystemExit) as exit_info:
             gpu_check.parse_args(argv)
