@@ -26,7 +26,7 @@ RESUME_MAY_CHANGE = (
     "trainer.limit_val_batches", "trainer.profiler", "trainer.detect_anomaly",
     "data.data_dir", "data.num_workers", "data.eval_batch_size", "data.persistent_workers", "data.pin_memory", "data.padded_boxes",
     "data.prefetch_factor", "callbacks", "model.compile_decoder", "model.pretrained", "model.vit_weights",
-    "model.clip_weights", "model.gpt2_weights", "module.reference", "module.one_pass", "optim.fused", "tf32",
+    "model.clip_weights", "model.gpt2_weights", "module.reference", "module.one_pass", "module.compile_step", "optim.fused", "tf32",
     "logger",
 )
 
