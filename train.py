@@ -65,7 +65,9 @@ def build_callbacks(cfg: DictConfig, directory: Path, infrastructure: list) -> l
 
 def build_trainer(cfg: DictConfig, directory: Path, callbacks: list):
     from callbacks.checkpointing import checkpoint_plugins
+    from lightning_modules.process import register_strategies
 
+    register_strategies()
     return instantiate(cfg.trainer, callbacks=callbacks, plugins=checkpoint_plugins(), logger=instantiate(cfg.logger),
                        default_root_dir=str(directory), max_epochs=-1, check_val_every_n_epoch=None)
 

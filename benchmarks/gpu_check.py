@@ -258,23 +258,26 @@ def largest_batch(trainee: Trainee, precision: str, image_size: int, max_batch: 
 def sampling_rows(model, images: int, boxes: int, repeats: int, device: torch.device,
                   bf16: bool = False) -> list[dict]:
     """Cascade vs copied-cache decoding of ``images x boxes`` boxes (median of ``repeats`` calls), and
-    with ``bf16`` the cascade decoder in bf16 autocast."""
+    with ``bf16`` (CUDA) the cascade decoder in bf16 autocast, eager and graphed (``sample(graphs=True)``:
+    two untimed calls compile and record the CUDA graphs; the compile time is in the note)."""
     pixels = torch.rand(images, 3, model.cfg.image_size, model.cfg.image_size, device=device,
                         generator=torch.Generator(device).manual_seed(0))
     categories = [("car", "bird", "lamp", "person")[i % 4] for i in range(images)]
     estimate = images * model.sampling_bytes_per_image(boxes)
     rows = []
-    for cascade, half in ((True, False), (False, False)) + (((True, True),) if bf16 else ()):
-        name = "cascade" if cascade else "copied cache"
+    variants = ((True, False, False), (False, False, False)) + (((True, True, False), (True, True, True)) if bf16 else ())
+    for cascade, half, graphs in variants:
+        name = ("cascade graphed" if graphs else "cascade") if cascade else "copied cache"
         shape = f"{images} img x {boxes}"
         precision = "bf16" if half else "fp32"
         oom = False
+
+        def draw():
+            model.sample(pixels, categories, n=boxes, cascade=cascade, bf16=half, graphs=graphs)
         try:
             with PeakMemory(device) as memory:
-                model.sample(pixels, categories, n=boxes, cascade=cascade, bf16=half)
-            median = statistics.median(
-                seconds(lambda: model.sample(pixels, categories, n=boxes, cascade=cascade, bf16=half), device)
-                for _ in range(repeats))
+                warm_up = seconds(draw, device) + (seconds(draw, device) if graphs else 0.0)
+            median = statistics.median(seconds(draw, device) for _ in range(repeats))
         except (torch.OutOfMemoryError, RuntimeError) as error:
             if not out_of_memory(error):
                 raise
@@ -284,6 +287,8 @@ def sampling_rows(model, images: int, boxes: int, repeats: int, device: torch.de
             rows.append(row("sampling", name, precision, shape, note="out of memory"))
             continue
         note = f"estimate {estimate / GIB:.2f} GiB above resident" if cascade and not half else ""
+        if graphs:
+            note = f"first two calls (compile, record) {warm_up:.1f} s"
         rows.append(row("sampling", name, precision, shape, 1e3 * median, images * boxes / median, "boxes/s",
                         memory.peak, memory.resident, note))
     return rows
@@ -302,24 +307,26 @@ class Budget:
         return False
 
 
-EAGER_PATHS = (("two passes", False, False), ("one pass", True, False))
-COMPILED_PATH = (("one pass, compiled", True, True),)
+EAGER_PATHS = (("two passes", False, False, False), ("one pass", True, False, False))
+COMPILED_PATHS = (("one pass, compiled", True, True, False), ("whole step, compiled", True, False, True))
 
 
 def path_rows(config: dict, host: dict, batches: list[int], precision: str, steps: int, device: torch.device,
               variants: tuple, budget: "Budget", several: list[dict]) -> list[dict]:
     """The MLE step at each of ``batches`` (host batches cut from ``host``) by decoder path, ``variants``
-    of (name, one_pass, compile_decoder): `EAGER_PATHS` (two passes, the default, and one pass) or
-    `COMPILED_PATH` (one pass with ``compile_decoder``: first-step seconds and graphs compiled in the
-    note). ``several``: host batches with 1-4 boxes per image, stepped once each after the timing,
-    so a "recompiles" row shows whether a new box count recompiles."""
+    of (name, one_pass, compile_decoder, compile_step): `EAGER_PATHS` (two passes, the default, and one
+    pass) or `COMPILED_PATHS` (one pass with ``compile_decoder``, and ``module.compile_step``, the whole
+    forward compiled on bucketed boxes: first-step seconds and graphs compiled in the note).
+    ``several``: host batches with 1-4 boxes per image, stepped once each after the timing, so a
+    "recompiles" row shows whether a new box count recompiles."""
     rows = []
-    for name, one_pass, compile_decoder in variants:
+    for name, one_pass, compile_decoder, compile_step in variants:
         if not budget.allows(f"MLE step, {name}"):
             continue
         torch.manual_seed(0)
+        compiled = compile_decoder or compile_step
         module = MLEModule(model_config={**config, "compile_decoder": compile_decoder}, optim=OPTIM,
-                           one_pass=one_pass).to(device).train()
+                           one_pass=one_pass, compile_step=compile_step).to(device).train()
         trainee = Trainee(module, "mle")
         for size in batches:
             if not budget.allows(f"MLE step, {name}, batch {size}"):
@@ -327,7 +334,7 @@ def path_rows(config: dict, host: dict, batches: list[int], precision: str, step
             batch = trainee.prepare(cut(host, size), device)
             graphs = graphs_compiled()
             first = seconds(lambda: trainee.step(batch, precision), device)
-            note = f"first step {first:.1f} s, {graphs_compiled() - graphs} graphs compiled" if compile_decoder else ""
+            note = f"first step {first:.1f} s, {graphs_compiled() - graphs} graphs compiled" if compiled else ""
             graphs = graphs_compiled()
             try:
                 r = time_steps(trainee, batch, precision, steps, device, name, note)
@@ -337,11 +344,11 @@ def path_rows(config: dict, host: dict, batches: list[int], precision: str, step
                 trainee.reset(device)
                 rows.append(row("train step", f"MLE, {name}", precision, str(size), note="out of memory"))
                 continue
-            if compile_decoder:
+            if compiled:
                 r["note"] += f"; {graphs_compiled() - graphs} while timed"
             rows.append(r)
             print(f"MLE step {name} batch {size}: {r['ms']:.1f} ms", file=sys.stderr, flush=True)
-        if several and compile_decoder:
+        if several and compiled:
             graphs = graphs_compiled()
             counts = []
             for b in several:
@@ -392,10 +399,12 @@ class StepClock(L.Callback):
         self.steps = trainer.global_step
 
 
-def fit_loop_row(preset: str, config: dict, args, device: torch.device, work: Path) -> dict:
+def fit_loop_row(preset: str, config: dict, args, device: torch.device, work: Path, compile_step: bool = False) -> dict:
     """`train.py` (Lightning, toy shards, ``args.workers`` loader workers, no validation) at the batch
     and precision of the synthetic MLE step; steps after the first ``skip`` are timed, and a
-    ``torch.profiler`` trace of three untimed steps before them is written into ``args.out``."""
+    ``torch.profiler`` trace of three untimed steps before them is written into ``args.out``. With
+    ``compile_step`` (``module.compile_step=true``, no trace): the graphs compiled over the whole fit
+    loop and while timed (torch._dynamo's counters) in the note."""
     from benchmarks.chip import TraceWindow
 
     import train as train_script
@@ -404,27 +413,52 @@ def fit_loop_row(preset: str, config: dict, args, device: torch.device, work: Pa
 
     skip, steps = (5, 8) if args.quick else (20, args.fit_steps)
     shards = max(args.workers, 1)
-    write_toy_dataset(work / "toy", seed=0, sizes={"toy-pipe": {"train": args.batch_size * (steps + 4), "val": 8}},
+    # the compiled step reads OPA-flavour scenes (1-4 positives per image: several box buckets)
+    flavour, data = ("toy-opa", work / "toy_opa") if compile_step else ("toy-pipe", work / "toy")
+    write_toy_dataset(data, seed=0, sizes={flavour: {"train": args.batch_size * (steps + 4), "val": 8}},
                       num_shards=shards, progress=False)
     precision = "fp32" if args.quick else "bf16-mixed"
     same_model = [f"model.{k}={str(config[k]).lower()}" for k in ("freeze_image_encoder", "relative_extents")]
     overrides = [f"model={preset}", "model.pretrained=false", f"model.gpt2_dropout={config['gpt2_dropout']}",
                  *same_model, "trainer=cpu" if device.type == "cpu" else "trainer=gpu",
-                 f"data.data_dir={work / 'toy' / 'toy-pipe'}", f"data.batch_size={args.batch_size}",
+                 f"data.data_dir={data / flavour}", f"data.batch_size={args.batch_size}",
                  f"data.num_workers={args.workers}", f"data.pin_memory={str(device.type == 'cuda').lower()}",
                  f"data.persistent_workers={str(args.workers > 0).lower()}", f"trainer.max_steps={steps}",
                  f"trainer.val_check_interval={steps}", "trainer.limit_val_batches=0",
                  "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-                 f"log_root={work / 'runs'}"]
+                 f"log_root={work / 'runs'}", f"module.compile_step={str(compile_step).lower()}",
+                 f"run_name={'compiled_step' if compile_step else 'default'}"]
     if device.type == "cuda":
         overrides.append(f"trainer.devices=[{device.index}]")
     clock = StepClock(skip)
-    trace = TraceWindow(first=skip - 4, count=3, out=Path(args.out))
-    train_script.train(load_config(overrides), extra_callbacks=[clock, trace])
+    callbacks = [clock] if compile_step else [clock, TraceWindow(first=skip - 4, count=3, out=Path(args.out))]
+    graphs = graphs_compiled()
+    timed = GraphsWhileTimed(skip)
+    train_script.train(load_config(overrides), extra_callbacks=[*callbacks, timed])
     rate = clock.steps_per_second
-    note = f"{args.workers} workers, steps {skip + 1}-{clock.steps} timed; trace of steps {skip - 3}-{skip - 1}: fit_trace.json"
-    return row("fit loop", "MLE, train.py on toy shards", precision, str(args.batch_size), 1e3 / rate,
-               rate * args.batch_size, "samples/s", note=note)
+    note = f"{args.workers} workers, steps {skip + 1}-{clock.steps} timed"
+    if compile_step:
+        note += (f"; OPA-flavour scenes; {graphs_compiled() - graphs} graphs compiled over the fit loop, "
+                 f"{timed.graphs} while timed")
+    else:
+        note += f"; trace of steps {skip - 3}-{skip - 1}: fit_trace.json"
+    variant = "MLE, compiled step, train.py on toy shards" if compile_step else "MLE, train.py on toy shards"
+    return row("fit loop", variant, precision, str(args.batch_size), 1e3 / rate, rate * args.batch_size, "samples/s",
+               note=note)
+
+
+class GraphsWhileTimed(L.Callback):
+    """Graphs torch.compile compiled after the first ``skip`` steps (the timed ones): recompiles."""
+
+    def __init__(self, skip: int):
+        self.skip, self.start, self.graphs = skip, None, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.skip and self.start is None:
+            self.start = graphs_compiled()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.graphs = graphs_compiled() - self.start if self.start is not None else 0
 
 
 def run(args, device: torch.device) -> dict:
@@ -494,7 +528,9 @@ def run(args, device: torch.device) -> dict:
             rows.append(fit_loop_row(preset, config, args, device, Path(tmp)))
             print(f"fit loop: {rows[-1]['ms']:.1f} ms per step", file=sys.stderr, flush=True)
         if args.compile:  # last: compiling takes a minute or more per shape
-            rows += path_rows(config, host, sizes, bf16, args.steps, device, COMPILED_PATH, budget, several)
+            rows += path_rows(config, host, sizes, bf16, args.steps, device, COMPILED_PATHS, budget, several)
+            if budget.allows("train.py fit loop, compiled step"):
+                rows.append(fit_loop_row(preset, config, args, device, Path(tmp), compile_step=True))
 
     if args.smoke:
         passed, wall, summary = smoke_gpu(args.quick, str(device), args.smoke_steps)
@@ -595,12 +631,18 @@ def sampling_ratios(rows: list[dict], memory: bool) -> list[str]:
 
 
 def precision_ratios(rows: list[dict]) -> str:
-    """``"Sampling, cascade bf16 / fp32: <batch>: <ratio>x boxes/s; ..."`` where both rows ran."""
-    cascade = {(r["batch"], r["precision"]): r["rate"] for r in rows
-               if r["section"] == "sampling" and r["variant"] == "cascade" and r["rate"]}
-    parts = [f"{shape}: {cascade[shape, 'bf16'] / rate:.2f}x boxes/s" for (shape, precision), rate in cascade.items()
-             if precision == "fp32" and (shape, "bf16") in cascade]
-    return "\nSampling, cascade bf16 / fp32: " + "; ".join(parts) if parts else ""
+    """``"Sampling, cascade bf16 / fp32: <batch>: <ratio>x boxes/s; ..."`` where both rows ran, and the
+    same for graphed bf16 / eager bf16 and graphed bf16 / fp32."""
+    rates = {(r["batch"], r["variant"], r["precision"]): r["rate"] for r in rows
+             if r["section"] == "sampling" and r["rate"]}
+    out = ""
+    for title, top, bottom in (("cascade bf16 / fp32", ("cascade", "bf16"), ("cascade", "fp32")),
+                               ("graphed bf16 / eager bf16", ("cascade graphed", "bf16"), ("cascade", "bf16")),
+                               ("graphed bf16 / eager fp32", ("cascade graphed", "bf16"), ("cascade", "fp32"))):
+        parts = [f"{shape}: {rates[(shape, *top)] / rate:.2f}x boxes/s" for (shape, *key), rate in rates.items()
+                 if tuple(key) == bottom and (shape, *top) in rates]
+        out += f"\nSampling, {title}: " + "; ".join(parts) if parts else ""
+    return out
 
 
 def fit_ratio(rows: list[dict]) -> str:
@@ -622,11 +664,12 @@ def path_ratios(rows: list[dict]) -> str:
     for (variant, size), two in ms.items():
         if variant != "MLE, two passes":
             continue
-        found = [f"{two / ms[v, size]:.2f}x {v[5:]}" for v in ("MLE, one pass", "MLE, one pass, compiled")
-                 if (v, size) in ms]
+        found = [f"{two / ms[v, size]:.2f}x {v[5:]}" for v in ("MLE, one pass", "MLE, one pass, compiled",
+                                                                "MLE, whole step, compiled") if (v, size) in ms]
         if found:
             parts.append(f"batch {size}: " + ", ".join(found))
-    return "\nMLE step, two passes / (one pass, compiled one pass): " + "; ".join(parts) if parts else ""
+    return ("\nMLE step, two passes / (one pass, compiled one pass, compiled whole step): " + "; ".join(parts)
+            if parts else "")
 
 
 def dpo_ratio(rows: list[dict]) -> str:

@@ -62,7 +62,7 @@ from .shard_reader import HashingReader, StorageStalled, open_binary, read_split
 
 log = logging.getLogger("datamodules")
 
-__all__ = ["ShardStream", "EpochLoader", "collate", "decode_sample"]
+__all__ = ["ShardStream", "EpochLoader", "PaddedBoxes", "collate", "decode_sample"]
 
 _MAX_SLOTS = 256  # shared skip counters: one per worker (slot 0 = main process)
 VERIFY = ("drop", "strict", "unchecked")  # what a shard whose sha256 differs from {split}.json's does (ShardStream)
@@ -127,14 +127,64 @@ def _hflip(s: dict, flip_meta) -> dict:
     return s
 
 
-def collate(samples: list[dict], pairs: bool = False) -> dict:
-    """Samples -> the batch dict of docs/ARCHITECTURE.md (+ chosen/rejected for DPO pairs)."""
+class PaddedBoxes:
+    """A batch's per-sample box lists as one padded tensor ``[B, K, 4]`` (K: the most boxes of a sample)
+    and the counts as host integers, collated in the loader worker: pinning and the host-to-device
+    copy are one transfer each instead of one per sample. Reads like the list of ``[k, 4]`` tensors it
+    replaces (``len``, index, slice, iterate: views, no copy); `flatten` gives every box and its sample."""
+
+    def __init__(self, padded: torch.Tensor, counts: tuple[int, ...]):
+        self.padded, self.counts = padded, tuple(int(c) for c in counts)
+
+    @classmethod
+    def collate(cls, box_lists: list[torch.Tensor]) -> "PaddedBoxes":
+        counts = [len(b) for b in box_lists]
+        padded = torch.zeros(len(box_lists), max(counts, default=0), 4)
+        for i, boxes in enumerate(box_lists):
+            padded[i, :len(boxes)] = boxes.reshape(-1, 4)
+        return cls(padded, tuple(counts))
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self.padded[index, :self.counts[index]]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def flatten(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every box ``[M, 4]`` in sample order and the index of its sample ``[M]`` (host counts: no
+        device read)."""
+        counts = torch.tensor(self.counts, dtype=torch.long)
+        owner = torch.repeat_interleave(torch.arange(len(self)), counts).to(self.padded.device)
+        keep = torch.arange(self.padded.shape[1]) < counts[:, None]
+        return self.padded[keep.to(self.padded.device)], owner
+
+    def select(self, index: list[int]) -> "PaddedBoxes":
+        """The box lists of the given samples."""
+        return PaddedBoxes(self.padded[torch.tensor(index, dtype=torch.long, device=self.padded.device)],
+                           tuple(self.counts[i] for i in index))
+
+    def to(self, *args, **kwargs) -> "PaddedBoxes":
+        return PaddedBoxes(self.padded.to(*args, **kwargs), self.counts)
+
+    def pin_memory(self, device=None) -> "PaddedBoxes":
+        return PaddedBoxes(self.padded.pin_memory(), self.counts)
+
+
+def collate(samples: list[dict], pairs: bool = False, padded_boxes: bool = False) -> dict:
+    """Samples -> the batch dict of docs/ARCHITECTURE.md (+ chosen/rejected for DPO pairs).
+    ``padded_boxes``: positives and negatives as `PaddedBoxes` instead of lists of tensors."""
+    boxes = PaddedBoxes.collate if padded_boxes else list
     batch = {
         "image": torch.stack([s["image"] for s in samples]),
         "category": [s["category"] for s in samples],
         "size": torch.tensor([s["size"] for s in samples], dtype=torch.long),
-        "positives": [s["positives"] for s in samples],
-        "negatives": [s["negatives"] for s in samples],
+        "positives": boxes([s["positives"] for s in samples]),
+        "negatives": boxes([s["negatives"] for s in samples]),
         "key": [s["key"] for s in samples],
         "meta": [s["meta"] for s in samples],
     }
@@ -149,7 +199,8 @@ class ShardStream(IterableDataset):
 
     def __init__(self, data_dir, split: str, *, image_size: int, batch_size: int, train: bool, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle_buffer: int = 1000,
-                 flip_prob: float = 0.5, pairs: bool = False, resampled: bool = False, verify: str = "drop"):
+                 flip_prob: float = 0.5, pairs: bool = False, resampled: bool = False, verify: str = "drop",
+                 padded_boxes: bool = False):
         super().__init__()
         info = read_split_info(data_dir, split)
         self.info, self.paths, self.split, self.data_dir = info, info.paths, split, str(data_dir)
@@ -158,6 +209,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size, self.num_workers = int(rank), int(world_size), int(num_workers)
         self.seed, self.shuffle_buffer, self.pairs, self.resampled = int(seed), int(shuffle_buffer), pairs, resampled
         self.flip_prob = float(flip_prob) if train else 0.0
+        self.padded_boxes = bool(padded_boxes)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         consumers = self.world_size * max(1, self.num_workers)
@@ -378,7 +430,7 @@ class ShardStream(IterableDataset):
         if not self.train:
             samples = self._stream(epoch, worker, nworkers)
             while chunk := [s for _, s in zip(range(self.batch_size), samples)]:
-                yield collate(chunk, self.pairs)
+                yield collate(chunk, self.pairs, self.padded_boxes)
             return
         # Reader r makes the epoch's batches j with j % nworkers == r; after skipping `skip` batches
         # the loader asks worker 0 first, so worker w plays the reader of batch skip + w.
@@ -390,7 +442,7 @@ class ShardStream(IterableDataset):
         done = min(mine, skip // nworkers + (reader < skip % nworkers))
         deque(islice(samples, done * self.batch_size), maxlen=0)  # decode and drop: same stream state
         for _ in range(mine - done):
-            yield collate([s for _, s in zip(range(self.batch_size), samples)], self.pairs)
+            yield collate([s for _, s in zip(range(self.batch_size), samples)], self.pairs, self.padded_boxes)
 
 
 class EpochLoader(DataLoader):

@@ -62,6 +62,21 @@ class Likelihood:
         logits = self._one_pass_logits(prefix, boxes) if one_pass else self._cached_pass_logits(prefix, boxes)
         return self._masked_token_log_probs(logits, boxes.tokens, with_distribution, check=False)
 
+    def grid_log_probs(self, prefix: Tensor, tokens: Tensor, with_distribution: bool = False):
+        """Per-token log-probs ``[B, K, 4]`` of ``K`` token boxes per image, ``tokens`` ``[B, K, 4]`` (`BoxBatch.grid`:
+        empty slots hold a valid filler box), in one decoder pass (`_one_pass_logits`): a box's values
+        do not depend on the other slots. The shapes depend on ``B`` and ``K`` only, so a compiled
+        training step (``module.compile_step``) sees few of them."""
+        batch, k = tokens.shape[:2]
+        device = tokens.device
+        flat = tokens.reshape(batch * k, 4)
+        owner = torch.arange(batch, device=device).repeat_interleave(k)
+        boxes = BoxBatch(flat, owner, torch.arange(k, device=device).repeat(batch), batch, k, k == 1)
+        out = self._masked_token_log_probs(self._one_pass_logits(prefix, boxes), flat, with_distribution, check=False)
+        if with_distribution:
+            return out[0].view(batch, k, 4), out[1].view(batch, k, 4, -1)
+        return out.view(batch, k, 4)
+
     def _cached_pass_logits(self, prefix: Tensor, boxes: "BoxBatch") -> Tensor:
         """The box steps' logits ``[M, 4, vocab]``: the prefix pass, then the box tokens on its KV cache."""
         plen = prefix.shape[1]
@@ -97,7 +112,7 @@ class Likelihood:
 
         ``check``: raise ValueError for a token box the masks exclude (a host-device synchronisation on
         a GPU); off for boxes `BoxBatch.build` checked on the host."""
-        logits = logits.float()
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least, float64 kept
         if self.extent_embed is not None:
             logits = torch.stack([self.step_logits(j, logits[:, j], tokens[:, :j]) for j in range(4)], dim=1)
         bounds = self.region_bounds(None, len(tokens), tokens.device)
@@ -233,6 +248,16 @@ class BoxBatch:
         one_each = len(owner) == images and bool((owner == torch.arange(images)).all())
         most = int(counts.max()) if len(owner) else 1
         return cls(tokens, owner, slot, images, 1 << max(0, most - 1).bit_length(), one_each)
+
+    def grid(self) -> tuple[Tensor, Tensor]:
+        """The boxes laid out per image: tokens ``[B, per_image, 4]`` (a slot without a box holds the valid
+        filler box ``[0, 0, 1, 1]``) and which slots hold a box ``[B, per_image]``; for `grid_log_probs`.
+        Index writes only, so it reads nothing back from the device."""
+        tokens = self.tokens.new_tensor([0, 0, 1, 1]).repeat(self.images, self.per_image, 1)
+        tokens[self.owner, self.slot] = self.tokens
+        real = torch.zeros(self.images, self.per_image, dtype=torch.bool, device=self.tokens.device)
+        real[self.owner, self.slot] = True
+        return tokens, real
 
     def to(self, device, non_blocking: bool = False) -> "BoxBatch":
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731

@@ -41,7 +41,7 @@ class Sampler:
                top_k: Optional[int] = None, top_p: Optional[float] = None, region: Optional[Tensor] = None,
                generator: Optional[torch.Generator] = None, image_sizes: Optional[Tensor] = None,
                size: Optional[Tensor] = None, aspect_ratio: Optional[Tensor] = None,
-               cascade: bool = True, bf16: bool = False) -> SampleOutput:
+               cascade: bool = True, bf16: bool = False, graphs: bool = False) -> SampleOutput:
         """Draw ``n`` valid boxes per (image, category) in one batched, KV-cached decode.
 
         ``region``, ``size`` and ``aspect_ratio`` (normalised, see `region_bounds` and `extent_mask`)
@@ -57,10 +57,16 @@ class Sampler:
         ``bf16`` runs the decoding in bf16 autocast (a GPU speed option): the prefix is computed in
         fp32 (the cached text features stay fp32), and logits are cast to fp32 before masking and
         drawing, so only the decoder's matmuls round differently.
+
+        ``graphs`` runs the cascade decode step captured in CUDA graphs (`graphed_cascade_step`): the
+        same step, replayed without a kernel launch per operation, so few images are not launch-bound.
+        The first calls of each shape compile and record it (seconds). CUDA models and ``cascade`` only.
         """
         if len(categories) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(categories)} categories")
         _check_sampling_args(n, temperature, top_k, top_p)
+        if graphs:
+            check_graphs(self.image_proj.weight.device, cascade)
         was_training = self.training
         self.eval()
         try:
@@ -69,8 +75,9 @@ class Sampler:
             extents = self.extent_mask(size, aspect_ratio, prefix.shape[0], prefix.device)
             self.check_extents_fit(bounds, extents)
             decode = self._decode_cascade if cascade else self._decode_cached
+            graphed = {"decode_step": graphed_cascade_step(type(self))} if graphs else {}
             with torch.autocast(prefix.device.type, dtype=torch.bfloat16, enabled=bf16):
-                tokens, log_probs = decode(prefix, n, bounds, temperature, top_k, top_p, generator, extents)
+                tokens, log_probs = decode(prefix, n, bounds, temperature, top_k, top_p, generator, extents, **graphed)
         finally:
             self.train(was_training)
         return self._sample_output(tokens, log_probs, image_sizes)
@@ -94,9 +101,12 @@ class Sampler:
 
     def _decode_cascade(self, prefix: Tensor, n: int, bounds: Tensor, temperature: float, top_k: Optional[int],
                         top_p: Optional[float], generator: Optional[torch.Generator],
-                        extents: Optional[ExtentMask] = None) -> tuple[Tensor, Tensor]:
+                        extents: Optional[ExtentMask] = None, decode_step=None) -> tuple[Tensor, Tensor]:
         """`_decode_cached` without copying the prefix cache: each image's prefix keys/values stay
-        ``[B, H, P + 1, d]`` and only the box tokens' keys/values are kept per sample."""
+        ``[B, H, P + 1, d]`` and only the box tokens' keys/values are kept per sample. ``decode_step``:
+        ``decode_step(model, hidden, position, shared, own)`` (default `_cascade_step`; the graphed one,
+        `graphed_cascade_step`)."""
+        decode_step = type(self)._cascade_step if decode_step is None else decode_step
         batch = prefix.shape[0]
         first_logits, shared = self._shared_prefix(prefix)
         own: list[Optional[tuple[Tensor, Tensor]]] = [None] * len(shared)
@@ -104,7 +114,7 @@ class Sampler:
 
         def next_logits(tokens: Tensor, step: int) -> Tensor:
             hidden = self.input_embeds(tokens)[:, -1].view(batch, n, -1)
-            return self._cascade_step(hidden, first_position + step, shared, own).reshape(batch * n, -1)
+            return decode_step(self, hidden, first_position + step, shared, own).reshape(batch * n, -1)
 
         return self._draw_boxes(first_logits, n, bounds, extents, (temperature, top_k, top_p), generator,
                                 next_logits)
@@ -165,6 +175,39 @@ class Sampler:
                                  f"got {tuple(sizes.shape)}")
             boxes = self.tokenizer.decode_pixels(tokens, sizes[:, None, :])
         return SampleOutput(boxes=boxes, boxes_norm=boxes_norm, tokens=tokens, log_probs=log_probs)
+
+
+GRAPHED_RECOMPILE_LIMIT = 64  # graphs per process: 3 decode steps x image counts x n x precisions
+_graphed: dict[type, object] = {}
+
+
+def check_graphs(device: torch.device, cascade: bool) -> None:
+    """``graphs=True`` needs what CUDA graphs capture: ValueError in one line otherwise."""
+    if device.type != "cuda" or not cascade:
+        where = f"the model is on {device.type}" if device.type != "cuda" else "cascade=False was asked for"
+        raise ValueError(f"graphs=True captures the cascade decode step in CUDA graphs, but {where}: "
+                         f"sample a CUDA model with cascade=True, or leave graphs off")
+
+
+def graphed_cascade_step(model_class: type):
+    """``model_class._cascade_step`` under ``torch.compile(mode="reduce-overhead")``: compiled once per
+    decode step and shape (positions and box-token counts differ per step), then replayed as a CUDA graph.
+    The compile cache allows `GRAPHED_RECOMPILE_LIMIT` graphs, not torch's default 8, past which it would
+    quietly run the step uncompiled."""
+    if model_class not in _graphed:
+        import torch._dynamo
+
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(limit, GRAPHED_RECOMPILE_LIMIT)
+        compiled = torch.compile(model_class._cascade_step, mode="reduce-overhead", dynamic=False)
+
+        def step(model, hidden: Tensor, position: int, shared, own):
+            if position == model.prefix_len + 1:  # a new decode: the last one's graph outputs may be reused
+                torch.compiler.cudagraph_mark_step_begin()
+            return compiled(model, hidden, position, shared, own)
+
+        _graphed[model_class] = step
+    return _graphed[model_class]
 
 
 def _check_sampling_args(n: int, temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:

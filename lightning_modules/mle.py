@@ -12,8 +12,11 @@ from genloc.config import ArgumentError
 from genloc.likelihood import BoxBatch
 
 
-def flatten_boxes(box_lists: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate per-sample box lists; returns (boxes [M,4], index of the owning sample [M])."""
+def flatten_boxes(box_lists) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate per-sample box lists; returns (boxes [M,4], index of the owning sample [M]).
+    A loader's padded collation (`datamodules.pipeline.PaddedBoxes`, ``data.padded_boxes``) flattens itself."""
+    if hasattr(box_lists, "flatten"):
+        return box_lists.flatten()
     counts = torch.tensor([len(b) for b in box_lists])
     owner = torch.repeat_interleave(torch.arange(len(box_lists)), counts)
     boxes = torch.cat([b.reshape(-1, 4) for b in box_lists]) if len(box_lists) else torch.zeros(0, 4)
@@ -131,16 +134,23 @@ class MLEModule(LocationLightningModule):
     with the absolute reading of x2/y2, none with relative extents; README, design choices.)
     ``one_pass``: the prefix and every positive of an image through GPT-2 in one call
     (`LocationModel.batch_log_probs`, same values); off: the prefix pass then the boxes' pass.
+    ``compile_step``: the whole forward (image encoder, projections, decoder, loss; `grid_losses`) under
+    ``torch.compile``, on the positives laid out per image in power-of-two buckets (`BoxBatch.grid`), so
+    batches with other box counts reuse a few compiled graphs; the one-pass layout, same values.
     """
 
-    def __init__(self, model_config: dict, optim: dict, label_sigma_bins: float = 0.0, one_pass: bool = False):
+    def __init__(self, model_config: dict, optim: dict, label_sigma_bins: float = 0.0, one_pass: bool = False,
+                 compile_step: bool = False):
         check_args(label_sigma_bins)
         super().__init__(model_config, optim, one_pass)
         self.save_hyperparameters()
+        self.compile_step = compile_step
+        self._compiled_losses = None
 
     def token_boxes(self, batch: dict) -> BoxBatch:
-        boxes, owner = flatten_boxes([p.cpu() for p in batch["positives"]])
-        return BoxBatch.build(self.model.tokenizer.encode(boxes), owner, len(batch["key"]), self.model.cfg.num_bins)
+        boxes, owner = flatten_boxes(batch["positives"])
+        return BoxBatch.build(self.model.tokenizer.encode(boxes.cpu()), owner.cpu(), len(batch["key"]),
+                              self.model.cfg.num_bins)
 
     def box_nll(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """Mean per-token NLL over all positive boxes, the smoothed training loss (== NLL when
@@ -148,6 +158,11 @@ class MLEModule(LocationLightningModule):
         boxes = self.batch_token_boxes(batch)
         if len(boxes) == 0:
             raise ValueError(f"batch of keys {batch['key'][:4]}... has no positive box to train on")
+        sigma = self.hparams.label_sigma_bins if self.training else 0.0
+        if self.compile_step:
+            tokens, real = boxes.to(batch["image"].device, non_blocking=True).grid()
+            texts = self.model.encode_texts(batch["category"])  # outside: a host-side cache of frozen features
+            return (*self.step_losses()(batch["image"], texts, tokens, real, sigma), len(boxes))
         prefix = self.prefix(batch)
         boxes = boxes.to(prefix.device, non_blocking=True)
         tokens = boxes.tokens
@@ -156,9 +171,32 @@ class MLEModule(LocationLightningModule):
                                                              one_pass=self.one_pass)
         accuracy = (distribution.argmax(-1) == tokens).float().mean()
         nll = -log_probs.mean()
-        sigma = self.hparams.label_sigma_bins if self.training else 0.0
         loss = smoothed_token_nll(distribution, tokens, sigma).mean() if sigma > 0 else nll
         return nll, loss, accuracy, len(boxes)
+
+    def grid_losses(self, images: torch.Tensor, texts: torch.Tensor, tokens: torch.Tensor, real: torch.Tensor,
+                    sigma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`box_nll`'s NLL, training loss and token accuracy from the bucketed boxes (`BoxBatch.grid`:
+        ``tokens`` ``[B, K, 4]``, ``real`` ``[B, K]``), averaged over the real boxes: the whole forward in
+        one function of tensors, which ``compile_step`` compiles."""
+        prefix = self.model.build_prefix(self.model.encode_images(images), texts)
+        log_probs, distribution = self.model.grid_log_probs(prefix, tokens, with_distribution=True)
+        real = real[..., None].expand(tokens.shape)
+        count = real.sum()
+
+        def mean(values: torch.Tensor) -> torch.Tensor:
+            return torch.where(real, values, 0.0).sum() / count
+
+        nll = -mean(log_probs)
+        accuracy = mean((distribution.argmax(-1) == tokens).float())
+        loss = mean(smoothed_token_nll(distribution, tokens, sigma)) if sigma > 0 else nll
+        return nll, loss, accuracy
+
+    def step_losses(self):
+        """`grid_losses`, compiled on first use (``torch.compile``: one graph per bucket shape, mode and sigma)."""
+        if self._compiled_losses is None:
+            self._compiled_losses = torch.compile(self.grid_losses)
+        return self._compiled_losses
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         nll, loss, accuracy, n_boxes = self.box_nll(batch)
@@ -185,10 +223,10 @@ def _select(batch: dict, index: list[int]) -> dict:
         return batch
     out = {}
     for key, value in batch.items():
-        if isinstance(value, BoxBatch):
-            out[key] = value.select(index)
-        elif torch.is_tensor(value) and value.ndim > 0 and len(value) == len(batch["key"]):
+        if torch.is_tensor(value) and value.ndim > 0 and len(value) == len(batch["key"]):
             out[key] = value[torch.tensor(index, device=value.device)]
+        elif not torch.is_tensor(value) and hasattr(value, "select"):  # BoxBatch, PaddedBoxes
+            out[key] = value.select(index)
         elif isinstance(value, (list, tuple)) and len(value) == len(batch["key"]):
             out[key] = [value[i] for i in index]
         else:

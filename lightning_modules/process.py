@@ -1,5 +1,5 @@
-"""Process-wide settings a training run makes (train.py): TF32 on CUDA, the Lightning warnings
-that are wrong for this setup, and errors cut to their own line."""
+"""Process-wide settings a training run makes (train.py): TF32 on CUDA, the ``ddp_gloo`` strategy name,
+the Lightning warnings that are wrong for this setup, and errors cut to their own line."""
 from __future__ import annotations
 
 import warnings
@@ -13,6 +13,17 @@ def use_tf32(enabled: bool) -> None:
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = enabled
         torch.backends.cudnn.allow_tf32 = enabled
+
+
+def register_strategies() -> None:
+    """``trainer.strategy=ddp_gloo``: DDP over gloo on any accelerator. NCCL refuses two ranks on one
+    GPU; gloo lets two ranks share it, so the DDP code paths run on CUDA tensors where only one GPU is at
+    hand (`make smoke-gpu`'s DDP part, docs/gpu.md)."""
+    from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+
+    if "ddp_gloo" not in StrategyRegistry:
+        StrategyRegistry.register("ddp_gloo", DDPStrategy, description="DDP over the gloo process group",
+                                  process_group_backend="gloo")
 
 
 def ignore_false_lightning_warnings() -> None:

@@ -27,9 +27,10 @@ RESUME_MAY_CHANGE = (
     "trainer.max_steps", "trainer.max_time", "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
     "trainer.strategy", "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
     "trainer.limit_val_batches", "trainer.profiler", "trainer.detect_anomaly",
-    "data.data_dir", "data.verify", "data.num_workers", "data.eval_batch_size", "data.persistent_workers", "data.pin_memory",
+    "data.data_dir", "data.verify", "data.num_workers", "data.eval_batch_size", "data.persistent_workers",
+    "data.pin_memory", "data.padded_boxes",
     "data.prefetch_factor", "callbacks", "model.compile_decoder", "model.pretrained", "model.vit_weights",
-    "model.clip_weights", "model.gpt2_weights", "module.reference", "module.one_pass", "optim.fused", "tf32",
+    "model.clip_weights", "model.gpt2_weights", "module.reference", "module.one_pass", "module.compile_step", "optim.fused", "tf32",
     "logger",
 )
 

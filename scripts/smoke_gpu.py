@@ -1,10 +1,11 @@
 """`make smoke-gpu`: the check to run on a new GPU node before a real run (docs/gpu.md).
 
-Four parts, each printed as PASS or FAIL: CUDA is there; `train.py` trains the `paper` preset from
+Five parts, each printed as PASS or FAIL: CUDA is there; `train.py` trains the `paper` preset from
 random init (`model.pretrained=false`, nothing downloaded) on freshly generated toy scenes in
 bf16-mixed for ``--steps`` steps with two validations; `evaluate.py` scores that checkpoint on CUDA;
-`insert.py` inserts one object with a tiny random Stable Diffusion pipeline. Prints the training
-step rate. Exit 0 when every part passes, 1 when one fails, 2 at once when there is no CUDA.
+`insert.py` inserts one object with a tiny random Stable Diffusion pipeline; `train.py` with two gloo
+ranks sharing the one device (``trainer.strategy=ddp_gloo``) runs 4 steps straight and, pre-empted at
+step 2, resumes to the same weights (``--no-ddp`` leaves it out). Prints the training step rate. Exit 0 when every part passes, 1 when one fails, 2 at once when there is no CUDA.
 
     python -m scripts.smoke_gpu                        # make smoke-gpu
     python -m scripts.smoke_gpu --device cpu --tiny    # the same parts on a CPU in seconds (tiny preset)
@@ -12,8 +13,10 @@ step rate. Exit 0 when every part passes, 1 when one fails, 2 at once when there
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +31,8 @@ import torch  # noqa: E402
 
 from genloc.arguments import text  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
@@ -37,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="training steps (default 300, tiny 4)")
     p.add_argument("--batch-size", type=int, help="training batch (default 32, tiny 4)")
     p.add_argument("--workers", type=int, help="loader workers (default 4, tiny 0)")
+    p.add_argument("--no-ddp", dest="ddp", action="store_false",
+                   help="leave out the DDP part (2 gloo ranks on the one device, pre-empted and resumed)")
     p.add_argument("--out", type=text, help="keep the run, results and edit here (default: a temporary folder)")
     args = p.parse_args(argv)
     for name, full, tiny in (("steps", 300, 4), ("batch_size", 32, 4), ("workers", 4, 0)):
@@ -87,6 +94,97 @@ def train_part(args, device: torch.device, data: Path, runs: Path) -> tuple[str,
     speed = (f"{rate:.2f} steps/s = {rate * args.batch_size:.0f} samples/s at batch {args.batch_size} "
              f"(validation included)") if rate else "-"
     return f"{args.steps} steps, val/loss {loss:.3f}, {speed}", result["run_dir"] / "checkpoints" / "last.ckpt"
+
+
+DDP_STEPS, DDP_PREEMPT_AT, DDP_BATCH = 4, 2, 4
+DDP_TIMEOUT_S = 300  # per launch: a hung process group fails the part instead of blocking the node
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_ranks(overrides: list[str], env_extra: dict) -> list[subprocess.Popen]:
+    """The two ranks as two "nodes" of one process each on 127.0.0.1 (one local device each): both take
+    the one GPU, which NCCL refuses and gloo (``trainer.strategy=ddp_gloo``) allows."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), **env_extra}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return [subprocess.Popen([sys.executable, "-m", "scripts.ddp_rank", *overrides], cwd=ROOT,
+                             env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for rank in (0, 1)]
+
+
+def wait_ranks(ranks: list[subprocess.Popen], what: str) -> dict:
+    """Rank 0's JSON line; RuntimeError with a rank's last error line when one fails or hangs."""
+    try:
+        outputs = [rank.communicate(timeout=DDP_TIMEOUT_S) for rank in ranks]
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{what}: no end after {DDP_TIMEOUT_S} s (a hung process group?)") from None
+    finally:
+        for rank in ranks:
+            rank.kill()
+    for number, (rank, (_, stderr)) in enumerate(zip(ranks, outputs)):
+        if rank.returncode:
+            lines = [line for line in stderr.splitlines() if line.strip()] or ["(no output)"]
+            raise RuntimeError(f"{what}: rank {number} exited with {rank.returncode}: {lines[-1]}")
+    return json.loads(outputs[0][0].strip().splitlines()[-1])
+
+
+
+def checkpoint_differences(a: dict, b: dict) -> str | None:
+    """What differs between two checkpoints' weights and optimiser state (None: bit for bit equal)."""
+    differ = [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
+    states = zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values())
+    optimiser = sum(not torch.equal(sa[k], sb[k]) for sa, sb in states for k in sa)
+    if not differ and not optimiser:
+        return None
+    worst = max((float((a["state_dict"][k].double() - b["state_dict"][k].double()).abs().max()) for k in differ),
+                default=0.0)
+    return (f"{len(differ)} weight tensors (largest difference {worst:.3g}, first {differ[:1]}), "
+            f"{optimiser} optimiser tensors")
+
+
+def ddp_part(args, device: torch.device, root: Path) -> str:
+    """train.py with 2 gloo ranks on the one device for `DDP_STEPS` steps, straight through (run A) and
+    pre-empted at step `DDP_PREEMPT_AT` then resumed by the same command (run B): B must end with A's
+    weights and optimiser state, bit for bit."""
+    from datamodules.toy import write_toy_split
+
+    data = root / "data" / "toy-pipe"
+    write_toy_split(data, "toy-pipe", "train", 2 * DDP_BATCH * DDP_STEPS + 8, seed=0, num_shards=2, progress=False)
+    write_toy_split(data, "toy-pipe", "val", 8, seed=1, num_shards=2, progress=False)
+    cuda = device.type == "cuda"
+    common = [
+        "experiment=toy_pretrain", f"model={'tiny' if args.tiny else 'paper'}", "model.pretrained=false",
+        f"trainer={'gpu' if cuda else 'cpu'}", "trainer.strategy=ddp_gloo", "trainer.num_nodes=2",
+        f"trainer.devices={[device.index] if cuda else 1}", "trainer.precision=bf16-mixed",
+        f"trainer.max_steps={DDP_STEPS}", f"trainer.val_check_interval={DDP_PREEMPT_AT}", "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false", f"data.data_dir={data}", f"data.batch_size={DDP_BATCH}",
+        "data.num_workers=0", "data.shuffle_buffer=8", "callbacks.tpr_fpr.every_n_val_epochs=0",
+        "callbacks.sample_images.every_n_val_epochs=0", f"log_root={root / 'runs'}",
+    ]
+    straight = launch_ranks([*common, "run_name=A"], {})  # A and B's first half share the device
+    first = launch_ranks([*common, "run_name=B"], {"GENLOC_SMOKE_PREEMPT_AT": str(DDP_PREEMPT_AT)})
+    done, stopped = wait_ranks(straight, "run A"), wait_ranks(first, "run B")
+    if done["global_step"] != DDP_STEPS or stopped["preempted_at"] != DDP_PREEMPT_AT:
+        raise RuntimeError(f"run A ended at step {done['global_step']} (wanted {DDP_STEPS}), run B was pre-empted "
+                           f"at {stopped['preempted_at']} (wanted {DDP_PREEMPT_AT})")
+    resumed = wait_ranks(launch_ranks([*common, "run_name=B"], {}), "run B resumed")
+    if not resumed["resumed_from"] or resumed["global_step"] != DDP_STEPS:
+        raise RuntimeError(f"run B's second launch did not resume to step {DDP_STEPS}: {resumed}")
+    if done["world_size"] != 2:
+        raise RuntimeError(f"run A ran on {done['world_size']} rank(s), not 2")
+    a, b = (torch.load(root / "runs" / "toy_pretrain" / run / "checkpoints" / "last.ckpt", map_location="cpu",
+                       weights_only=False) for run in ("A", "B"))
+    differences = checkpoint_differences(a, b)
+    if differences:
+        raise RuntimeError(f"resumed run B differs from run A: {differences}")
+    return (f"2 gloo ranks on {device}, {DDP_STEPS} steps; pre-empted at step {DDP_PREEMPT_AT} and resumed: "
+            f"weights and optimiser state equal to the uninterrupted run")
 
 
 def evaluate_part(args, device: torch.device, data: Path, checkpoint: Path, out: Path) -> str:
@@ -155,6 +253,8 @@ def main(argv=None) -> int:
             part("insert", insert_part, device, checkpoint, work)
         else:
             results += [("evaluate", False, "skipped: training failed"), ("insert", False, "skipped: training failed")]
+        if args.ddp:
+            part("ddp", ddp_part, args, device, work / "ddp")
     print()
     for name, ok, detail in results:
         print(f"{'PASS' if ok else 'FAIL'}  {name:<10} {detail}")

@@ -48,7 +48,7 @@ def test_quick_mode_writes_every_row(tmp_path):
     assert table in proc.stdout and "| train step | DPO | bf16-mixed | 4 |" in table
     assert "Sampling, cascade / copied cache: 2 img x 100:" in table
     assert "train.py fit loop / synthetic MLE step (fp32, batch 4):" in table
-    assert "MLE step, two passes / (one pass, compiled one pass): batch 4: " in table
+    assert "MLE step, two passes / (one pass, compiled one pass, compiled whole step): batch 4: " in table
     assert "DPO / MLE step (bf16-mixed): two passes " in table and "one pass " in table
 
 
@@ -130,6 +130,12 @@ def test_report_ratios_and_bad_arguments(capsys):
     assert gpu_check.sampling_ratios(rows, memory=True) == [
         "8 img x 100: 2.00x boxes/s, 5.0x less peak memory above resident", "64 img x 100: copied cache ran out of memory"]
     assert gpu_check.sampling_ratios(rows, memory=False)[0] == "8 img x 100: 2.00x boxes/s"
+    assert gpu_check.precision_ratios(rows) == ""  # no bf16 row
+    rows += [gpu_check.row("sampling", "cascade", "bf16", "8 img x 100", 8.0, 100000.0, "boxes/s"),
+             gpu_check.row("sampling", "cascade graphed", "bf16", "8 img x 100", 4.0, 200000.0, "boxes/s")]
+    assert gpu_check.precision_ratios(rows) == ("\nSampling, cascade bf16 / fp32: 8 img x 100: 1.25x boxes/s"
+                                                "\nSampling, graphed bf16 / eager bf16: 8 img x 100: 2.00x boxes/s"
+                                                "\nSampling, graphed bf16 / eager fp32: 8 img x 100: 2.50x boxes/s")
     for argv in (["--quick", "--steps", "0"], ["--quick", "--sample-images", "2", "0"]):
         with pytest.raises(SystemExit) as exit_info:
             gpu_check.parse_args(argv)
@@ -138,3 +144,19 @@ def test_report_ratios_and_bad_arguments(capsys):
         with pytest.raises(SystemExit):
             gpu_check.parse_args([])
         assert "no CUDA device is visible" in capsys.readouterr().err
+
+
+def test_the_compiled_step_fit_loop_row_runs_train_py_with_compile_step(tmp_path, monkeypatch):
+    """The row's plumbing on the CPU with the compiler left out (compiling takes minutes here): train.py
+    runs ``module.compile_step=true`` on OPA-flavour scenes, and the note counts torch._dynamo's graphs."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compiled.append(fn.__name__) or fn)
+    counts = iter(range(0, 100, 2))  # the counter as torch._dynamo would move it: 2 graphs between reads
+    monkeypatch.setattr(gpu_check, "graphs_compiled", lambda: next(counts))
+    args = gpu_check.parse_args(["--quick", "--out", str(tmp_path)])
+    config = gpu_check.LocationModelConfig.preset("tiny", pretrained=False).to_dict()
+    r = gpu_check.fit_loop_row("tiny", config, args, torch.device("cpu"), tmp_path, compile_step=True)
+    assert compiled == ["grid_losses"]
+    assert r["variant"] == "MLE, compiled step, train.py on toy shards" and r["rate"] > 0
+    assert r["note"].endswith("OPA-flavour scenes; 6 graphs compiled over the fit loop, 2 while timed")
+    assert not (tmp_path / "fit_trace.json").exists()  # the trace is the eager fit loop's

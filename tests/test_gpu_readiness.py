@@ -265,10 +265,25 @@ def test_smoke_gpu_reports_a_failed_part_and_skips_what_depends_on_it(monkeypatc
 
     monkeypatch.setattr(smoke_gpu, "write_scenes", lambda *a: "no scenes needed")
     monkeypatch.setattr(smoke_gpu, "train_part", broken)
+    monkeypatch.setattr(smoke_gpu, "ddp_part", lambda *a: "2 ranks (not run)")
     assert smoke_gpu.main(["--device", "cpu", "--tiny"]) == 1
     out = capsys.readouterr().out
     assert "FAIL  train      RuntimeError: no finite val/loss after 4 steps" in out
+    assert "PASS  ddp        2 ranks (not run)" in out  # the DDP part does not depend on the train part
     assert "FAIL  evaluate   skipped: training failed" in out and "FAILED: train, evaluate, insert" in out
+
+
+def test_smoke_gpu_ddp_part_names_what_the_resumed_run_changed():
+    from scripts.smoke_gpu import checkpoint_differences
+
+    def checkpoint(weight, moment):
+        return {"state_dict": {"w": torch.tensor([1.0, weight]), "b": torch.zeros(2)},
+                "optimizer_states": [{"state": {0: {"exp_avg": torch.tensor([moment])}}}]}
+
+    assert checkpoint_differences(checkpoint(2.0, 0.5), checkpoint(2.0, 0.5)) is None
+    assert checkpoint_differences(checkpoint(2.0, 0.5), checkpoint(2.25, 0.5)) == (
+        "1 weight tensors (largest difference 0.25, first ['w']), 0 optimiser tensors")
+    assert checkpoint_differences(checkpoint(2.0, 0.5), checkpoint(2.0, 0.0)).endswith("1 optimiser tensors")
 
 
 @pytest.mark.slow
@@ -281,11 +296,12 @@ def test_smoke_gpu_cpu_rehearsal_runs_every_part(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "scripts.smoke_gpu", "--device", "cpu", "--tiny", "--out",
                            str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    for part in ("device", "toy scenes", "train", "evaluate", "insert"):
+    for part in ("device", "toy scenes", "train", "evaluate", "insert", "ddp"):
         assert f"PASS  {part}" in proc.stdout
+    assert "pre-empted at step 2 and resumed: weights and optimiser state equal" in proc.stdout
     assert "steps/s" in proc.stdout and "smoke-gpu: all parts passed" in proc.stdout
     assert (tmp_path / "runs" / "toy_pretrain" / "default" / "checkpoints" / "last.ckpt").is_file()
-    assert list((tmp_path / "insert").glob("edit_*.png")) and (tmp_path / "eval" / "metrics.json").is_file()
+    assert list((tmp_path / "insert").glob("*_edit_*.png")) and (tmp_path / "eval" / "metrics.json").is_file()
 
 
 # ------------------------------------------------------------------------------ CUDA-only switches

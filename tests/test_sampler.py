@@ -2,6 +2,7 @@
 a naive decode and each other, validity, regions, seeds, and what the cascade never materialises."""
 import pytest
 import torch
+import torch._dynamo
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from genloc.testing import naive_reference_decode
@@ -168,7 +169,8 @@ def test_sampler_log_prob_equals_forward_log_prob(model64):
     with torch.no_grad():
         per_token = model(images.repeat_interleave(30, 0), [c for c in categories for _ in range(30)],
                           out.tokens.view(-1, 4))
-    torch.testing.assert_close(per_token.sum(-1).view(3, 30), out.log_probs, atol=1e-5, rtol=0)
+    # the likelihood of a float64 model is float64; the sampler draws from float32 logits
+    torch.testing.assert_close(per_token.sum(-1).view(3, 30).float(), out.log_probs, atol=1e-5, rtol=0)
 
 
 def test_seeds_make_samples_reproducible(model):
@@ -283,3 +285,46 @@ def test_draw_tokens_returns_the_draw_and_its_log_prob():
     torch.testing.assert_close(logp[1::2], torch.full((50,), half))
     again, _ = draw_tokens(logits, torch.Generator().manual_seed(0))
     assert torch.equal(tokens, again)
+
+
+# ------------------------------------------------------------------ graphed sampling (CUDA graphs)
+@pytest.mark.parametrize("cascade", [True, False])
+def test_graphs_on_a_cpu_model_is_one_clear_line_before_any_work(model, monkeypatch, cascade):
+    monkeypatch.setattr(model, "encode_images", lambda *a: pytest.fail("encoded before the check"))
+    with pytest.raises(ValueError) as err:
+        model.sample(*_inputs(), n=4, graphs=True, cascade=cascade)
+    message = str(err.value)
+    assert "\n" not in message and "graphs=True" in message and "model is on cpu" in message
+    assert "leave graphs off" in message
+
+
+def test_the_graphed_step_wraps_the_cascade_step_and_starts_a_graph_generation_per_decode(model, monkeypatch):
+    """`graphed_cascade_step` with the compiler left out (compiling takes minutes on a CPU): the decode
+    gives the eager decode's tokens, and each decode's first step marks a new CUDA-graph generation
+    (the previous decode's graph outputs may then be overwritten)."""
+    from genloc import sampler
+
+    monkeypatch.setattr(sampler, "_graphed", {})
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: fn if options == {
+        "mode": "reduce-overhead", "dynamic": False} else pytest.fail(f"compiled with {options}"))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # torch's default, restored after the test
+    marks, positions = [], []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(len(positions)))
+    step = sampler.graphed_cascade_step(LocationModel)
+    assert torch._dynamo.config.recompile_limit == sampler.GRAPHED_RECOMPILE_LIMIT
+
+    def recorded(model_, hidden, position, shared, own):
+        positions.append(position)
+        return step(model_, hidden, position, shared, own)
+
+    images, categories = _inputs()
+    with torch.no_grad():
+        prefix = model.build_prefix(model.encode_images(images), model.encode_texts(categories))
+    bounds = model.region_bounds(None, 3, prefix.device)
+    decoded = [model._decode_cascade(prefix, 6, bounds, 1.0, None, None, torch.Generator().manual_seed(3), None,
+                                     recorded) for _ in range(2)]
+    eager = model.sample(images, categories, n=6, generator=torch.Generator().manual_seed(3))
+    for tokens, log_probs in decoded:
+        assert torch.equal(tokens, eager.tokens) and torch.equal(log_probs, eager.log_probs)
+    first = model.prefix_len + 1
+    assert positions == [first, first + 1, first + 2] * 2 and marks == [1, 4]  # in each decode's first step
