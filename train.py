@@ -76,10 +76,13 @@ def train(cfg: DictConfig, extra_callbacks: list = ()) -> dict:
     """Run one training stage; returns the final metrics and the objects a caller may inspect."""
     import lightning as L
 
+    from lightning_modules.checkpoint import check_finished
     from lightning_modules.process import ignore_false_lightning_warnings, use_tf32
     from lightning_modules.run_files import RunLock, is_global_rank_zero
 
     check_packages(cfg)
+    if cfg.init_from:  # before any work: the refusal is the one line
+        check_finished(cfg.init_from, cfg.allow_unfinished)
     module_cls = locate(cfg.module._target_)
     prepare_output_dir(run_dir(cfg), "run folder (log_root/experiment/run_name)")  # before any work
     datamodule = build_datamodule(cfg, module_cls)
@@ -123,7 +126,7 @@ def _fit(cfg: DictConfig, module_cls: type, datamodule, directory: Path, extra_c
         raise ConfigError("config key 'init_from': it starts a location model; the plausibility classifier "
                           "starts from module.weights")
     elif cfg.init_from:
-        load_model_weights(module.model, cfg.init_from, allow_unfinished=cfg.allow_unfinished)
+        load_model_weights(module.model, cfg.init_from)
         log.info("initialised model weights from %s", cfg.init_from)
     preemption = Preemption(checkpoints / "last.ckpt")
     callbacks = build_callbacks(cfg, directory, [ReproducibleSteps(cfg.seed), preemption]) + list(extra_callbacks)

@@ -45,13 +45,17 @@ def check_resumable(ckpt: dict, path: str | Path, model_config: dict | None, mod
                               "resuming it would not be this run. Use another run_name, or resume=false to start over")
 
 
-def load_model_weights(model: LocationModel, path: str | Path, allow_unfinished: bool = False) -> None:
-    """Start `model` from the LocationModel weights of checkpoint `path` (init_from): same architecture
-    only, and of a run that finished unless `allow_unfinished` (a stopped run's weights are half-trained)."""
+def check_finished(path: str | Path, allow_unfinished: bool = False) -> None:
+    """init_from only starts from a run that finished, unless `allow_unfinished` (a stopped run's
+    weights are half-trained); train.py asks before any work, so the refusal is its only line."""
     why = unfinished_run(Path(path))
     if why and not allow_unfinished:
         raise CheckpointError(f"init_from {path}: {why}; resume that run to its end first (the same train.py "
                               "command), or set allow_unfinished=true to start from it anyway")
+
+
+def load_model_weights(model: LocationModel, path: str | Path) -> None:
+    """Start `model` from the LocationModel weights of checkpoint `path` (init_from): same architecture only."""
     ckpt = read_checkpoint(path)
     differ = _config_differences(ckpt["hyper_parameters"]["model_config"], model.cfg.to_dict(), NON_ARCHITECTURE)
     if differ:

@@ -132,11 +132,11 @@ def test_sigint_stops_with_130_and_the_stopped_run_is_not_exported_or_started_fr
     last = tmp_path / "runs" / "toy_pretrain" / "default" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 2
 
-    assert export.main(["--checkpoint", str(last), "--out", str(tmp_path / "model")]) == 2
+    assert export.main(["--model", str(last), "--out", str(tmp_path / "model")]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "did not finish (stopped by SIGINT at step 2" in err
     assert "--allow-unfinished" in err and not (tmp_path / "model").exists()
-    assert export.main(["--checkpoint", str(last), "--out", str(tmp_path / "model"), "--allow-unfinished"]) == 0
+    assert export.main(["--model", str(last), "--out", str(tmp_path / "model"), "--allow-unfinished"]) == 0
     assert (tmp_path / "model" / "model.safetensors").is_file()
     capsys.readouterr()
 
