@@ -1,7 +1,5 @@
-"""Toy scenes: determinism, oracle verdicts on generated boxes, speed, and the toy data kind's hooks.
+"""Toy scenes: determinism, oracle verdicts on generated boxes, and the toy data kind's hooks.
 Baseline plausible rates on toy data: tests/test_evaluate.py."""
-import time
-
 import numpy as np
 import pytest
 
@@ -17,17 +15,13 @@ def norm(s, field):
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     d = tmp_path_factory.mktemp("toy")
-    t = time.perf_counter()
     write_toy_split(d / "toy-opa", "toy-opa", "train", 600, seed=3, num_shards=4, progress=False)
     write_toy_split(d / "toy-opa", "toy-opa", "test", 200, seed=3, num_shards=4, progress=False)
     write_toy_split(d / "toy-pipe", "toy-pipe", "train", 600, seed=3, num_shards=4, progress=False)
-    elapsed = time.perf_counter() - t
-    return d, elapsed
+    return d
 
 
-def test_generation_is_fast_and_deterministic(toy):
-    _, elapsed = toy
-    assert elapsed < 10, f"1400 toy samples took {elapsed:.1f} s"
+def test_generation_is_deterministic():
     k1, img1, a1 = make_sample(5, 17, "toy-opa")
     k2, img2, a2 = make_sample(5, 17, "toy-opa")
     k3, img3, a3 = make_sample(6, 17, "toy-opa")
@@ -36,7 +30,7 @@ def test_generation_is_fast_and_deterministic(toy):
 
 
 def test_every_positive_plausible_every_negative_implausible(toy):
-    d, _ = toy
+    d = toy
     n_pos = n_neg = 0
     for flavour in ("toy-opa", "toy-pipe"):
         for s in iter_annotations(d / flavour, "train"):
