@@ -7,13 +7,11 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from genloc import GenLocModel, LocationModelConfig
 from genloc.cli import main
 from genloc.inpainting import box_mask
-from genloc.testing import save_tiny_sd_inpainter
+from genloc.testing import save_tiny_model, save_tiny_sd_inpainter
 from tests.helpers import FIXTURES
 
 PHOTO = FIXTURES / "libcom" / "controllable_composition" / "background" / "000000049931.png"
@@ -23,10 +21,7 @@ PHOTOS = [PHOTO, FIXTURES / "libcom" / "controllable_composition" / "background"
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    GenLocModel(LocationModelConfig.preset("tiny")).save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ from PIL import Image
 from skimage import data
 
 import insert
-from genloc import GenLocModel, LocationModelConfig
+from genloc import LocationModelConfig
 from genloc.checkpoint import save_model_checkpoint
 from metrics.inpainting import background_ssim
 from genloc.inpainters import load_backend
 from genloc.inpainting import box_mask, mask_bbox, pixel_rect, working_size
-from genloc.testing import TINY_CLIP_NAME, save_tiny_gligen, save_tiny_open_clip, save_tiny_sd_inpainter
+from genloc.testing import TINY_CLIP_NAME, save_tiny_gligen, save_tiny_model, save_tiny_open_clip, save_tiny_sd_inpainter
 from tests.helpers import FIXTURES
 
 PHOTO = FIXTURES / "libcom" / "controllable_composition" / "background" / "000000049931.png"
@@ -42,10 +42,7 @@ def chelsea(tmp_path):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random location model: boxes are random but honour --region."""
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    GenLocModel(LocationModelConfig.preset("tiny")).save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
 
 
 def _load(path):
